@@ -1,0 +1,227 @@
+"""Opens a trace directory: validates it, lists complete segments and loads tables with pyarrow.
+
+Reading while the writer is still running is the normal case: only renamed (complete) segments are
+listed, and ``refresh()`` picks up the ones written since.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import layout
+from .errors import CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
+from .manifest import read_shard_manifest, read_trace_manifest
+from .schema import TABLES, with_rank
+
+# A writer on another host cannot be probed by pid; past this long without a heartbeat it is presumed gone.
+REMOTE_STALE_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    rank: int
+    table: str
+    path: Path
+    rows: int
+    bytes: int
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def shard_state(shard: dict[str, Any]) -> str:
+    """running / complete / aborted, or ``stale`` when the status says running but its writer is gone."""
+    status = shard["status"]
+    if status != "running":
+        return status
+    if shard.get("host") == socket.gethostname():
+        return "running" if _pid_alive(shard["pid"]) else "stale"
+    return "stale" if time.time() - float(shard["heartbeat_at"]) > REMOTE_STALE_AFTER_S else "running"
+
+
+class TraceReader:
+    """A validated view of one trace directory (all shards)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._check_path()
+        self._header = read_trace_manifest(self.path / layout.MANIFEST)
+        self.shards: dict[int, dict[str, Any]] = {}
+        self._segments: dict[str, list[Segment]] = {}
+        self.refresh()
+
+    def _check_path(self) -> None:
+        path = self.path
+        try:
+            exists = path.exists()
+        except OSError as exc:  # symlink loops, overlong names
+            raise NotATraceError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
+        if not exists:
+            if path.is_symlink():
+                raise TraceNotFoundError(f"{path}: broken symbolic link")
+            raise TraceNotFoundError(f"{path}: no such trace (the path does not exist)")
+        if not path.is_dir():
+            raise NotATraceError(f"{path}: not a trace (it is a file, a trace is a directory)")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise NotATraceError(f"{path}: permission denied")
+        if not (path / layout.MANIFEST).exists():
+            try:
+                empty = not any(path.iterdir())
+            except OSError as exc:
+                raise NotATraceError(f"{path}: cannot be listed ({exc.strerror or exc})") from exc
+            what = "an empty directory" if empty else "a directory without manifest.json"
+            raise NotATraceError(f"{path}: not a moeprobe trace ({what})")
+
+    # -- refresh ------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read shard manifests and the list of complete segments."""
+        shards: dict[int, dict[str, Any]] = {}
+        try:
+            ranks = layout.shard_ranks(self.path)
+        except OSError as exc:
+            raise NotATraceError(f"{self.path}: cannot be listed ({exc.strerror or exc})") from exc
+        for rank in ranks:
+            shard_file = layout.shard_dir(self.path, rank) / layout.SHARD_MANIFEST
+            if not shard_file.exists():
+                continue  # a shard being created this instant; it has no data yet
+            shard = read_shard_manifest(shard_file)
+            shards[rank] = shard
+        self.shards = shards
+        self._segments = {name: self._list_segments(name) for name in TABLES}
+
+    def _list_segments(self, table: str) -> list[Segment]:
+        expected = TABLES[table]
+        found: list[Segment] = []
+        for rank in self.shards:
+            for path in layout.segments(self.path, rank, table):
+                previous = self._segments.get(table, [])
+                known = next((s for s in previous if s.path == path), None)
+                if known is not None:
+                    found.append(known)
+                    continue
+                try:
+                    meta = pq.read_metadata(path)
+                    schema = meta.schema.to_arrow_schema()
+                except (OSError, pa.ArrowException) as exc:
+                    raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment ({exc})") from exc
+                names = [f.name for f in expected]
+                if schema.names != names or any(
+                    not schema.field(n).type.equals(expected.field(n).type) for n in names
+                ):
+                    raise CorruptSegmentError(
+                        f"{path}: segment does not have the {table} schema (columns {', '.join(schema.names)})"
+                    )
+                found.append(Segment(rank, table, path, meta.num_rows, path.stat().st_size))
+        return found
+
+    # -- metadata -----------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The trace manifest with status and counters merged over all shards."""
+        merged = dict(self._header)
+        merged["status"] = self.status
+        merged["shards"] = [
+            {**{k: v for k, v in shard.items() if k != "counters"}, "state": shard_state(shard)}
+            for shard in self.shards.values()
+        ]
+        merged["counters"] = _sum_counters([s["counters"] for s in self.shards.values()])
+        return merged
+
+    @property
+    def status(self) -> str:
+        """complete only when every shard is; aborted or stale if any is; running otherwise."""
+        states = [shard_state(s) for s in self.shards.values()]
+        if not states:
+            return "running"
+        for worst in ("stale", "aborted", "running"):
+            if worst in states:
+                return worst
+        return "complete"
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return list(self._header["layers"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return dict(self._header["model"])
+
+    def segments(self, table: str) -> list[Segment]:
+        if table not in TABLES:
+            raise KeyError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
+        return list(self._segments[table])
+
+    # -- data ---------------------------------------------------------------------------------------
+    def table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """One table over all shards and complete segments, with ``rank`` as a column."""
+        schema = with_rank(TABLES[name])
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+        parts = []
+        for segment in self.segments(name):
+            try:
+                data = pq.read_table(segment.path, columns=[c for c in schema.names if c != "rank"])
+            except (OSError, pa.ArrowException) as exc:
+                raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({exc})") from exc
+            if "rank" in schema.names:
+                data = data.append_column("rank", pa.repeat(pa.scalar(segment.rank, pa.int32()), data.num_rows))
+            parts.append(data.select(schema.names).cast(schema))
+        if not parts:
+            return schema.empty_table()
+        return pa.concat_tables(parts)
+
+    def routing(self) -> pa.Table:
+        return self.table("routing")
+
+    def steps(self) -> pa.Table:
+        return self.table("steps")
+
+    def latency(self) -> pa.Table:
+        return self.table("latency")
+
+    def tags(self) -> pa.Table:
+        return self.table("tags")
+
+    def scores(self) -> pa.Table:
+        return self.table("scores")
+
+    def bias(self) -> pa.Table:
+        return self.table("bias")
+
+
+def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for counters in all_counters:
+        for key, value in counters.items():
+            if isinstance(value, dict):
+                inner = total.setdefault(key, {})
+                for k, v in value.items():
+                    if isinstance(v, (int, float)):
+                        inner[k] = inner.get(k, 0) + v
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def open_reader(path: str | os.PathLike[str]) -> TraceReader:
+    try:
+        return TraceReader(path)
+    except TraceError:
+        raise
+    except PermissionError as exc:
+        raise NotATraceError(f"{path}: permission denied") from exc

@@ -1,0 +1,236 @@
+"""Writes one shard of a trace: Parquet segments under temporary names, renamed when complete.
+
+The writer is synchronous and thread-agnostic: the capture pipeline owns the background thread and calls
+``append`` / ``flush`` / ``close`` from it. A failed write (full disk, permission lost) never raises out of
+``flush``: the rows are counted as dropped with the reason, a warning is emitted once, and rows already on
+disk stay readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .._version import __version__
+from . import layout
+from .errors import NotATraceError, TraceExistsError, TraceError
+from .manifest import read_trace_manifest, write_json_atomic
+from .schema import FORMAT_VERSION, MAGIC, TABLES
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def prepare_trace_dir(trace: Path, *, force: bool) -> None:
+    """Make ``trace`` ready for a new recording, refusing to clobber anything that is not ours."""
+    if trace.exists() and not trace.is_dir():
+        raise TraceExistsError(f"{trace}: exists and is not a directory")
+    if trace.is_dir() and any(trace.iterdir()):
+        manifest = trace / layout.MANIFEST
+        if not force:
+            raise TraceExistsError(f"{trace}: already exists; pass --force (force=True) to overwrite it")
+        # Only ever delete a directory that is a moeprobe trace: --force on the wrong path must not
+        # remove somebody's home directory.
+        try:
+            read_trace_manifest(manifest)
+        except TraceError as exc:
+            if manifest.exists() or not all(c.name.startswith("rank=") for c in trace.iterdir()):
+                raise NotATraceError(f"{trace}: refusing to overwrite, it is not a moeprobe trace ({exc})") from exc
+        shutil.rmtree(trace)
+    trace.mkdir(parents=True, exist_ok=True)
+
+
+class ShardWriter:
+    """One process's shard of a trace directory."""
+
+    def __init__(
+        self,
+        trace: Path,
+        *,
+        model: dict[str, Any],
+        layers: list[dict[str, Any]],
+        options: dict[str, Any],
+        rank: int = 0,
+        world_size: int = 1,
+        max_pending_rows: int = 2_000_000,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> None:
+        self.trace = Path(trace)
+        self.rank = rank
+        self.world_size = world_size
+        self.max_pending_rows = max_pending_rows
+        self._on_warning = on_warning
+        self._warned: set[str] = set()
+        self._pending: dict[str, list[pa.RecordBatch]] = defaultdict(list)
+        self._pending_rows: dict[str, int] = defaultdict(int)
+        self._next_segment: dict[str, int] = defaultdict(int)
+        self.closed = False
+        self.status = "running"
+        self.error: str | None = None
+        self.counters: dict[str, Any] = {
+            "steps": 0,
+            "tokens": 0,
+            "decisions": 0,
+            "rows": {name: 0 for name in TABLES},
+            "segments": {name: 0 for name in TABLES},
+            "bytes": 0,
+            "dropped": {},  # reason -> routing decisions lost
+            "anomalies": {},  # hook anomaly -> count
+        }
+        self._header = {
+            "magic": MAGIC,
+            "format_version": FORMAT_VERSION,
+            "moeprobe_version": __version__,
+            "created_at": _utc_now(),
+            "world_size": world_size,
+            "model": model,
+            "layers": layers,
+            "options": options,
+        }
+        self._shard = {
+            "rank": rank,
+            "status": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": time.time(),
+            "ended_at": None,
+            "heartbeat_at": time.time(),
+            "counters": self.counters,
+            "error": None,
+        }
+        shard = layout.shard_dir(self.trace, rank)
+        if shard.exists():
+            raise TraceExistsError(f"{shard}: a shard for rank {rank} already exists")
+        shard.mkdir(parents=True)
+        self._write_manifests()
+
+    # -- counters kept by the capture side -------------------------------------------------------
+    def count_dropped(self, reason: str, decisions: int) -> None:
+        dropped = self.counters["dropped"]
+        dropped[reason] = dropped.get(reason, 0) + int(decisions)
+
+    def count_anomaly(self, kind: str, n: int = 1) -> None:
+        anomalies = self.counters["anomalies"]
+        anomalies[kind] = anomalies.get(kind, 0) + n
+
+    # -- data ---------------------------------------------------------------------------------------
+    def append(self, table: str, batch: pa.RecordBatch | pa.Table) -> None:
+        if self.closed:
+            raise RuntimeError("append() on a closed ShardWriter")
+        schema = TABLES[table]
+        if isinstance(batch, pa.Table):
+            batches = batch.cast(schema).to_batches()
+        else:
+            batches = [batch if batch.schema.equals(schema) else batch.cast(schema)]
+        for b in batches:
+            if b.num_rows:
+                self._pending[table].append(b)
+                self._pending_rows[table] += b.num_rows
+        if self._pending_rows[table] >= self.max_pending_rows:
+            self._flush_table(table)
+
+    def pending_rows(self) -> int:
+        return sum(self._pending_rows.values())
+
+    def flush(self) -> None:
+        """Write every table's pending rows as one new segment each, then refresh the manifests."""
+        for table in list(self._pending):
+            self._flush_table(table)
+        self._write_manifests()
+
+    def close(self, status: str = "complete", error: str | None = None) -> None:
+        """Flush what is pending and write the final status. The status is the last thing written."""
+        if self.closed:
+            return
+        for table in list(self._pending):
+            self._flush_table(table)
+        self.status = status
+        self.error = error
+        self.closed = True
+        self._write_manifests(final=True)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _flush_table(self, table: str) -> None:
+        batches = self._pending.pop(table, [])
+        rows = self._pending_rows.pop(table, 0)
+        if not rows:
+            return
+        number = self._next_segment[table]
+        directory = layout.table_dir(self.trace, self.rank, table)
+        tmp = directory / layout.temp_name(number)
+        final = directory / layout.segment_name(number)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            data = pa.Table.from_batches(batches, schema=TABLES[table])
+            pq.write_table(
+                data,
+                tmp,
+                compression="zstd",
+                compression_level=1,
+                row_group_size=1 << 20,
+                write_statistics=True,
+            )
+            os.replace(tmp, final)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write_error"
+            if table == "routing":
+                self.count_dropped(reason, rows)
+            self._warn_once(reason, f"moeprobe: cannot write {table} segment to {directory} ({exc.strerror or exc}); dropping records and counting them")
+            return
+        self._next_segment[table] = number + 1
+        self.counters["rows"][table] += rows
+        self.counters["segments"][table] += 1
+        try:
+            self.counters["bytes"] += final.stat().st_size
+        except OSError:
+            pass
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if self._on_warning is not None:
+            self._on_warning(message)
+
+    def _write_manifests(self, final: bool = False) -> None:
+        now = time.time()
+        self._shard["status"] = self.status
+        self._shard["heartbeat_at"] = now
+        self._shard["error"] = self.error
+        if final:
+            self._shard["ended_at"] = now
+        try:
+            write_json_atomic(layout.shard_dir(self.trace, self.rank) / layout.SHARD_MANIFEST, self._shard)
+            top = self.trace / layout.MANIFEST
+            # Rank 0 owns the top-level manifest and mirrors its own status there, so a single-process
+            # trace reads completely from manifest.json. Other ranks only create it if rank 0 has not yet.
+            if self.rank == 0 or not top.exists():
+                payload = dict(self._header)
+                payload.update(
+                    {
+                        "status": self.status,
+                        "rank": self.rank,
+                        "ended_at": _utc_now() if final else None,
+                        "counters": self.counters,
+                        "error": self.error,
+                    }
+                )
+                write_json_atomic(top, payload)
+        except OSError as exc:
+            self._warn_once("manifest", f"moeprobe: cannot update the manifest in {self.trace} ({exc.strerror or exc})")
