@@ -1,0 +1,3 @@
+from moeprobe.cli.main import entry
+
+entry()

@@ -1,0 +1,103 @@
+"""``moeprobe`` entry point: dispatches to one module per command and turns errors into one line.
+
+Each command module defines ``HELP`` (one line) and ``main(argv: list[str]) -> int``. Modules are
+imported only when their command runs, so ``moeprobe inspect`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+COMMANDS: dict[str, str] = {
+    "record": "moeprobe.cli.record",
+    "inspect": "moeprobe.cli.inspect",
+    "report": "moeprobe.cli.report",
+    "simulate": "moeprobe.cli.simulate",
+    "tui": "moeprobe.cli.tui",
+    "demo": "moeprobe.cli.demo",
+}
+
+DEBUG_ENV = "MOEPROBE_DEBUG"
+
+
+class UsageError(Exception):
+    """Bad command-line input that is not about a trace (the message is printed as is)."""
+
+
+def _available() -> dict[str, str]:
+    return {name: mod for name, mod in COMMANDS.items() if importlib.util.find_spec(mod) is not None}
+
+
+def _usage() -> str:
+    from .._version import __version__
+
+    lines = [f"moeprobe {__version__}: routing profiler for Mixture-of-Experts models", "", "commands:"]
+    for name, module_name in _available().items():
+        module = importlib.import_module(module_name)
+        lines.append(f"  {name:<10} {getattr(module, 'HELP', '')}")
+    lines += ["", "run 'moeprobe COMMAND --help' for a command's options"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from .._version import __version__
+
+        print(f"moeprobe {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name = _available().get(name)
+    if module_name is None:
+        print(f"moeprobe: unknown command {name!r} (commands: {', '.join(_available())})", file=sys.stderr)
+        return 2
+    from ..traces.errors import TraceError
+
+    try:
+        module = importlib.import_module(module_name)
+        return int(module.main(rest) or 0)
+    except TraceError as exc:
+        print(f"moeprobe {name}: {exc}", file=sys.stderr)
+        return 1
+    except UsageError as exc:
+        print(f"moeprobe {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moeprobe {name}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `moeprobe report ... | head`: the reader went away; not an error worth a message.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return 0
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        print(
+            f"moeprobe {name}: missing dependency {missing!r}; install moeprobe with the extras this command "
+            f"needs, e.g. pip install 'moeprobe[transformers,tui]'",
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(
+            f"moeprobe {name}: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
