@@ -1,0 +1,102 @@
+"""What one forward call (a "step") captured, and how it leaves the device.
+
+During the step the hooks only keep references to tensors the model produced anyway (router outputs and
+the stack's input ids and mask). When the step ends, on CUDA the captured tensors are concatenated per
+kind on the device and copied to pinned host memory with one non-blocking copy each, and an event is
+recorded after the copies; the writer thread waits on that event, never the model's thread. On CPU the
+tensors already live in host memory and are handed over as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .context import TokenContext
+
+
+@dataclass
+class LayerCapture:
+    layer: int
+    context: TokenContext | None
+    indices: torch.Tensor  # (tokens, k)
+    weights: torch.Tensor | None  # (tokens, k)
+    scores: torch.Tensor | None  # (tokens, E)
+    dropped: torch.Tensor | None  # (tokens,)
+
+    @property
+    def decisions(self) -> int:
+        shape = self.indices.shape
+        return int(shape[0]) * int(shape[1]) if len(shape) == 2 else int(self.indices.numel())
+
+
+@dataclass
+class StepBuffer:
+    step: int
+    started_at: float = field(default_factory=time.time)
+    t0: int = field(default_factory=time.perf_counter_ns)
+    wall_ms: float = 0.0
+    contexts: list[TokenContext] = field(default_factory=list)
+    layers: list[LayerCapture] = field(default_factory=list)
+    # layer -> [router_start, router_end, block_start, block_end] clock marks
+    marks: dict[int, list[Any]] = field(default_factory=dict)
+    bias: dict[int, torch.Tensor] = field(default_factory=dict)
+    tags: list[tuple[int, str, str]] = field(default_factory=list)
+    ready: torch.cuda.Event | None = None  # CUDA: recorded after the host copies
+
+    @property
+    def decisions(self) -> int:
+        return sum(c.decisions for c in self.layers)
+
+    def nbytes(self) -> int:
+        total = 0
+        for c in self.layers:
+            for t in (c.indices, c.weights, c.scores, c.dropped):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def _flatten(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
+def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(flat[offset : offset + n].view(t.shape))
+        offset += n
+    return out
+
+
+def move_to_host(step: StepBuffer) -> None:
+    """Start the device-to-host transfer of a finished step (CUDA), batched per tensor kind.
+
+    Runs on the model's thread at the end of the step: only kernel launches and async copies.
+    """
+    cuda_layers = [c for c in step.layers if c.indices.is_cuda]
+    if not cuda_layers and not any(ctx.input_ids is not None and ctx.input_ids.is_cuda for ctx in step.contexts):
+        return
+    for kind, dtype in (("indices", torch.int32), ("weights", torch.float32), ("scores", torch.float32), ("dropped", torch.bool)):
+        have = [c for c in cuda_layers if getattr(c, kind) is not None]
+        if not have:
+            continue
+        tensors = [getattr(c, kind) for c in have]
+        host = _flatten(tensors, dtype).to("cpu", non_blocking=True)
+        for capture, part in zip(have, _split(host, tensors), strict=True):
+            setattr(capture, kind, part)
+    for ctx in step.contexts:
+        for attr in ("input_ids", "attention_mask", "cache_position"):
+            value = getattr(ctx, attr)
+            if value is not None and value.is_cuda:
+                setattr(ctx, attr, value.to("cpu", non_blocking=True))
+    for layer, bias in list(step.bias.items()):
+        if bias.is_cuda:
+            step.bias[layer] = bias.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    step.ready = event

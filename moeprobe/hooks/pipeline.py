@@ -1,0 +1,364 @@
+"""The writer thread: turns finished steps into Arrow rows and hands them to the trace writer.
+
+The model's thread only calls ``submit``, which never blocks: when the queue holds more than its byte
+budget the step is dropped and counted. The thread flushes segments at least every ``flush_interval``
+seconds, so a killed job loses at most that much, and refreshes the manifest heartbeat even when idle.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..traces.schema import PHASES, TABLES
+from ..traces.writer import ShardWriter
+from .capture import LayerCapture, StepBuffer
+from .context import TokenContext
+
+HEARTBEAT_S = 2.0
+PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
+
+
+def _np(t: torch.Tensor | None, dtype: Any = None) -> np.ndarray | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.to(torch.float32)
+    arr = t.cpu().numpy()
+    return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+class _Columns:
+    """Column chunks for one table, concatenated once per flush instead of once per step."""
+
+    def __init__(self, table: str) -> None:
+        self.schema = TABLES[table]
+        self.chunks: dict[str, list[Any]] = {f.name: [] for f in self.schema}
+        self.rows = 0
+
+    def add(self, n: int, **columns: Any) -> None:
+        if n == 0:
+            return
+        for name, value in columns.items():
+            self.chunks[name].append(value)
+        self.rows += n
+
+    def take(self) -> pa.Table | None:
+        if not self.rows:
+            return None
+        arrays = []
+        for f in self.schema:
+            parts = self.chunks[f.name]
+            if pa.types.is_list(f.type):
+                arrays.append(pa.chunked_array(parts, type=f.type))
+            elif f.name == "phase":
+                # Phases travel as int8 codes and become strings in one vectorised step.
+                codes = pa.array(np.concatenate(parts).astype(np.int8))
+                arrays.append(pa.DictionaryArray.from_arrays(codes, pa.array(PHASES)).cast(pa.string()))
+            elif pa.types.is_string(f.type):
+                arrays.append(pa.array(np.concatenate([np.asarray(p, dtype=object) for p in parts]), type=f.type))
+            else:
+                arrays.append(pa.array(np.concatenate(parts), type=f.type))
+        self.chunks = {f.name: [] for f in self.schema}
+        self.rows = 0
+        return pa.table(arrays, schema=self.schema)
+
+
+class TokenRows:
+    """Per-token columns of one context: sequence, position, token id and the padding mask."""
+
+    def __init__(self, ctx: TokenContext | None, tokens: int, redact: bool) -> None:
+        if ctx is None or ctx.batch * ctx.seq_len != tokens:
+            # A layer whose token count does not match its stack's inputs (or a model without input_ids):
+            # rows are still kept, numbered by their position in the flattened batch.
+            self.sequence = np.zeros(tokens, np.int64) + (ctx.seq_base if ctx is not None else 0)
+            self.position = np.arange(tokens, dtype=np.int32)
+            self.token_id = np.full(tokens, -1, np.int32)
+            self.valid = None
+            self.phase = ctx.phase if ctx is not None else "prefill"
+            self.matched = False
+            return
+        batch, seq_len = ctx.batch, ctx.seq_len
+        self.matched = True
+        self.phase = ctx.phase
+        self.sequence = np.repeat(ctx.seq_base + np.arange(batch, dtype=np.int64), seq_len)
+        mask = _np(ctx.attention_mask)
+        if mask is not None:
+            mask = mask != 0
+            position = (np.cumsum(mask, axis=1, dtype=np.int64) - 1)[:, -seq_len:]
+            self.valid = mask[:, -seq_len:].reshape(-1)
+            if self.valid.all():
+                self.valid = None
+        elif ctx.past_len is not None:
+            position = np.broadcast_to(ctx.past_len + np.arange(seq_len), (batch, seq_len))
+            self.valid = None
+        elif ctx.cache_position is not None:
+            position = np.broadcast_to(_np(ctx.cache_position), (batch, seq_len))
+            self.valid = None
+        else:
+            position = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
+            self.valid = None
+        self.position = np.ascontiguousarray(position, dtype=np.int32).reshape(-1)
+        ids = _np(ctx.input_ids)
+        if ids is None or redact:
+            self.token_id = np.full(tokens, -1, np.int32)
+        else:
+            self.token_id = ids.astype(np.int32, copy=False).reshape(-1)
+
+    def count(self) -> int:
+        return int(self.valid.sum()) if self.valid is not None else len(self.sequence)
+
+
+class CapturePipeline:
+    def __init__(
+        self,
+        writer: ShardWriter,
+        *,
+        clock: Any,
+        flush_interval: float = 1.0,
+        max_queue_bytes: int = 256 << 20,
+        redact_tokens: bool = False,
+        counters: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.clock = clock
+        self.flush_interval = flush_interval
+        self.max_queue_bytes = max_queue_bytes
+        self.redact_tokens = redact_tokens
+        self._anomalies = counters or (lambda: {})
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._routing = _Columns("routing")
+        self._steps = _Columns("steps")
+        self._latency = _Columns("latency")
+        self._tags = _Columns("tags")
+        self._scores = _Columns("scores")
+        self._bias = _Columns("bias")
+        self._last_bias: dict[int, np.ndarray] = {}
+        self._warned_drop = False
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="moeprobe-writer", daemon=True)
+        self._thread.start()
+
+    # -- model thread -------------------------------------------------------------------------------
+    def submit(self, step: StepBuffer) -> bool:
+        """Queue a finished step; drop and count it if the queue is over budget. Never blocks."""
+        size = step.nbytes()
+        with self._lock:
+            over = self._queued_bytes + size > self.max_queue_bytes
+            if not over:
+                self._queued_bytes += size
+        if over or self.failure is not None:
+            reason = "queue_full" if over else "writer_failed"
+            self._queue.put(("dropped", reason, step.decisions))
+            if not self._warned_drop:
+                self._warned_drop = True
+                print(
+                    f"moeprobe: the trace writer is behind ({reason}); dropping records and counting them in the manifest",
+                    file=sys.stderr,
+                )
+            return False
+        self._queue.put(("step", step, size))
+        return True
+
+    def close(self, status: str, error: str | None = None, timeout: float = 60.0) -> None:
+        self._queue.put(("stop", status, error))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            print("moeprobe: the trace writer did not finish in time; the trace may miss its last records", file=sys.stderr)
+
+    # -- writer thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        last_beat = last_flush
+        while True:
+            timeout = max(0.01, self.flush_interval - (time.monotonic() - last_flush))
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            try:
+                if item is not None:
+                    kind = item[0]
+                    if kind == "stop":
+                        self._flush()
+                        self._sync_counters()
+                        self.writer.close(item[1], item[2])
+                        return
+                    if kind == "dropped":
+                        self.writer.count_dropped(item[1], item[2])
+                    elif kind == "step":
+                        step, size = item[1], item[2]
+                        try:
+                            self._convert(step)
+                        finally:
+                            with self._lock:
+                                self._queued_bytes -= size
+                now = time.monotonic()
+                if now - last_flush >= self.flush_interval and (self._has_rows() or now - last_beat >= HEARTBEAT_S):
+                    self._flush()
+                    last_flush = last_beat = now
+                elif now - last_flush >= self.flush_interval:
+                    last_flush = now
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad record
+                self.writer.count_anomaly(f"writer:{type(exc).__name__}")
+                if self.failure is None:
+                    self.failure = exc
+                    print(f"moeprobe: trace writer error ({type(exc).__name__}: {exc}); records are being dropped", file=sys.stderr)
+
+    def _has_rows(self) -> bool:
+        return any(c.rows for c in (self._routing, self._steps, self._latency, self._tags, self._scores, self._bias))
+
+    def _sync_counters(self) -> None:
+        for kind, n in self._anomalies().items():
+            self.writer.counters["anomalies"][kind] = n
+
+    def _flush(self) -> None:
+        for name, columns in (
+            ("routing", self._routing),
+            ("steps", self._steps),
+            ("latency", self._latency),
+            ("tags", self._tags),
+            ("scores", self._scores),
+            ("bias", self._bias),
+        ):
+            table = columns.take()
+            if table is not None:
+                self.writer.append(name, table)
+        self._sync_counters()
+        self.writer.flush()
+
+    def _convert(self, step: StepBuffer) -> None:
+        if step.ready is not None:
+            step.ready.synchronize()
+        counters = self.writer.counters
+        token_rows: dict[int, TokenRows] = {}
+        first_tokens: TokenRows | None = None
+        for capture in step.layers:
+            rows = self._routing_rows(step, capture, token_rows)
+            if first_tokens is None:
+                first_tokens = rows
+        # Steps: one row per forward call.
+        ctx = step.contexts[0] if step.contexts else None
+        tokens = first_tokens.count() if first_tokens is not None else 0
+        self._steps.add(
+            1,
+            step=np.array([step.step], np.int32),
+            phase=np.array([PHASE_CODE[ctx.phase if ctx is not None else (first_tokens.phase if first_tokens else "prefill")]], np.int8),
+            batch=np.array([ctx.batch if ctx is not None else 0], np.int32),
+            tokens=np.array([tokens], np.int32),
+            started_at=np.array([step.started_at]),
+            wall_ms=np.array([step.wall_ms]),
+        )
+        counters["steps"] += 1
+        counters["tokens"] += tokens
+        # Latency per layer.
+        if step.marks:
+            layers = sorted(step.marks)
+            router, block = [], []
+            for layer in layers:
+                m = step.marks[layer]
+                router.append(self.clock.elapsed_ms(m[0], m[1]))
+                block.append(self.clock.elapsed_ms(m[2], m[3]))
+                self.clock.release(m)
+            self._latency.add(
+                len(layers),
+                step=np.full(len(layers), step.step, np.int32),
+                layer=np.array(layers, np.int16),
+                router_ms=np.array([np.nan if v is None else v for v in router]),
+                block_ms=np.array([np.nan if v is None else v for v in block]),
+                clock=[self.clock.name] * len(layers),
+            )
+        # Bias vectors, written only when they change.
+        for layer, tensor in step.bias.items():
+            values = _np(tensor, np.float32)
+            previous = self._last_bias.get(layer)
+            if previous is not None and previous.shape == values.shape and np.array_equal(previous, values):
+                continue
+            self._last_bias[layer] = values.copy()
+            self._bias.add(
+                1,
+                step=np.array([step.step], np.int32),
+                layer=np.array([layer], np.int16),
+                bias=pa.array([values], type=pa.list_(pa.float32())),
+            )
+        if step.tags:
+            self._tags.add(
+                len(step.tags),
+                sequence=np.array([t[0] for t in step.tags], np.int64),
+                key=[t[1] for t in step.tags],
+                value=[t[2] for t in step.tags],
+            )
+
+    def _routing_rows(self, step: StepBuffer, capture: LayerCapture, cache: dict[int, TokenRows]) -> TokenRows:
+        indices = _np(capture.indices)
+        if indices.ndim != 2:
+            indices = indices.reshape(-1, indices.shape[-1]) if indices.ndim > 2 else indices.reshape(-1, 1)
+        tokens, k = indices.shape
+        key = id(capture.context) if capture.context is not None else -tokens
+        rows = cache.get(key)
+        if rows is None or len(rows.sequence) != tokens:
+            rows = TokenRows(capture.context, tokens, self.redact_tokens)
+            cache[key] = rows
+            if not rows.matched:
+                self.writer.count_anomaly("token_count_mismatch")
+        weights = _np(capture.weights, np.float32)
+        weights = np.full((tokens, k), np.nan, np.float32) if weights is None else weights.reshape(tokens, k)
+        dropped = _np(capture.dropped)
+        dropped = np.zeros(tokens, bool) if dropped is None else dropped.reshape(tokens).astype(bool)
+        valid = rows.valid
+        if valid is not None:
+            keep = np.repeat(valid, k)
+            n = int(keep.sum())
+        else:
+            keep = None
+            n = tokens * k
+
+        def per_token(values: np.ndarray) -> np.ndarray:
+            out = np.repeat(values, k)
+            return out[keep] if keep is not None else out
+
+        def per_choice(values: np.ndarray) -> np.ndarray:
+            out = values.reshape(-1)
+            return out[keep] if keep is not None else out
+
+        self._routing.add(
+            n,
+            step=np.full(n, step.step, np.int32),
+            sequence=per_token(rows.sequence),
+            position=per_token(rows.position),
+            token_id=per_token(rows.token_id),
+            phase=np.full(n, PHASE_CODE[rows.phase], np.int8),
+            layer=np.full(n, capture.layer, np.int16),
+            k=per_choice(np.broadcast_to(np.arange(k, dtype=np.int8), (tokens, k))),
+            expert=per_choice(indices.astype(np.int16, copy=False)),
+            weight=per_choice(weights),
+            dropped=per_token(dropped),
+        )
+        self.writer.counters["decisions"] += n
+        if capture.scores is not None:
+            scores = _np(capture.scores, np.float32).reshape(tokens, -1)
+            token_keep = valid if valid is not None else slice(None)
+            kept = scores[token_keep]
+            m = kept.shape[0]
+            flat = pa.array(kept.reshape(-1), pa.float32())
+            offsets = pa.array(np.arange(0, (m + 1) * kept.shape[1], kept.shape[1], dtype=np.int32))
+            self._scores.add(
+                m,
+                step=np.full(m, step.step, np.int32),
+                sequence=rows.sequence[token_keep],
+                position=rows.position[token_keep],
+                layer=np.full(m, capture.layer, np.int16),
+                scores=pa.ListArray.from_arrays(offsets, flat),
+            )
+        return rows

@@ -1,0 +1,423 @@
+"""The probe: attaches capture hooks to a model and records its routing into a trace.
+
+    with moeprobe.record(model, "traces/run1") as probe:
+        probe.tag(domain="code")
+        model.generate(input_ids, max_new_tokens=64)
+
+Hook discipline (see DESIGN.md, "Capture rules"): hooks keep references and clock marks only, never
+synchronise the host, never raise into the model (anomalies are counted), and every handle is removed on
+exit, also when the model raised.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..traces.writer import ShardWriter, prepare_trace_dir
+from .capture import LayerCapture, StepBuffer, move_to_host
+from .context import ContextReader, TokenContext
+from .discovery import LayerBinding, RouterDecls, find_layers
+from .pipeline import CapturePipeline
+from .spec import RouterSpec
+from .timing import CpuClock, CudaClock
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # noqa: BLE001
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _model_info(model: nn.Module, layers: list[LayerBinding], name: str | None) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    first = next(model.parameters(), None)
+    families = sorted({layer.family for layer in layers})
+    return {
+        "name": name or getattr(config, "_name_or_path", None) or type(model).__name__,
+        "class": type(model).__name__,
+        "family": families[0] if len(families) == 1 else ",".join(families),
+        "model_type": getattr(config, "model_type", None),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "device": str(first.device) if first is not None else None,
+        "moe_layers": len(layers),
+    }
+
+
+class Probe:
+    """Captures routing from a model. Use :func:`record` to create one."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str] | None,
+        *,
+        logits: bool = False,
+        force: bool = False,
+        routers: RouterDecls | None = None,
+        flush_interval: float = 1.0,
+        max_queue_mb: float = 256,
+        redact_tokens: bool = False,
+        live_loads: bool = False,
+        name: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.layers = find_layers(model, routers)
+        self.logits = logits
+        self.redact_tokens = redact_tokens
+        self.path = Path(path) if path is not None else None
+        dist_rank, dist_world = _dist_rank_world()
+        self.rank = dist_rank if rank is None else rank
+        self.world_size = dist_world if world_size is None else world_size
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.clock = CudaClock() if device.type == "cuda" else CpuClock()
+        self._handles: list[RemovableHandle] = []
+        self._step: StepBuffer | None = None
+        self._depth = 0
+        self._next_step = 0
+        self._next_sequence = 0
+        self._primary_stack: int | None = None
+        self._last_primary: TokenContext | None = None
+        self._current: dict[int, TokenContext] = {}  # stack id -> context of its latest forward call
+        self._tags: dict[str, Any] = {}
+        self.anomalies: dict[str, int] = {}
+        self._warned_anomaly = False
+        self._bias_versions: dict[int, tuple[int, int]] = {}
+        self._loads: list[torch.Tensor] | None = None
+        if live_loads:
+            self._loads = [torch.zeros(layer.meta["num_experts"], dtype=torch.int64, device=device) for layer in self.layers]
+        self.closed = False
+        self.pipeline: CapturePipeline | None = None
+        if self.path is not None:
+            if self.world_size == 1:
+                prepare_trace_dir(self.path, force=force)
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+                shard = self.path / f"rank={self.rank}"
+                if shard.exists() and force:
+                    import shutil
+
+                    shutil.rmtree(shard)
+            options = {
+                "logits": logits,
+                "flush_interval_s": flush_interval,
+                "max_queue_mb": max_queue_mb,
+                "redact_tokens": redact_tokens,
+                "clock": self.clock.name,
+                "routers": {str(getattr(k, "__name__", k)): v.describe() for k, v in (routers or {}).items()},
+            }
+            writer = ShardWriter(
+                self.path,
+                model=_model_info(model, self.layers, name),
+                layers=[layer.manifest_entry() for layer in self.layers],
+                options=options,
+                rank=self.rank,
+                world_size=self.world_size,
+                on_warning=lambda message: print(message, file=sys.stderr),
+            )
+            writer._shard["host"] = socket.gethostname()
+            self.pipeline = CapturePipeline(
+                writer,
+                clock=self.clock,
+                flush_interval=flush_interval,
+                max_queue_bytes=int(max_queue_mb * (1 << 20)),
+                redact_tokens=redact_tokens,
+                counters=lambda: dict(self.anomalies),
+            )
+        try:
+            self._attach()
+        except BaseException:
+            self._detach()
+            if self.pipeline is not None:
+                self.pipeline.close("aborted", "failed to attach hooks")
+            raise
+
+    # -- public -------------------------------------------------------------------------------------
+    def tag(self, **tags: Any) -> None:
+        """Label the sequences that start from now on. A value may be a list, one entry per batch row of
+        the next batch; ``None`` removes a key; ``tag()`` with no arguments clears all tags."""
+        if not tags:
+            self._tags.clear()
+            return
+        for key, value in tags.items():
+            if value is None:
+                self._tags.pop(key, None)
+            else:
+                self._tags[key] = value
+
+    def take_loads(self) -> list[torch.Tensor]:
+        """Tokens routed to each expert, per MoE layer, since the last call (needs ``live_loads=True``).
+
+        The counts stay on the model's device; reading them is the caller's choice of sync point.
+        """
+        if self._loads is None:
+            raise RuntimeError("take_loads() needs record(..., live_loads=True)")
+        loads = [t.clone() for t in self._loads]
+        for t in self._loads:
+            t.zero_()
+        return loads
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        counters = self.pipeline.writer.counters if self.pipeline is not None else {}
+        return {"steps": self._next_step, "anomalies": dict(self.anomalies), **counters}
+
+    def close(self, status: str = "complete", error: str | None = None) -> None:
+        """Remove every hook, write what was captured and mark the trace ``status``."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._detach()
+            if self._step is not None:
+                self._finish_step()
+        finally:
+            if self.pipeline is not None:
+                self.pipeline.close(status, error)
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.close("complete")
+        else:
+            self.close("aborted", f"{exc_type.__name__}: {exc}")
+
+    # -- attaching ----------------------------------------------------------------------------------
+    def _hook(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def _attach(self) -> None:
+        stacks: dict[int, int] = {}  # id(module) -> stack id
+        readers: dict[int, ContextReader] = {}
+        for layer in self.layers:
+            if layer.stack is not None and id(layer.stack) not in stacks:
+                stack_id = len(stacks)
+                stacks[id(layer.stack)] = stack_id
+                readers[stack_id] = ContextReader(layer.stack, stack_id)
+                if self._primary_stack is None:
+                    self._primary_stack = stack_id
+        entries: dict[int, tuple[nn.Module, int | None]] = {id(self.model): (self.model, None)}
+        for layer in self.layers:
+            if layer.stack is not None:
+                entries[id(layer.stack)] = (layer.stack, stacks[id(layer.stack)])
+        for module, stack_id in entries.values():
+            reader = readers.get(stack_id) if stack_id is not None else None
+            self._hook(module.register_forward_pre_hook(self._entry_pre(reader), with_kwargs=True))
+            self._hook(module.register_forward_hook(self._entry_post, always_call=True))
+        for layer in self.layers:
+            self._attach_layer(layer, stacks.get(id(layer.stack)) if layer.stack is not None else None)
+
+    def _attach_layer(self, layer: LayerBinding, stack_id: int | None) -> None:
+        i = layer.index
+        clock = self.clock
+
+        def block_pre(module: nn.Module, args: Any) -> None:
+            step = self._step
+            if step is not None:
+                try:
+                    step.marks[i] = [None, None, clock.mark(), None]
+                except Exception as exc:  # noqa: BLE001
+                    self._anomaly("block_pre", exc)
+
+        def block_post(module: nn.Module, args: Any, output: Any) -> None:
+            step = self._step
+            if step is not None:
+                try:
+                    marks = step.marks.get(i)
+                    if marks is not None:
+                        marks[3] = clock.mark()
+                except Exception as exc:  # noqa: BLE001
+                    self._anomaly("block_post", exc)
+
+        def router_pre(module: nn.Module, args: Any) -> None:
+            step = self._step
+            if step is not None:
+                try:
+                    marks = step.marks.get(i)
+                    if marks is not None:
+                        marks[0] = clock.mark()
+                except Exception as exc:  # noqa: BLE001
+                    self._anomaly("router_pre", exc)
+
+        def router_post(module: nn.Module, args: Any, output: Any) -> None:
+            step = self._step
+            if step is None:
+                self._anomaly("outside_step", None)
+                return
+            try:
+                marks = step.marks.get(i)
+                if marks is not None:
+                    marks[1] = clock.mark()
+                if layer.source == "router":
+                    self._capture(step, layer, stack_id, layer.extract(output, args[0] if args else None))
+            except Exception as exc:  # noqa: BLE001
+                self._anomaly("router", exc)
+
+        def experts_pre(module: nn.Module, args: Any, kwargs: Any) -> None:
+            step = self._step
+            if step is None:
+                self._anomaly("outside_step", None)
+                return
+            try:
+                self._capture(step, layer, stack_id, layer.extract(args, kwargs))
+            except Exception as exc:  # noqa: BLE001
+                self._anomaly("experts", exc)
+
+        self._hook(layer.block.register_forward_pre_hook(block_pre))
+        self._hook(layer.block.register_forward_hook(block_post))
+        if layer.router is not None:
+            self._hook(layer.router.register_forward_pre_hook(router_pre))
+            self._hook(layer.router.register_forward_hook(router_post))
+        if layer.source == "experts":
+            self._hook(layer.source_module.register_forward_pre_hook(experts_pre, with_kwargs=True))
+
+    def _detach(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    # -- hot path -----------------------------------------------------------------------------------
+    def _anomaly(self, kind: str, exc: BaseException | None) -> None:
+        key = kind if exc is None else f"{kind}:{type(exc).__name__}"
+        self.anomalies[key] = self.anomalies.get(key, 0) + 1
+        if not self._warned_anomaly and exc is not None:
+            self._warned_anomaly = True
+            print(f"moeprobe: a capture hook failed ({key}: {exc}); the model is unaffected, the anomaly is counted in the manifest", file=sys.stderr)
+
+    def _entry_pre(self, reader: ContextReader | None) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            try:
+                if self._depth == 0:
+                    self._step = StepBuffer(step=self._next_step)
+                    self._next_step += 1
+                self._depth += 1
+                if reader is not None and self._step is not None:
+                    ctx = reader.read(args, kwargs)
+                    if ctx is not None:
+                        self._assign_sequences(ctx, self._step)
+                        self._step.contexts.append(ctx)
+                        self._current[ctx.stack_id] = ctx
+            except Exception as exc:  # noqa: BLE001
+                self._anomaly("entry", exc)
+
+        return hook
+
+    def _entry_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        try:
+            self._depth = max(0, self._depth - 1)
+            if self._depth == 0 and self._step is not None:
+                self._finish_step()
+        except Exception as exc:  # noqa: BLE001
+            self._anomaly("entry_post", exc)
+
+    def _assign_sequences(self, ctx: TokenContext, step: StepBuffer) -> None:
+        primary = ctx.stack_id == self._primary_stack
+        if not primary and self._last_primary is not None and self._last_primary.batch == ctx.batch:
+            # The decoder of an encoder-decoder continues the sequences its encoder started.
+            ctx.seq_base = self._last_primary.seq_base
+            return
+        previous = self._current.get(ctx.stack_id)
+        if ctx.new_sequences or previous is None or previous.batch != ctx.batch:
+            ctx.seq_base = self._next_sequence
+            self._next_sequence += ctx.batch
+            self._tag_sequences(ctx, step)
+        else:
+            ctx.seq_base = previous.seq_base
+        if primary:
+            self._last_primary = ctx
+
+    def _tag_sequences(self, ctx: TokenContext, step: StepBuffer) -> None:
+        for key, value in self._tags.items():
+            if isinstance(value, (list, tuple)):
+                for row in range(min(ctx.batch, len(value))):
+                    step.tags.append((ctx.seq_base + row, key, str(value[row])))
+            else:
+                for row in range(ctx.batch):
+                    step.tags.append((ctx.seq_base + row, key, str(value)))
+
+    def _capture(self, step: StepBuffer, layer: LayerBinding, stack_id: int | None, extracted: Any) -> None:
+        indices, weights, scores, dropped = extracted
+        ctx = self._current.get(stack_id) if stack_id is not None else None
+        capture = LayerCapture(
+            layer=layer.index,
+            context=ctx,
+            indices=indices.detach(),
+            weights=weights.detach() if weights is not None else None,
+            scores=scores.detach() if (scores is not None and self.logits) else None,
+            dropped=dropped.detach() if dropped is not None else None,
+        )
+        step.layers.append(capture)
+        if self._loads is not None:
+            flat = capture.indices.reshape(-1)
+            self._loads[layer.index].index_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int64))
+        if layer.meta.get("has_bias"):
+            bias = layer.bias()
+            if bias is not None:
+                # The version counter changes on every in-place update; reading it is host-side only.
+                version = (id(bias), bias._version)
+                if self._bias_versions.get(layer.index) != version:
+                    self._bias_versions[layer.index] = version
+                    step.bias[layer.index] = bias.detach().clone()
+
+    def _finish_step(self) -> None:
+        step, self._step = self._step, None
+        self._depth = 0
+        if step is None or self.pipeline is None:
+            return
+        step.wall_ms = (time.perf_counter_ns() - step.t0) / 1e6
+        if not step.layers and not step.contexts:
+            return
+        move_to_host(step)
+        self.pipeline.submit(step)
+
+
+def record(
+    model: nn.Module,
+    path: str | os.PathLike[str] | None,
+    *,
+    logits: bool = False,
+    force: bool = False,
+    routers: Mapping[str | type, RouterSpec] | None = None,
+    flush_interval: float = 1.0,
+    max_queue_mb: float = 256,
+    redact_tokens: bool = False,
+    live_loads: bool = False,
+    name: str | None = None,
+) -> Probe:
+    """Attach a probe to ``model`` that records its routing into the trace directory ``path``.
+
+    Use it as a context manager; on exit the hooks are removed and the trace is closed as ``complete``
+    (or ``aborted`` if the block raised). ``path=None`` records nothing to disk; with ``live_loads=True``
+    the probe then only keeps per-expert token counts on the device (see :meth:`Probe.take_loads`).
+    """
+    return Probe(
+        model,
+        path,
+        logits=logits,
+        force=force,
+        routers=routers,
+        flush_interval=flush_interval,
+        max_queue_mb=max_queue_mb,
+        redact_tokens=redact_tokens,
+        live_loads=live_loads,
+        name=name,
+    )

@@ -1,0 +1,61 @@
+"""Clocks for router and MoE-block latency: CUDA events on GPU, a monotonic clock on CPU.
+
+A CUDA event is recorded on the model's stream and resolved later on the writer thread, so timing never
+synchronises the host. Events come from a bounded pool; when it runs dry the latency of that layer and step
+is skipped and counted, not waited for.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+
+class CpuClock:
+    name = "perf_counter"
+
+    def mark(self) -> int:
+        return time.perf_counter_ns()
+
+    @staticmethod
+    def elapsed_ms(start: Any, end: Any) -> float | None:
+        if start is None or end is None:
+            return None
+        return (end - start) / 1e6
+
+    def release(self, marks: list[Any]) -> None:
+        pass
+
+
+class CudaClock:
+    name = "cuda_event"
+
+    def __init__(self, pool_size: int = 8192) -> None:
+        self._free: list[torch.cuda.Event] = [torch.cuda.Event(enable_timing=True) for _ in range(min(pool_size, 512))]
+        self._created = len(self._free)
+        self._limit = pool_size
+        self.exhausted = 0
+
+    def mark(self) -> torch.cuda.Event | None:
+        if self._free:
+            event = self._free.pop()
+        elif self._created < self._limit:
+            event = torch.cuda.Event(enable_timing=True)
+            self._created += 1
+        else:
+            self.exhausted += 1
+            return None
+        event.record()
+        return event
+
+    @staticmethod
+    def elapsed_ms(start: Any, end: Any) -> float | None:
+        if start is None or end is None:
+            return None
+        end.synchronize()  # writer thread only: waits for the GPU, not the model's host thread
+        return float(start.elapsed_time(end))
+
+    def release(self, marks: list[Any]) -> None:
+        self._free.extend(m for m in marks if m is not None)
