@@ -1,0 +1,110 @@
+"""``moeprobe inspect TRACE``: the manifest, the segments, row counts and dropped records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+HELP = "show a trace's manifest, segments, row counts and dropped records"
+
+_STATE_NOTE = {
+    "running": "writer still running",
+    "complete": "closed normally",
+    "aborted": "closed after an error",
+    "stale": "writer vanished without closing (killed?); complete segments are readable",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeprobe inspect", description="Show what a trace holds.")
+    parser.add_argument("trace", help="trace directory")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def summarize(reader: Any) -> dict[str, Any]:
+    from ..traces.schema import TABLES
+
+    manifest = reader.manifest
+    tables = {}
+    for name in TABLES:
+        segments = reader.segments(name)
+        tables[name] = {
+            "segments": len(segments),
+            "rows": sum(s.rows for s in segments),
+            "bytes": sum(s.bytes for s in segments),
+        }
+    return {"path": str(reader.path), "manifest": manifest, "tables": tables}
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _render(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    m = summary["manifest"]
+    model = m["model"]
+    status = m["status"]
+    console.print(f"[bold]{summary['path']}[/]  moeprobe trace v{m['format_version']}")
+    console.print(f"status    [bold]{status}[/] ({_STATE_NOTE.get(status, '')})")
+    console.print(
+        f"model     {model.get('name')} ({model.get('class')}, family {model.get('family')}, "
+        f"{model.get('parameters', 0):,} parameters, {model.get('dtype')} on {model.get('device')})"
+    )
+    console.print(f"ranks     {m['world_size']} (shards: {', '.join(str(s['rank']) + ':' + s['state'] for s in m['shards']) or 'none yet'})")
+    counters = m.get("counters", {})
+    console.print(
+        f"captured  {counters.get('steps', 0):,} steps, {counters.get('tokens', 0):,} tokens, "
+        f"{counters.get('decisions', 0):,} routing decisions"
+    )
+    for shard in m["shards"]:
+        console.print(f"rank {shard['rank']}    pid {shard['pid']} on {shard['host']}, started {_when(shard.get('started_at'))}, "
+                      f"last heartbeat {_when(shard.get('heartbeat_at'))}" + (f", error: {shard['error']}" if shard.get("error") else ""))
+
+    layers = Table(title="MoE layers", title_justify="left")
+    for col in ("#", "module", "family", "experts", "top-k", "shared", "scoring", "bias"):
+        layers.add_column(col, justify="right" if col in ("#", "experts", "top-k", "shared") else "left")
+    for layer in m["layers"]:
+        layers.add_row(
+            str(layer["index"]), layer["name"], str(layer.get("family", "")), str(layer["num_experts"]), str(layer["top_k"]),
+            str(layer.get("num_shared_experts", 0)), str(layer.get("scoring", "")), "yes" if layer.get("has_bias") else "no",
+        )
+    console.print(layers)
+
+    tables = Table(title="Segments", title_justify="left")
+    for col in ("table", "segments", "rows", "bytes"):
+        tables.add_column(col, justify="left" if col == "table" else "right")
+    for name, t in summary["tables"].items():
+        tables.add_row(name, f"{t['segments']:,}", f"{t['rows']:,}", f"{t['bytes']:,}")
+    console.print(tables)
+
+    dropped = counters.get("dropped", {})
+    anomalies = counters.get("anomalies", {})
+    if dropped:
+        console.print("[bold red]dropped[/]   " + ", ".join(f"{v:,} decisions ({k})" for k, v in dropped.items()))
+    else:
+        console.print("dropped   none")
+    if anomalies:
+        console.print("[yellow]anomalies[/] " + ", ".join(f"{k}: {v}" for k, v in anomalies.items()))
+
+
+def main(argv: list[str]) -> int:
+    from ..traces.reader import TraceReader
+
+    args = _parser().parse_args(argv)
+    summary = summarize(TraceReader(args.trace))
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        _render(summary)
+    return 0

@@ -1,0 +1,115 @@
+"""``moeprobe record -o DIR -- python job.py ARGS``: run an unmodified job and record its MoE routing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HELP = "run a command and record the routing of every MoE model it runs"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeprobe record",
+        description="Run COMMAND (e.g. python job.py ARGS) and record every supported MoE model it builds or loads.",
+    )
+    parser.add_argument("-o", "--output", default="traces/run", help="trace directory (default: traces/run); "
+                        "a second model in the same job goes to OUTPUT-2, and so on")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing trace")
+    parser.add_argument("--logits", action="store_true", help="also record the full router scores (for replay)")
+    parser.add_argument("--flush-interval", type=float, default=1.0, metavar="S", help="write segments at least every S seconds")
+    parser.add_argument("--redact-tokens", action="store_true", help="store no token ids, only their routing")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
+    return parser
+
+
+def _bootstrap_dir() -> str:
+    return str(Path(__file__).resolve().parent.parent / "hooks" / "bootstrap")
+
+
+def _written(base: Path) -> list[Path]:
+    found = []
+    n = 1
+    while True:
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not (path / "manifest.json").exists():
+            break
+        found.append(path)
+        n += 1
+    return found
+
+
+def main(argv: list[str]) -> int:
+    from ..traces.errors import TraceError
+    from ..traces.finalize import mark_abandoned
+    from ..traces.reader import TraceReader
+    from ..traces.writer import prepare_trace_dir
+    from .main import UsageError
+
+    args = _parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("no command to run; usage: moeprobe record -o DIR -- python job.py ARGS")
+    if args.flush_interval <= 0:
+        raise UsageError("--flush-interval must be positive")
+    output = Path(args.output)
+    prepare_trace_dir(output, force=args.force)  # refuse early, before the job spends any time
+    output.rmdir()  # the job's probe creates it; an empty directory left behind would look like a failed trace
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_bootstrap_dir(), *filter(None, [env.get("PYTHONPATH")])])
+    env["MOEPROBE_RECORD"] = json.dumps(
+        {
+            "path": str(output.resolve()),
+            "logits": args.logits,
+            "force": args.force,
+            "flush_interval": args.flush_interval,
+            "redact_tokens": args.redact_tokens,
+        }
+    )
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the job; we report after it
+    try:
+        try:
+            process = subprocess.Popen(command, env=env)
+        except OSError as exc:
+            raise UsageError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
+        rc = process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    if rc < 0:
+        try:
+            how = f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            how = f"killed by signal {-rc}"
+        rc = 128 - rc  # the shell's convention for a job ended by a signal
+    else:
+        how = f"exit status {rc}"
+    traces = _written(output)
+    if not traces:
+        print(
+            f"moeprobe record: no trace was written: the job ran no MoE model moeprobe could instrument "
+            f"(job {how})",
+            file=sys.stderr,
+        )
+        return rc if rc != 0 else 1
+    for trace in traces:
+        reason = f"the recording process ended without closing the trace ({how})"
+        mark_abandoned(trace, reason)
+        try:
+            reader = TraceReader(trace)
+        except TraceError as exc:
+            print(f"moeprobe record: {exc}", file=sys.stderr)
+            continue
+        counters = reader.manifest["counters"]
+        print(
+            f"moeprobe: {trace}: {reader.status}, {counters.get('steps', 0)} steps, {counters.get('tokens', 0)} tokens, "
+            f"{counters.get('decisions', 0)} routing decisions; next: moeprobe inspect {trace}",
+            file=sys.stderr,
+        )
+    return rc
