@@ -1,13 +1,16 @@
 """The writer thread: turns finished steps into Arrow rows and hands them to the trace writer.
 
 The model's thread only calls ``submit``, which never blocks: when the queue holds more than its byte
-budget the step is dropped and counted. The thread flushes segments at least every ``flush_interval``
-seconds, so a killed job loses at most that much, and refreshes the manifest heartbeat even when idle.
+budget the step is dropped and counted. ``submit`` appends to a deque and does not wake the writer: the
+writer polls every few tens of milliseconds. Waking it per step (a Queue.put notifying a waiting thread)
+hands it the GIL in the middle of the model's next forward and cost milliseconds per step on CPU.
+The thread flushes segments at least every ``flush_interval`` seconds, so a killed job loses at most that
+much, and refreshes the manifest heartbeat even when idle.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import sys
 import threading
 import time
@@ -135,7 +138,9 @@ class CapturePipeline:
         self.max_queue_bytes = max_queue_bytes
         self.redact_tokens = redact_tokens
         self._anomalies = counters or (lambda: {})
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: collections.deque[Any] = collections.deque()
+        self._stop = threading.Event()
+        self.poll_interval = min(0.05, flush_interval / 4)
         self._queued_bytes = 0
         self._lock = threading.Lock()
         self._routing = _Columns("routing")
@@ -160,7 +165,7 @@ class CapturePipeline:
                 self._queued_bytes += size
         if over or self.failure is not None:
             reason = "queue_full" if over else "writer_failed"
-            self._queue.put(("dropped", reason, step.decisions))
+            self._queue.append(("dropped", reason, step.decisions))
             if not self._warned_drop:
                 self._warned_drop = True
                 print(
@@ -168,11 +173,12 @@ class CapturePipeline:
                     file=sys.stderr,
                 )
             return False
-        self._queue.put(("step", step, size))
+        self._queue.append(("step", step, size))
         return True
 
     def close(self, status: str, error: str | None = None, timeout: float = 60.0) -> None:
-        self._queue.put(("stop", status, error))
+        self._queue.append(("stop", status, error))
+        self._stop.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             print("moeprobe: the trace writer did not finish in time; the trace may miss its last records", file=sys.stderr)
@@ -182,17 +188,13 @@ class CapturePipeline:
         last_flush = time.monotonic()
         last_beat = last_flush
         while True:
-            timeout = max(0.01, self.flush_interval - (time.monotonic() - last_flush))
+            self._stop.wait(self.poll_interval)
             try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            try:
-                if item is not None:
+                while self._queue:
+                    item = self._queue.popleft()
                     kind = item[0]
                     if kind == "stop":
                         self._flush()
-                        self._sync_counters()
                         self.writer.close(item[1], item[2])
                         return
                     if kind == "dropped":
@@ -205,10 +207,10 @@ class CapturePipeline:
                             with self._lock:
                                 self._queued_bytes -= size
                 now = time.monotonic()
-                if now - last_flush >= self.flush_interval and (self._has_rows() or now - last_beat >= HEARTBEAT_S):
-                    self._flush()
-                    last_flush = last_beat = now
-                elif now - last_flush >= self.flush_interval:
+                if now - last_flush >= self.flush_interval:
+                    if self._has_rows() or now - last_beat >= HEARTBEAT_S:
+                        self._flush()
+                        last_beat = now
                     last_flush = now
             except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad record
                 self.writer.count_anomaly(f"writer:{type(exc).__name__}")

@@ -1,0 +1,174 @@
+"""Capture overhead on the demo model's decode loop: moeprobe against no probe and two naive peers.
+
+    python bench/capture_overhead.py [--device cpu|cuda] [--rounds 7]
+
+Variants, all on the same greedy KV-cached decode loop over the bundled prompts:
+  baseline           no instrumentation
+  moeprobe           inside moeprobe.record(model, DIR)
+  naive_hook         a forward hook on every router doing .cpu().tolist() of indices and weights
+  hf_router_logits   transformers' own output_router_logits=True, kept for every step
+plus model.generate() with and without moeprobe. Rounds interleave the variants (rotating their order) so
+machine noise hits all of them alike; the ratio is median(variant) / median(baseline) within this one run.
+On CUDA the naive hook synchronises the host in every layer; moeprobe must not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import moeprobe  # noqa: E402
+
+
+def load_demo_model(device: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    from moeprobe.demo import checkpoints
+    from moeprobe.demo.model import build_model
+    from moeprobe.demo.prompts import load_prompts
+    from moeprobe.demo.tokenizer import encode
+
+    names = checkpoints.available()
+    if names:
+        model, label = checkpoints.load_checkpoint(names[0]), f"demo checkpoint {names[0]!r}"
+    else:
+        model, label = build_model(seed=0), "demo architecture, seeded random weights"
+    prompts = load_prompts()[::4][:8]
+    ids = torch.tensor([encode(p.text) for p in prompts])
+    return model.to(device).eval(), ids.to(device), label
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode_loop(model: torch.nn.Module, ids: torch.Tensor, steps: int, *, keep_router_logits: bool = False) -> list[Any]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    kept: list[Any] = []
+    out = model(ids, past_key_values=cache, use_cache=True, output_router_logits=keep_router_logits)
+    for _ in range(steps):
+        if keep_router_logits:
+            kept.append(out.router_logits)
+        token = out.logits[:, -1:].argmax(-1)
+        out = model(token, past_key_values=cache, use_cache=True, output_router_logits=keep_router_logits)
+    return kept
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=48, help="decode steps after the prefill")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    device = args.device
+    model, ids, label = load_demo_model(device)
+    workdir = Path(tempfile.mkdtemp(prefix="moeprobe-bench-"))
+    routers = [m for m in model.modules() if type(m).__name__ == "DeepseekV3TopkRouter"]
+
+    def baseline() -> None:
+        decode_loop(model, ids, args.steps)
+
+    def with_moeprobe() -> None:
+        with moeprobe.record(model, workdir / "t", force=True) as probe:
+            t = timed(lambda: decode_loop(model, ids, args.steps), device)
+        closing["s"] = probe  # keep a reference for the counters
+        times["moeprobe_inner"].append(t)
+
+    def naive_hook() -> None:
+        sink: list[Any] = []
+
+        def hook(module: Any, inputs: Any, output: Any) -> None:
+            sink.append((output[2].cpu().tolist(), output[1].cpu().tolist()))
+
+        handles = [r.register_forward_hook(hook) for r in routers]
+        try:
+            decode_loop(model, ids, args.steps)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def hf_router_logits() -> None:
+        decode_loop(model, ids, args.steps, keep_router_logits=True)
+
+    def generate_plain() -> None:
+        model.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False)
+
+    def generate_probe() -> None:
+        with moeprobe.record(model, workdir / "g", force=True):
+            t = timed(generate_plain, device)
+        times["generate_moeprobe_inner"].append(t)
+
+    closing: dict[str, Any] = {}
+    variants: dict[str, Callable[[], None]] = {
+        "baseline": baseline,
+        "moeprobe": with_moeprobe,
+        "naive_hook": naive_hook,
+        "hf_router_logits": hf_router_logits,
+        "generate": generate_plain,
+        "generate_moeprobe": generate_probe,
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    times["moeprobe_inner"] = []
+    times["generate_moeprobe_inner"] = []
+    for name, fn in variants.items():  # warm-up: allocator, kernels, lazy imports
+        fn()
+    for name in times:
+        times[name].clear()
+    names = list(variants)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            times[name].append(timed(variants[name], device))
+
+    med = {name: statistics.median(v) for name, v in times.items() if v}
+    # moeprobe's ratio uses the time inside the `with` block (the job's own loop); attaching the hooks and
+    # the final flush at close happen once per job and are reported separately.
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model": label,
+        "batch": list(ids.shape),
+        "decode_steps": args.steps,
+        "rounds": args.rounds,
+        "median_s": {k: round(v, 5) for k, v in med.items()},
+        "ratio": {
+            "moeprobe": med["moeprobe_inner"] / med["baseline"],
+            "naive_hook (.cpu().tolist())": med["naive_hook"] / med["baseline"],
+            "hf output_router_logits": med["hf_router_logits"] / med["baseline"],
+            "generate + moeprobe": med["generate_moeprobe_inner"] / med["generate"],
+        },
+        "moeprobe_attach_and_close_s": med["moeprobe"] - med["moeprobe_inner"],
+        "dropped": closing["s"].stats.get("dropped"),
+    }
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    print(f"device {results['device']}; {label}; batch {results['batch']}, {args.steps} decode steps, {args.rounds} rounds")
+    for name, ratio in results["ratio"].items():
+        print(f"  {name:<32} {ratio:6.3f}x baseline")
+    print(f"  moeprobe attach + close (once per job): {results['moeprobe_attach_and_close_s'] * 1000:.1f} ms; dropped: {results['dropped'] or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
