@@ -242,7 +242,10 @@ class CapturePipeline:
 
     def _convert(self, step: StepBuffer) -> None:
         if step.ready is not None:
-            step.ready.synchronize()
+            # Poll rather than synchronize(): the writer sleeps without holding the GIL and never counts
+            # as a host sync under torch's sync debug mode.
+            while not step.ready.query():
+                time.sleep(0.0002)
         counters = self.writer.counters
         token_rows: dict[int, TokenRows] = {}
         first_tokens: TokenRows | None = None

@@ -77,6 +77,7 @@ class Probe:
         name: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        check_sync: bool = False,
     ) -> None:
         self.model = model
         self.layers = find_layers(model, routers)
@@ -88,6 +89,9 @@ class Probe:
         self.world_size = dist_world if world_size is None else world_size
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.clock = CudaClock() if device.type == "cuda" else CpuClock()
+        # Debug aid (and the GPU test's proof): run every hook under torch's sync debug mode "error", so a
+        # host synchronisation inside capture raises there and is counted as an anomaly.
+        self._check_sync = check_sync and device.type == "cuda"
         self._handles: list[RemovableHandle] = []
         self._step: StepBuffer | None = None
         self._depth = 0
@@ -205,6 +209,20 @@ class Probe:
     def _hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
 
+    def _checked(self, fn: Any) -> Any:
+        if not self._check_sync:
+            return fn
+
+        def checked(*args: Any) -> Any:
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+
+        return checked
+
     def _attach(self) -> None:
         stacks: dict[int, int] = {}  # id(module) -> stack id
         readers: dict[int, ContextReader] = {}
@@ -221,8 +239,8 @@ class Probe:
                 entries[id(layer.stack)] = (layer.stack, stacks[id(layer.stack)])
         for module, stack_id in entries.values():
             reader = readers.get(stack_id) if stack_id is not None else None
-            self._hook(module.register_forward_pre_hook(self._entry_pre(reader), with_kwargs=True))
-            self._hook(module.register_forward_hook(self._entry_post, always_call=True))
+            self._hook(module.register_forward_pre_hook(self._checked(self._entry_pre(reader)), with_kwargs=True))
+            self._hook(module.register_forward_hook(self._checked(self._entry_post), always_call=True))
         for layer in self.layers:
             self._attach_layer(layer, stacks.get(id(layer.stack)) if layer.stack is not None else None)
 
@@ -282,13 +300,14 @@ class Probe:
             except Exception as exc:  # noqa: BLE001
                 self._anomaly("experts", exc)
 
-        self._hook(layer.block.register_forward_pre_hook(block_pre))
-        self._hook(layer.block.register_forward_hook(block_post))
+        checked = self._checked
+        self._hook(layer.block.register_forward_pre_hook(checked(block_pre)))
+        self._hook(layer.block.register_forward_hook(checked(block_post)))
         if layer.router is not None:
-            self._hook(layer.router.register_forward_pre_hook(router_pre))
-            self._hook(layer.router.register_forward_hook(router_post))
+            self._hook(layer.router.register_forward_pre_hook(checked(router_pre)))
+            self._hook(layer.router.register_forward_hook(checked(router_post)))
         if layer.source == "experts":
-            self._hook(layer.source_module.register_forward_pre_hook(experts_pre, with_kwargs=True))
+            self._hook(layer.source_module.register_forward_pre_hook(checked(experts_pre), with_kwargs=True))
 
     def _detach(self) -> None:
         handles, self._handles = self._handles, []

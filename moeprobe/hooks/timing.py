@@ -54,7 +54,8 @@ class CudaClock:
     def elapsed_ms(start: Any, end: Any) -> float | None:
         if start is None or end is None:
             return None
-        end.synchronize()  # writer thread only: waits for the GPU, not the model's host thread
+        while not end.query():  # writer thread only: waits for the GPU, never the model's host thread
+            time.sleep(0.0002)
         return float(start.elapsed_time(end))
 
     def release(self, marks: list[Any]) -> None:
