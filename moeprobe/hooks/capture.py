@@ -52,11 +52,12 @@ class StepBuffer:
         return sum(c.decisions for c in self.layers)
 
     def nbytes(self) -> int:
+        """Host memory this step will hold once converted: what the queue's byte budget counts."""
         total = 0
         for c in self.layers:
-            for t in (c.indices, c.weights, c.scores, c.dropped):
-                if t is not None:
-                    total += t.numel() * t.element_size()
+            total += c.decisions * 16  # int64 index + float32 weight + row columns, roughly
+            if c.scores is not None:
+                total += c.scores.numel() * 4
         return total
 
 

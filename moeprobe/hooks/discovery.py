@@ -99,26 +99,22 @@ def _generic_slots(experts: nn.Module) -> tuple[tuple[int, str], tuple[int, str]
     return None
 
 
-def _num_experts(*modules: Any) -> int | None:
+def _first_int(modules: tuple[Any, ...], attrs: tuple[str, ...]) -> int | None:
+    """The first integer attribute found, looking through modules (and configs) in order."""
     for module in modules:
-        if module is None:
-            continue
-        for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int):
+        for attr in attrs:
+            value = getattr(module, attr, None) if module is not None else None
+            if isinstance(value, int) and not isinstance(value, bool):
                 return value
     return None
+
+
+def _num_experts(*modules: Any) -> int | None:
+    return _first_int(modules, ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def _top_k(*modules: Any) -> int | None:
-    for module in modules:
-        if module is None:
-            continue
-        for attr in ("top_k", "num_experts_per_tok", "moe_topk"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int):
-                return value
-    return None
+    return _first_int(modules, ("top_k", "num_experts_per_tok", "moe_topk"))
 
 
 def _spec_meta(spec: RouterSpec, router: nn.Module, block: nn.Module, name: str) -> dict[str, Any]:
