@@ -188,7 +188,8 @@ class ShardWriter:
                 tmp.unlink()
             except OSError:
                 pass
-            reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write_error"
+            # EFBIG: a file-size limit (ulimit -f, quota) is a full disk as far as the trace is concerned.
+            reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "write_error"
             if table == "routing":
                 self.count_dropped(reason, rows)
             self._warn_once(reason, f"moeprobe: cannot write {table} segment to {directory} ({exc.strerror or exc}); dropping records and counting them")
