@@ -1,0 +1,235 @@
+"""``moeprobe simulate``: replay a trace's routing under other balancing strategies, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from .main import UsageError
+
+HELP = "replay recorded routing under other balancing strategies (re-routing, bias, capacity, EPLB)"
+
+EPILOG = """strategies (repeat --strategy; join a routing stage and a capacity stage with +):
+  recorded                              the routing as captured (always shown first)
+  reroute[:k=K,bias=auto|recorded|zero|none]
+                                        re-route from captured router logits (needs record --logits)
+  topk:k=K                              re-route with another top-k
+  online-bias[:u=0.001,init=zero|recorded,k=K]
+                                        aux-loss-free bias, updated after every replayed step
+  capacity:cf=F|slots=N[,order=position|score,group=step|sequence,second=keep|random,seed=S]
+                                        token dropping past expert capacity (second=random: GShard top-2)
+
+--eplb gpus=G[,replicas=R|redundant=N,groups=N,nodes=N,plan=A:B,eval=A:B,estimate=sum|ema:A|last:W,
+       origin=auto|rank|sequence]
+  plans DeepSeek EPLB on the plan window's load and evaluates it (and contiguous placement) on the
+  evaluation window (default: after the plan window, or the same steps when no plan window is given).
+
+examples:
+  moeprobe simulate traces/run --strategy reroute:bias=zero --strategy online-bias:u=0.01
+  moeprobe simulate traces/run --strategy topk:k=1+capacity:cf=1.25 --steps 0:100 --json
+  moeprobe simulate traces/run --eplb replicas=16,groups=4,nodes=2,gpus=8,plan=0:50 --json"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see moeprobe simulate --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="moeprobe simulate",
+        description=HELP,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("trace", help="trace directory")
+    parser.add_argument("--strategy", "-s", action="append", default=[], metavar="SPEC", help="strategy to replay")
+    parser.add_argument("--steps", metavar="A:B", help="only steps A (inclusive) to B (exclusive)")
+    parser.add_argument("--layers", metavar="L,L,...", help="only these MoE layer indices")
+    parser.add_argument("--eplb", metavar="KEY=VALUE,...", help="expert placement to evaluate (see below)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--output", "-o", metavar="OUT", type=Path, help="write the (single) strategy's routing as a trace")
+    parser.add_argument("--force", action="store_true", help="with -o: overwrite an existing trace")
+    return parser
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UsageError(f"--layers: {text!r} should be comma-separated layer indices like 0,3,5") from None
+    if not values:
+        raise UsageError("--layers: no layer given")
+    return values
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+    from ..simulate.deployment import EplbOptions, parse_window
+    from ..simulate.strategies import parse_strategy
+
+    try:
+        strategies = [parse_strategy(text) for text in args.strategy]
+        window = parse_window(args.steps, "--steps") if args.steps else (None, None)
+        eplb = EplbOptions.parse(args.eplb) if args.eplb else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    layers = _parse_layers(args.layers)
+    if args.output is not None and len(strategies) != 1:
+        raise UsageError("-o writes one simulated routing: give exactly one --strategy")
+    if args.force and args.output is None:
+        raise UsageError("--force only applies with -o OUT")
+
+    report = _simulate(args, strategies, window, layers, eplb)
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _print_text(report, sys.stdout)
+    return 0
+
+
+def _simulate(args: argparse.Namespace, strategies: list[Any], window: Any, layers: list[int] | None, eplb: Any) -> dict[str, Any]:
+    """Load the trace, run every strategy (and the placement), write -o; return the report."""
+    from ..analysis.session import open_trace
+    from ..simulate import replay
+    from ..simulate.data import SimRouting
+    from ..simulate.deployment import evaluate_placement
+
+    with open_trace(args.trace) as trace:
+        data = replay.load_layers(trace, window=window, layers=layers, scores=any(s.needs_scores for s in strategies))
+        replay.check_requirements(strategies, data)
+        gpus = eplb.gpus if eplb else None
+        if gpus and any(layer.num_experts % gpus for layer in data.layers):
+            gpus = None  # balancedness per expert when experts do not divide over the GPUs
+        recorded = [SimRouting(layer.experts, layer.weights, layer.dropped) for layer in data.layers]
+        report: dict[str, Any] = {
+            "trace": str(trace.path),
+            "steps": replay.window_text(window),
+            "layers": [layer.index for layer in data.layers],
+            "tokens": {str(layer.index): layer.tokens for layer in data.layers},
+            "balancedness_units": f"{gpus} GPUs, contiguous" if gpus else "experts",
+            "strategies": [_row("recorded", data.layers, recorded, gpus)],
+            "notes": data.notes,
+        }
+        sims: list[SimRouting] = []
+        try:
+            for strategy in strategies:
+                sims = replay.run(strategy, data)
+                report["strategies"].append(_row(strategy.text, data.layers, sims, gpus))
+            if eplb is not None:
+                report["eplb"] = evaluate_placement(data.layers, eplb, data.world_size)
+        except ValueError as exc:  # StrategyError included: a spec that does not fit this trace
+            raise UsageError(str(exc)) from None
+        if args.output is not None:
+            report["written"] = str(replay.write_simulated_trace(data, sims, strategies[0], args.output, force=args.force))
+    return report
+
+
+def _row(name: str, layers: list[Any], sims: list[Any], gpus: int | None) -> dict[str, Any]:
+    from ..simulate.compare import drop_report, layer_metrics, summarize
+
+    per_layer = [layer_metrics(layer, sim, gpus) for layer, sim in zip(layers, sims, strict=True)]
+    notes = [note for sim in sims for note in sim.notes]
+    row: dict[str, Any] = {"strategy": name, "summary": summarize(per_layer), "layers": per_layer, "notes": notes}
+    drops = drop_report(layers, sims)
+    if drops is not None:
+        row["drops"] = drops
+    return row
+
+
+# -- text -------------------------------------------------------------------------------------------
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _print_text(report: dict[str, Any], out: TextIO) -> None:
+    from ..simulate.compare import position_buckets
+
+    tokens = sorted(set(report["tokens"].values()))
+    token_text = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
+    steps = "all steps" if report["steps"] == ":" else f"steps {report['steps']}"
+    out.write(f"{report['trace']}\n")
+    out.write(
+        f"  {steps}, {len(report['layers'])} layer(s), {token_text} tokens per layer; "
+        f"balancedness over {report['balancedness_units']}\n\n"
+    )
+    width = max(24, *(len(row["strategy"]) for row in report["strategies"])) + 2
+    header = ["MaxVio", "MaxVio/batch", "balanced", "CV", "dropped", "changed", "mass lost"]
+    cols = [max(len(h), 7) + 2 for h in header]
+    out.write(f"{'strategy':<{width}}" + "".join(f"{h:>{w}}" for h, w in zip(header, cols, strict=True)) + "\n")
+    for row in report["strategies"]:
+        s = row["summary"]
+        cells = [
+            f"{s['max_vio']:.3f}",
+            f"{s['max_vio_batch']:.3f}",
+            f"{s['balancedness']:.3f}",
+            f"{s['cv']:.3f}",
+            _pct(s["dropped_share"]),
+            _pct(s["changed_share"]),
+            _pct(s["mass_lost"]),
+        ]
+        out.write(f"{row['strategy']:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)) + "\n")
+
+    for row in report["strategies"]:
+        drops = row.get("drops")
+        if drops is None:
+            continue
+        out.write(f"\ndropped, {row['strategy']}\n")
+        layers = "  ".join(
+            f"L{d['layer']} {_pct(d['dropped'] / d['routed'] if d['routed'] else 0.0)}" for d in drops["by_layer"]
+        )
+        out.write(f"  by layer:     {layers}\n")
+        buckets = "  ".join(f"{lo}-{hi} {_pct(share)}" for lo, hi, share in position_buckets(drops["by_position"]))
+        out.write(f"  by position:  {buckets}\n")
+        worst = []
+        for d in drops["by_expert"]:
+            for expert, count in enumerate(d["dropped"]):
+                if count:
+                    worst.append((count, d["layer"], expert, d["routed"][expert]))
+        worst.sort(key=lambda item: (-item[0], item[1], item[2]))
+        experts = "  ".join(f"L{layer} e{expert} {count}/{routed}" for count, layer, expert, routed in worst[:6])
+        out.write(f"  most dropped: {experts}\n")
+
+    notes = list(report["notes"]) + [n for row in report["strategies"] for n in row["notes"]]
+    if "eplb" in report:
+        _print_eplb(report["eplb"], out)
+        notes += report["eplb"]["notes"]
+    if "written" in report:
+        out.write(f"\nwrote the simulated routing to {report['written']}\n")
+    for note in notes:
+        out.write(f"note: {note}\n")
+
+
+def _print_eplb(e: dict[str, Any], out: TextIO) -> None:
+    redundant = e["replicas"] - len(e["logcnt"][0]) if e["logcnt"] else 0
+    out.write(
+        f"\nEPLB {e['policy']}: {e['replicas']} physical experts ({redundant} redundant) on {e['gpus']} GPUs, "
+        f"{e['nodes']} node(s), {e['groups']} group(s)\n"
+        f"  planned on steps {e['plan_steps'][0]}-{e['plan_steps'][1]} ({e['estimate']}), "
+        f"evaluated on steps {e['eval_steps'][0]}-{e['eval_steps'][1]}\n"
+    )
+    contiguous = e.get("contiguous")
+    out.write(f"  {'layer':<7}{'contiguous':>11}{'eplb':>8}  replicated (expert x replicas: GPUs)\n")
+    by_layer: dict[int, list[str]] = {}
+    for r in e["replicated"]:
+        by_layer.setdefault(r["layer"], []).append(f"e{r['expert']}x{r['replicas']}: {','.join(map(str, r['gpus']))}")
+    for i, layer in enumerate(e["layers"]):
+        cont = f"{contiguous['balancedness'][i]:.3f}" if contiguous else "-"
+        out.write(f"  {layer:<7}{cont:>11}{e['eplb']['balancedness'][i]:>8.3f}  {'  '.join(by_layer.get(layer, [])) or '-'}\n")
+    cont_mean = f"{contiguous['balancedness_mean']:.3f}" if contiguous else "-"
+    out.write(f"  {'mean':<7}{cont_mean:>11}{e['eplb']['balancedness_mean']:>8.3f}\n")
+    out.write(f"  all-to-all, assignments from source rank to GPU over all layers (origin: {e['origin']}):\n")
+    for name in ("contiguous", "eplb"):
+        if name in e:
+            t = e[name]["traffic"]
+            out.write(f"    {name:<11} max/mean {t['max_over_mean']:.3f}  max {t['max']:.0f}  local {_pct(t['local_share'])}\n")
