@@ -8,10 +8,22 @@ from typing import TYPE_CHECKING, Any
 
 from ..traces.errors import CorruptSegmentError, TraceError
 from ..traces.reader import TraceReader
+from .context import DEFAULT_COUNT_BUDGET, DEFAULT_SAMPLE_BUDGET
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import duckdb
     import pyarrow as pa
+
+    from .context import Context
+    from .filters import Filters
+    from .latency import Latency
+    from .load import Load
+    from .placement import EPLoad
+    from .report_json import ReportOptions
+    from .router import RouterLayer
+    from .specialization import Specialization
 
 
 class QueryError(TraceError):
@@ -28,6 +40,9 @@ class Trace:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.reader = TraceReader(path)
         self._con: duckdb.DuckDBPyConnection | None = None
+        # Per-filter intermediate tables (see analysis.context); they describe a snapshot of the segments,
+        # so refresh() drops them.
+        self._temp_tables: set[str] = set()
 
     # -- metadata and tables (pyarrow) --------------------------------------------------------------
     @property
@@ -70,7 +85,10 @@ class Trace:
         if self._con is not None:
             from .views import create_views
 
+            for table in self._temp_tables:
+                self._con.execute(f"DROP TABLE IF EXISTS {table}")
             create_views(self._con, self.reader)
+        self._temp_tables.clear()
 
     # -- DuckDB -------------------------------------------------------------------------------------
     @property
@@ -96,10 +114,78 @@ class Trace:
         except duckdb.Error as exc:
             raise QueryError(str(exc).splitlines()[0]) from exc
 
+    # -- analyses (thin: each lives in its own module) ---------------------------------------------------
+    def context(self, filters: Filters | None = None) -> Context:
+        """This trace seen through ``filters``; raises ``FilterError`` for a layer or rank it does not have."""
+        from .context import Context
+
+        return Context(self, filters)
+
+    def load(
+        self,
+        filters: Filters | None = None,
+        *,
+        top_n: int | None = None,
+        window_steps: int | None = None,
+        first_choice: bool = False,
+    ) -> Load:
+        """Expert load and imbalance per layer (counts, MaxVio, CV, entropy, Gini, top-N, dead, windows)."""
+        from . import load
+
+        ctx = self.context(filters)
+        return load.compute(ctx, top_n=top_n, window_steps=window_steps, first_choice=first_choice)
+
+    def ep_load(self, filters: Filters | None = None, *, ep_size: int = 8, placement: Sequence[int] | None = None) -> EPLoad:
+        """Load per expert-parallel rank and balancedness (SGLang and vLLM aggregations)."""
+        from . import load, placement as placement_mod
+
+        ctx = self.context(filters)
+        return placement_mod.compute(ctx, load.compute(ctx), ep_size=ep_size, placement=placement)
+
+    def specialization(
+        self,
+        filters: Filters | None = None,
+        *,
+        tag_keys: list[str] | None = None,
+        min_count: int = 10,
+        count_budget: int = DEFAULT_COUNT_BUDGET,
+        sample_budget: int = DEFAULT_SAMPLE_BUDGET,
+    ) -> Specialization:
+        """Per-tag expert distribution and NMI, vocabulary specialization, repetition, co-activation.
+
+        Count tables use at most ``count_budget`` decisions and the token-level joins ``sample_budget``
+        (whole sequences, deterministic); 0 means every decision.
+        """
+        from . import specialization
+
+        ctx = self.context(filters)
+        counts = ctx.sample(count_budget, materialize=False)
+        return specialization.compute(ctx, counts, ctx.sample(sample_budget), keys=tag_keys, min_count=min_count)
+
+    def router(self, filters: Filters | None = None, *, sample_budget: int = DEFAULT_SAMPLE_BUDGET) -> list[RouterLayer]:
+        """Router confidence, aux losses and bias flips from captured logits; empty without logits."""
+        from . import router
+
+        ctx = self.context(filters)
+        return router.compute(ctx, ctx.sample(sample_budget))
+
+    def latency_summary(self, filters: Filters | None = None) -> Latency:
+        """Router and block time quantiles per layer, by phase, and against the step's max expert load."""
+        from . import latency
+
+        return latency.compute(self.context(filters))
+
+    def summary(self, filters: Filters | None = None, options: ReportOptions | None = None) -> dict[str, Any]:
+        """The full report as a JSON-ready dict (the ``moeprobe report --json`` object, docs/report-json.md)."""
+        from . import report_json
+
+        return report_json.build(self, filters, options)
+
     def close(self) -> None:
         if self._con is not None:
             self._con.close()
             self._con = None
+        self._temp_tables.clear()
 
     def __enter__(self) -> Trace:
         return self

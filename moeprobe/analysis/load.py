@@ -1,0 +1,226 @@
+"""Expert load and its imbalance, per layer: counts, utilisation, MaxVio (global and per batch), CV, normalised
+entropy, Gini, top-N coverage, dead experts, and the same over windows of steps.
+
+One aggregate pass over the routing table (``sql/load_agg.sql``, per step x layer x expert) feeds all of
+it; the per-expert vectors that come back are small (layers x experts) and finished with ``stats``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from . import stats
+from .context import Context, render_sql, sql_text
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int
+    first_step: int
+    last_step: int
+    maxvio_global: float
+    maxvio_batch: float
+    cv: float
+
+
+@dataclass
+class LayerLoad:
+    layer: int
+    name: str
+    experts: int
+    top_k: int
+    counts: np.ndarray  # per expert, every choice rank
+    first: np.ndarray | None  # per expert, first choices only (k = 0); computed when asked for
+    decisions: int
+    tokens: int
+    dropped: int
+    steps: int
+    maxvio_global: float
+    maxvio_batch_mean: float
+    maxvio_batch_worst: float
+    worst_step: int | None
+    cv: float
+    entropy_norm: float
+    gini: float
+    top_n: int
+    top_n_coverage: float
+    dead: list[int]
+    random: stats.LoadBaseline
+    random_maxvio_batch: float
+    windows: list[Window] = field(default_factory=list)
+
+    @property
+    def utilisation(self) -> np.ndarray:
+        """c_e / c_bar per expert, c_bar = T k / E: 1 is a fair share."""
+        mean = self.decisions / self.experts
+        return self.counts / mean if mean > 0 else np.full(self.experts, math.nan)
+
+
+@dataclass
+class Load:
+    layers: list[LayerLoad]
+    decisions: int
+    first_step: int | None
+    last_step: int | None
+    window_steps: int
+
+    def layer(self, index: int) -> LayerLoad:
+        return next(item for item in self.layers if item.layer == index)
+
+
+def aggregate(ctx: Context) -> str:
+    """The per (step, layer, expert) load table for these filters, created once and reused."""
+    return ctx.materialize("load", render_sql(sql_text("load_agg"), ctx.sources()))
+
+
+def steps_load(ctx: Context) -> str:
+    """Per (step, layer): busiest expert, total, tokens and MaxVio_batch; created once and reused."""
+    sql = render_sql(sql_text("load_steps"), {"agg": aggregate(ctx), "meta": ctx.meta_sql()})
+    return ctx.materialize("steps_load", sql)
+
+
+@lru_cache(maxsize=256)
+def _baseline(experts: int, k: int, tokens: int, top_n: int) -> stats.LoadBaseline:
+    return stats.random_load_baseline(experts, k, tokens, top_n)
+
+
+@lru_cache(maxsize=256)
+def _batch_baseline(experts: int, k: int, sizes: tuple[int, ...], counts: tuple[int, ...]) -> float:
+    return stats.random_maxvio_batch(experts, k, np.asarray(sizes), np.asarray(counts))
+
+
+def _per_expert(cols: dict[str, np.ndarray], experts: int) -> np.ndarray:
+    counts = np.zeros(experts, np.int64)
+    valid = cols["expert"] < experts  # an expert id past E would be a capture bug; never index out of range
+    counts[cols["expert"][valid].astype(np.int64)] = cols["n"][valid]
+    return counts
+
+
+def _by_layer(columns: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    layers = columns.get("layer", np.empty(0))
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for value in np.unique(layers):
+        sel = layers == value
+        out[int(value)] = {key: col[sel] for key, col in columns.items()}
+    return out
+
+
+def compute(
+    ctx: Context,
+    *,
+    top_n: int | None = None,
+    window_steps: int | None = None,
+    windows: int = 10,
+    first_choice: bool = False,
+) -> Load:
+    """Load metrics for every kept layer that has routing decisions.
+
+    ``top_n`` defaults to each layer's top-k (the share the k busiest experts take); ``window_steps`` defaults to
+    the span of kept steps split in ``windows``; ``first_choice`` also counts first choices per expert (one
+    more pass over the routing table).
+    """
+    agg = aggregate(ctx)
+    experts = ctx.query("load_experts", agg=agg)
+    got = ctx.query("load_dropped")
+    dropped = {int(layer): int(n) for layer, n in zip(got["layer"], got["dropped"])}
+    firsts = _by_layer(ctx.query("load_first")) if first_choice else {}
+    sl = steps_load(ctx)
+    batch = _by_layer(ctx.query("load_batch", steps_load=sl))
+    sizes = _by_layer(ctx.query("load_sizes", steps_load=sl))
+    span = ctx.run(f"SELECT min(step) AS lo, max(step) AS hi FROM {agg}")
+    lo, hi = span["lo"][0], span["hi"][0]
+    first_step = None if np.isnan(float(lo)) else int(lo)
+    last_step = None if np.isnan(float(hi)) else int(hi)
+    if window_steps is None:
+        span_steps = 0 if first_step is None or last_step is None else last_step - first_step + 1
+        window_steps = max(1, math.ceil(span_steps / max(1, windows)))
+    per_window = _windows(ctx, agg, sl, first_step, window_steps)
+
+    layers: list[LayerLoad] = []
+    for index, cols in _by_layer(experts).items():
+        if index not in ctx.layers:
+            continue
+        E, k = ctx.experts(index), ctx.top_k(index)
+        counts = _per_expert(cols, E)
+        first = _per_expert(firsts[index], E) if index in firsts else (np.zeros(E, np.int64) if first_choice else None)
+        decisions = int(counts.sum())
+        n = top_n if top_n is not None else k
+        b = batch.get(index, {})
+        size = sizes.get(index, {})
+        tokens = decisions // k
+        worst_step = b.get("worst_step", np.array([np.nan]))[0]
+        layers.append(
+            LayerLoad(
+                layer=index,
+                name=str(ctx.layers[index].get("name", index)),
+                experts=E,
+                top_k=k,
+                counts=counts,
+                first=first,
+                decisions=decisions,
+                tokens=tokens,
+                dropped=int(dropped.get(index, 0)),
+                steps=int(b.get("steps", np.array([0]))[0]),
+                maxvio_global=stats.maxvio(counts),
+                maxvio_batch_mean=float(b.get("mean", np.array([np.nan]))[0]),
+                maxvio_batch_worst=float(b.get("worst", np.array([np.nan]))[0]),
+                worst_step=None if np.isnan(float(worst_step)) else int(worst_step),
+                cv=stats.cv(counts),
+                entropy_norm=stats.entropy_norm(counts),
+                gini=stats.gini(counts),
+                top_n=n,
+                top_n_coverage=stats.top_n_coverage(counts, n),
+                dead=[int(e) for e in np.flatnonzero(counts == 0)],
+                random=_baseline(E, k, tokens, n),
+                random_maxvio_batch=_batch_baseline(
+                    E, k, tuple(int(t) for t in size.get("tokens", [])), tuple(int(c) for c in size.get("steps", []))
+                ),
+                windows=per_window.get(index, []),
+            )
+        )
+    return Load(
+        layers=layers,
+        decisions=sum(item.decisions for item in layers),
+        first_step=first_step,
+        last_step=last_step,
+        window_steps=window_steps,
+    )
+
+
+def _windows(ctx: Context, agg: str, sl: str, start: int | None, size: int) -> dict[int, list[Window]]:
+    if start is None:
+        return {}
+    extra = {"agg": agg, "steps_load": sl, "start": str(start), "size": str(size)}
+    loads = ctx.query("load_windows", **extra)
+    batch = ctx.query("load_windows_batch", **extra)
+    if not len(batch["win"]):
+        return {}
+    # One dense (window, layer, expert) array, so that each window's metrics are a slice, not a search.
+    layer_ids = np.array(sorted(ctx.layers))
+    slot = {int(layer): i for i, layer in enumerate(layer_ids)}
+    width = max(ctx.experts(int(layer)) for layer in layer_ids)
+    dense = np.zeros((int(batch["win"].max()) + 1, len(layer_ids), width))
+    keep = np.isin(loads["layer"], layer_ids) & (loads["expert"] < width)
+    rows = np.searchsorted(layer_ids, loads["layer"][keep])
+    dense[loads["win"][keep].astype(np.int64), rows, loads["expert"][keep].astype(np.int64)] = loads["n"][keep]
+    out: dict[int, list[Window]] = {}
+    for i in range(len(batch["win"])):
+        layer, win = int(batch["layer"][i]), int(batch["win"][i])
+        if layer not in slot:
+            continue
+        counts = dense[win, slot[layer], : ctx.experts(layer)]
+        out.setdefault(layer, []).append(
+            Window(
+                index=win,
+                first_step=int(batch["first_step"][i]),
+                last_step=int(batch["last_step"][i]),
+                maxvio_global=stats.maxvio(counts),
+                maxvio_batch=float(batch["maxvio_batch"][i]),
+                cv=stats.cv(counts),
+            )
+        )
+    return out

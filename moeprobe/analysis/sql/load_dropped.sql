@@ -1,0 +1,6 @@
+-- Choices dropped over capacity, per layer. Parquet statistics skip every row group without a drop, so on a
+-- trace that has none this reads almost nothing.
+SELECT layer, count(*)::BIGINT AS dropped
+FROM {routing} AS r
+WHERE dropped
+GROUP BY layer

@@ -1,0 +1,336 @@
+"""The report as plain tables of strings, for any renderer (rich in the terminal, Markdown, a TUI).
+
+Built from the JSON report object (``report_json``), so every output format shows the same numbers. Layers are
+listed worst first and each metric has its random-routing baseline beside it, so that a reader can tell good
+from bad without looking anything up: a router no better than random scores the "random" column; perfect
+balance is MaxVio 0, CV 0, Gini 0, entropy 1, balancedness 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
+
+
+def num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def pct(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def with_random(value: Any, random: Any, fmt: Any = num) -> str:
+    return f"{fmt(value)} ({fmt(random)})" if random is not None else fmt(value)
+
+
+def _limited(rows: list[Any], limit: int) -> tuple[list[Any], str]:
+    if limit <= 0 or len(rows) <= limit:
+        return rows, ""
+    return rows[:limit], f"{len(rows) - limit} more not shown (--limit 0 shows all)"
+
+
+# -- one report -----------------------------------------------------------------------------------------
+def header(report: dict[str, Any]) -> list[str]:
+    trace, overall, spec = report["trace"], report["overall"], report["specialization"]
+    model = trace.get("model") or {}
+    status = trace["status"]
+    state = {
+        "running": "still being written (complete segments only)",
+        "stale": "writer gone without closing it (stale); what was written",
+        "aborted": "aborted recording; what was written",
+    }.get(status, status)
+    lines = [
+        f"trace {trace['path']}: {state}",
+        f"model {model.get('name', '?')} ({model.get('family', '?')}), ranks {', '.join(map(str, trace['ranks'])) or '-'}",
+    ]
+    if overall["layers"]:
+        lines.append(
+            f"{overall['layers']} MoE layers, {overall['decisions']:,} routing decisions, {overall['tokens']:,} tokens, "
+            f"steps {overall['first_step']}..{overall['last_step']}"
+        )
+    else:
+        lines.append("no routing decisions match (nothing recorded yet, or the filters exclude everything)")
+    lines.append("filters: " + describe_filters(report["filters"]))
+    sample, counts = spec["sample"], spec["counts_sample"]
+    if sample["fraction"] < 1 or counts["fraction"] < 1:
+        lines.append(
+            f"estimates on whole-sequence samples: tags and vocabulary {pct(counts['fraction'])} of decisions, "
+            f"repetition, co-activation and router {pct(sample['fraction'])} ({sample['sequences']:,} sequences)"
+        )
+    return lines
+
+
+def describe_filters(filters: dict[str, Any]) -> str:
+    """``steps 2:5, phase decode, domain=code, layers 0,3`` from the report's ``filters`` object."""
+    parts = []
+    if filters.get("steps"):
+        start, stop = filters["steps"]
+        parts.append(f"steps {'' if start is None else start}:{'' if stop is None else stop}")
+    if filters.get("phase"):
+        parts.append(f"phase {filters['phase']}")
+    parts += [f"{key}={value}" for key, value in (filters.get("tags") or {}).items()]
+    for name in ("layers", "ranks"):
+        if filters.get(name) is not None:
+            parts.append(f"{name} {','.join(map(str, filters[name]))}")
+    return ", ".join(parts) or "none"
+
+
+def load_overall(report: dict[str, Any]) -> Table:
+    overall = report["overall"]
+    table = Table(
+        "Load imbalance across layers",
+        ["metric", "mean", "p50", "p90", "worst", "worst layer", "random", "ideal"],
+        note="random: the same tokens routed uniformly at random (k distinct experts each).",
+    )
+    labels = {
+        "maxvio_global": ("MaxVio global", "0"),
+        "maxvio_batch_mean": ("MaxVio batch (mean over steps)", "0"),
+        "maxvio_batch_worst": ("MaxVio batch (worst step)", "0"),
+        "cv": ("CV", "0"),
+        "entropy_norm": ("entropy / ln E", "1"),
+        "gini": ("Gini", "0"),
+        "top_n_coverage": ("top-N share", "N/E"),
+        "dead_experts": ("dead experts", "0"),
+    }
+    for name, (label, ideal) in labels.items():
+        m = overall["metrics"][name]
+        worst = m["min"] if name == "entropy_norm" else m["max"]
+        fmt = pct if name == "top_n_coverage" else (lambda v: num(v, 1)) if name == "dead_experts" else num
+        values = [fmt(m["mean"]), fmt(m["p50"]), fmt(m["p90"]), fmt(worst)]
+        table.rows.append([label, *values, num(m["worst_layer"]), fmt(m["random"]), ideal])
+    bal = overall["balancedness"]
+    table.rows.append(
+        [
+            f"balancedness EP{bal['ep_size']} SGLang / vLLM",
+            f"{num(bal['sglang'])} / {num(bal['vllm'])}",
+            "",
+            "",
+            "",
+            "",
+            num(bal["random"]),
+            "1",
+        ]
+    )
+    table.rows.append(
+        ["  per step SGLang / vLLM", f"{num(bal['sglang_batch'])} / {num(bal['vllm_batch'])}", "", "", "", "", "", "1"]
+    )
+    aux = overall.get("aux_loss")
+    if aux:
+        table.rows.append(
+            ["aux loss Switch / DeepSeek seq", f"{num(aux['switch'])} / {num(aux['deepseek_seq'])}", "", "", "", "", "", "1"]
+        )
+    return table
+
+
+def load_layers(report: dict[str, Any], limit: int) -> Table:
+    layers = sorted(report["layers"], key=lambda item: -(item["maxvio_batch_mean"] or 0.0))
+    shown, more = _limited(layers, limit)
+    table = Table(
+        "Layers, worst first (by mean MaxVio_batch); random-routing value in brackets",
+        ["layer", "E/k", "MaxVio batch", "worst step", "MaxVio global", "CV", "entropy", "Gini", "top-N share", "dead",
+         "EP balancedness"],
+        note=more,
+    )
+    for item in shown:
+        r = item["random"]
+        table.rows.append(
+            [
+                str(item["layer"]),
+                f"{item['experts']}/{item['top_k']}",
+                with_random(item["maxvio_batch_mean"], r["maxvio_batch_mean"]),
+                f"{num(item['maxvio_batch_worst'])} @{item['maxvio_batch_worst_step']}",
+                with_random(item["maxvio_global"], r["maxvio_global"]),
+                with_random(item["cv"], r["cv"]),
+                with_random(item["entropy_norm"], r["entropy_norm"]),
+                with_random(item["gini"], r["gini"]),
+                f"{pct(item['top_n_coverage'])} ({pct(r['top_n_coverage'])})",
+                str(item["dead_experts"]),
+                with_random(item["ep"]["balancedness"], item["ep"]["random"]),
+            ]
+        )
+    return table
+
+
+def windows(report: dict[str, Any]) -> Table | None:
+    rows = report["overall"]["windows"]
+    if len(rows) < 2:
+        return None
+    table = Table(
+        f"Over time: windows of {report['overall']['window_steps']} steps, mean over layers",
+        ["steps", "MaxVio global", "MaxVio batch", "CV"],
+    )
+    for w in rows:
+        table.rows.append(
+            [f"{w['first_step']}..{w['last_step']}", num(w["maxvio_global"]), num(w["maxvio_batch_mean"]), num(w["cv"])]
+        )
+    return table
+
+
+def tags(report: dict[str, Any], limit: int) -> list[Table]:
+    out = []
+    for tag in report["specialization"]["tags"]:
+        layers = sorted(tag["layers"], key=lambda item: -(item["nmi"] or 0.0))
+        shown, more = _limited(layers, limit)
+        table = Table(
+            f"Expert vs {tag['key']} ({len(tag['values'])} values): normalised mutual information, most specialised first",
+            ["layer", "NMI", "MI nats", "bias nats", "top expert per value: share (uniform 1/E)"],
+            note="NMI = (I(expert; tag) - (E-1)(D-1)/2N) / H(tag): 0 independent, 1 the expert determines the tag. "
+            + more,
+        )
+        for item in shown:
+            tops = []
+            for value, experts in item["top_experts"].items():
+                if experts:
+                    tops.append(f"{value}: e{experts[0]['expert']} {pct(experts[0]['share'])}")
+            table.rows.append(
+                [str(item["layer"]), num(item["nmi"]), num(item["mi_nats"], 4), num(item["bias_nats"], 4), ", ".join(tops)]
+            )
+        out.append(table)
+    return out
+
+
+def specialization(report: dict[str, Any], limit: int) -> list[Table]:
+    spec = report["specialization"]
+    out = tags(report, limit)
+    vocab = {v["layer"]: v for v in spec["vocabulary"]["layers"]}
+    rep = {r["layer"]: r for r in spec["repetition"]["layers"]}
+    coact = {c["layer"]: c for c in spec["coactivation"]["layers"]}
+    layers = sorted(set(vocab) | set(rep) | set(coact))
+    shown, more = _limited(layers, limit)
+    table = Table(
+        "Token-level specialization; random-routing value in brackets",
+        ["layer", f"vocabulary (ids >= {spec['vocabulary']['min_count']})", "repeat first choice", "repeat any expert",
+         "strongest co-activation P(j|i)"],
+        note="vocabulary: mean share of a token id's most common first choice (OLMoE); repetition: consecutive tokens "
+        "(Mixtral §5). " + more,
+    )
+    for layer in shown:
+        v, r, c = vocab.get(layer), rep.get(layer), coact.get(layer)
+        pair = "-"
+        if c and c["top_pairs"]:
+            top = c["top_pairs"][0]
+            pair = f"e{top['i']}->e{top['j']} {pct(top['p'])} ({pct(c['random'])})"
+        table.rows.append(
+            [
+                str(layer),
+                f"{pct(v['value'])} ({pct(v['random'])}) n={v['token_ids']:,}" if v else "-",
+                f"{pct(r['first'])} ({pct(r['random_first'])})" if r else "-",
+                f"{pct(r['any'])} ({pct(r['random_any'])})" if r else "-",
+                pair,
+            ]
+        )
+    out.append(table)
+    router = spec.get("router")
+    if router and router["layers"]:
+        rows, more = _limited(sorted(router["layers"], key=lambda item: item["layer"]), limit)
+        aux = {item["layer"]: item.get("aux_loss") or {} for item in report["layers"]}
+        table = Table(
+            "Router (from captured logits)",
+            ["layer", "scoring", "entropy / ln E", "top-k margin", "Switch aux", "DeepSeek seq aux", "z-loss",
+             "biased != unbiased"],
+            note="aux losses without their alpha: 1.0 is perfectly balanced. " + more,
+        )
+        for item in rows:
+            a = aux.get(item["layer"], {})
+            table.rows.append(
+                [
+                    str(item["layer"]),
+                    item["scoring"],
+                    num(item["entropy_norm"]),
+                    num(item["margin"], 4),
+                    num(a.get("switch")),
+                    num(a.get("deepseek_seq")),
+                    num(a.get("z_loss"), 2),
+                    pct(item["bias_flip"]) if item["bias_flip"] is not None else "-",
+                ]
+            )
+        out.append(table)
+    return out
+
+
+def latency(report: dict[str, Any], limit: int) -> list[Table]:
+    lat = report.get("latency")
+    if not lat:
+        return []
+    per_step = lat["moe_ms_per_step"]
+    layers = sorted(lat["layers"], key=lambda item: -(item["block_ms"]["p50"] or 0.0))
+    shown, more = _limited(layers, limit)
+    table = Table(
+        f"Latency in ms ({', '.join(lat['clocks']) or 'unknown clock'}), slowest block first",
+        ["layer", "router p50/p90/p99/max", "block p50/p90/p99/max", "block p50 prefill", "block p50 decode",
+         "r(block, max load)"],
+        note=f"MoE time per step p50 {num(per_step['p50'])} ms, p99 {num(per_step['p99'])} ms over {per_step['n']:,} "
+        "steps. r: how block time follows the step's busiest expert. " + more,
+    )
+
+    def q(d: dict[str, Any]) -> str:
+        return "/".join(num(d[k]) for k in ("p50", "p90", "p99", "max"))
+
+    for item in shown:
+        phases = item["by_phase"]
+        table.rows.append(
+            [
+                str(item["layer"]),
+                q(item["router_ms"]),
+                q(item["block_ms"]),
+                num(phases.get("prefill", {}).get("block_ms", {}).get("p50")),
+                num(phases.get("decode", {}).get("block_ms", {}).get("p50")),
+                num(item["block_vs_max_load"]["r"]),
+            ]
+        )
+    return [table]
+
+
+def report_tables(report: dict[str, Any], *, limit: int = 16) -> list[Table]:
+    if not report["layers"]:
+        return []
+    tables = [load_overall(report), load_layers(report, limit)]
+    w = windows(report)
+    if w is not None:
+        tables.append(w)
+    return tables + specialization(report, limit) + latency(report, limit)
+
+
+# -- two reports ----------------------------------------------------------------------------------------
+def compare_tables(comparison: dict[str, Any], *, limit: int = 16) -> list[Table]:
+    overall = Table("Overall: a vs b (delta = b - a)", ["metric", "a", "b", "delta"])
+    for label, pair in comparison["diff"]["overall"].items():
+        if pair["a"] is None and pair["b"] is None:
+            continue
+        overall.rows.append([label, num(pair["a"]), num(pair["b"]), _signed(pair["delta"])])
+    layers = sorted(
+        comparison["diff"]["layers"],
+        key=lambda item: -max(item["maxvio_batch_mean"]["a"] or 0.0, item["maxvio_batch_mean"]["b"] or 0.0),
+    )
+    shown, more = _limited(layers, limit)
+    per_layer = Table(
+        "Layers, worst first: a -> b (delta)",
+        ["layer", "MaxVio batch", "MaxVio global", "CV", "entropy", "EP balancedness"],
+        note=more,
+    )
+    for item in shown:
+        per_layer.rows.append(
+            [str(item["layer"])]
+            + [
+                f"{num(item[m]['a'])} -> {num(item[m]['b'])} ({_signed(item[m]['delta'])})"
+                for m in ("maxvio_batch_mean", "maxvio_global", "cv", "entropy_norm", "balancedness")
+            ]
+        )
+    return [overall, per_layer]
+
+
+def _signed(value: Any) -> str:
+    return "-" if value is None else f"{value:+.3f}"

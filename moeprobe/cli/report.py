@@ -1,0 +1,183 @@
+"""``moeprobe report TRACE``: load imbalance, specialization and latency as terminal tables, JSON or Markdown;
+``moeprobe report A B --compare`` puts two traces side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import IO, Any
+
+HELP = "load imbalance, specialization and latency of a trace (text, --json, --markdown, --compare)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeprobe report", description=HELP)
+    parser.add_argument("traces", nargs="+", metavar="TRACE", help="trace directory (two with --compare)")
+    parser.add_argument("--compare", action="store_true", help="compare two traces: a, b and b - a")
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON object (schema: docs/report-json.md)")
+    fmt.add_argument("--markdown", action="store_true", help="Markdown tables, for an issue or a PR")
+    sel = parser.add_argument_group("filters")
+    sel.add_argument("--steps", metavar="A:B", help="steps A (included) to B (excluded); A: or :B for open ends")
+    sel.add_argument("--phase", choices=("prefill", "decode"))
+    sel.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="sequences with this tag (repeatable)")
+    sel.add_argument("--layer", action="append", default=[], metavar="N[,N...]", help="MoE layer index (repeatable)")
+    sel.add_argument("--rank", action="append", default=[], metavar="R[,R...]", help="shard rank (repeatable)")
+    opt = parser.add_argument_group("analysis")
+    opt.add_argument("--ep-size", type=_positive, default=8, help="expert-parallel ranks, contiguous placement (8)")
+    opt.add_argument("--window", type=_positive, metavar="STEPS", help="steps per window over time (default: 10 windows)")
+    opt.add_argument("--top-n", type=_positive, help="N for top-N coverage (default: the layer's top-k)")
+    opt.add_argument("--min-count", type=_positive, default=10, help="vocabulary specialization: ids seen at least this often")
+    opt.add_argument("--sample", type=_count, metavar="DECISIONS", help="budget of the token-level sample (0: everything)")
+    opt.add_argument("--count-sample", type=_count, metavar="DECISIONS", help="budget of the tag and vocabulary counts (0: everything)")
+    opt.add_argument("--full", action="store_true", help="JSON: add per-value count tables and co-activation matrices")
+    opt.add_argument("--limit", type=_count, default=16, help="rows per table in text and Markdown (0: all)")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return value
+
+
+def _ints(values: list[str], flag: str) -> tuple[int, ...] | None:
+    from .main import UsageError
+
+    if not values:
+        return None
+    out: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise UsageError(f"{flag} {value!r}: expected whole numbers separated by commas") from None
+    return tuple(sorted(set(out)))
+
+
+def main(argv: list[str]) -> int:
+    from ..analysis.filters import Filters, parse_steps, parse_tag
+    from ..analysis.report_json import ReportOptions
+    from .main import UsageError
+
+    args = _parser().parse_args(argv)
+    if args.compare and len(args.traces) != 2:
+        raise UsageError(f"--compare takes exactly two traces, got {len(args.traces)}")
+    if not args.compare and len(args.traces) != 1:
+        raise UsageError("give one trace, or two with --compare")
+    filters = Filters(
+        steps=parse_steps(args.steps) if args.steps else None,
+        phase=args.phase,
+        tags=tuple(parse_tag(t) for t in args.tag),
+        layers=_ints(args.layer, "--layer"),
+        ranks=_ints(args.rank, "--rank"),
+    )
+    defaults = ReportOptions()
+    options = ReportOptions(
+        ep_size=args.ep_size,
+        window_steps=args.window,
+        top_n=args.top_n,
+        min_count=args.min_count,
+        sample_budget=defaults.sample_budget if args.sample is None else args.sample,
+        count_budget=defaults.count_budget if args.count_sample is None else args.count_sample,
+        full=args.full,
+    )
+    reports = [_build(path, filters, options) for path in args.traces]
+    out = sys.stdout
+    if args.compare:
+        from ..analysis.report_json import compare
+
+        result = compare(reports[0], reports[1])
+        if args.json:
+            _write_json(result, out)
+        else:
+            _render_compare(result, out, markdown=args.markdown, limit=args.limit)
+        return 0
+    if args.json:
+        _write_json(reports[0], out)
+    else:
+        _render(reports[0], out, markdown=args.markdown, limit=args.limit)
+    return 0
+
+
+def _build(path: str, filters: Any, options: Any) -> dict[str, Any]:
+    from ..analysis.session import open_trace
+
+    with open_trace(path) as trace:
+        return trace.summary(filters, options)
+
+
+def _write_json(obj: dict[str, Any], out: IO[str]) -> None:
+    json.dump(obj, out, indent=2, allow_nan=False)
+    out.write("\n")
+
+
+# -- rendering ------------------------------------------------------------------------------------------
+def _render(report: dict[str, Any], out: IO[str], *, markdown: bool, limit: int) -> None:
+    from ..analysis.tables import header, report_tables
+
+    lines, tables = header(report), report_tables(report, limit=limit)
+    if markdown:
+        _markdown(lines, tables, out)
+    else:
+        _rich(lines, tables, out)
+
+
+def _render_compare(result: dict[str, Any], out: IO[str], *, markdown: bool, limit: int) -> None:
+    from ..analysis.tables import compare_tables, header
+
+    lines = [f"a: {line}" for line in header(result["a"])[:3]] + [f"b: {line}" for line in header(result["b"])[:3]]
+    tables = compare_tables(result, limit=limit)
+    if markdown:
+        _markdown(lines, tables, out)
+    else:
+        _rich(lines, tables, out)
+
+
+def _markdown(lines: list[str], tables: list[Any], out: IO[str]) -> None:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    out.write("## moeprobe report\n\n")
+    for line in lines:
+        out.write(f"- {cell(line)}\n")
+    for table in tables:
+        out.write(f"\n### {table.title}\n\n")
+        out.write("| " + " | ".join(cell(c) for c in table.columns) + " |\n")
+        out.write("|" + "|".join("---" for _ in table.columns) + "|\n")
+        for row in table.rows:
+            out.write("| " + " | ".join(cell(c) for c in row) + " |\n")
+        if table.note.strip():
+            out.write(f"\n_{cell(table.note.strip())}_\n")
+
+
+def _rich(lines: list[str], tables: list[Any], out: IO[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    # A pipe or a file gets plain text at a width that does not wrap the wide per-layer tables.
+    console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
+    for line in lines:
+        console.print(line, markup=False)
+    for table in tables:
+        rich_table = RichTable(title=table.title, title_justify="left", caption=table.note.strip() or None,
+                               caption_justify="left")
+        for i, column in enumerate(table.columns):
+            rich_table.add_column(column, justify="left" if i == 0 else "right")
+        for row in table.rows:
+            rich_table.add_row(*row)
+        console.print()
+        console.print(rich_table)

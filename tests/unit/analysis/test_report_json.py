@@ -1,0 +1,86 @@
+"""The report object: documented keys, JSON-safe values, --full extras, and the comparison of two traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import moeprobe
+from moeprobe.analysis.report_json import FORMAT_VERSION, ReportOptions, compare
+from moeprobe.analysis.tables import compare_tables, describe_filters, report_tables
+from moeprobe.traces.schema import TABLES
+from tests.support import layer_meta, routing_table, write_trace
+
+
+def _write(path: Path, experts: np.ndarray) -> Path:
+    n = len(experts)
+    tags = pa.table({"sequence": [0, 1], "key": ["domain", "domain"], "value": ["code", "math"]}, schema=TABLES["tags"])
+    seq = np.repeat([0, 1], n // 2)
+    routing = [routing_table(experts, sequence=seq, position=np.tile(np.arange(n // 2), 2), layer=i) for i in (0, 1)]
+    return write_trace(path, {"routing": routing, "tags": tags}, layers=layer_meta(2, 8, 2))
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory: pytest.TempPathFactory) -> tuple[moeprobe.Trace, moeprobe.Trace]:
+    root = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    balanced = np.argsort(rng.random((400, 8)), axis=1)[:, :2]
+    skewed = np.column_stack([np.zeros(400, int), 1 + rng.integers(0, 7, 400)])
+    return moeprobe.open_trace(_write(root / "a", balanced)), moeprobe.open_trace(_write(root / "b", skewed))
+
+
+def test_top_level_schema(traces: tuple[moeprobe.Trace, moeprobe.Trace]) -> None:
+    report = traces[0].summary()
+    assert report["format_version"] == FORMAT_VERSION == 1
+    assert set(report) == {"format_version", "generator", "trace", "filters", "options", "overall", "layers",
+                           "specialization", "latency"}
+    assert set(report["overall"]) >= {"layers", "decisions", "tokens", "steps", "metrics", "balancedness", "windows", "aux_loss"}
+    assert set(report["overall"]["metrics"]["maxvio_global"]) == {"mean", "p50", "p90", "min", "max", "worst_layer", "random"}
+    layer = report["layers"][0]
+    for key in ("layer", "experts", "top_k", "maxvio_global", "maxvio_batch_mean", "maxvio_batch_worst", "cv",
+                "entropy_norm", "gini", "top_n_coverage", "dead_experts", "counts", "utilisation", "random", "ep", "windows"):
+        assert key in layer
+    spec = report["specialization"]
+    assert set(spec) == {"counts_sample", "sample", "tags", "tags_skipped", "vocabulary", "repetition", "coactivation", "router"}
+    assert spec["tags"][0]["key"] == "domain"
+    assert report["latency"] is None  # nothing timed in this trace
+    json.dumps(report, allow_nan=False)  # NaN never reaches the JSON
+
+
+def test_full_adds_count_tables_and_matrices(traces: tuple[moeprobe.Trace, moeprobe.Trace]) -> None:
+    report = traces[0].summary(options=ReportOptions(full=True))
+    assert np.array(report["specialization"]["coactivation"]["layers"][0]["matrix"]).shape == (8, 8)
+    assert np.array(report["specialization"]["tags"][0]["layers"][0]["counts"]).shape == (2, 8)
+    assert "matrix" not in traces[0].summary()["specialization"]["coactivation"]["layers"][0]
+
+
+def test_compare_lines_up_two_traces(traces: tuple[moeprobe.Trace, moeprobe.Trace]) -> None:
+    a, b = (t.summary() for t in traces)
+    result = compare(a, b)
+    maxvio = result["diff"]["overall"]["maxvio_global"]
+    assert maxvio["a"] == a["overall"]["metrics"]["maxvio_global"]["mean"]
+    assert maxvio["delta"] == pytest.approx(maxvio["b"] - maxvio["a"], abs=1e-6)
+    assert maxvio["b"] > maxvio["a"]  # expert 0 takes every token in b
+    assert [item["layer"] for item in result["diff"]["layers"]] == [0, 1]
+    tables = compare_tables(result)
+    assert tables[0].rows[0][0] == "maxvio_global"
+
+
+def test_text_tables_put_baselines_beside_metrics(traces: tuple[moeprobe.Trace, moeprobe.Trace]) -> None:
+    report = traces[1].summary()
+    tables = {t.title.split(",")[0].split(":")[0]: t for t in report_tables(report)}
+    overall = tables["Load imbalance across layers"]
+    assert overall.columns[-2:] == ["random", "ideal"]
+    layers = tables["Layers"]
+    # "value (random)" cells
+    assert "(" in layers.rows[0][2] and layers.rows[0][1] == "8/2"
+
+
+def test_filters_are_described_in_words() -> None:
+    filters = {"steps": [2, None], "phase": "decode", "tags": {"domain": "code"}, "layers": [0, 3], "ranks": None}
+    assert describe_filters(filters) == "steps 2:, phase decode, domain=code, layers 0,3"
+    assert describe_filters({"steps": None, "phase": None, "tags": {}, "layers": None, "ranks": None}) == "none"

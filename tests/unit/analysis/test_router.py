@@ -1,0 +1,102 @@
+"""Router diagnostics from captured logits: entropy, margin, z-loss, Switch and DeepSeek-V3 sequence-wise
+losses, and the share of tokens whose biased and unbiased (group-limited) choices differ."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import moeprobe
+from moeprobe.traces.schema import TABLES
+from tests.support import layer_meta, routing_table, write_trace
+
+
+def _scores(logits: np.ndarray, layer: int, step: int = 0) -> pa.Table:
+    n = len(logits)
+    return pa.table(
+        {
+            "step": np.full(n, step, np.int32),
+            "sequence": np.zeros(n, np.int64),
+            "position": np.arange(n, dtype=np.int32),
+            "layer": np.full(n, layer, np.int16),
+            "scores": [list(map(float, row)) for row in logits],
+        },
+        schema=TABLES["scores"],
+    )
+
+
+def test_softmax_router_confidence_and_aux_losses(tmp_path: Path) -> None:
+    # Layer 0: every token has logits (ln 3, 0, 0, 0) -> p = (1/2, 1/6, 1/6, 1/6), and goes to expert 0.
+    # Layer 1: flat logits, tokens spread evenly over the four experts.
+    skewed = np.tile([math.log(3), 0, 0, 0], (10, 1))
+    flat = np.zeros((8, 4))
+    tables = {
+        "routing": [routing_table(np.zeros(10, int), layer=0), routing_table(np.arange(8) % 4, layer=1)],
+        "scores": [_scores(skewed, 0), _scores(flat, 1)],
+    }
+    write_trace(tmp_path / "t", tables, layers=layer_meta(2, 4, 1))
+    first, even = moeprobe.open_trace(tmp_path / "t").router()
+    p = np.array([1 / 2, 1 / 6, 1 / 6, 1 / 6])
+    assert first.tokens == 10
+    assert first.entropy_norm == pytest.approx(-(p * np.log(p)).sum() / math.log(4))
+    assert first.margin == pytest.approx(1 / 2 - 1 / 6)
+    assert first.z_loss == pytest.approx(math.log(6) ** 2)  # (logsumexp)^2
+    assert first.switch_loss == pytest.approx(2.0)  # E * f_0 * P_0 = 4 * 1 * 1/2
+    assert first.deepseek_seq_loss == pytest.approx(2.0)  # f_0 = E/(kT) * T = 4, P_0 = 1/2
+    assert first.bias_flip is None
+    assert even.entropy_norm == pytest.approx(1.0) and even.margin == pytest.approx(0.0)
+    assert even.switch_loss == pytest.approx(1.0) and even.deepseek_seq_loss == pytest.approx(1.0)
+
+
+def _logit(q: list[float]) -> list[float]:
+    return [math.log(v / (1 - v)) for v in q]
+
+
+def test_biased_and_unbiased_choices_with_group_limited_routing(tmp_path: Path) -> None:
+    # DeepSeek-V3 style, E=4 in 2 groups, keep 1 group, top-1. Token 0: sigmoid scores (.9, .1, .6, .6) and
+    # bias (.5, 0, 0, 0): with bias group {0,1} scores 1.5 > 1.2 and expert 0 wins; without bias group {2,3}
+    # scores 1.2 > 1.0 and expert 2 wins: the choices differ. Token 1 (.9, .8, .1, .1) picks 0 either way.
+    logits = np.array([_logit([0.9, 0.1, 0.6, 0.6]), _logit([0.9, 0.8, 0.1, 0.1])])
+    bias = pa.table({"step": [0, 0], "layer": [0, 1], "bias": [[0.5, 0.0, 0.0, 0.0]] * 2}, schema=TABLES["bias"])
+    grouped = layer_meta(1, 4, 1, scoring="sigmoid", n_group=2, topk_group=1, has_bias=True)
+    ungrouped = layer_meta(2, 4, 1, scoring="sigmoid", has_bias=True)[1:]
+    tables = {
+        "routing": [routing_table(np.array([0, 0]), layer=0), routing_table(np.array([0, 0]), layer=1)],
+        "scores": [_scores(logits, 0), _scores(logits, 1)],
+        "bias": bias,
+    }
+    write_trace(tmp_path / "t", tables, layers=grouped + ungrouped)
+    limited, plain = moeprobe.open_trace(tmp_path / "t").router()
+    assert limited.scoring == "sigmoid"
+    assert limited.bias_tokens == 2 and limited.bias_flip == pytest.approx(0.5)
+    # without group limiting expert 0 is the best score with or without the bias
+    assert plain.bias_flip == pytest.approx(0.0)
+    # sigmoid routers: the distribution is the normalised sigmoid scores
+    s = np.array([[0.9, 0.1, 0.6, 0.6], [0.9, 0.8, 0.1, 0.1]])
+    p = s / s.sum(axis=1, keepdims=True)
+    assert limited.entropy_norm == pytest.approx(float((-(p * np.log(p)).sum(axis=1) / math.log(4)).mean()), rel=1e-5)
+    assert limited.margin == pytest.approx(np.mean([0.9 - 0.6, 0.9 - 0.8]), rel=1e-5)
+
+
+def test_bias_applies_from_the_step_it_took_effect(tmp_path: Path) -> None:
+    logits = np.array([_logit([0.6, 0.65, 0.1, 0.1])] * 2)
+    scores = pa.concat_tables([_scores(logits[:1], 0, step=0), _scores(logits[1:], 0, step=1)])
+    # bias known from step 1 only: the step-0 token has no bias to compare with and is not counted
+    bias = pa.table({"step": [1], "layer": [0], "bias": [[0.1, 0.0, 0.0, 0.0]]}, schema=TABLES["bias"])
+    routing = routing_table(np.array([1, 0]), step=np.array([0, 1]))
+    meta = layer_meta(1, 4, 1, scoring="sigmoid", has_bias=True)
+    write_trace(tmp_path / "t", {"routing": routing, "scores": scores, "bias": bias}, layers=meta)
+    (layer,) = moeprobe.open_trace(tmp_path / "t").router()
+    assert layer.bias_tokens == 1 and layer.bias_flip == 1.0
+
+
+def test_no_logits_no_router_section(tmp_path: Path) -> None:
+    write_trace(tmp_path / "t", {"routing": routing_table(np.array([0, 1]))}, layers=layer_meta(1, 4, 1))
+    trace = moeprobe.open_trace(tmp_path / "t")
+    assert trace.router() == []
+    report = trace.summary()
+    assert report["specialization"]["router"] is None and report["overall"]["aux_loss"] is None
