@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--logits", action="store_true", help="also record the full router scores (for replay)")
     parser.add_argument("--flush-interval", type=float, default=1.0, metavar="S", help="write segments at least every S seconds")
     parser.add_argument("--redact-tokens", action="store_true", help="store no token ids, only their routing")
+    parser.add_argument("--live", action="store_true", help="open the TUI on the trace while the job runs; the job's "
+                        "output goes to OUTPUT.log")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return parser
 
@@ -42,6 +44,22 @@ def _written(base: Path) -> list[Path]:
         found.append(path)
         n += 1
     return found
+
+
+def _run_live(command: list[str], env: dict[str, str], output: Path) -> subprocess.Popen[bytes]:
+    """Start the job with its output in OUTPUT.log (the terminal belongs to the TUI), then run the TUI on the
+    trace it writes. Returns once the TUI is closed; the job may still be running."""
+    log_path = output.with_name(output.name + ".log")
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        # No stdin: a job that reads the terminal would fight the TUI for keystrokes.
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    from ..tui.app import MoeprobeApp
+
+    MoeprobeApp([output]).run()
+    print(f"moeprobe record: job output is in {log_path}", file=sys.stderr)
+    if process.poll() is None:
+        print("moeprobe record: the TUI is closed; waiting for the job to finish (Ctrl-C stops it)", file=sys.stderr)
+    return process
 
 
 def main(argv: list[str]) -> int:
@@ -75,7 +93,10 @@ def main(argv: list[str]) -> int:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the job; we report after it
     try:
         try:
-            process = subprocess.Popen(command, env=env)
+            if args.live:
+                process = _run_live(command, env, output)
+            else:
+                process = subprocess.Popen(command, env=env)
         except OSError as exc:
             raise UsageError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
         rc = process.wait()

@@ -1,0 +1,89 @@
+"""SQL: a read-only DuckDB console over the trace's views; results in a table, at most 1000 rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Input, Static
+
+from ..queries.sql import MAX_ROWS, ReadOnlyError, SqlResult, run_sql
+from .base import TraceScreen
+
+EXAMPLE = "SELECT layer, expert, count(*) AS n FROM routing GROUP BY ALL ORDER BY n DESC LIMIT 20"
+
+
+class SqlScreen(TraceScreen):
+    LIVE = False  # a console re-runs what the user typed only when asked
+    BINDINGS = [Binding("escape", "leave", "Leave editor", show=False), Binding("slash", "edit", "Edit query")]
+    DEFAULT_CSS = """
+    SqlScreen #query { margin: 0 1; }
+    SqlScreen #sql-status { padding: 0 1; color: $text-muted; }
+    SqlScreen #result { height: 1fr; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query_text = ""
+        self.result: SqlResult | None = None
+
+    def compose_body(self) -> ComposeResult:
+        yield Input(placeholder=EXAMPLE, id="query")
+        yield Static(id="sql-status")
+        yield DataTable(id="result", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        self._status(Text.assemble(
+            "views: routing, steps, latency, tags, scores, bias. ",
+            ("Enter", "bold"), " runs (empty: the example), ", ("Esc", "bold"), " leaves the editor so 1-6 switch "
+            "screens, ", ("/", "bold"), " comes back. Read-only: SELECT, WITH, DESCRIBE, SHOW, EXPLAIN.",
+        ))
+        self.query_one(Input).focus()
+
+    def _status(self, text: Text | str) -> None:
+        self.query_one("#sql-status", Static).update(text)
+
+    def fetch(self) -> Any:
+        query = self.query_text
+        if not query:
+            return None
+        return self.source.read(lambda trace: run_sql(trace, query))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip() or EXAMPLE
+        try:
+            from ..queries.sql import check_read_only
+
+            check_read_only(text)
+        except ReadOnlyError as exc:
+            self._status(Text(f"✗ {exc}", style="bold red"))
+            return
+        self.query_text = text
+        self._status("running …")
+        self.reload()
+
+    def show(self, data: SqlResult) -> None:
+        self.result = data
+        table = self.query_one("#result", DataTable)
+        table.clear(columns=True)
+        table.add_columns(*data.columns)
+        table.add_rows(data.rows)
+        more = f" (first {MAX_ROWS} shown)" if data.truncated else ""
+        self._status(f"{len(data.rows)} row(s){more} in {data.seconds * 1000:.0f} ms · / edits the query")
+        # Focus leaves the editor so that the screen keys (1-6, q) work again on the result.
+        table.focus()
+
+    def on_fetch_failed(self, message: Any) -> None:
+        # A DuckDB error is the user's to fix: show it where they look, not in the trace's banner.
+        message.prevent_default()
+        message.stop()
+        self._busy = False
+        self._status(Text(f"✗ {message.message}", style="bold red"))
+
+    def action_leave(self) -> None:
+        self.query_one("#result", DataTable).focus()
+
+    def action_edit(self) -> None:
+        self.query_one(Input).focus()
