@@ -100,7 +100,7 @@ def write_known(path: Path, *, close: bool = True) -> ShardWriter:
     return writer
 
 
-async def wait_for(pilot: Any, condition: Callable[[], bool], timeout: float = 8.0, what: str = "condition") -> None:
+async def wait_for(pilot: Any, condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
     """Let the app run until ``condition()`` holds; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
