@@ -318,7 +318,17 @@ class CapturePipeline:
             if not rows.matched:
                 self.writer.count_anomaly("token_count_mismatch")
         weights = _np(capture.weights, np.float32)
-        weights = np.full((tokens, k), np.nan, np.float32) if weights is None else weights.reshape(tokens, k)
+        if weights is None:
+            weights = np.full((tokens, k), np.nan, np.float32)
+        else:
+            weights = weights.reshape(tokens, k)
+            if k > 1:
+                # `k` ranks the choices by gate weight (0 = largest): some routers (DeepSeek-V3's
+                # topk(sorted=False)) hand their choices over in no particular order. Stable, so equal
+                # weights keep the model's order. Done here, off the model's thread.
+                order = np.argsort(-weights, axis=1, kind="stable")
+                indices = np.take_along_axis(indices, order, axis=1)
+                weights = np.take_along_axis(weights, order, axis=1)
         dropped = _np(capture.dropped)
         dropped = np.zeros(tokens, bool) if dropped is None else dropped.reshape(tokens).astype(bool)
         valid = rows.valid

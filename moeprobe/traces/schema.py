@@ -27,7 +27,7 @@ ROUTING = pa.schema(
         pa.field("token_id", pa.int32(), nullable=False),  # -1 when the model was fed embeddings
         pa.field("phase", pa.string(), nullable=False),  # "prefill" or "decode"
         pa.field("layer", pa.int16(), nullable=False),  # MoE layer index in model order, from 0
-        pa.field("k", pa.int8(), nullable=False),  # rank of the choice, 0..top_k-1
+        pa.field("k", pa.int8(), nullable=False),  # rank of the choice by gate weight, 0 = largest
         pa.field("expert", pa.int16(), nullable=False),
         pa.field("weight", pa.float32(), nullable=False),  # gate weight the model multiplied by
         pa.field("dropped", pa.bool_(), nullable=False),  # token exceeded the expert's capacity (Switch)

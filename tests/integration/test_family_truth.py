@@ -89,7 +89,11 @@ def test_captured_routing_equals_model_routing(family: str, tmp_path: Path) -> N
     assert phases == {"prefill", "decode"}
     k = layers[0]["top_k"]
     for group, truth in zip(groups, calls, strict=True):
-        expert, weight = truth["expert"], truth["weight"].reshape(truth["expert"].shape)
+        expert, weight = truth["expert"], truth["weight"].reshape(truth["expert"].shape).astype(np.float32)
+        # moeprobe ranks each token's choices by gate weight (k = 0 is the largest); the model's own order
+        # is arbitrary for some routers (DeepSeek-V3 uses topk(sorted=False)).
+        order = np.argsort(-weight, axis=1, kind="stable")
+        expert, weight = np.take_along_axis(expert, order, axis=1), np.take_along_axis(weight, order, axis=1)
         tokens = expert.shape[0]
         if tokens == ids.numel():  # a pass over the padded prompt: padding is not recorded
             valid = mask.reshape(-1).bool().numpy()
@@ -103,6 +107,13 @@ def test_captured_routing_equals_model_routing(family: str, tmp_path: Path) -> N
         np.testing.assert_array_equal(got_w, weight.astype(np.float32))
         np.testing.assert_array_equal(np.array(group["d"]).reshape(-1, expert.shape[1])[:, 0], dropped)
         assert expert.shape[1] == k
+
+    # k ranks the choices by weight: no later choice outweighs an earlier one.
+    inverted = trace.sql(
+        "select count(*) from routing a join routing b using (step, sequence, position, layer) "
+        "where b.k = a.k + 1 and b.weight > a.weight"
+    ).column(0)[0].as_py()
+    assert inverted == 0
 
     # Token ids and positions: the prompt's valid tokens in prefill, then each generated token in decode.
     first_layer = trace.sql(
