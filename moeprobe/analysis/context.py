@@ -113,6 +113,10 @@ class Context:
         except duckdb.IOException as exc:
             raise CorruptSegmentError(f"{self.trace.path}: {str(exc).splitlines()[0]}") from exc
         except duckdb.Error as exc:
+            # A decoding error in a segment's column data reaches us as a bare duckdb.Error; name the file.
+            # A query the user got wrong (syntax, unknown name) is not worth a full read of every segment.
+            if not isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)):
+                self.trace.reader.find_corrupt_segment()
             raise QueryError(str(exc).splitlines()[0]) from exc
         # Masked arrays (NULLs) become float arrays with NaN, so that numpy code downstream sees one kind.
         out: dict[str, np.ndarray] = {}

@@ -43,6 +43,7 @@ class Trace:
         # Per-filter intermediate tables (see analysis.context); they describe a snapshot of the segments,
         # so refresh() drops them.
         self._temp_tables: set[str] = set()
+        self._restricted = False  # see restrict_to_trace(); a new connection starts unrestricted
 
     # -- metadata and tables (pyarrow) --------------------------------------------------------------
     @property
@@ -99,9 +100,31 @@ class Trace:
             from .views import create_views
 
             con = duckdb.connect(database=":memory:")
+            self._restricted = False
             create_views(con, self.reader)
             self._con = con
         return self._con
+
+    def restrict_to_trace(self) -> None:
+        """Confine this trace's DuckDB connection to the trace's own files, for as long as it is open.
+
+        For a console where the SQL comes from a person or a pasted snippet: DuckDB reads a quoted file name
+        as a table in many places (``DESCRIBE '/etc/x.csv'``, ``FROM ('x.csv')``) and can install and load
+        extensions on demand, so a lexical guard alone cannot be complete. This turns off file access outside
+        the trace directory, extension auto-install and auto-load, then locks the configuration so no query can
+        turn them back on. Analyses keep working: they read only the trace's segments. Idempotent.
+        """
+        if self._restricted:
+            return
+        con = self.connection
+        # Trailing separators: a bare prefix "/x/run" would also admit a sibling "/x/run-secret".
+        allowed = sorted({os.path.join(str(p), "") for p in (self.path, self.path.resolve(), self.path.absolute())})
+        con.execute("SET allowed_directories = " + "[" + ", ".join(_sql_string(d) for d in allowed) + "]")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        self._restricted = True
 
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run SQL over the trace's views and return the result as a pyarrow Table."""
@@ -112,6 +135,10 @@ class Trace:
         except duckdb.IOException as exc:
             raise CorruptSegmentError(f"{self.path}: {str(exc).splitlines()[0]}") from exc
         except duckdb.Error as exc:
+            # A decoding error in a segment's column data reaches us as a bare duckdb.Error; name the file.
+            # A query the user got wrong (syntax, unknown name) is not worth a full read of every segment.
+            if not isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)):
+                self.reader.find_corrupt_segment()
             raise QueryError(str(exc).splitlines()[0]) from exc
 
     # -- analyses (thin: each lives in its own module) ---------------------------------------------------
@@ -195,6 +222,10 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"Trace({str(self.path)!r}, status={self.status!r}, layers={len(self.layers)})"
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def open_trace(path: str | os.PathLike[str]) -> Trace:

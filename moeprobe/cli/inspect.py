@@ -46,37 +46,47 @@ def _when(ts: Any) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _count(value: Any) -> str:
+    """A counter with thousands separators; a damaged (non-numeric) one is shown as written, not a crash."""
+    from ..safe_text import plain
+
+    return f"{value:,}" if isinstance(value, (int, float)) and not isinstance(value, bool) else plain(value)
+
+
 def _render(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ..safe_text import plain
+
+    # Every value interpolated below comes from the trace (or its path): plain() escapes markup and control codes.
     console = Console(highlight=False, soft_wrap=True)
     m = summary["manifest"]
     model = m["model"]
     status = m["status"]
-    console.print(f"[bold]{summary['path']}[/]  moeprobe trace v{m['format_version']}")
-    console.print(f"status    [bold]{status}[/] ({_STATE_NOTE.get(status, '')})")
+    console.print(f"[bold]{plain(summary['path'])}[/]  moeprobe trace v{m['format_version']}")
+    console.print(f"status    [bold]{plain(status)}[/] ({_STATE_NOTE.get(status, '')})")
     console.print(
-        f"model     {model.get('name')} ({model.get('class')}, family {model.get('family')}, "
-        f"{model.get('parameters', 0):,} parameters, {model.get('dtype')} on {model.get('device')})"
+        f"model     {plain(model.get('name'))} ({plain(model.get('class'))}, family {plain(model.get('family'))}, "
+        f"{_count(model.get('parameters', 0))} parameters, {plain(model.get('dtype'))} on {plain(model.get('device'))})"
     )
     console.print(f"ranks     {m['world_size']} (shards: {', '.join(str(s['rank']) + ':' + s['state'] for s in m['shards']) or 'none yet'})")
     counters = m.get("counters", {})
     console.print(
-        f"captured  {counters.get('steps', 0):,} steps, {counters.get('tokens', 0):,} tokens, "
-        f"{counters.get('decisions', 0):,} routing decisions"
+        f"captured  {_count(counters.get('steps', 0))} steps, {_count(counters.get('tokens', 0))} tokens, "
+        f"{_count(counters.get('decisions', 0))} routing decisions"
     )
     for shard in m["shards"]:
-        console.print(f"rank {shard['rank']}    pid {shard['pid']} on {shard['host']}, started {_when(shard.get('started_at'))}, "
-                      f"last heartbeat {_when(shard.get('heartbeat_at'))}" + (f", error: {shard['error']}" if shard.get("error") else ""))
+        console.print(f"rank {shard['rank']}    pid {shard['pid']} on {plain(shard['host'])}, started {_when(shard.get('started_at'))}, "
+                      f"last heartbeat {_when(shard.get('heartbeat_at'))}" + (f", error: {plain(shard['error'])}" if shard.get("error") else ""))
 
     layers = Table(title="MoE layers", title_justify="left")
     for col in ("#", "module", "family", "experts", "top-k", "shared", "scoring", "bias"):
         layers.add_column(col, justify="right" if col in ("#", "experts", "top-k", "shared") else "left")
     for layer in m["layers"]:
         layers.add_row(
-            str(layer["index"]), layer["name"], str(layer.get("family", "")), str(layer["num_experts"]), str(layer["top_k"]),
-            str(layer.get("num_shared_experts", 0)), str(layer.get("scoring", "")), "yes" if layer.get("has_bias") else "no",
+            str(layer["index"]), plain(layer["name"]), plain(layer.get("family", "")), str(layer["num_experts"]), str(layer["top_k"]),
+            plain(layer.get("num_shared_experts", 0)), plain(layer.get("scoring", "")), "yes" if layer.get("has_bias") else "no",
         )
     console.print(layers)
 
@@ -90,11 +100,11 @@ def _render(summary: dict[str, Any]) -> None:
     dropped = counters.get("dropped", {})
     anomalies = counters.get("anomalies", {})
     if dropped:
-        console.print("[bold red]dropped[/]   " + ", ".join(f"{v:,} decisions ({k})" for k, v in dropped.items()))
+        console.print("[bold red]dropped[/]   " + ", ".join(f"{_count(v)} decisions ({plain(k)})" for k, v in dropped.items()))
     else:
         console.print("dropped   none")
     if anomalies:
-        console.print("[yellow]anomalies[/] " + ", ".join(f"{k}: {v}" for k, v in anomalies.items()))
+        console.print("[yellow]anomalies[/] " + ", ".join(f"{plain(k)}: {plain(v)}" for k, v in anomalies.items()))
 
 
 def main(argv: list[str]) -> int:

@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         return int(module.main(rest) or 0)
     except TraceError as exc:
-        print(f"moeprobe {name}: {exc}", file=sys.stderr)
+        from ..safe_text import printable
+
+        # The message quotes paths and file contents: keep it one line and free of terminal control codes.
+        print(f"moeprobe {name}: {printable(exc)}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"moeprobe {name}: {exc}", file=sys.stderr)
@@ -88,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
         if os.environ.get(DEBUG_ENV):
             raise
+        from ..safe_text import printable
+
         print(
-            f"moeprobe {name}: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)",
+            f"moeprobe {name}: internal error: {type(exc).__name__}: {printable(exc)} (set {DEBUG_ENV}=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

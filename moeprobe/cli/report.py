@@ -148,14 +148,16 @@ def _render_compare(result: dict[str, Any], out: IO[str], *, markdown: bool, lim
 
 
 def _markdown(lines: list[str], tables: list[Any], out: IO[str]) -> None:
+    from ..safe_text import printable
+
     def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+        return printable(text).replace("|", "\\|")
 
     out.write("## moeprobe report\n\n")
     for line in lines:
         out.write(f"- {cell(line)}\n")
     for table in tables:
-        out.write(f"\n### {table.title}\n\n")
+        out.write(f"\n### {cell(table.title)}\n\n")
         out.write("| " + " | ".join(cell(c) for c in table.columns) + " |\n")
         out.write("|" + "|".join("---" for _ in table.columns) + "|\n")
         for row in table.rows:
@@ -167,17 +169,24 @@ def _markdown(lines: list[str], tables: list[Any], out: IO[str]) -> None:
 def _rich(lines: list[str], tables: list[Any], out: IO[str]) -> None:
     from rich.console import Console
     from rich.table import Table as RichTable
+    from rich.text import Text
+
+    from ..safe_text import printable
+
+    def text(value: str) -> Text:
+        # Text, not str: a tag value such as "[/]" is shown as written instead of being parsed as markup.
+        return Text(printable(value))
 
     # A pipe or a file gets plain text at a width that does not wrap the wide per-layer tables.
     console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
     for line in lines:
-        console.print(line, markup=False)
+        console.print(printable(line), markup=False)
     for table in tables:
-        rich_table = RichTable(title=table.title, title_justify="left", caption=table.note.strip() or None,
-                               caption_justify="left")
+        rich_table = RichTable(title=text(table.title), title_justify="left",
+                               caption=text(table.note.strip()) if table.note.strip() else None, caption_justify="left")
         for i, column in enumerate(table.columns):
-            rich_table.add_column(column, justify="left" if i == 0 else "right")
+            rich_table.add_column(text(column), justify="left" if i == 0 else "right")
         for row in table.rows:
-            rich_table.add_row(*row)
+            rich_table.add_row(*(text(c) for c in row))
         console.print()
         console.print(rich_table)

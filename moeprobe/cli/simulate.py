@@ -153,12 +153,13 @@ def _pct(value: float) -> str:
 
 
 def _print_text(report: dict[str, Any], out: TextIO) -> None:
+    from ..safe_text import printable
     from ..simulate.compare import position_buckets
 
     tokens = sorted(set(report["tokens"].values()))
     token_text = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
     steps = "all steps" if report["steps"] == ":" else f"steps {report['steps']}"
-    out.write(f"{report['trace']}\n")
+    out.write(f"{printable(report['trace'])}\n")  # a path from the user or a trace: no control codes
     out.write(
         f"  {steps}, {len(report['layers'])} layer(s), {token_text} tokens per layer; "
         f"balancedness over {report['balancedness_units']}\n\n"
@@ -205,9 +206,9 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
         _print_eplb(report["eplb"], out)
         notes += report["eplb"]["notes"]
     if "written" in report:
-        out.write(f"\nwrote the simulated routing to {report['written']}\n")
+        out.write(f"\nwrote the simulated routing to {printable(report['written'])}\n")
     for note in notes:
-        out.write(f"note: {note}\n")
+        out.write(f"note: {printable(note)}\n")
 
 
 def _print_eplb(e: dict[str, Any], out: TextIO) -> None:

@@ -60,7 +60,12 @@ def _model_info(model: nn.Module, layers: list[LayerBinding], name: str | None) 
 
 
 class Probe:
-    """Captures routing from a model. Use :func:`record` to create one."""
+    """Captures routing from a model. Use :func:`record` to create one.
+
+    ``writer_class`` is the class that writes this process's shard (default :class:`ShardWriter`). It is the one
+    seam for replacing the sink: a subclass may send segments elsewhere, and the fault tests use one whose
+    writes are slow to prove that a sink which cannot keep up never blocks the model.
+    """
 
     def __init__(
         self,
@@ -78,6 +83,7 @@ class Probe:
         rank: int | None = None,
         world_size: int | None = None,
         check_sync: bool = False,
+        writer_class: type[ShardWriter] = ShardWriter,
     ) -> None:
         self.model = model
         self.layers = find_layers(model, routers)
@@ -127,7 +133,7 @@ class Probe:
                 "clock": self.clock.name,
                 "routers": {str(getattr(k, "__name__", k)): v.describe() for k, v in (routers or {}).items()},
             }
-            writer = ShardWriter(
+            writer = writer_class(
                 self.path,
                 model=_model_info(model, self.layers, name),
                 layers=[layer.manifest_entry() for layer in self.layers],

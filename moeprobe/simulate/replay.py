@@ -182,6 +182,15 @@ def load_layers(
         # Rows and tokens are sorted by layer first: each layer is one contiguous slice of both.
         tok = slice(*np.searchsorted(token_layer, [layer, layer + 1]))
         rows = slice(*np.searchsorted(cols["layer"], [layer, layer + 1]))
+        # The replay indexes per-expert arrays by these ids: an id the manifest's expert count does not cover is
+        # damaged data, to be named here rather than fail as an IndexError inside a strategy.
+        ids = cols["expert"][rows]
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= int(meta["num_experts"])):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise CorruptSegmentError(
+                f"{trace.path}: routing rows for layer {layer} name expert {bad}, but the manifest gives that layer "
+                f"{meta['num_experts']} experts"
+            )
         data = _layer_data(meta, cols, token, first, tok, rows, weights, dropped)
         data.scores = None if logits is None else logits[tok]
         data.bias = bias.get(int(layer))

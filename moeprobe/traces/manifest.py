@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,8 @@ from .errors import CorruptManifestError, IncompatibleVersionError, NotATraceErr
 from .schema import FORMAT_VERSION, MAGIC
 
 STATUSES = ("running", "complete", "aborted")
+MAX_EXPERTS = (1 << 15) - 1  # the routing table's expert column is int16
+MAX_TIMESTAMP = 253_402_300_800  # 10000-01-01T00:00:00Z, past what datetime can show
 
 # Field -> accepted types, checked on read so that a hand-edited or damaged manifest fails with a
 # clear message instead of a KeyError deep inside the analysis.
@@ -103,10 +106,24 @@ def read_trace_manifest(path: Path) -> dict[str, Any]:
             f"(reads version {FORMAT_VERSION}); upgrade moeprobe"
         )
     _check_types(path, payload, _TRACE_FIELDS)
+    if payload["world_size"] < 1:
+        raise CorruptManifestError(f"{path}: field 'world_size' should be at least 1, found {payload['world_size']}")
     for i, layer in enumerate(payload["layers"]):
         if not isinstance(layer, dict):
             raise CorruptManifestError(f"{path}: layers[{i}] should be an object")
         _check_types(path, layer, _LAYER_FIELDS, where=f"layers[{i}].")
+        # The analyses size arrays by these: 0, negative or absurd values must fail here with the field named,
+        # not as a numpy error (or a 16 TiB allocation) deep in a report. Expert ids are stored as int16.
+        if not 0 < layer["num_experts"] <= MAX_EXPERTS:
+            raise CorruptManifestError(
+                f"{path}: layers[{i}].'num_experts' should be 1 to {MAX_EXPERTS}, found {layer['num_experts']}"
+            )
+        if not 0 < layer["top_k"] <= layer["num_experts"]:
+            raise CorruptManifestError(
+                f"{path}: layers[{i}].'top_k' should be 1 to num_experts ({layer['num_experts']}), found {layer['top_k']}"
+            )
+        if layer["index"] < 0:
+            raise CorruptManifestError(f"{path}: layers[{i}].'index' should not be negative, found {layer['index']}")
     return payload
 
 
@@ -114,6 +131,40 @@ def read_shard_manifest(path: Path) -> dict[str, Any]:
     """Load and validate one shard's shard.json."""
     payload = _load_json(path)
     _check_types(path, payload, _SHARD_FIELDS)
+    # shard_state() probes the writer with os.kill(pid, 0): 0 or a negative pid would address a process group
+    # (and look alive), a huge one overflows. A damaged pid must fail here, not there.
+    if not 0 < payload["pid"] < 1 << 31:
+        raise CorruptManifestError(f"{path}: field 'pid' should be a process id, found {payload['pid']}")
+    # Times are Unix seconds; NaN, infinity or a date past year 9999 cannot be shown or compared with a clock.
+    for name in ("started_at", "heartbeat_at"):
+        if not (math.isfinite(payload[name]) and 0 <= payload[name] < MAX_TIMESTAMP):
+            raise CorruptManifestError(f"{path}: field {name!r} should be a time in Unix seconds, found {payload[name]}")
     if payload["status"] not in STATUSES:
         raise CorruptManifestError(f"{path}: status {payload['status']!r} is not one of {', '.join(STATUSES)}")
+    _check_counters(path, payload["counters"])
     return payload
+
+
+# Counters the reader merges over shards and the commands show: totals are numbers, breakdowns are objects of
+# numbers (table -> rows, reason -> dropped decisions). Other keys are kept and ignored.
+_COUNTER_TOTALS = ("steps", "tokens", "decisions", "bytes")
+_COUNTER_BREAKDOWNS = ("rows", "segments", "dropped", "anomalies")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_counters(path: Path, counters: dict[str, Any]) -> None:
+    for name in _COUNTER_TOTALS:
+        if name in counters and not _is_number(counters[name]):
+            raise CorruptManifestError(f"{path}: counter {name!r} should be a number, found {_short(counters[name])}")
+    for name in _COUNTER_BREAKDOWNS:
+        value = counters.get(name, {})
+        if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
+            raise CorruptManifestError(f"{path}: counter {name!r} should be an object of numbers, found {_short(value)}")

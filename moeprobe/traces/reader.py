@@ -68,8 +68,15 @@ class TraceReader:
     def _check_path(self) -> None:
         path = self.path
         try:
-            exists = path.exists()
-        except OSError as exc:  # symlink loops, overlong names
+            # os.stat, not Path.exists(): exists() answers False for a symlink loop, which would read as a
+            # broken link (and make the TUI wait forever for a trace that can never appear).
+            os.stat(path)
+            exists = True
+        except FileNotFoundError:
+            exists = False
+        except NotADirectoryError:  # a path through a file, e.g. trace.txt/sub
+            exists = False
+        except OSError as exc:  # symlink loops (ELOOP), overlong names
             raise NotATraceError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
         if not exists:
             if path.is_symlink():
@@ -117,7 +124,7 @@ class TraceReader:
                 try:
                     meta = pq.read_metadata(path)
                     schema = meta.schema.to_arrow_schema()
-                except (OSError, pa.ArrowException) as exc:
+                except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                     raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment ({exc})") from exc
                 names = [f.name for f in expected]
                 if schema.names != names or any(
@@ -128,6 +135,21 @@ class TraceReader:
                     )
                 found.append(Segment(rank, table, path, meta.num_rows, path.stat().st_size))
         return found
+
+    def find_corrupt_segment(self) -> None:
+        """Read every listed segment in full and raise ``CorruptSegmentError`` naming the first one that fails.
+
+        Listing checks only footers, so damage inside the column data surfaces later, in whatever query reads
+        it (DuckDB then reports a bare decoding error). Callers use this on a failed query to turn that error
+        into one that names the file; it costs a full read, so it runs only on the failure path.
+        """
+        for table in TABLES:
+            for segment in self._segments.get(table, []):
+                try:
+                    pq.read_table(segment.path)
+                except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({first})") from exc
 
     # -- metadata -----------------------------------------------------------------------------------
     @property
@@ -176,7 +198,7 @@ class TraceReader:
         for segment in self.segments(name):
             try:
                 data = pq.read_table(segment.path, columns=[c for c in schema.names if c != "rank"])
-            except (OSError, pa.ArrowException) as exc:
+            except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                 raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({exc})") from exc
             if "rank" in schema.names:
                 data = data.append_column("rank", pa.repeat(pa.scalar(segment.rank, pa.int32()), data.num_rows))

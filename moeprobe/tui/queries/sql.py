@@ -2,7 +2,9 @@
 
 The guard is lexical and conservative: it strips comments and quoted text, allows one statement that starts with
 a reading keyword, and refuses any word that writes, loads code, changes settings or reaches files other than the
-trace's. A refused query never reaches DuckDB; a query DuckDB rejects comes back as its one-line message.
+trace's. A refused query never reaches DuckDB; a query DuckDB rejects comes back as its one-line message. Behind the
+guard, ``Trace.restrict_to_trace()`` confines the connection itself (DuckDB reads quoted file names as tables in
+more places than a lexer can list).
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ def run_sql(trace: Trace, query: str, max_rows: int = MAX_ROWS) -> SqlResult:
     from ...analysis.session import QueryError
 
     started = time.perf_counter()
+    # The lexical guard refuses the obvious; the connection itself is then confined to the trace's files, with
+    # extension loading off and its settings locked, so whatever the guard misses still cannot reach out.
+    trace.restrict_to_trace()
     try:
         relation = trace.connection.sql(text)
         if relation is None:

@@ -11,6 +11,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Static
 
+from ...safe_text import printable
 from ..queries.specialization import SpecializationData, specialization
 from ..render import number
 from ..widgets.heatmap import HeatMap, HeatRow
@@ -74,15 +75,17 @@ class SpecializationScreen(TraceScreen):
         if data.tag is None or layer not in data.tag.relative:
             title.update(f"L{layer}: tag × expert")
             heat.show([])
-            skipped = f" ({', '.join(data.skipped)} have too many values)" if data.skipped else ""
-            note.update("no tags in this trace: record with probe.tag(domain=...) to split load by domain" + skipped)
+            skipped = f" ({printable(', '.join(data.skipped))} have too many values)" if data.skipped else ""
+            note.update(Text("no tags in this trace: record with probe.tag(domain=...) to split load by domain" + skipped))
         else:
             tag = data.tag
-            title.update(Text.assemble(f"L{layer}: {tag.key} × expert   ", ("[ ] change layer", "dim")))
+            title.update(Text.assemble(f"L{layer}: {printable(tag.key)} × expert   ", ("[ ] change layer", "dim")))
             others = f"; other keys: {', '.join(data.other_keys)}" if data.other_keys else ""
-            note.update(f"relative load c/c̄ within each {tag.key} (DeepSeek-V3 view; 1 = uniform){others}")
+            # Text, not str: the tag key is trace data and must not be parsed as markup.
+            note.update(Text(f"relative load c/c̄ within each {printable(tag.key)} (DeepSeek-V3 view; 1 = uniform)"
+                             f"{printable(others)}"))
             matrix = tag.relative[layer]
-            heat.show([HeatRow(value, i, matrix[i]) for i, value in enumerate(tag.values)])
+            heat.show([HeatRow(printable(value), i, matrix[i]) for i, value in enumerate(tag.values)])
         self._table(data, layer)
 
     def _table(self, data: SpecializationData, current: int | None) -> None:

@@ -9,6 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
+from ...safe_text import printable
 from ..queries.sql import MAX_ROWS, ReadOnlyError, SqlResult, run_sql
 from .base import TraceScreen
 
@@ -68,8 +69,10 @@ class SqlScreen(TraceScreen):
         self.result = data
         table = self.query_one("#result", DataTable)
         table.clear(columns=True)
-        table.add_columns(*data.columns)
-        table.add_rows(data.rows)
+        # Text cells, not str: DataTable parses a str as markup, and a tag value such as "[/]" would crash the
+        # screen (or style itself); printable() shows control characters as escapes.
+        table.add_columns(*(Text(printable(c)) for c in data.columns))
+        table.add_rows([[Text(printable(c)) for c in row] for row in data.rows])
         more = f" (first {MAX_ROWS} shown)" if data.truncated else ""
         self._status(f"{len(data.rows)} row(s){more} in {data.seconds * 1000:.0f} ms · / edits the query")
         # Focus leaves the editor so that the screen keys (1-6, q) work again on the result.
@@ -80,7 +83,7 @@ class SqlScreen(TraceScreen):
         message.prevent_default()
         message.stop()
         self._busy = False
-        self._status(Text(f"✗ {message.message}", style="bold red"))
+        self._status(Text(f"✗ {printable(message.message)}", style="bold red"))
 
     def action_leave(self) -> None:
         self.query_one("#result", DataTable).focus()

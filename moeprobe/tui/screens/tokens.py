@@ -15,6 +15,7 @@ from textual.containers import VerticalScroll
 from textual.events import MouseScrollUp
 from textual.widgets import Static
 
+from ...safe_text import printable
 from ..queries.tokens import SequenceInfo, SequenceTokens, sequence_tokens, sequences, token_text
 from ..render import expert_style
 from ..widgets.tokentext import TokenCell, TokenText
@@ -111,7 +112,7 @@ class TokensScreen(TraceScreen):
         title = Text.assemble(
             (f"sequence {number}/{len(data.sequences)} ", "bold"),
             f"(rank {info.rank}, id {info.sequence}) ",
-            (f"{info.tags} " if info.tags else "", "cyan"),
+            (f"{printable(info.tags)} " if info.tags else "", "cyan"),
             f"· {info.tokens} tokens · steps {info.first_step}–{info.last_step} · colour = first expert in ",
             (f"L{layer}", "bold"),
             "  ",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from ...safe_text import printable
 from ..render import count
 from ..source import Snapshot
 
@@ -27,13 +28,14 @@ class RunHeader(Static):
         if label:
             text.append(f"{label} ", style="bold")
         if run is None:
-            text.append(snapshot.path.name or str(snapshot.path), style="bold")
+            # Names come from the trace and its path: printable() keeps terminal control codes out of the screen.
+            text.append(printable(snapshot.path.name or snapshot.path), style="bold")
             text.append("  no trace yet", style="dim")
             self.update(text)
             return
         text.append(f" {run.status} ", style=_STATUS_STYLE.get(run.status, "reverse"))
-        text.append(f" {run.name}", style="bold")
-        text.append(f" ({run.family})  ", style="dim")
+        text.append(f" {printable(run.name)}", style="bold")
+        text.append(f" ({printable(run.family)})  ", style="dim")
         text.append(f"{run.layers} layers × {run.experts} experts, top-{run.top_k}  ")
         text.append(f"{count(run.tokens)} tokens  {count(run.steps)} steps  {count(run.decisions)} decisions")
         if run.dropped:
@@ -64,6 +66,7 @@ class Banner(Static):
             message, kind = f"⚠ {snapshot.run.status_note}; complete segments are shown", "-stale"
         elif note:
             message, kind = note, "-error" if note.startswith("✗") else "-waiting"
-        self.update(message)
+        # Text, not str: an error message quotes paths and file contents, which must not be parsed as markup.
+        self.update(Text(printable(message)))
         if kind:
             self.add_class(kind)

@@ -1,0 +1,212 @@
+"""Trace files are data, never code, and whatever they hold is shown as text.
+
+- no module of moeprobe imports pickle or marshal, or calls eval/exec/torch.load on anything;
+- the TUI's SQL console is read-only: writes, ATTACH, COPY, INSTALL, LOAD and settings are refused by the guard,
+  and the connection itself cannot reach files outside the trace or load extensions;
+- tag values, model and layer names and paths with quotes, markup, newlines and control characters are stored
+  exactly, and report (text, Markdown, JSON), inspect and the TUI show them without interpreting them.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import moeprobe
+from moeprobe.analysis.session import QueryError
+from moeprobe.cli.main import main as cli_main
+from moeprobe.traces.schema import TABLES
+from moeprobe.tui.queries.sql import ReadOnlyError, check_read_only, run_sql
+from tests.support import layer_meta, routing_table, write_trace
+
+PACKAGE = Path(moeprobe.__file__).parent
+UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"}
+UNSAFE_CALLS = {"eval", "exec", "__import__"}
+UNSAFE_ATTRIBUTES = {("torch", "load"), ("np", "load"), ("numpy", "load"), ("pd", "read_pickle"), ("pandas", "read_pickle")}
+
+# Quotes, Rich/Textual markup, an OSC title change, an SGR colour, a screen clear, newline, tab, CR, NUL, DEL.
+HOSTILE = "it's \"q\" [/] [bold]b[/bold] \x1b]0;pwned\x07 \x1b[31mred\x1b[0m \x1b[2J\nnew\tline\r\x00nul\x7f"
+
+
+def _calls_and_imports(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name.split(".")[0] for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
+            found.append(node.module or "")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id in UNSAFE_CALLS:
+                found.append(func.id)
+            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                if (func.value.id, func.attr) in UNSAFE_ATTRIBUTES:
+                    found.append(f"{func.value.id}.{func.attr}")
+    return found
+
+
+def test_no_module_unpickles_or_evaluates_anything() -> None:
+    offenders = {}
+    modules = sorted(PACKAGE.rglob("*.py"))
+    assert len(modules) > 50
+    for module in modules:
+        found = _calls_and_imports(ast.parse(module.read_text(), filename=str(module)))
+        if found:
+            offenders[str(module.relative_to(PACKAGE))] = found
+    assert offenders == {}
+
+
+def test_the_scan_would_see_them() -> None:
+    code = "import pickle\nfrom marshal import loads\neval('1')\ntorch.load(f)\nnp.load(f, allow_pickle=True)"
+    assert _calls_and_imports(ast.parse(code)) == ["pickle", "marshal", "eval", "torch.load", "np.load"]
+
+
+# -- the SQL console -------------------------------------------------------------------------------------
+REFUSED = [
+    "INSERT INTO routing VALUES (1)", "UPDATE routing SET expert = 0", "DELETE FROM routing", "DROP VIEW routing",
+    "CREATE TABLE x AS SELECT 1", "ALTER VIEW routing RENAME TO r", "TRUNCATE routing",
+    "ATTACH '/tmp/other.db' AS other", "attach 'x.db'", "DETACH other", "USE other",
+    "COPY routing TO '/tmp/out.csv'", "COPY (SELECT 1) TO 'x.parquet' (FORMAT parquet)", "EXPORT DATABASE '/tmp/x'",
+    "INSTALL httpfs", "LOAD httpfs", "INSTALL 'x' FROM 'http://evil'", "SET threads = 1", "RESET threads",
+    "PRAGMA enable_profiling", "CALL pragma_version()", "CHECKPOINT", "VACUUM",
+    "SELECT 1; DELETE FROM routing", "SELECT 1 /* a comment */; DROP VIEW routing", "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x",
+    "SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM read_text('/etc/passwd')", "SELECT * FROM glob('/*')",
+    "SELECT getenv('HOME')", "SELECT * FROM '/etc/passwd'", "SELECT * FROM routing JOIN 'x.csv' USING (step)",
+]
+
+
+@pytest.mark.parametrize("query", REFUSED)
+def test_console_guard_refuses(query: str) -> None:
+    with pytest.raises(ReadOnlyError):
+        check_read_only(query)
+
+
+@pytest.mark.parametrize("query", ["SELECT 'DROP TABLE routing; ATTACH' AS text", "-- DROP\nSELECT 1",
+                                   "select count(*) from routing", "DESCRIBE routing", "SUMMARIZE routing"])
+def test_console_guard_allows_reads_and_words_inside_literals(query: str) -> None:
+    check_read_only(query)
+
+
+def _hostile_trace(tmp_path: Path) -> Path:
+    # The path itself carries quotes, markup, an escape sequence and a newline.
+    path = tmp_path / "run 'q\" [b]x[/b] \x1b]0;t\x07\nline"
+    layers = layer_meta(2, 4, 2)
+    layers[0]["name"] = "model.[/]layers\x1b[2J.0"
+    write_trace(
+        path,
+        {
+            "routing": routing_table(np.array([[0, 1], [2, 3], [1, 2], [0, 3]]), token_id=np.array([5, 6, 7, 8])),
+            "tags": pa.table({"sequence": [0], "key": [HOSTILE], "value": [HOSTILE]}, schema=TABLES["tags"]),
+        },
+        layers=layers,
+        model={"name": HOSTILE, "family": "test"},
+    )
+    return path
+
+
+def test_console_connection_cannot_reach_other_files(tmp_path: Path) -> None:
+    # Places where DuckDB reads a quoted file name as a table that a lexical guard can miss: the connection
+    # itself refuses them once the console has run a query.
+    secret = tmp_path / "secret.csv"
+    secret.write_text("password\nhunter2\n")
+    trace = moeprobe.open_trace(_hostile_trace(tmp_path))
+    assert run_sql(trace, "select count(*) from routing").rows == (("8",),)
+    for query in (f"DESCRIBE '{secret}'", f"SUMMARIZE '{secret}'", f"SELECT * FROM ('{secret}')",
+                  f"SELECT * FROM routing, ('{secret}')"):
+        check_read_only(query)  # the guard lets these through ...
+        with pytest.raises(QueryError, match="Permission Error"):
+            run_sql(trace, query)  # ... and the connection does not
+    with pytest.raises(duckdb.Error, match="locked"):
+        trace.connection.execute("SET enable_external_access = true")  # locked, even from Python
+    # The trace's own data still reads, and still refreshes.
+    assert trace.summary()["overall"]["decisions"] == 8
+    trace.close()
+
+
+# -- hostile strings ------------------------------------------------------------------------------------
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _controls(text: str) -> list[str]:
+    return sorted({hex(ord(c)) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0})
+
+
+def test_hostile_values_are_stored_exactly(tmp_path: Path) -> None:
+    trace = moeprobe.open_trace(_hostile_trace(tmp_path))
+    assert trace.tags().column("value").to_pylist() == [HOSTILE]
+    assert trace.sql("select key from tags").column(0).to_pylist() == [HOSTILE]
+    assert trace.manifest["model"]["name"] == HOSTILE
+
+
+@pytest.mark.parametrize("argv", [["inspect"], ["report"], ["report", "--markdown"], ["simulate"]])
+def test_text_outputs_show_hostile_values_escaped(tmp_path: Path, argv: list[str]) -> None:
+    path = _hostile_trace(tmp_path)
+    rc, out, err = _run([argv[0], str(path), *argv[1:]])
+    assert rc == 0, err
+    assert _controls(out + err) == []
+    if argv[0] != "simulate":
+        # Shown as written, escapes visible: the markup is not interpreted and the ESC is not sent.
+        assert "[/] [bold]b[/bold] \\x1b]0;pwned\\x07 \\x1b[31mred" in out
+
+
+@pytest.mark.parametrize("command", ["inspect", "report"])
+def test_json_outputs_keep_hostile_values_exact(tmp_path: Path, command: str) -> None:
+    path = _hostile_trace(tmp_path)
+    rc, out, err = _run([command, str(path), "--json"])
+    assert rc == 0, err
+    assert _controls(out) == []  # JSON escapes control characters itself
+    data = json.loads(out)
+    name = data["manifest"]["model"]["name"] if command == "inspect" else data["trace"]["model"]["name"]
+    assert name == HOSTILE
+
+
+def test_error_messages_quote_hostile_paths_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad \x1b[2J [/] \nname"
+    path.mkdir(parents=True)  # "[/]" makes it two levels
+    (path / "manifest.json").write_text("{not json")
+    rc, out, err = _run(["report", str(path)])
+    assert rc == 1 and out == ""
+    assert len(err.splitlines()) == 1 and _controls(err) == [] and "\\x1b[2J [/] \\nname" in err
+
+
+def test_tui_shows_hostile_values_as_text(tmp_path: Path) -> None:
+    asyncio.run(_tui_shows_hostile_values(tmp_path))
+
+
+async def _tui_shows_hostile_values(tmp_path: Path) -> None:
+    from textual.widgets import DataTable, Input
+
+    from moeprobe.tui.app import MoeprobeApp
+    from moeprobe.tui.screens.overview import OverviewScreen
+    from moeprobe.tui.screens.specialization import SpecializationScreen
+    from moeprobe.tui.screens.sql import SqlScreen
+    from tests.tui.helpers import loaded, open_screen, text_of, wait_for
+
+    app = MoeprobeApp([_hostile_trace(tmp_path)])
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, lambda: loaded(app, OverviewScreen), what="overview")
+        header = text_of(app.screen.query_one("#run"))
+        assert "[/] [bold]b[/bold] \\x1b]0;pwned\\x07" in header and _controls(header) == []
+        await open_screen(pilot, "3", SpecializationScreen)
+        await pilot.press("5")
+        await wait_for(pilot, lambda: isinstance(app.screen, SqlScreen), what="SQL screen")
+        app.screen.query_one(Input).value = "select key, value from tags"
+        await pilot.press("enter")
+        table = app.screen.query_one("#result", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 1, what="SQL result")
+        cells = [str(c) for c in table.get_row_at(0)]
+        assert cells[0] == cells[1] and "[/] [bold]b[/bold]" in cells[0] and _controls(cells[0]) == []
+    assert app.return_code in (0, None)
