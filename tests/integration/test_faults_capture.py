@@ -14,7 +14,7 @@ from tests.conftest import PYTHON, ROOT, run_cli_env
 from tests.tiny_models import build
 
 FULL_DISK_JOB = """
-import resource, signal, sys, torch
+import resource, signal, sys, time, torch
 sys.path.insert(0, {root!r})
 import moeprobe
 from tests.tiny_models import build
@@ -23,7 +23,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 model = build("mixtral")
 with moeprobe.record(model, {trace!r}, flush_interval=0.05) as probe:
     model(torch.randint(3, 96, (1, 4)))          # small first segment: fits
-    probe.pipeline._stop.wait(0.3)
+    time.sleep(0.3)  # let the writer flush the small first segment
     resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
     for _ in range(3):
         out = model(torch.randint(3, 96, (16, 64)))   # segments far over the limit: cannot be written
