@@ -55,6 +55,17 @@ class _Columns:
             self.chunks[name].append(value)
         self.rows += n
 
+    def add_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Add rows given as tuples in schema order (phases as their int8 codes)."""
+        for f, values in zip(self.schema, zip(*rows, strict=True), strict=True):
+            if f.name == "phase":
+                self.chunks[f.name].append(np.array(values, np.int8))
+            elif pa.types.is_string(f.type):
+                self.chunks[f.name].append(list(values))
+            else:
+                self.chunks[f.name].append(np.array(values, dtype=f.type.to_pandas_dtype()))
+        self.rows += len(rows)
+
     def take(self) -> pa.Table | None:
         if not self.rows:
             return None
@@ -296,7 +307,9 @@ class CapturePipeline:
             router = self.clock.elapsed_ms(m[0], m[1])
             block = self.clock.elapsed_ms(m[2], m[3])
             self.clock.release(m)
-            self._latency_rows.append((step.step, layer, np.nan if router is None else router, np.nan if block is None else block))
+            self._latency_rows.append(
+                (step.step, layer, np.nan if router is None else router, np.nan if block is None else block, self.clock.name)
+            )
         # Bias vectors, written only when they change.
         for layer, tensor in step.bias.items():
             values = _np(tensor, np.float32)
@@ -366,27 +379,10 @@ class CapturePipeline:
         the whole batch: per-step numpy calls held the GIL often enough to slow the model's thread."""
         if self._step_rows:
             rows, self._step_rows = self._step_rows, []
-            cols = list(zip(*rows, strict=True))
-            self._steps.add(
-                len(rows),
-                step=np.array(cols[0], np.int32),
-                phase=np.array(cols[1], np.int8),
-                batch=np.array(cols[2], np.int32),
-                tokens=np.array(cols[3], np.int32),
-                started_at=np.array(cols[4], np.float64),
-                wall_ms=np.array(cols[5], np.float64),
-            )
+            self._steps.add_rows(rows)
         if self._latency_rows:
             rows, self._latency_rows = self._latency_rows, []
-            cols = list(zip(*rows, strict=True))
-            self._latency.add(
-                len(rows),
-                step=np.array(cols[0], np.int32),
-                layer=np.array(cols[1], np.int16),
-                router_ms=np.array(cols[2], np.float64),
-                block_ms=np.array(cols[3], np.float64),
-                clock=[self.clock.name] * len(rows),
-            )
+            self._latency.add_rows(rows)
         pending, self._pending_routing = self._pending_routing, {}
         for k, parts in pending.items():
             self._emit_routing(k, parts)
