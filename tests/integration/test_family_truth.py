@@ -108,6 +108,10 @@ def test_captured_routing_equals_model_routing(family: str, tmp_path: Path) -> N
         np.testing.assert_array_equal(np.array(group["d"]).reshape(-1, expert.shape[1])[:, 0], dropped)
         assert expert.shape[1] == k
 
+    # Latency: one row per MoE layer call, the router inside its block.
+    latency = trace.sql("select count(*) n, count(*) filter (where router_ms > 0 and router_ms <= block_ms) ok, any_value(clock) c from latency").to_pylist()[0]
+    assert latency == {"n": len(calls), "ok": len(calls), "c": "perf_counter"}
+
     # k ranks the choices by weight: no later choice outweighs an earlier one.
     inverted = trace.sql(
         "select count(*) from routing a join routing b using (step, sequence, position, layer) "
