@@ -35,7 +35,7 @@ class TokensScreen(TraceScreen):
         Binding("home", "cursor_to(0)", "Start", show=False),
         Binding("end", "cursor_to(-1)", "End", show=False),
         Binding("p", "sequence(-1)", "Prev seq", show=False),
-        Binding("n", "sequence(1)", "Sequence", key_display="n p"),
+        Binding("n", "sequence(1)", "Seq", key_display="n p"),
         Binding("left_square_bracket", "layer(-1)", "Prev layer", show=False),
         Binding("right_square_bracket", "layer(1)", "Layer", key_display="[ ]"),
         Binding("f", "follow", "Follow"),
