@@ -106,7 +106,7 @@ def test_readers_never_see_a_partial_segment(tmp_path: Path) -> None:
         assert counts, f"{name} never read"
         assert all(c % ROWS == 0 for c in counts), f"{name} read a partial segment: {counts}"
         assert counts == sorted(counts), f"{name} saw rows disappear: {counts}"
-    print(f"\nreads while writing: " + ", ".join(f"{k} {len(v)} (sizes {len(set(v))})" for k, v in seen.items()))
+    print("\nreads while writing: " + ", ".join(f"{k} {len(v)} (sizes {len(set(v))})" for k, v in seen.items()))
     # The readers really did overlap the writer: they saw the trace at several sizes.
     assert len(set(seen["summary"])) > 2 and len(set(seen["tui"])) > 2
     final = moeprobe.open_trace(path)
