@@ -22,18 +22,37 @@ _SEED = 0x6D6F65  # "moe"
 
 
 # -- load imbalance -----------------------------------------------------------------------------------
+def maxvio_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
+    """MaxVio (Wang et al. 2024, eq. 4) over the last axis: (max_e c_e - c_bar) / c_bar, c_bar = sum(c) / E.
+    ``empty`` where a row has no load. The one definition both the report and the simulator use."""
+    load = np.asarray(load, dtype=np.float64)
+    mean = load.mean(axis=-1)
+    return np.divide(load.max(axis=-1) - mean, mean, out=np.full_like(mean, empty), where=mean > 0)
+
+
+def cv_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
+    """Coefficient of variation std(c) / mean(c) over the last axis, population std (Shazeer et al. 2017
+    use its square); ``empty`` where a row has no load."""
+    load = np.asarray(load, dtype=np.float64)
+    mean = load.mean(axis=-1)
+    return np.divide(load.std(axis=-1), mean, out=np.full_like(mean, empty), where=mean > 0)
+
+
+def balancedness_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
+    """Serving systems' balancedness, mean / max over the last axis (EP ranks, GPUs or experts); 1 is even."""
+    load = np.asarray(load, dtype=np.float64)
+    peak = load.max(axis=-1)
+    return np.divide(load.mean(axis=-1), peak, out=np.full_like(peak, empty), where=peak > 0)
+
+
 def maxvio(counts: np.ndarray) -> float:
-    """MaxVio (Wang et al. 2024, eq. 4): (max_e c_e - c_bar) / c_bar with c_bar = sum(c) / E (= T k / E)."""
-    total = float(counts.sum())
-    if total <= 0:
-        return math.nan
-    return float(counts.max()) * len(counts) / total - 1.0
+    """MaxVio of one load vector; NaN when it has no load."""
+    return float(maxvio_rows(counts))
 
 
 def cv(counts: np.ndarray) -> float:
-    """Coefficient of variation std(c) / mean(c), population std (Shazeer et al. 2017 use its square)."""
-    mean = float(counts.mean())
-    return float(counts.std()) / mean if mean > 0 else math.nan
+    """CV of one load vector; NaN when it has no load."""
+    return float(cv_rows(counts))
 
 
 def entropy_norm(counts: np.ndarray) -> float:
@@ -66,9 +85,8 @@ def top_n_coverage(counts: np.ndarray, n: int) -> float:
 
 
 def balancedness(loads: np.ndarray) -> float:
-    """Serving systems' balancedness: mean load / max load over EP ranks; 1 is perfectly even."""
-    top = float(loads.max()) if len(loads) else 0.0
-    return float(loads.mean()) / top if top > 0 else math.nan
+    """Balancedness of one load vector; NaN when it has no load."""
+    return float(balancedness_rows(loads)) if len(loads) else math.nan
 
 
 def ep_loads(counts: np.ndarray, placement: np.ndarray, ep_size: int) -> np.ndarray:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..analysis.stats import cv_rows, maxvio_rows
+
 
 def expert_load(experts: np.ndarray, num_experts: int, dropped: np.ndarray | None = None) -> np.ndarray:
     """(E,) assignments processed by each expert."""
@@ -38,16 +40,12 @@ def step_loads(
 
 def max_vio(load: np.ndarray) -> np.ndarray:
     """(max c − c̄) / c̄ over the last axis (Wang et al. 2024, eq. 4); 0 where there is no load."""
-    load = np.asarray(load, dtype=np.float64)
-    mean = load.mean(axis=-1)
-    return np.divide(load.max(axis=-1) - mean, mean, out=np.zeros_like(mean), where=mean > 0)
+    return maxvio_rows(load, empty=0.0)
 
 
 def cv(load: np.ndarray) -> np.ndarray:
     """std / mean over the last axis; 0 where there is no load."""
-    load = np.asarray(load, dtype=np.float64)
-    mean = load.mean(axis=-1)
-    return np.divide(load.std(axis=-1), mean, out=np.zeros_like(mean), where=mean > 0)
+    return cv_rows(load, empty=0.0)
 
 
 def dropped_share(experts: np.ndarray, dropped: np.ndarray) -> float:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.stats import balancedness_rows
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -87,10 +89,7 @@ def gpu_load(load: np.ndarray, placement: Placement) -> np.ndarray:
 
 def balancedness(unit_load: np.ndarray) -> np.ndarray:
     """mean / max over the last axis (GPUs, or experts): 1 is perfect balance; 1.0 where nothing ran."""
-    unit_load = np.asarray(unit_load, dtype=np.float64)
-    peak = unit_load.max(axis=-1)
-    mean = unit_load.mean(axis=-1)
-    return np.divide(mean, peak, out=np.ones_like(mean), where=peak > 0)
+    return balancedness_rows(unit_load, empty=1.0)
 
 
 def traffic_matrix(source_load: np.ndarray, placement: Placement) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 import moeprobe
@@ -15,8 +14,6 @@ from moeprobe.demo import checkpoints
 from moeprobe.demo.prompts import load_prompts
 from moeprobe.demo.tokenizer import encode
 from tests.conftest import PYTHON, run_cli_env
-
-pytestmark = pytest.mark.skipif("balanced" not in checkpoints.available(), reason="demo checkpoint not shipped")
 
 CHOICES = "select step, sequence, position, layer, list(expert order by expert) e from routing group by all"
 
