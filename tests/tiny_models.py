@@ -61,7 +61,7 @@ def deepseek_v3() -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__ == "DeepseekV3TopkRouter":
-                module.e_score_correction_bias.copy_(torch.linspace(-0.05, 0.05, module.num_experts))
+                module.e_score_correction_bias.copy_(torch.linspace(-0.05, 0.05, module.e_score_correction_bias.numel()))
     return model
 
 
@@ -142,6 +142,19 @@ def switch_transformers() -> nn.Module:
     return SwitchTransformersForConditionalGeneration(config)
 
 
+def glm4_moe() -> nn.Module:
+    """A family without an adapter: captured by the generic path (the experts module's inputs)."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    config = Glm4MoeConfig(
+        **_common(
+            moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=0, head_dim=8,
+        )
+    )
+    return Glm4MoeForCausalLM(config)
+
+
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "mixtral": mixtral,
     "deepseek_v3": deepseek_v3,
@@ -154,7 +167,11 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+# Families captured without an adapter of their own.
+GENERIC: dict[str, Callable[[], nn.Module]] = {"glm4_moe": glm4_moe}
+
+
 def build(family: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = FAMILIES[family]()
+    model = {**FAMILIES, **GENERIC}[family]()
     return model.eval()

@@ -1,7 +1,9 @@
 """Per-family knowledge: which router classes moeprobe understands and how to read their outputs.
 
-Adapters are keyed by class *name* so that moeprobe never has to import a model family's module. Every
-extraction here is pure tensor work (no host synchronisation): it runs inside a forward hook.
+Adapters are keyed by class *name* so that moeprobe never has to import a model family's module. A name only
+says where to look: what is read is then checked by contract (:mod:`.contracts`): attributes by type when the
+layer is attached, the router's output by dtype and shape on every call. Every extraction here is pure tensor
+work (no host synchronisation): it runs inside a forward hook.
 """
 
 from __future__ import annotations
@@ -13,120 +15,140 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spec import Extracted, RouterSpec
+from . import contracts
+from .spec import Extracted, UnsupportedModelError
+
+Extractor = Callable[[Any, Any], Extracted]
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    spec: RouterSpec
+    kind: str  # "topk", "switch" or "llama4": which contract reads the router's output
+    scoring: str
     # Reads metadata for the manifest from the router module, its MoE block and the model config.
-    describe: Callable[[nn.Module, nn.Module], dict[str, Any]]
+    describe: Callable[[nn.Module, nn.Module, str], dict[str, Any]]
     # The router's correction bias (used for choosing only), if the family has one.
     bias: Callable[[nn.Module], torch.Tensor | None] = lambda router: None
+
+    def extractor(self, meta: dict[str, Any], router: nn.Module) -> Extractor:
+        k, num_experts = int(meta["top_k"]), int(meta["num_experts"])
+        if self.kind == "switch":
+            return lambda output, router_input: contracts.switch_parts(output, num_experts, router, router_input)
+        if self.kind == "llama4":
+            return lambda output, router_input: contracts.llama4_parts(output, k, num_experts)
+        return lambda output, router_input: contracts.topk_parts(output, k, num_experts)
+
+
+def transformers_version() -> str:
+    import sys
+
+    module = sys.modules.get("transformers")
+    return str(getattr(module, "__version__", "unknown")) if module is not None else "not imported"
 
 
 def _config(block: nn.Module, router: nn.Module) -> Any:
     return getattr(block, "config", None) or getattr(router, "config", None)
 
 
-def _softmax_meta(router: nn.Module, block: nn.Module) -> dict[str, Any]:
-    shared = 0
-    if getattr(block, "shared_expert", None) is not None or getattr(block, "shared_experts", None) is not None:
-        shared = 1
+def first_value(sources: tuple[Any, ...], attrs: tuple[str, ...], kind: type | tuple[type, ...]) -> Any:
+    """The first attribute of the wanted type found, looking through sources (modules, configs) in order."""
+    for source in sources:
+        if source is None:
+            continue
+        for attr in attrs:
+            value = getattr(source, attr, None)
+            if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+                return value
+    return None
+
+
+def _required_int(name: str, router: nn.Module, block: nn.Module, attrs: tuple[str, ...]) -> int:
+    value = first_value((router, block, _config(block, router)), attrs, int)
+    if value is None:
+        raise UnsupportedModelError(
+            f"router module {name!r} ({type(router).__name__}, transformers {transformers_version()}): "
+            f"expected an integer attribute {' or '.join(attrs)} on the router, its block or the config"
+        )
+    return int(value)
+
+
+_EXPERTS = ("num_experts", "n_routed_experts", "num_local_experts")
+_TOP_K = ("top_k", "num_experts_per_tok")
+
+
+def _has_shared(block: nn.Module) -> int:
+    return int(getattr(block, "shared_expert", None) is not None or getattr(block, "shared_experts", None) is not None)
+
+
+def _softmax_meta(router: nn.Module, block: nn.Module, name: str) -> dict[str, Any]:
+    norm = first_value((router, block, _config(block, router)), ("norm_topk_prob",), bool)
     return {
-        "num_experts": int(router.num_experts),
-        "top_k": int(router.top_k),
-        "num_shared_experts": shared,
-        "norm_topk_prob": bool(getattr(router, "norm_topk_prob", True)),
+        "num_experts": _required_int(name, router, block, _EXPERTS),
+        "top_k": _required_int(name, router, block, _TOP_K),
+        "num_shared_experts": _has_shared(block),
+        "norm_topk_prob": True if norm is None else bool(norm),
     }
 
 
-def _deepseek_meta(router: nn.Module, block: nn.Module) -> dict[str, Any]:
-    config = _config(block, router)
+def _deepseek_meta(router: nn.Module, block: nn.Module, name: str) -> dict[str, Any]:
+    sources = (router, block, _config(block, router))
+    shared = first_value(sources[2:], ("n_shared_experts",), int)
+    scale = first_value(sources, ("routed_scaling_factor",), (int, float))
+    norm = first_value(sources, ("norm_topk_prob",), bool)
     return {
-        "num_experts": int(router.num_experts),
-        "top_k": int(router.top_k),
-        "num_shared_experts": int(getattr(config, "n_shared_experts", 1) or 0),
-        "n_group": int(router.num_group),
-        "topk_group": int(router.topk_group),
-        "norm_topk_prob": bool(router.norm_topk_prob),
-        "routed_scaling_factor": float(router.routed_scaling_factor),
+        "num_experts": _required_int(name, router, block, _EXPERTS),
+        "top_k": _required_int(name, router, block, _TOP_K),
+        "num_shared_experts": int(shared or 0),
+        "n_group": _required_int(name, router, block, ("num_group", "n_group")),
+        "topk_group": _required_int(name, router, block, ("topk_group",)),
+        "norm_topk_prob": bool(norm) if norm is not None else True,
+        "routed_scaling_factor": float(scale) if scale is not None else 1.0,
         "has_bias": True,
     }
 
 
-def _gpt_oss_meta(router: nn.Module, block: nn.Module) -> dict[str, Any]:
-    return {"num_experts": int(router.num_experts), "top_k": int(router.top_k), "num_shared_experts": 0}
-
-
-def _llama4_meta(router: nn.Module, block: nn.Module) -> dict[str, Any]:
-    return {"num_experts": int(router.num_experts), "top_k": int(router.top_k), "num_shared_experts": 1}
-
-
-def _switch_meta(router: nn.Module, block: nn.Module) -> dict[str, Any]:
+def _gpt_oss_meta(router: nn.Module, block: nn.Module, name: str) -> dict[str, Any]:
     return {
-        "num_experts": int(router.num_experts),
-        "top_k": 1,
+        "num_experts": _required_int(name, router, block, _EXPERTS),
+        "top_k": _required_int(name, router, block, _TOP_K),
         "num_shared_experts": 0,
-        "expert_capacity": int(router.expert_capacity),
     }
 
 
-# transformers v5 routers that return (router_logits, top_k_weights, top_k_index): the weights and indices
-# are exactly what the MoE block hands to its experts module.
-_TOPK3 = RouterSpec(indices=2, weights=1, scores=0, scoring="softmax")
+def _llama4_meta(router: nn.Module, block: nn.Module, name: str) -> dict[str, Any]:
+    return {
+        "num_experts": _required_int(name, router, block, _EXPERTS),
+        "top_k": _required_int(name, router, block, _TOP_K),
+        "num_shared_experts": 1,
+    }
 
 
-def _switch_extract(output: Any, router_input: Any) -> Extracted:
-    one_hot, probs, logits = output
-    kept = one_hot.any(dim=-1, keepdim=True)
-    # The one-hot mask is what the experts consume; a token over capacity has an all-zero row. For it we
-    # report the expert it chose (argmax of its logits) and flag it as dropped.
-    chosen = torch.where(kept, one_hot.argmax(dim=-1, keepdim=True), logits.argmax(dim=-1, keepdim=True))
-    return (
-        chosen.reshape(-1, 1),
-        probs.reshape(-1, 1),
-        logits.reshape(-1, logits.shape[-1]),
-        ~kept.reshape(-1),
-    )
+def _switch_meta(router: nn.Module, block: nn.Module, name: str) -> dict[str, Any]:
+    return {
+        "num_experts": _required_int(name, router, block, _EXPERTS),
+        "top_k": 1,
+        "num_shared_experts": 0,
+        "expert_capacity": _required_int(name, router, block, ("expert_capacity",)),
+    }
+
+
+def _correction_bias(router: nn.Module) -> torch.Tensor | None:
+    bias = getattr(router, "e_score_correction_bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
 
 
 FAMILIES: dict[str, Family] = {
-    "MixtralTopKRouter": Family("mixtral", _TOPK3, _softmax_meta),
-    "Qwen2MoeTopKRouter": Family("qwen2_moe", _TOPK3, _softmax_meta),
-    "Qwen3MoeTopKRouter": Family("qwen3_moe", _TOPK3, _softmax_meta),
-    "OlmoeTopKRouter": Family("olmoe", _TOPK3, _softmax_meta),
-    "DeepseekV3TopkRouter": Family(
-        "deepseek_v3",
-        RouterSpec(indices=2, weights=1, scores=0, scoring="sigmoid"),
-        _deepseek_meta,
-        bias=lambda router: router.e_score_correction_bias,
-    ),
-    "GptOssTopKRouter": Family(
-        "gpt_oss", RouterSpec(indices=2, weights=1, scores=0, scoring="softmax_topk"), _gpt_oss_meta
-    ),
-    "SwitchTransformersTop1Router": Family(
-        "switch_transformers",
-        RouterSpec(indices=0, scoring="softmax_top1", extract=_switch_extract),
-        _switch_meta,
-    ),
+    "MixtralTopKRouter": Family("mixtral", "topk", "softmax", _softmax_meta),
+    "Qwen2MoeTopKRouter": Family("qwen2_moe", "topk", "softmax", _softmax_meta),
+    "Qwen3MoeTopKRouter": Family("qwen3_moe", "topk", "softmax", _softmax_meta),
+    "OlmoeTopKRouter": Family("olmoe", "topk", "softmax", _softmax_meta),
+    "DeepseekV3TopkRouter": Family("deepseek_v3", "topk", "sigmoid", _deepseek_meta, bias=_correction_bias),
+    "GptOssTopKRouter": Family("gpt_oss", "topk", "softmax_topk", _gpt_oss_meta),
+    "SwitchTransformersTop1Router": Family("switch_transformers", "switch", "softmax_top1", _switch_meta),
+    "Llama4Router": Family("llama4", "llama4", "sigmoid_topk", _llama4_meta),
 }
 
 
-def llama4_family(top_k: int) -> Family:
-    """Llama 4's router does not return indices; recompute them exactly as it does (topk of logits, dim 1)."""
-
-    def extract(output: Any, router_input: Any) -> Extracted:
-        scores, logits = output
-        indices = torch.topk(logits, top_k, dim=1).indices
-        return indices, scores.gather(1, indices), logits, None
-
-    return Family("llama4", RouterSpec(indices=0, scoring="sigmoid_topk", extract=extract), _llama4_meta)
-
-
 def family_for(router: nn.Module) -> Family | None:
-    name = type(router).__name__
-    if name == "Llama4Router":
-        return llama4_family(int(router.top_k))
-    return FAMILIES.get(name)
+    return FAMILIES.get(type(router).__name__)

@@ -18,6 +18,9 @@ import torch
 from .context import TokenContext
 
 
+CONTEXT_TENSORS = ("input_ids", "position_ids", "attention_mask", "mask_4d")
+
+
 @dataclass
 class LayerCapture:
     layer: int
@@ -44,7 +47,6 @@ class StepBuffer:
     # layer -> [router_start, router_end, block_start, block_end] clock marks
     marks: dict[int, list[Any]] = field(default_factory=dict)
     bias: dict[int, torch.Tensor] = field(default_factory=dict)
-    tags: list[tuple[int, str, str]] = field(default_factory=list)
     ready: torch.cuda.Event | None = None  # CUDA: recorded after the host copies
 
     @property
@@ -58,6 +60,11 @@ class StepBuffer:
             total += c.decisions * 16  # int64 index + float32 weight + row columns, roughly
             if c.scores is not None:
                 total += c.scores.numel() * 4
+        for ctx in self.contexts:  # token context tensors travel to the host too (a decode mask can be MBs)
+            for attr in CONTEXT_TENSORS:
+                t = getattr(ctx, attr)
+                if t is not None:
+                    total += t.numel() * t.element_size()
         return total
 
 
@@ -80,7 +87,9 @@ def move_to_host(step: StepBuffer) -> None:
     Runs on the model's thread at the end of the step: only kernel launches and async copies.
     """
     cuda_layers = [c for c in step.layers if c.indices.is_cuda]
-    if not cuda_layers and not any(ctx.input_ids is not None and ctx.input_ids.is_cuda for ctx in step.contexts):
+    if not cuda_layers and not any(
+        getattr(ctx, attr) is not None and getattr(ctx, attr).is_cuda for ctx in step.contexts for attr in CONTEXT_TENSORS
+    ):
         return
     for kind, dtype in (("indices", torch.int32), ("weights", torch.float32), ("scores", torch.float32), ("dropped", torch.bool)):
         have = [c for c in cuda_layers if getattr(c, kind) is not None]
@@ -91,7 +100,7 @@ def move_to_host(step: StepBuffer) -> None:
         for capture, part in zip(have, _split(host, tensors), strict=True):
             setattr(capture, kind, part)
     for ctx in step.contexts:
-        for attr in ("input_ids", "attention_mask", "cache_position"):
+        for attr in CONTEXT_TENSORS:
             value = getattr(ctx, attr)
             if value is not None and value.is_cuda:
                 setattr(ctx, attr, value.to("cpu", non_blocking=True))

@@ -1,13 +1,24 @@
-"""Which tokens a MoE layer is looking at: batch rows, positions, token ids and padding.
+"""Which tokens a MoE layer is looking at: what the stack module was called with, read without a sync.
 
-Built in a pre-hook on the module that receives ``input_ids`` (the "stack": the decoder of a causal LM, the
-encoder and decoder of an encoder-decoder). Only references and host-side shape facts are taken here:
-positions and padding are computed from the attention mask on the writer thread, so the hook launches
-no kernels and never synchronises.
+Built in a pre-hook on the module that receives the token ids (the "stack": the decoder of a causal LM, the
+encoder and decoder of an encoder-decoder, or a custom model's own forward). The hook keeps references and
+host-side facts only (shapes, dtypes, a cache's length when the cache can tell it without a device sync);
+sequences, positions and padding are decided on the writer thread (:mod:`.sequences`), which sees the steps in
+order.
+
+Arguments are recognised by what they are, not only by their names (transformers renamed ``past_key_values``
+to ``cache`` in 5.24, and ``cache_position`` left the stacks in 5.4):
+
+- the KV cache is any argument with a ``get_seq_length`` method, under any name; "no cache argument" is kept
+  distinct from "an empty cache";
+- token ids, position ids and masks are found by their usual names and then *checked*: integer 2-D tensors of the
+  batch's shape for ids and positions, a 2-D or 4-D tensor (or a dict of 4-D tensors) for the mask. A name whose
+  value fails its check is ignored and counted, never trusted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +26,14 @@ import torch
 from torch import nn
 
 from .discovery import _parameters
+from .spec import TokenSelector
 
-_WANTED = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values", "cache_position")
+# "new": these rows start new sequences (no cache, or an empty one); "continue": they extend the sequences of
+# the stack's previous call (the cache already holds `past_len` tokens); "unknown": the cache cannot say without
+# a device sync (static caches keep their length on the device): the writer decides from the positions.
+NEW, CONTINUE, UNKNOWN = "new", "continue", "unknown"
+
+_INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 @dataclass
@@ -24,37 +41,60 @@ class TokenContext:
     stack_id: int
     batch: int
     seq_len: int
-    phase: str  # "prefill" or "decode"
-    new_sequences: bool  # the cache was empty: these rows start new sequences
-    input_ids: torch.Tensor | None  # (batch, seq_len)
-    attention_mask: torch.Tensor | None  # (batch, past + seq_len), 2-D masks only
+    continuity: str  # NEW, CONTINUE or UNKNOWN (see above)
+    input_ids: torch.Tensor | None  # (batch, seq_len) integer, None when fed embeddings
+    position_ids: torch.Tensor | None  # (batch or 1, seq_len) integer
+    attention_mask: torch.Tensor | None  # 2-D (batch, >= seq_len): 0 = padding
+    mask_4d: torch.Tensor | None  # (batch, heads or 1, seq_len, kv_len): bool (True = attend) or additive float
     past_len: int | None  # tokens already in the cache, when known without a sync
-    cache_position: torch.Tensor | None  # used for positions only when past_len is unknown
-    seq_base: int = 0  # sequence id of batch row 0, assigned by the probe
+    tags: Mapping[str, Any] | None = None  # the probe's tags when this call started (an immutable snapshot)
+    problems: tuple[str, ...] = ()  # arguments that failed their checks, counted as anomalies by the writer
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
 
 
 def past_length(cache: Any) -> int | None:
     """Tokens already in a KV cache, if the cache can say without a device sync; None otherwise."""
-    if cache is None:
-        return 0
     getter = getattr(cache, "get_seq_length", None)
-    if getter is None:
+    if not callable(getter):
         return None
     try:
         value = getter()
     except Exception:  # noqa: BLE001 - an exotic cache must not break capture
         return None
     # Static caches keep the length as a device tensor; reading it would synchronise.
-    return value if isinstance(value, int) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def is_cache(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and callable(getattr(value, "get_seq_length", None))
+
+
+def _is_int_2d(value: Any, batch: int, seq_len: int) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 2
+        and value.dtype in _INTEGER
+        and value.shape[1] == seq_len
+        and value.shape[0] in (batch, 1)
+    )
 
 
 class ContextReader:
-    """Pulls the token facts out of one stack module's forward arguments."""
+    """Pulls the token facts out of one stack module's forward arguments.
 
-    def __init__(self, stack: nn.Module, stack_id: int) -> None:
+    ``tokens`` names the argument that holds the token ids (default ``input_ids``), or is a function of
+    ``(args, kwargs)`` returning them, for custom models whose forward calls it something else.
+    """
+
+    def __init__(self, stack: nn.Module, stack_id: int, tokens: TokenSelector | None = None) -> None:
         self.stack_id = stack_id
         params = _parameters(stack)
-        self._slots = {name: params.index(name) for name in _WANTED if name in params}
+        self._params = params
+        self._slots = {name: i for i, name in enumerate(params)}
+        self._tokens: TokenSelector = tokens or "input_ids"
 
     def _arg(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
@@ -64,36 +104,76 @@ class ContextReader:
             return args[slot]
         return None
 
+    def _token_ids(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if callable(self._tokens):
+            return self._tokens(args, kwargs)
+        value = self._arg(self._tokens, args, kwargs)
+        if value is None and self._tokens == "input_ids" and "input_ids" not in self._slots and args:
+            # A custom forward(self, ids): its first positional argument, if it is a batch of token ids.
+            first = args[0]
+            if isinstance(first, torch.Tensor) and first.dim() == 2 and first.dtype in _INTEGER:
+                return first
+        return value
+
+    def _cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, int | None]:
+        """(a cache argument was passed, its length if known without a sync)."""
+        for value in (*kwargs.values(), *args):
+            if is_cache(value):
+                return True, past_length(value)
+        return False, None
+
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenContext | None:
-        input_ids = self._arg("input_ids", args, kwargs)
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-            batch, seq_len = input_ids.shape
+        problems: list[str] = []
+        input_ids = self._token_ids(args, kwargs)
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.dtype in _INTEGER:
+            batch, seq_len = int(input_ids.shape[0]), int(input_ids.shape[1])
         else:
+            if input_ids is not None:
+                problems.append("context:token_ids_not_2d_integer")
             input_ids = None
             embeds = self._arg("inputs_embeds", args, kwargs)
             if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
                 return None
-            batch, seq_len = embeds.shape[:2]
+            batch, seq_len = int(embeds.shape[0]), int(embeds.shape[1])
+
+        position_ids = self._arg("position_ids", args, kwargs)
+        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 3 and position_ids.shape[1] in (batch, 1):
+            position_ids = position_ids[0]  # multimodal rotary (3, batch, seq): the first is the text position
+        if position_ids is not None and not _is_int_2d(position_ids, batch, seq_len):
+            problems.append("context:position_ids_shape")
+            position_ids = None
+
+        mask_2d: torch.Tensor | None = None
+        mask_4d: torch.Tensor | None = None
         mask = self._arg("attention_mask", args, kwargs)
-        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq_len):
-            mask = None
-        past = past_length(self._arg("past_key_values", args, kwargs))
-        cache_position = self._arg("cache_position", args, kwargs)
-        if not isinstance(cache_position, torch.Tensor) or cache_position.shape != (seq_len,):
-            cache_position = None
-        if past is None:
-            new = seq_len > 1
+        if isinstance(mask, Mapping):  # per attention type (full / sliding): the full one covers all tokens
+            mask = mask.get("full_attention", next(iter(mask.values()), None))
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq_len:
+                mask_2d = mask
+            elif mask.dim() == 4 and mask.shape[0] == batch and mask.shape[2] == seq_len:
+                mask_4d = mask
+            else:
+                problems.append("context:attention_mask_shape")
+        elif mask is not None:
+            problems.append("context:attention_mask_unreadable")  # e.g. a flex-attention BlockMask
+
+        has_cache, past = self._cache(args, kwargs)
+        if not has_cache:
+            continuity = NEW  # no cache: the call sees whole sequences
+        elif past is None:
+            continuity = UNKNOWN
         else:
-            new = past == 0
-        phase = "prefill" if (seq_len > 1 or new) else "decode"
+            continuity = NEW if past == 0 else CONTINUE
         return TokenContext(
             stack_id=self.stack_id,
-            batch=int(batch),
-            seq_len=int(seq_len),
-            phase=phase,
-            new_sequences=new,
+            batch=batch,
+            seq_len=seq_len,
+            continuity=continuity,
             input_ids=input_ids,
-            attention_mask=mask,
+            position_ids=position_ids,
+            attention_mask=mask_2d,
+            mask_4d=mask_4d,
             past_len=past,
-            cache_position=cache_position if past is None else None,
+            problems=tuple(problems),
         )

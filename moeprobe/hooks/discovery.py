@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import contracts
 from .adapters import Family, family_for
-from .spec import Extracted, RouterSpec, UnsupportedModelError
+from .spec import Extracted, RouterSpec, TokenSelector, UnsupportedModelError
 
 RouterKey = str | type
 RouterDecls = Mapping[RouterKey, RouterSpec]
@@ -49,6 +50,13 @@ class LayerBinding:
     stack_name: str | None = None
     # Generic path: the experts module's positional slots for indices and weights.
     param_slots: tuple[tuple[int, str], tuple[int, str]] | None = None
+    # A family router that turns out (on its first call) to return bare logits routes in its block: the
+    # routing is then read from this experts module's inputs, and the router's logits become the scores.
+    experts_fallback: nn.Module | None = None
+    # Where the stack's token ids are, when a RouterSpec declares it (custom models).
+    tokens: TokenSelector | None = None
+    # Set once the layer's first call passed its contract checks.
+    validated: bool = False
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -145,18 +153,22 @@ def find_layers(model: nn.Module, routers: RouterDecls | None = None) -> list[La
             family = family_for(module)
             if family is None:
                 continue
-            spec = family.spec
         block_name = _parent_name(name)
         block = modules[block_name]
         if family is not None:
-            meta = family.describe(module, block)
+            meta = family.describe(module, block, name)
             bias_fn = family.bias
             family_name = family.name
+            extract = family.extractor(meta, module)
+            meta.setdefault("scoring", family.scoring)
         else:
+            assert spec is not None
             meta = _spec_meta(spec, module, block, name)
             bias_fn = (lambda router: None)
             family_name = spec.family
-        meta.setdefault("scoring", spec.scoring)
+            extract = spec.extractor()
+            meta.setdefault("scoring", spec.scoring)
+        experts = getattr(block, "experts", None)
         bias_tensor = bias_fn(module)
         meta.setdefault("has_bias", bias_tensor is not None)
         bindings.append(
@@ -169,10 +181,12 @@ def find_layers(model: nn.Module, routers: RouterDecls | None = None) -> list[La
                 source_name=name,
                 router=module,
                 router_name=name,
-                extract=spec.extractor(),
+                extract=extract,
                 family=family_name,
                 meta=meta,
                 bias=(lambda m=module, f=bias_fn: f(m)),
+                experts_fallback=experts if family is not None and isinstance(experts, nn.Module) and _generic_slots(experts) else None,
+                tokens=spec.tokens if spec is not None else None,
             )
         )
         bound_blocks.add(block_name)
@@ -198,11 +212,10 @@ def find_layers(model: nn.Module, routers: RouterDecls | None = None) -> list[La
                 f"MoE block {name!r} ({type(module).__name__}): cannot tell its number of experts and top-k; "
                 f"declare its router with routers={{...: moeprobe.RouterSpec(...)}}"
             )
-        (i_pos, i_name), (w_pos, w_name) = slots
 
-        def extract(args: Any, kwargs: Any, i_pos: int = i_pos, i_name: str = i_name, w_pos: int = w_pos, w_name: str = w_name) -> Extracted:
-            indices = args[i_pos] if len(args) > i_pos else kwargs[i_name]
-            weights = args[w_pos] if len(args) > w_pos else kwargs[w_name]
+        def extract(args: Any, kwargs: Any, k: int = int(top_k)) -> Extracted:
+            # By contract, not by position: the integer (tokens, k) argument and the floating one of its shape.
+            indices, weights = contracts.experts_parts((*args, *kwargs.values()), k)
             return indices, weights, None, None
 
         bindings.append(
@@ -251,11 +264,15 @@ def find_layers(model: nn.Module, routers: RouterDecls | None = None) -> list[La
 
 
 def _stack_for(block_name: str, modules: dict[str, nn.Module]) -> tuple[str | None, nn.Module | None]:
-    """The nearest enclosing module whose forward takes ``input_ids``: it tells which tokens a layer sees."""
+    """The nearest enclosing module whose forward takes ``input_ids``: it tells which tokens a layer sees.
+
+    Without one (a custom model), the model itself: its token ids are then its first positional argument if
+    that is a 2-D integer tensor, or wherever a RouterSpec's ``tokens=`` says.
+    """
     name = block_name
     while name:
         name = _parent_name(name)
         module = modules[name]
         if "input_ids" in _parameters(module):
             return name, module
-    return None, None
+    return "", modules[""]

@@ -24,7 +24,7 @@ import torch
 from ..traces.schema import PHASES, TABLES
 from ..traces.writer import ShardWriter
 from .capture import LayerCapture, StepBuffer
-from .context import TokenContext
+from .sequences import ResolvedTokens, SequenceTracker, unmatched_rows
 
 HEARTBEAT_S = 2.0
 PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
@@ -105,51 +105,6 @@ def _warm_up() -> None:
     )
 
 
-class TokenRows:
-    """Per-token columns of one context: sequence, position, token id and the padding mask."""
-
-    def __init__(self, ctx: TokenContext | None, tokens: int, redact: bool) -> None:
-        if ctx is None or ctx.batch * ctx.seq_len != tokens:
-            # A layer whose token count does not match its stack's inputs (or a model without input_ids):
-            # rows are still kept, numbered by their position in the flattened batch.
-            self.sequence = np.zeros(tokens, np.int64) + (ctx.seq_base if ctx is not None else 0)
-            self.position = np.arange(tokens, dtype=np.int32)
-            self.token_id = np.full(tokens, -1, np.int32)
-            self.valid = None
-            self.phase = ctx.phase if ctx is not None else "prefill"
-            self.matched = False
-            return
-        batch, seq_len = ctx.batch, ctx.seq_len
-        self.matched = True
-        self.phase = ctx.phase
-        self.sequence = np.repeat(ctx.seq_base + np.arange(batch, dtype=np.int64), seq_len)
-        mask = _np(ctx.attention_mask)
-        if mask is not None:
-            mask = mask != 0
-            position = (np.cumsum(mask, axis=1, dtype=np.int64) - 1)[:, -seq_len:]
-            self.valid = mask[:, -seq_len:].reshape(-1)
-            if self.valid.all():
-                self.valid = None
-        elif ctx.past_len is not None:
-            position = np.broadcast_to(ctx.past_len + np.arange(seq_len), (batch, seq_len))
-            self.valid = None
-        elif ctx.cache_position is not None:
-            position = np.broadcast_to(_np(ctx.cache_position), (batch, seq_len))
-            self.valid = None
-        else:
-            position = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
-            self.valid = None
-        self.position = np.ascontiguousarray(position, dtype=np.int32).reshape(-1)
-        ids = _np(ctx.input_ids)
-        if ids is None or redact:
-            self.token_id = np.full(tokens, -1, np.int32)
-        else:
-            self.token_id = ids.astype(np.int32, copy=False).reshape(-1)
-
-    def count(self) -> int:
-        return int(self.valid.sum()) if self.valid is not None else len(self.sequence)
-
-
 class CapturePipeline:
     def __init__(
         self,
@@ -160,6 +115,7 @@ class CapturePipeline:
         max_queue_bytes: int = 256 << 20,
         redact_tokens: bool = False,
         counters: Callable[[], dict[str, int]] | None = None,
+        primary_stack: int | None = 0,
     ) -> None:
         self.writer = writer
         self.clock = clock
@@ -187,6 +143,7 @@ class CapturePipeline:
         self._step_rows: list[tuple[Any, ...]] = []
         self._latency_rows: list[tuple[Any, ...]] = []
         self._warned_drop = False
+        self._sequences = SequenceTracker(_np, writer.count_anomaly, primary_stack=primary_stack, redact_tokens=redact_tokens)
         self.failure: BaseException | None = None
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="moeprobe-writer", daemon=True)
@@ -291,16 +248,23 @@ class CapturePipeline:
             # as a host sync under torch's sync debug mode.
             while not step.ready.query():
                 time.sleep(0.0002)
-        token_rows: dict[int, TokenRows] = {}
-        first_tokens: TokenRows | None = None
+        # Token context first, in call order: it decides sequences even for a call no MoE layer saw.
+        resolved: dict[int, ResolvedTokens] = {}
+        tag_rows: list[tuple[int, str, str]] = []
+        for ctx in step.contexts:
+            tokens_of_call, started = self._sequences.resolve(ctx)
+            resolved[id(ctx)] = tokens_of_call
+            tag_rows.extend(started)
+        first_tokens: ResolvedTokens | None = None
         for capture in step.layers:
-            rows = self._collect_routing(step, capture, token_rows)
+            rows = self._collect_routing(step, capture, resolved)
             if first_tokens is None:
                 first_tokens = rows
-        ctx = step.contexts[0] if step.contexts else None
+        first_ctx = resolved.get(id(step.contexts[0])) if step.contexts else None
         tokens = first_tokens.count() if first_tokens is not None else 0
-        phase = ctx.phase if ctx is not None else (first_tokens.phase if first_tokens else "prefill")
-        self._step_rows.append((step.step, PHASE_CODE[phase], ctx.batch if ctx is not None else 0, tokens, step.started_at, step.wall_ms))
+        phase = first_ctx.phase if first_ctx is not None else (first_tokens.phase if first_tokens else "prefill")
+        batch = step.contexts[0].batch if step.contexts else 0
+        self._step_rows.append((step.step, PHASE_CODE[phase], batch, tokens, step.started_at, step.wall_ms))
         counters = self.writer.counters
         counters["steps"] += 1
         counters["tokens"] += tokens
@@ -324,26 +288,26 @@ class CapturePipeline:
                 layer=np.array([layer], np.int16),
                 bias=pa.array([values], type=pa.list_(pa.float32())),
             )
-        if step.tags:
+        if tag_rows:
             self._tags.add(
-                len(step.tags),
-                sequence=np.array([t[0] for t in step.tags], np.int64),
-                key=[t[1] for t in step.tags],
-                value=[t[2] for t in step.tags],
+                len(tag_rows),
+                sequence=np.array([t[0] for t in tag_rows], np.int64),
+                key=[t[1] for t in tag_rows],
+                value=[t[2] for t in tag_rows],
             )
 
-    def _collect_routing(self, step: StepBuffer, capture: LayerCapture, cache: dict[int, TokenRows]) -> TokenRows:
+    def _collect_routing(self, step: StepBuffer, capture: LayerCapture, resolved: dict[int, ResolvedTokens]) -> ResolvedTokens:
         indices = _np(capture.indices)
         if indices.ndim != 2:
             indices = indices.reshape(-1, indices.shape[-1]) if indices.ndim > 2 else indices.reshape(-1, 1)
         tokens, k = indices.shape
-        key = id(capture.context) if capture.context is not None else -tokens
-        rows = cache.get(key)
+        rows = resolved.get(id(capture.context)) if capture.context is not None else None
         if rows is None or len(rows.sequence) != tokens:
-            rows = TokenRows(capture.context, tokens, self.redact_tokens)
-            cache[key] = rows
-            if not rows.matched:
-                self.writer.count_anomaly("token_count_mismatch")
+            # A layer whose token count does not match its stack's inputs (or a model whose token ids moeprobe
+            # cannot see): its rows are kept, with unknown positions, and the mismatch is counted.
+            phase = rows.phase if rows is not None else "prefill"
+            rows = unmatched_rows(tokens, phase, rows.seq_base if rows is not None else 0)
+            self.writer.count_anomaly("token_count_mismatch")
         weights = _np(capture.weights, np.float32)
         dropped = _np(capture.dropped)
         self._pending_routing.setdefault(k, []).append(

@@ -28,7 +28,9 @@ from .capture import LayerCapture, StepBuffer, move_to_host
 from .context import ContextReader, TokenContext
 from .discovery import LayerBinding, RouterDecls, find_layers
 from .pipeline import CapturePipeline
-from .spec import RouterSpec
+from . import compat, contracts
+from .adapters import transformers_version
+from .spec import RouterSpec, UnsupportedModelError
 from .timing import CpuClock, CudaClock
 
 
@@ -84,9 +86,17 @@ class Probe:
         world_size: int | None = None,
         check_sync: bool = False,
         writer_class: type[ShardWriter] = ShardWriter,
+        raise_on_refusal: bool = True,
     ) -> None:
         self.model = model
+        compat.check_transformers(model)
         self.layers = find_layers(model, routers)
+        # A contract failure on a layer's first call (see _extract): capture stops, the trace is marked aborted,
+        # and close() raises it unless the probe was attached to an unmodified job (moeprobe record).
+        self.refusal: UnsupportedModelError | None = None
+        self.raise_on_refusal = raise_on_refusal
+        self._experts_hooks: dict[int, Any] = {}
+        self._pending_scores: dict[int, Any] = {}
         self.logits = logits
         self.redact_tokens = redact_tokens
         self.path = Path(path) if path is not None else None
@@ -102,9 +112,7 @@ class Probe:
         self._step: StepBuffer | None = None
         self._depth = 0
         self._next_step = 0
-        self._next_sequence = 0
         self._primary_stack: int | None = None
-        self._last_primary: TokenContext | None = None
         self._current: dict[int, TokenContext] = {}  # stack id -> context of its latest forward call
         self._tags: dict[str, Any] = {}
         self.anomalies: dict[str, int] = {}
@@ -163,14 +171,17 @@ class Probe:
     def tag(self, **tags: Any) -> None:
         """Label the sequences that start from now on. A value may be a list, one entry per batch row of
         the next batch; ``None`` removes a key; ``tag()`` with no arguments clears all tags."""
+        # A new dict each time: steps already queued keep the tags they started with.
         if not tags:
-            self._tags.clear()
+            self._tags = {}
             return
+        updated = dict(self._tags)
         for key, value in tags.items():
             if value is None:
-                self._tags.pop(key, None)
+                updated.pop(key, None)
             else:
-                self._tags[key] = value
+                updated[key] = list(value) if isinstance(value, (list, tuple)) else value
+        self._tags = updated
 
     def take_loads(self) -> list[torch.Tensor]:
         """Tokens routed to each expert, per MoE layer, since the last call (needs ``live_loads=True``).
@@ -201,6 +212,8 @@ class Probe:
         finally:
             if self.pipeline is not None:
                 self.pipeline.close(status, error)
+        if self.refusal is not None and self.raise_on_refusal and status == "complete":
+            raise self.refusal
 
     def __enter__(self) -> Probe:
         return self
@@ -236,7 +249,8 @@ class Probe:
             if layer.stack is not None and id(layer.stack) not in stacks:
                 stack_id = len(stacks)
                 stacks[id(layer.stack)] = stack_id
-                readers[stack_id] = ContextReader(layer.stack, stack_id)
+                tokens = next((other.tokens for other in self.layers if other.stack is layer.stack and other.tokens is not None), None)
+                readers[stack_id] = ContextReader(layer.stack, stack_id, tokens)
                 if self._primary_stack is None:
                     self._primary_stack = stack_id
         entries: dict[int, tuple[nn.Module, int | None]] = {id(self.model): (self.model, None)}
@@ -284,6 +298,8 @@ class Probe:
 
         def router_post(module: nn.Module, args: Any, output: Any) -> None:
             step = self._step
+            if self.refusal is not None:
+                return
             if step is None:
                 self._anomaly("outside_step", None)
                 return
@@ -291,20 +307,36 @@ class Probe:
                 marks = step.marks.get(i)
                 if marks is not None:
                     marks[1] = clock.mark()
+                if not layer.validated and layer.source == "router" and layer.experts_fallback is not None:
+                    if contracts.logits_only(output, layer.meta["num_experts"]) is not None:
+                        self._route_through_experts(layer, stack_id)
                 if layer.source == "router":
-                    self._capture(step, layer, stack_id, layer.extract(output, args[0] if args else None))
+                    parts = self._extract(layer, lambda: layer.extract(output, args[0] if args else None), output)
+                    if parts is not None:
+                        self._capture(step, layer, stack_id, parts)
+                elif self.logits:
+                    self._pending_scores[i] = contracts.logits_only(output, layer.meta["num_experts"])
             except Exception as exc:  # noqa: BLE001
                 self._anomaly("router", exc)
 
         def experts_pre(module: nn.Module, args: Any, kwargs: Any) -> None:
             step = self._step
+            if self.refusal is not None:
+                return
             if step is None:
                 self._anomaly("outside_step", None)
                 return
             try:
-                self._capture(step, layer, stack_id, layer.extract(args, kwargs))
+                parts = self._extract(layer, lambda: layer.extract(args, kwargs), (*args, *kwargs.values()))
+                if parts is not None:
+                    scores = self._pending_scores.pop(i, None)
+                    if scores is not None:
+                        parts = (parts[0], parts[1], scores, parts[3])
+                    self._capture(step, layer, stack_id, parts)
             except Exception as exc:  # noqa: BLE001
                 self._anomaly("experts", exc)
+
+        self._experts_hooks[i] = experts_pre
 
         checked = self._checked
         self._hook(layer.block.register_forward_pre_hook(checked(block_pre)))
@@ -314,6 +346,52 @@ class Probe:
             self._hook(layer.router.register_forward_hook(checked(router_post)))
         if layer.source == "experts":
             self._hook(layer.source_module.register_forward_pre_hook(checked(experts_pre), with_kwargs=True))
+
+    def _route_through_experts(self, layer: LayerBinding, stack_id: int | None) -> None:
+        """The router returned bare logits (the block routes): read the routing from the experts' inputs."""
+        experts = layer.experts_fallback
+        assert experts is not None
+        k = int(layer.meta["top_k"])
+
+        def extract(args: Any, kwargs: Any) -> Any:
+            indices, weights = contracts.experts_parts((*args, *kwargs.values()), k)
+            return indices, weights, None, None
+
+        layer.source = "experts"
+        layer.source_module = experts
+        layer.extract = extract
+        self._hook(experts.register_forward_pre_hook(self._checked(self._experts_hooks[layer.index]), with_kwargs=True))
+
+    def _extract(self, layer: LayerBinding, read: Any, raw: Any) -> Any:
+        """Read one layer call's routing and check its contract: a failure refuses the model on the layer's first
+        call, and is counted (the call's routing left out) on any later one."""
+        k, num_experts = int(layer.meta["top_k"]), int(layer.meta["num_experts"])
+        try:
+            parts = read()
+            contracts.check_parts(parts, k, num_experts)
+        except Exception as exc:  # noqa: BLE001 - a selector may fail in any way; each is a contract failure
+            if not layer.validated:
+                self._refuse(layer, exc, raw)
+            else:
+                self._anomaly(f"contract:layer{layer.index}", None)
+            return None
+        layer.validated = True
+        return parts
+
+    def _refuse(self, layer: LayerBinding, exc: BaseException, raw: Any) -> None:
+        """Stop capturing for good: the model's outputs do not have the structure moeprobe relies on."""
+        what = f"{layer.source_name!r} ({type(layer.source_module).__name__}"
+        if compat.is_transformers_model(self.model):
+            what += f", transformers {transformers_version()}"
+        self.refusal = UnsupportedModelError(
+            f"cannot capture MoE layer {layer.index} from {what}): {exc}; output was {contracts.describe(raw)}"
+        )
+        self._step = None
+        self._depth = 0
+        print(f"moeprobe: {self.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
+        if self.pipeline is not None:
+            self.pipeline.close("aborted", str(self.refusal))
+            self.pipeline = None
 
     def _detach(self) -> None:
         handles, self._handles = self._handles, []
@@ -330,6 +408,8 @@ class Probe:
 
     def _entry_pre(self, reader: ContextReader | None) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if self.refusal is not None:
+                return
             try:
                 if self._depth == 0:
                     self._step = StepBuffer(step=self._next_step)
@@ -338,7 +418,7 @@ class Probe:
                 if reader is not None and self._step is not None:
                     ctx = reader.read(args, kwargs)
                     if ctx is not None:
-                        self._assign_sequences(ctx, self._step)
+                        ctx.tags = self._tags  # sequences and their tags are assigned on the writer thread
                         self._step.contexts.append(ctx)
                         self._current[ctx.stack_id] = ctx
             except Exception as exc:  # noqa: BLE001
@@ -353,31 +433,6 @@ class Probe:
                 self._finish_step()
         except Exception as exc:  # noqa: BLE001
             self._anomaly("entry_post", exc)
-
-    def _assign_sequences(self, ctx: TokenContext, step: StepBuffer) -> None:
-        primary = ctx.stack_id == self._primary_stack
-        if not primary and self._last_primary is not None and self._last_primary.batch == ctx.batch:
-            # The decoder of an encoder-decoder continues the sequences its encoder started.
-            ctx.seq_base = self._last_primary.seq_base
-            return
-        previous = self._current.get(ctx.stack_id)
-        if ctx.new_sequences or previous is None or previous.batch != ctx.batch:
-            ctx.seq_base = self._next_sequence
-            self._next_sequence += ctx.batch
-            self._tag_sequences(ctx, step)
-        else:
-            ctx.seq_base = previous.seq_base
-        if primary:
-            self._last_primary = ctx
-
-    def _tag_sequences(self, ctx: TokenContext, step: StepBuffer) -> None:
-        for key, value in self._tags.items():
-            if isinstance(value, (list, tuple)):
-                for row in range(min(ctx.batch, len(value))):
-                    step.tags.append((ctx.seq_base + row, key, str(value[row])))
-            else:
-                for row in range(ctx.batch):
-                    step.tags.append((ctx.seq_base + row, key, str(value)))
 
     def _capture(self, step: StepBuffer, layer: LayerBinding, stack_id: int | None, extracted: Any) -> None:
         indices, weights, scores, dropped = extracted

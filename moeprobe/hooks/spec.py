@@ -18,6 +18,9 @@ import torch
 # (ModelOutput, dataclass), or a function of (output, router_input) returning the tensor.
 Selector = int | str | Callable[[Any, Any], torch.Tensor]
 
+# Where a stack's token ids are: the name of its forward's argument, or a function of (args, kwargs).
+TokenSelector = str | Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
 # (indices (tokens, k), weights (tokens, k) or None, scores (tokens, E) or None, dropped (tokens,) or None)
 Extracted = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -42,6 +45,13 @@ class RouterSpec:
     (``"model.layers.*.moe.router"``). ``num_experts`` and ``top_k`` default to the module's
     ``num_experts`` / ``top_k`` attributes. ``indices`` may return shape (tokens, k) or (batch, seq, k);
     ``weights`` the same shape as ``indices``; ``scores`` (tokens, num_experts).
+
+    ``tokens`` says where the model's forward receives its token ids when that argument is not called
+    ``input_ids``: an argument name (``tokens="ids"``) or a function of ``(args, kwargs)``. Without it, a model
+    with no ``input_ids`` argument uses its first positional argument when that is a 2-D integer tensor.
+
+    ``num_experts`` and ``top_k`` are checked against the router's first output: a mismatch, or a selector that
+    returns something of the wrong type or shape, is an :class:`UnsupportedModelError` at the first call.
     """
 
     indices: Selector
@@ -57,6 +67,7 @@ class RouterSpec:
     # outputs need computing (it overrides the selectors).
     extract: Callable[[Any, Any], Extracted] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tokens: TokenSelector | None = None
 
     def extractor(self) -> Callable[[Any, Any], Extracted]:
         if self.extract is not None:
@@ -86,6 +97,7 @@ class RouterSpec:
             "dropped": name(self.dropped),
             "scoring": self.scoring,
             "family": self.family,
+            "tokens": name(self.tokens),
         }
 
 

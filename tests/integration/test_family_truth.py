@@ -40,7 +40,7 @@ def _truth_hooks(model: torch.nn.Module, family: str) -> tuple[list[dict[str, np
                 kept = one_hot.any(-1).reshape(-1)
                 calls.append({"expert": one_hot.argmax(-1).reshape(-1, 1).numpy(), "weight": weights.float().numpy(), "dropped": (~kept).numpy(), "kept": kept.numpy()})
             handles.append(module.register_forward_pre_hook(pre))
-        elif name.endswith("Experts") and family not in ("llama4", "switch_transformers"):
+        elif name.endswith(("Experts", "NaiveMoe")) and family not in ("llama4", "switch_transformers"):
             def pre(mod: Any, args: Any) -> None:
                 idx, weights = args[1], args[2]
                 calls.append({"expert": idx.numpy().copy(), "weight": weights.float().numpy().copy(), "dropped": np.zeros(len(idx), bool)})
