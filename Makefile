@@ -1,20 +1,26 @@
 # Two commands on a fresh machine with Python 3.11+:
-#   make demo   create .venv, install moeprobe, record the embedded demo model
-#   make test   create .venv, install moeprobe with its test dependencies, run the tests
+#   make demo   create .venv, install moeprobe (locked versions), record the embedded demo model
+#   make test   create .venv, install moeprobe with its test dependencies (locked versions), run the tests
+# Versions come from requirements.lock (pip constraints, PyTorch's CPU build included); `make lock` refreshes it
+# from the newest releases the package index serves, and `make compat` runs the transformers matrix.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of PyTorch that this project is tested with; override e.g. TORCH="torch==2.6.0".
+LOCK := requirements.lock
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+# The CPU build of PyTorch that `make lock` starts from (a plain `torch` may pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
+# Releases `make compat` checks: a 4.x (refused in one line), the oldest supported, the newest served.
+COMPAT ?= 4.57.6 5.0.0 latest
 
-.PHONY: demo test install clean
+.PHONY: demo test install lock compat clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -c $(LOCK) torch
+	$(PIP) install -c $(LOCK) -e ".[dev]"
 	touch $@
 
 demo: install
@@ -23,5 +29,17 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check ".[dev]"
+	(echo "# pip constraints: the versions the suite passed on; refresh with 'make lock'"; \
+	 .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^moeprobe') > $(LOCK)
+	rm -rf .lock-venv build
+
+compat: install
+	$(BIN)/python tools/compat_matrix.py --markdown $(COMPAT)
+
 clean:
-	rm -rf $(VENV) .pytest_cache traces
+	rm -rf $(VENV) .pytest_cache traces .tf .lock-venv

@@ -100,12 +100,14 @@ def _read_log(log: Path) -> tuple[float, int, dict[int, float]]:
     return start, pid, steps
 
 
-def _wait_for_start(log: Path, process: subprocess.Popen[bytes], timeout: float = 120.0) -> tuple[float, int]:
+def _wait_for_start(log: Path, process: subprocess.Popen[bytes], timeout: float = 120.0, steps: int = 0) -> tuple[float, int]:
+    """Wait until the job logged its start and, with ``steps``, that many completed steps (on a loaded machine
+    the first step, which attaches the probe under ``moeprobe record``, can take seconds)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if log.exists():
-            start, pid, _ = _read_log(log)
-            if pid:
+            start, pid, done = _read_log(log)
+            if pid and len(done) >= steps:
                 return start, pid
         if process.poll() is not None:
             raise RuntimeError(f"job ended before starting (exit {process.returncode})")
@@ -154,7 +156,8 @@ def run_round(workdir: Path, mode: str, delay_s: float, flush_interval: float, *
                    "--", _python(), str(job)]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _, pid = _wait_for_start(log, process)
+        # A kill late in recording comes after the first step, whatever the machine's load.
+        _, pid = _wait_for_start(log, process, steps=1 if delay_s > 1 else 0)
         time.sleep(delay_s)
         kill_at = time.time()
         os.kill(pid, signal.SIGKILL)

@@ -319,6 +319,9 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
             "world_size": trace.manifest.get("world_size"),
             "ranks": sorted(reader.shards),
             "segments": {name: len(reader.segments(name)) for name in ("routing", "scores", "latency")},
+            # Capture health: anything here means some routing is missing or approximate (see docs/compatibility.md).
+            "anomalies": dict(trace.manifest.get("counters", {}).get("anomalies", {})),
+            "errors": sorted({str(s["error"]) for s in trace.manifest.get("shards", []) if s.get("error")}),
         },
         "filters": ctx.filters.to_json(),
         "options": options.to_json() | {"window_steps": load.window_steps},

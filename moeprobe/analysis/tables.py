@@ -56,6 +56,7 @@ def header(report: dict[str, Any]) -> list[str]:
         f"trace {trace['path']}: {state}",
         f"model {model.get('name', '?')} ({model.get('family', '?')}), ranks {', '.join(map(str, trace['ranks'])) or '-'}",
     ]
+    lines += anomaly_lines(trace)
     if overall["layers"]:
         lines.append(
             f"{overall['layers']} MoE layers, {overall['decisions']:,} routing decisions, {overall['tokens']:,} tokens, "
@@ -70,6 +71,17 @@ def header(report: dict[str, Any]) -> list[str]:
             f"estimates on whole-sequence samples: tags and vocabulary {pct(counts['fraction'])} of decisions, "
             f"repetition, co-activation and router {pct(sample['fraction'])} ({sample['sequences']:,} sequences)"
         )
+    return lines
+
+
+def anomaly_lines(trace: dict[str, Any]) -> list[str]:
+    """Capture problems, said first: the numbers below them may miss or misplace some routing."""
+    lines = [f"ERROR the recording stopped: {error}" for error in trace.get("errors") or []]
+    anomalies = trace.get("anomalies") or {}
+    if anomalies:
+        total = sum(anomalies.values())
+        listed = ", ".join(f"{key} x{count:,}" for key, count in sorted(anomalies.items()))
+        lines.append(f"WARNING {total:,} capture anomalies ({listed}): some routing may be missing or approximate")
     return lines
 
 

@@ -65,6 +65,11 @@ def _render(summary: dict[str, Any]) -> None:
     model = m["model"]
     status = m["status"]
     console.print(f"[bold]{plain(summary['path'])}[/]  moeprobe trace v{m['format_version']}")
+    anomalies = m.get("counters", {}).get("anomalies", {})
+    if anomalies:
+        # First, not last: a trace with anomalies may miss or misplace routing, and a reader must know before trusting it.
+        total = sum(anomalies.values())
+        console.print(f"[bold yellow]WARNING[/] {_count(total)} capture anomalies (listed below): some routing may be missing or approximate")
     console.print(f"status    [bold]{plain(status)}[/] ({_STATE_NOTE.get(status, '')})")
     console.print(
         f"model     {plain(model.get('name'))} ({plain(model.get('class'))}, family {plain(model.get('family'))}, "
@@ -105,6 +110,8 @@ def _render(summary: dict[str, Any]) -> None:
         console.print("dropped   none")
     if anomalies:
         console.print("[yellow]anomalies[/] " + ", ".join(f"{plain(k)}: {plain(v)}" for k, v in anomalies.items()))
+    else:
+        console.print("anomalies none")
 
 
 def main(argv: list[str]) -> int:

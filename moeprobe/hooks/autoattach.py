@@ -5,7 +5,8 @@ The CLI starts the job with ``bootstrap/`` on PYTHONPATH, whose ``sitecustomize`
 imports transformers), so every model the job builds or loads is offered to moeprobe. A model is attached
 on its first forward call, once it is known to be the outermost model (a ``*ForCausalLM`` subsumes the
 ``*Model`` it wraps). Models without a router are ignored; a model whose router moeprobe cannot interpret
-is reported on stderr and left alone: the job always runs.
+is reported on stderr and left alone, and a probe that refuses a model on its first call (a contract
+check failed) marks its trace aborted: the job always runs.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class _Recorder:
                     force=bool(self.config.get("force")),
                     flush_interval=float(self.config.get("flush_interval", 1.0)),
                     redact_tokens=bool(self.config.get("redact_tokens")),
+                    # A contract failure stops capture and marks the trace aborted; the job runs on.
+                    raise_on_refusal=False,
                 )
             except UnsupportedModelError as exc:
                 if "no MoE router found" not in str(exc):
@@ -78,6 +81,9 @@ class _Recorder:
                 return
             except TraceError as exc:
                 print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
+                return
+            except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the user's job must run on
+                print(f"moeprobe: not recording {type(model).__name__}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 return
             self.probes.append(probe)
             print(f"moeprobe: recording {type(model).__name__} ({len(probe.layers)} MoE layers) to {probe.path}", file=sys.stderr)

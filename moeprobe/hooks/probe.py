@@ -383,8 +383,9 @@ class Probe:
         what = f"{layer.source_name!r} ({type(layer.source_module).__name__}"
         if compat.is_transformers_model(self.model):
             what += f", transformers {transformers_version()}"
+        reason = str(exc) if isinstance(exc, contracts.ContractError) else f"{type(exc).__name__}: {exc}"
         self.refusal = UnsupportedModelError(
-            f"cannot capture MoE layer {layer.index} from {what}): {exc}; output was {contracts.describe(raw)}"
+            f"cannot capture MoE layer {layer.index} from {what}): {reason}; output was {contracts.describe(raw)}"
         )
         self._step = None
         self._depth = 0

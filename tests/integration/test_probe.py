@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,20 +106,44 @@ def test_trace_is_readable_while_the_writer_is_running(tmp_path: Path) -> None:
 
 
 def test_hook_failure_is_counted_not_raised(tmp_path: Path) -> None:
+    """A selector that fails after the layer's first call: the model is unaffected, the calls are counted."""
+    model = build("mixtral")
+    ids = torch.randint(3, 96, (1, 4))
+    reference = model(ids).logits
+    calls = {"n": 0}
+
+    def sometimes_broken(output: Any, router_input: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 2:  # both layers read fine once, then fail
+            raise ValueError("cannot read this router")
+        return output[2]
+
+    spec = moeprobe.RouterSpec(indices=sometimes_broken, weights=1, num_experts=6, top_k=2)
+    with moeprobe.record(model, tmp_path / "t", routers={"MixtralTopKRouter": spec}) as probe:
+        model(ids)
+        logits = model(ids).logits
+    assert torch.equal(logits, reference)
+    assert probe.anomalies == {"contract:layer0": 1, "contract:layer1": 1}
+    trace = moeprobe.open_trace(tmp_path / "t")
+    assert trace.manifest["counters"]["anomalies"] == {"contract:layer0": 1, "contract:layer1": 1}
+    assert trace.sql("select list(distinct step) from routing").column(0)[0].as_py() == [0]
+
+
+def test_hook_failure_on_the_first_call_refuses_without_touching_the_model(tmp_path: Path) -> None:
     model = build("mixtral")
     ids = torch.randint(3, 96, (1, 4))
     reference = model(ids).logits
 
-    def broken(output: object, router_input: object) -> torch.Tensor:
+    def broken(output: Any, router_input: Any) -> torch.Tensor:
         raise ValueError("cannot read this router")
 
     spec = moeprobe.RouterSpec(indices=broken, num_experts=6, top_k=2)
-    with moeprobe.record(model, tmp_path / "t", routers={"MixtralTopKRouter": spec}) as probe:
-        logits = model(ids).logits
-    assert torch.equal(logits, reference)
-    assert probe.anomalies == {"router:ValueError": 2}
-    trace = moeprobe.open_trace(tmp_path / "t")
-    assert trace.manifest["counters"]["anomalies"] == {"router:ValueError": 2}
+    logits = None
+    with pytest.raises(moeprobe.UnsupportedModelError, match="ValueError: cannot read this router"):
+        with moeprobe.record(model, tmp_path / "t", routers={"MixtralTopKRouter": spec}):
+            logits = model(ids).logits
+    assert logits is not None and torch.equal(logits, reference)
+    assert moeprobe.open_trace(tmp_path / "t").status == "aborted"
 
 
 def test_full_queue_drops_and_counts_records(tmp_path: Path) -> None:

@@ -149,3 +149,24 @@ def test_manual_loop_with_position_ids_only(family: str, tmp_path: Path) -> None
         + [(i, b, start + PROMPT + i - 1, int(tokens[i][b, 0]), "decode") for i in range(1, NEW) for b in range(2)]
     )
     assert _recorded(tmp_path / "t") == expected
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "glm4_moe"])
+def test_chunked_prefill_continues_its_sequences(family: str, tmp_path: Path) -> None:
+    """A prompt fed in two chunks through one cache, the second with the whole 2-D mask and no position ids:
+    one sequence per row, positions continuing where the first chunk ended, both chunks prefill."""
+    model = build(family)
+    ids, mask = _prompt(True)
+    with moeprobe.record(model, tmp_path / "t") as probe, torch.no_grad():
+        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        model(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=_cache_of(out), use_cache=True)
+    assert probe.anomalies == {}
+    trace = moeprobe.open_trace(tmp_path / "t")
+    assert trace.manifest["counters"]["anomalies"] == {}
+    expected = sorted(
+        (0 if p < 4 else 1, b, int(mask[b, : p + 1].sum()) - 1, int(ids[b, p]), "prefill")
+        for b in range(2)
+        for p in range(PROMPT)
+        if mask[b, p]
+    )
+    assert _recorded(tmp_path / "t") == expected

@@ -1,0 +1,100 @@
+"""The transformers compatibility matrix: capture, token-context and demo tests per transformers release.
+
+    python tools/compat_matrix.py 5.0.0 latest          # what CI runs: the oldest supported and the newest served
+    python tools/compat_matrix.py --markdown 4.57.6 5.0.0 5.5.4 ...   # the table in docs/compatibility.md
+
+Each release is installed with its own dependencies into ``.tf/<version>/`` (``pip install --target``), which
+goes first on PYTHONPATH over the project's locked environment: one environment, one transformers swapped in.
+``latest`` asks the package index for the newest release at run time (unlocked). A 4.x release is expected to be
+refused in one line, and that is what is checked for it. Exit status 1 if any release fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = [
+    "tests/integration/test_family_truth.py",
+    "tests/integration/test_token_context.py",
+    "tests/integration/test_contracts.py",
+    "tests/integration/test_discovery.py",
+    "tests/integration/test_demo_cli.py",
+]
+REFUSAL_CHECK = """
+import moeprobe
+from tests.tiny_models import build
+try:
+    moeprobe.record(build("mixtral"), None)
+except moeprobe.UnsupportedModelError as exc:
+    print("refused:", exc)
+else:
+    raise SystemExit("a transformers 4.x model was not refused")
+"""
+
+
+def install(version: str) -> tuple[Path, str]:
+    target = ROOT / ".tf" / version
+    marker = target / ".installed"
+    if version == "latest" or not marker.exists():
+        spec = "transformers" if version == "latest" else f"transformers=={version}"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade", "--target", str(target), spec],
+            check=True,
+        )
+        marker.touch()
+    found = subprocess.run(
+        [sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+        env=_env(target), capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    return target, found
+
+
+def _env(target: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(target), str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run(version: str) -> tuple[str, bool, str]:
+    target, found = install(version)
+    start = time.monotonic()
+    if found.startswith("4."):
+        result = subprocess.run([sys.executable, "-c", REFUSAL_CHECK], env=_env(target), cwd=ROOT, capture_output=True, text=True)
+        ok = result.returncode == 0 and result.stdout.count("\n") == 1
+        line = result.stdout.strip() or result.stderr.strip().splitlines()[-1]
+        print(line)
+        return found, ok, "refused in one line" if ok else f"NOT refused: {line}"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], env=_env(target), cwd=ROOT, capture_output=True, text=True
+    )
+    summary = next((line for line in reversed(result.stdout.splitlines()) if re.search(r"\d+ (passed|failed)", line)), "no summary")
+    print(result.stdout[-3000:] if result.returncode else summary)
+    return found, result.returncode == 0, f"{summary.strip('= ')} ({time.monotonic() - start:.0f} s)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("versions", nargs="+", help="transformers releases, or 'latest'")
+    parser.add_argument("--markdown", action="store_true", help="print the matrix as a Markdown table")
+    args = parser.parse_args()
+    rows = []
+    for version in args.versions:
+        print(f"== transformers {version}", flush=True)
+        found, ok, detail = run(version)
+        rows.append((found, ok, detail))
+    if args.markdown:
+        print("\n| transformers | result | detail |\n|---|---|---|")
+        for found, ok, detail in rows:
+            print(f"| {found} | {'pass' if ok else 'FAIL'} | {detail} |")
+    return 0 if all(ok for _, ok, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
