@@ -172,6 +172,17 @@ class CapturePipeline:
             self._wake.set()
         return True
 
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Write everything submitted so far (segments and manifest); True once it is on disk, False on timeout.
+
+        For callers that must see what was captured (tests, a notebook reading its own trace): wait on this event,
+        never on a sleep. Not for the model's thread in a loop: it wakes the writer at once.
+        """
+        done = threading.Event()
+        self._queue.append(("flush", done))
+        self._wake.set()
+        return done.wait(timeout) and self.failure is None
+
     def close(self, status: str, error: str | None = None, timeout: float = 60.0) -> None:
         self._queue.append(("stop", status, error))
         self._wake.set()
@@ -196,6 +207,12 @@ class CapturePipeline:
                         self._flush()
                         self.writer.close(item[1], item[2])
                         return
+                    if kind == "flush":
+                        try:
+                            self._flush()
+                        finally:
+                            item[1].set()
+                        continue
                     if kind == "dropped":
                         self.writer.count_dropped(item[1], item[2])
                     elif kind == "step":

@@ -200,6 +200,13 @@ class Probe:
         counters = self.pipeline.writer.counters if self.pipeline is not None else {}
         return {"steps": self._next_step, "anomalies": dict(self.anomalies), **counters}
 
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Finish the step in flight, then wait (at most ``timeout`` seconds) until everything captured so far is
+        written and readable; True when it is. A probe that records nothing to disk returns True at once."""
+        if self._step is not None and self._depth == 0:
+            self._finish_step()
+        return self.pipeline.flush(timeout) if self.pipeline is not None else True
+
     def close(self, status: str = "complete", error: str | None = None) -> None:
         """Remove every hook, write what was captured and mark the trace ``status``."""
         if self.closed:

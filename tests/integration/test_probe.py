@@ -201,3 +201,17 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     with pytest.raises(moeprobe.TraceError, match="not a moeprobe trace"):
         moeprobe.record(model, tmp_path / "precious", force=True)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_flush_makes_what_was_captured_readable_while_recording(tmp_path: Path) -> None:
+    model = build("mixtral")
+    ids = torch.randint(3, 96, (2, 5))
+    with moeprobe.record(model, tmp_path / "t", flush_interval=3600) as probe:
+        model(ids)
+        assert probe.flush(timeout=30)
+        trace = moeprobe.open_trace(tmp_path / "t")
+        assert trace.status == "running"
+        assert trace.sql("select count(*) from routing").column(0)[0].as_py() == 2 * 5 * 2 * 2
+        model(ids)
+        assert probe.flush(timeout=30)
+        assert moeprobe.open_trace(tmp_path / "t").sql("select count(distinct step) from routing").column(0)[0].as_py() == 2
