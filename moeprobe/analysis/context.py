@@ -79,7 +79,8 @@ class Context:
         self.filters = filters or Filters()
         self.con = trace.connection
         meta = {int(layer["index"]): layer for layer in trace.layers}
-        self.filters.check(sorted(meta), sorted(trace.reader.shards))
+        self.mode = trace.mode  # "tokens" or "counts" (only the loads table: no per-token analyses)
+        self.filters.check(sorted(meta), sorted(trace.reader.shards), self.mode)
         keep = self.filters.layers
         self.layers: dict[int, dict[str, Any]] = {i: m for i, m in sorted(meta.items()) if keep is None or i in keep}
 
@@ -93,6 +94,7 @@ class Context:
             "latency": f.latency(),
             "tags": "tags",
             "bias": "bias",
+            "loads": f.loads(),
         }
 
     def query(self, name: str, **extra: str) -> dict[str, np.ndarray]:
