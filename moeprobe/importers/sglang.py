@@ -144,7 +144,14 @@ def dump_layers(payload: dict[str, Any], where: str, top_k: int | None) -> tuple
         raise ImportInputError(f"{where}: last_physical_to_logical_map holds a negative expert id")
     logical = int(mapping.max()) + 1 if mapping.size else 0  # every logical expert has at least one physical slot
     if kind == "per_token":
-        k = _array(payload["records"][0].get("topk_ids_of_layer"), where, "records[0].topk_ids_of_layer", 3).shape[2]
+        # The recorder's buffer is 8 wide (DeepSeek-V3's top-k) whatever the model's top-k; the real top-k is
+        # the most non-padding ids any token has.
+        k = 1
+        for i, record in enumerate(payload["records"]):
+            if isinstance(record, dict):
+                ids = _array(record.get("topk_ids_of_layer"), where, f"records[{i}].topk_ids_of_layer", 3)
+                if ids.size:
+                    k = max(k, int((ids >= 0).sum(axis=2).max()))
         return layer_entries(mapping.shape[0], logical, top_k or k), kind, mapping
     return layer_entries(mapping.shape[0], logical, int(top_k or 1)), kind, mapping
 
