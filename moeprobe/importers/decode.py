@@ -76,8 +76,9 @@ def npy(blob: bytes, where: str, *, ndim: int = 3) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-    except ValueError as exc:
-        raise ImportInputError(f"{where}: bad .npy header ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged header dict raises ValueError, SyntaxError or TokenError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImportInputError(f"{where}: bad .npy header ({first})") from None
     if dtype.name not in ID_DTYPES or dtype.hasobject:
         raise ImportInputError(f"{where}: .npy dtype {dtype} is not an integer expert id type ({', '.join(ID_DTYPES)})")
     if fortran:

@@ -147,15 +147,17 @@ def import_files(sink: TraceSink, paths: list[Path], *, num_experts: int | None,
             experts_3d = np.full((tokens, len(keys), topk), -1, dtype=np.int64)
             experts_3d[:, layer, :] = ids
             position = np.arange(tokens)
-            sink.add_tokens(
-                rank=rank, step=step, sequence=step, position=position, token_id=np.full(tokens, -1),
-                phase=np.zeros(tokens, np.int8), experts=experts_3d, where=where,
-                count_tokens=layer == 0,  # one record per layer: count a step's tokens once
-            )
-            if "logit_offset" in record:
+            scores = None
+            if "logit_offset" in record:  # read and check the logits before writing anything of this record
                 if sidecar_size is None:
                     raise ImportInputError(f"{where}: the record points into {sidecar}, which is missing")
                 scores = _logits(record, where, sidecar, sidecar_size, tokens)
                 if scores.shape[1] != experts:
                     raise ImportInputError(f"{where}: logits for {scores.shape[1]} experts, the layer has {experts}")
+            sink.add_tokens(
+                rank=rank, step=step, sequence=step, position=position, token_id=np.full(tokens, -1),
+                phase=np.zeros(tokens, np.int8), experts=experts_3d, where=where,
+                count_tokens=layer == 0,  # one record per layer: count a step's tokens once
+            )
+            if scores is not None:
                 sink.add_scores(rank=rank, step=step, sequence=step, position=position, layer=layer, scores=scores)

@@ -22,6 +22,7 @@ own sequence; ``forward_mode`` 2 (DECODE) is ``decode``, every other mode ``pref
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,9 @@ def load_dump(path: Path, limit: int) -> dict[str, Any]:
     except ImportError:
         raise ImportInputError(f"{path}: reading SGLang .pt dumps needs torch (pip install 'moeprobe[torch]')") from None
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
         raise ImportInputError(f"{path}: not a weights-only torch file, refusing to unpickle it ({first[:200]})") from None
