@@ -64,6 +64,7 @@ class TraceSink:
         self.layers: list[dict[str, Any]] | None = None
         self.writers: dict[int, ShardWriter] = {}
         self._steps: dict[int, set[int]] = {}
+        self._early_anomalies: list[tuple[int, str]] = []  # counted before their shard existed
         prepare_trace_dir(self.path, force=force)
 
     # -- shape ----------------------------------------------------------------------------------------
@@ -102,6 +103,9 @@ class TraceSink:
             )
             self.writers[rank] = found
             self._steps[rank] = set()
+            for early_rank, kind in [a for a in self._early_anomalies if a[0] == rank]:
+                found.count_anomaly(kind)
+            self._early_anomalies = [a for a in self._early_anomalies if a[0] != rank]
         return found
 
     # -- rows -----------------------------------------------------------------------------------------
@@ -225,8 +229,11 @@ class TraceSink:
         self.writer(rank).append("tags", table)
 
     def count_anomaly(self, kind: str, rank: int = 0) -> None:
+        """Count something the user should see in the manifest; kept until the shard exists if it does not yet."""
         if rank in self.writers:
             self.writers[rank].count_anomaly(kind)
+        else:
+            self._early_anomalies.append((rank, kind))
 
     def _count(self, rank: int, steps: np.ndarray, tokens: int, decisions: int) -> None:
         counters = self.writers[rank].counters
