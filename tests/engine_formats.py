@@ -129,3 +129,57 @@ def megatron_record(step: int, layer: int, rank: int, ids: np.ndarray, **extra: 
 def bf16_bytes(values: np.ndarray) -> bytes:
     """float32 -> bf16 by truncation (the top 16 bits), little-endian, as the tracer's int16 view writes them."""
     return (np.asarray(values, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+
+
+# -- one imported trace per source, for the report / TUI / simulate tests ------------------------------------
+def imported_traces(root: Path) -> dict[str, Path]:
+    """Import a small file of every source through ``moeprobe import``; name -> trace directory."""
+    from moeprobe.cli.main import main as cli
+
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+
+    def run(name: str, *argv: str) -> None:
+        out[name] = root / name
+        assert cli(["import", *argv, "-o", str(out[name])]) == 0, name
+
+    lines = []
+    for i in range(6):
+        prompt = list(range(1, 6 + i))
+        rows = routing(f"v{i}", len(prompt) + 4 - 1, 2, 2, 8)
+        lines.append(json.dumps(vllm_completion(f"cmpl-{i}", prompt, [100, 101, 102, 103], rows, experts=8)))
+    (root / "vllm.jsonl").write_text("\n".join(lines) + "\n")
+    run("vllm", "vllm", str(root / "vllm.jsonl"), "--num-experts", "8", "--tag", "domain=code")
+
+    gens = [sglang_generate(f"g{i}", 5, [7, 8, 9], routing(f"g{i}", 7, 2, 2, 8)) for i in range(5)]
+    (root / "generate.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    run("sglang_generate", "sglang", str(root / "generate.jsonl"), "--num-experts", "8", "--top-k", "2")
+
+    rng = np.random.default_rng(3)
+    count = rng.integers(0, 9, size=(12, 2, 8))
+    count[:, :, 0] *= 4  # expert 0 hot: a placement has something to fix
+    sglang_stat_dump(root / "stat.pt", count)
+    run("sglang_stat", "sglang", str(root / "stat.pt"), "--top-k", "2")
+
+    mapping = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 3], [7, 6, 5, 4, 3, 2, 1, 0, 1, 2]])
+    records = [{"forward_pass_id": i, "rank": 0, "gatherer_key": "primary",
+                "global_physical_count": rng.integers(0, 6, size=(2, 10))} for i in range(8)]
+    sglang_detail_dump(root / "per_pass.pt", records, mapping)
+    run("sglang_per_pass", "sglang", str(root / "per_pass.pt"), "--top-k", "2")
+
+    topk = np.full((2, 6, 8), -1)
+    topk[:, :, :2] = np.stack([rng.permutation(10)[:2] for _ in range(12)]).reshape(2, 6, 2)
+    token_records = [{"forward_pass_id": 0, "rank": 0, "gatherer_key": "primary", "input_ids": [3, 4, 5, 6, 7, 8],
+                      "positions": [0, 1, 2, 0, 1, 2], "extend_seq_lens": [3, 3], "forward_mode": 1,
+                      "topk_ids_of_layer": topk}]
+    sglang_detail_dump(root / "per_token.pt", token_records, mapping)
+    run("sglang_per_token", "sglang", str(root / "per_token.pt"))
+
+    mdir = root / "megatron_input"
+    mdir.mkdir(exist_ok=True)
+    for rank in (0, 1):
+        recs = [megatron_record(step, layer, rank, routing(f"mg{rank}{step}{layer}", 6, 1, 2, 8)[:, 0, :])
+                for step in range(4) for layer in (1, 2)]
+        (mdir / f"router_trace_rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run("megatron", "megatron", str(mdir), "--num-experts", "8")
+    return out
