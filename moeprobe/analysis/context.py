@@ -164,6 +164,13 @@ class Context:
         a temporary table (for analyses that join it with itself); otherwise ``table`` is a subquery over the
         Parquet files.
         """
+        if self.mode == "counts":
+            from .session import QueryError
+
+            raise QueryError(
+                f"{self.trace.path}: this analysis needs per-token routing; the trace holds only expert counts "
+                "(the loads table): load, EP placement and simulate --eplb work on it"
+            )
         total = self.decisions()
         predicate, decisions, sequences = "true", total, 0
         if self.layers:

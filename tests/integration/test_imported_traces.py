@@ -145,3 +145,14 @@ def test_export_refusals_are_one_line(traces: dict[str, Path], tmp_path: Path, c
     assert len(err) == 4
     assert "give --eplb" in err[0] and "end in .json" in err[1] and "not one of" in err[2] and "--force" in err[3]
     assert (tmp_path / "exists.json").read_text() == "{}"
+
+
+def test_token_level_api_on_a_counts_trace_says_why(traces: dict[str, Path]) -> None:
+    from moeprobe.analysis.session import QueryError
+
+    with open_trace(traces["sglang_stat"]) as t:
+        assert t.load().decisions > 0
+        with pytest.raises(QueryError, match="needs per-token routing"):
+            t.specialization()
+        with pytest.raises(QueryError, match="needs per-token routing"):
+            t.router()
