@@ -103,6 +103,8 @@ def main(argv: list[str]) -> int:
             raise UsageError("--export writes an EPLB placement: give --eplb gpus=N,...")
         if args.export[0] not in EXPORT_FORMATS:
             raise UsageError(f"--export: format {args.export[0]!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        if args.export[0] == "sglang" and not args.export[1].endswith(".json"):
+            raise UsageError(f"--export sglang: {args.export[1]} should end in .json (SGLang reads any other value as inline JSON)")
         if Path(args.export[1]).exists() and not args.force:  # before the simulation, not after it
             raise UsageError(f"--export: {args.export[1]} already exists; pass --force to overwrite it")
 
