@@ -156,3 +156,15 @@ def test_token_level_api_on_a_counts_trace_says_why(traces: dict[str, Path]) -> 
             t.specialization()
         with pytest.raises(QueryError, match="needs per-token routing"):
             t.router()
+
+
+@pytest.mark.parametrize("name", ["sglang_stat", "megatron"])
+def test_inspect_shows_mode_and_source(name: str, traces: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["inspect", str(traces[name])]) == 0
+    text = capsys.readouterr().out
+    mode = "counts" if name in COUNTS else "tokens"
+    assert f"mode      {mode}" in text and f"source    {name.split('_')[0]}" in text and "loads" in text
+    assert cli(["inspect", str(traces[name]), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == mode and summary["manifest"]["options"]["mode"] == mode
+    assert summary["tables"]["loads" if mode == "counts" else "routing"]["rows"] > 0
