@@ -79,7 +79,8 @@ class Context:
         self.filters = filters or Filters()
         self.con = trace.connection
         meta = {int(layer["index"]): layer for layer in trace.layers}
-        self.filters.check(sorted(meta), sorted(trace.reader.shards))
+        self.mode = trace.mode  # "tokens" or "counts" (only the loads table: no per-token analyses)
+        self.filters.check(sorted(meta), sorted(trace.reader.shards), self.mode)
         keep = self.filters.layers
         self.layers: dict[int, dict[str, Any]] = {i: m for i, m in sorted(meta.items()) if keep is None or i in keep}
 
@@ -93,6 +94,7 @@ class Context:
             "latency": f.latency(),
             "tags": "tags",
             "bias": "bias",
+            "loads": f.loads(),
         }
 
     def query(self, name: str, **extra: str) -> dict[str, np.ndarray]:
@@ -162,6 +164,13 @@ class Context:
         a temporary table (for analyses that join it with itself); otherwise ``table`` is a subquery over the
         Parquet files.
         """
+        if self.mode == "counts":
+            from .session import QueryError
+
+            raise QueryError(
+                f"{self.trace.path}: this analysis needs per-token routing; the trace holds only expert counts "
+                "(the loads table): load, EP placement and simulate --eplb work on it"
+            )
         total = self.decisions()
         predicate, decisions, sequences = "true", total, 0
         if self.layers:

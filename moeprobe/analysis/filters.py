@@ -128,6 +128,13 @@ class Filters:
             where.append(f"r.phase = {sql_literal(self.phase)}")
         return self._select("routing", "r", where + self._tagged("r"))
 
+    def loads(self) -> str:
+        """The filtered loads table (counts traces). It has no sequences, so tags cannot apply (see ``check``)."""
+        where = self._step_layer_rank("l")
+        if self.phase is not None:
+            where.append(f"l.phase = {sql_literal(self.phase)}")
+        return self._select("loads", "l", where)
+
     def scores(self) -> str:
         where = self._step_layer_rank("s") + self._phase_by_step("s") + self._tagged("s")
         return self._select("scores", "s", where)
@@ -159,8 +166,11 @@ class Filters:
         return self._select("latency", "l", where)
 
     # -- checks against the trace -------------------------------------------------------------------
-    def check(self, layer_indices: list[int], ranks: list[int]) -> None:
-        """Raise ``FilterError`` for a layer or rank the trace does not have (a typo, not an empty result)."""
+    def check(self, layer_indices: list[int], ranks: list[int], mode: str = "tokens") -> None:
+        """Raise ``FilterError`` for a layer or rank the trace does not have (a typo, not an empty result), or for
+        a tag filter on a counts trace (its loads have no sequences to carry tags)."""
+        if self.tags and mode == "counts":
+            raise FilterError("tag filters need per-token routing; this trace holds only expert counts (the loads table)")
         if self.layers is not None:
             missing = sorted(set(self.layers) - set(layer_indices))
             if missing:

@@ -73,8 +73,13 @@ class Load:
 
 
 def aggregate(ctx: Context) -> str:
-    """The per (step, layer, expert) load table for these filters, created once and reused."""
-    return ctx.materialize("load", render_sql(sql_text("load_agg"), ctx.sources()))
+    """The per (step, layer, expert) load table for these filters, created once and reused.
+
+    A counts trace has no routing rows; its ``loads`` table holds the same aggregate, so every load metric
+    (MaxVio, windows, EP placement) reads from there unchanged.
+    """
+    name = "load_agg_counts" if ctx.mode == "counts" else "load_agg"
+    return ctx.materialize("load", render_sql(sql_text(name), ctx.sources()))
 
 
 def steps_load(ctx: Context) -> str:

@@ -259,6 +259,33 @@ def _specialization_json(spec: spec_mod.Specialization, full: bool) -> dict[str,
     }
 
 
+# What a counts trace (expert loads per step, no per-token rows) cannot show, said in the report instead of
+# empty tables.
+NEEDS_TOKENS = (
+    "tag specialization",
+    "vocabulary specialization",
+    "repetition",
+    "co-activation",
+    "router statistics",
+    "re-routing simulation",
+)
+
+
+def _counts_only_specialization() -> dict[str, Any]:
+    nothing = {"fraction": 1.0, "decisions": 0, "sequences": 0, "budget": 0}
+    return {
+        "counts_sample": nothing,
+        "sample": nothing,
+        "tags": [],
+        "tags_skipped": [],
+        "vocabulary": {"min_count": 0, "layers": []},
+        "repetition": {"layers": []},
+        "coactivation": {"layers": []},
+        "router": None,
+        "needs_tokens": list(NEEDS_TOKENS),
+    }
+
+
 def _quantiles_json(q: latency_mod.Quantiles) -> dict[str, Any]:
     return {"n": q.n, "p50": q.p50, "p90": q.p90, "p99": q.p99, "max": q.max}
 
@@ -298,14 +325,17 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
     layers = [_layer_json(ctx, item, ep.layer(item.layer), options.full) for item in load.layers]
     overall = _overall(load, layers, ep) if layers else _empty_overall(load, ep)
 
-    counts = ctx.sample(options.count_budget, materialize=False)
-    sample = ctx.sample(options.sample_budget)
-    keys = list(options.tag_keys) if options.tag_keys is not None else None
-    spec = spec_mod.compute(ctx, counts, sample, keys=keys, min_count=options.min_count)
-    specialization = _specialization_json(spec, options.full)
-    routers = router_mod.compute(ctx, sample)
-    if routers:
-        _attach_router(routers, layers, overall, specialization)
+    if ctx.mode == "counts":
+        specialization = _counts_only_specialization()
+    else:
+        counts = ctx.sample(options.count_budget, materialize=False)
+        sample = ctx.sample(options.sample_budget)
+        keys = list(options.tag_keys) if options.tag_keys is not None else None
+        spec = spec_mod.compute(ctx, counts, sample, keys=keys, min_count=options.min_count)
+        specialization = _specialization_json(spec, options.full)
+        routers = router_mod.compute(ctx, sample)
+        if routers:
+            _attach_router(routers, layers, overall, specialization)
     lat = latency_mod.compute(ctx)
 
     reader = trace.reader
@@ -318,6 +348,8 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
             "model": reader.model,
             "world_size": trace.manifest.get("world_size"),
             "ranks": sorted(reader.shards),
+            "mode": ctx.mode,
+            "source": trace.manifest.get("source"),
             "segments": {name: len(reader.segments(name)) for name in ("routing", "scores", "latency")},
             # Capture health: anything here means some routing is missing or approximate (see docs/compatibility.md).
             "anomalies": dict(trace.manifest.get("counters", {}).get("anomalies", {})),

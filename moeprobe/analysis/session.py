@@ -34,7 +34,7 @@ class Trace:
     """A trace opened for reading and analysis.
 
     ``manifest``, ``routing()`` and the other tables come straight from the Parquet files (pyarrow);
-    ``sql()`` runs DuckDB over views named after the tables (routing, steps, latency, tags, scores, bias).
+    ``sql()`` runs DuckDB over views named after the tables (routing, steps, latency, tags, scores, bias, loads).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -79,6 +79,14 @@ class Trace:
 
     def bias(self) -> pa.Table:
         return self.reader.bias()
+
+    def loads(self) -> pa.Table:
+        return self.reader.loads()
+
+    @property
+    def mode(self) -> str:
+        """``tokens`` (per-token routing rows) or ``counts`` (only per-step expert loads, the ``loads`` table)."""
+        return self.reader.mode
 
     def refresh(self) -> None:
         """Pick up segments written since the trace was opened (or last refreshed)."""

@@ -65,6 +65,11 @@ def header(report: dict[str, Any]) -> list[str]:
     else:
         lines.append("no routing decisions match (nothing recorded yet, or the filters exclude everything)")
     lines.append("filters: " + describe_filters(report["filters"]))
+    if spec.get("needs_tokens"):
+        lines.append(
+            "counts trace (expert loads per step, no per-token routing): load, EP placement and windows only; "
+            "not available without per-token rows: " + ", ".join(spec["needs_tokens"])
+        )
     sample, counts = spec["sample"], spec["counts_sample"]
     if sample["fraction"] < 1 or counts["fraction"] < 1:
         lines.append(
@@ -313,6 +318,8 @@ def report_tables(report: dict[str, Any], *, limit: int = 16) -> list[Table]:
     w = windows(report)
     if w is not None:
         tables.append(w)
+    if report["specialization"].get("needs_tokens"):
+        return tables + latency(report, limit)  # the header says what needs per-token rows
     return tables + specialization(report, limit) + latency(report, limit)
 
 

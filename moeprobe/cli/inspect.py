@@ -8,7 +8,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-HELP = "show a trace's manifest, segments, row counts and dropped records"
+HELP = "show a trace's manifest, mode, source, segments, row counts and dropped records"
 
 _STATE_NOTE = {
     "running": "writer still running",
@@ -37,7 +37,7 @@ def summarize(reader: Any) -> dict[str, Any]:
             "rows": sum(s.rows for s in segments),
             "bytes": sum(s.bytes for s in segments),
         }
-    return {"path": str(reader.path), "manifest": manifest, "tables": tables}
+    return {"path": str(reader.path), "manifest": manifest, "mode": reader.mode, "tables": tables}
 
 
 def _when(ts: Any) -> str:
@@ -71,10 +71,22 @@ def _render(summary: dict[str, Any]) -> None:
         total = sum(anomalies.values())
         console.print(f"[bold yellow]WARNING[/] {_count(total)} capture anomalies (listed below): some routing may be missing or approximate")
     console.print(f"status    [bold]{plain(status)}[/] ({_STATE_NOTE.get(status, '')})")
-    console.print(
-        f"model     {plain(model.get('name'))} ({plain(model.get('class'))}, family {plain(model.get('family'))}, "
-        f"{_count(model.get('parameters', 0))} parameters, {plain(model.get('dtype'))} on {plain(model.get('device'))})"
-    )
+    if "engine" in model:  # imported from an engine's output: no module to describe
+        console.print(f"model     {plain(model.get('name'))} (imported from {plain(model['engine'])})")
+    else:
+        console.print(
+            f"model     {plain(model.get('name'))} ({plain(model.get('class'))}, family {plain(model.get('family'))}, "
+            f"{_count(model.get('parameters', 0))} parameters, {plain(model.get('dtype'))} on {plain(model.get('device'))})"
+        )
+    mode = summary.get("mode", "tokens")
+    console.print(f"mode      {mode} " + ("(per-token routing rows)" if mode == "tokens" else
+                  "(expert loads per step only: no per-token analyses)"))
+    source = m.get("source")
+    if isinstance(source, dict):
+        files = source.get("files") or []
+        shown = ", ".join(plain(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        console.print(f"source    {plain(source.get('engine'))} {plain(source.get('version') or 'version unknown')}"
+                      f" ({plain(source.get('kind', 'import'))}): {shown or 'no files'}")
     console.print(f"ranks     {m['world_size']} (shards: {', '.join(str(s['rank']) + ':' + s['state'] for s in m['shards']) or 'none yet'})")
     counters = m.get("counters", {})
     console.print(

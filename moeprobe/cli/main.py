@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "simulate": "moeprobe.cli.simulate",
     "tui": "moeprobe.cli.tui",
     "demo": "moeprobe.cli.demo",
+    "import": "moeprobe.cli.import_",
+    "capture-server": "moeprobe.cli.capture_server",
 }
 
 DEBUG_ENV = "MOEPROBE_DEBUG"
@@ -36,7 +38,7 @@ def _usage() -> str:
     lines = [f"moeprobe {__version__}: routing profiler for Mixture-of-Experts models", "", "commands:"]
     for name, module_name in _available().items():
         module = importlib.import_module(module_name)
-        lines.append(f"  {name:<10} {getattr(module, 'HELP', '')}")
+        lines.append(f"  {name:<14} {getattr(module, 'HELP', '')}")
     lines += ["", "run 'moeprobe COMMAND --help' for a command's options"]
     return "\n".join(lines)
 

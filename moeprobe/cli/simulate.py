@@ -30,7 +30,10 @@ EPILOG = """strategies (repeat --strategy; join a routing stage and a capacity s
 examples:
   moeprobe simulate traces/run --strategy reroute:bias=zero --strategy online-bias:u=0.01
   moeprobe simulate traces/run --strategy topk:k=1+capacity:cf=1.25 --steps 0:100 --json
-  moeprobe simulate traces/run --eplb replicas=16,groups=4,nodes=2,gpus=8,plan=0:50 --json"""
+  moeprobe simulate traces/run --eplb replicas=16,groups=4,nodes=2,gpus=8,plan=0:50 --json
+  moeprobe simulate traces/run --eplb gpus=8,redundant=8 --export sglang expert_location.json
+
+a counts trace (imported engine counts, see docs/engines.md) supports --eplb and --export only."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eplb", metavar="KEY=VALUE,...", help="expert placement to evaluate (see below)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--output", "-o", metavar="OUT", type=Path, help="write the (single) strategy's routing as a trace")
-    parser.add_argument("--force", action="store_true", help="with -o: overwrite an existing trace")
+    parser.add_argument("--force", action="store_true", help="with -o or --export: overwrite an existing file")
+    parser.add_argument(
+        "--export", nargs=2, metavar=("FORMAT", "FILE"),
+        help="with --eplb: write the EPLB placement for an engine: sglang (--init-expert-location JSON) or eplb "
+        "(DeepSeek EPLB phy2log/log2phy/logcnt JSON); see docs/engines.md",
+    )
     return parser
 
 
@@ -86,10 +94,28 @@ def main(argv: list[str]) -> int:
     layers = _parse_layers(args.layers)
     if args.output is not None and len(strategies) != 1:
         raise UsageError("-o writes one simulated routing: give exactly one --strategy")
-    if args.force and args.output is None:
-        raise UsageError("--force only applies with -o OUT")
+    if args.force and args.output is None and args.export is None:
+        raise UsageError("--force only applies with -o OUT or --export")
+    if args.export is not None:
+        from ..simulate.export import EXPORT_FORMATS
+
+        if eplb is None:
+            raise UsageError("--export writes an EPLB placement: give --eplb gpus=N,...")
+        if args.export[0] not in EXPORT_FORMATS:
+            raise UsageError(f"--export: format {args.export[0]!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        if args.export[0] == "sglang" and not args.export[1].endswith(".json"):
+            raise UsageError(f"--export sglang: {args.export[1]} should end in .json (SGLang reads any other value as inline JSON)")
+        if Path(args.export[1]).exists() and not args.force:  # before the simulation, not after it
+            raise UsageError(f"--export: {args.export[1]} already exists; pass --force to overwrite it")
 
     report = _simulate(args, strategies, window, layers, eplb)
+    if args.export is not None:
+        from ..simulate.export import export_placement
+
+        try:
+            report["exported"] = str(export_placement(report["eplb"], args.export[0], Path(args.export[1]), force=args.force))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -106,6 +132,8 @@ def _simulate(args: argparse.Namespace, strategies: list[Any], window: Any, laye
     from ..simulate.deployment import evaluate_placement
 
     with open_trace(args.trace) as trace:
+        if trace.mode == "counts":
+            return _simulate_counts(trace, strategies, window, layers, eplb)
         data = replay.load_layers(trace, window=window, layers=layers, scores=any(s.needs_scores for s in strategies))
         replay.check_requirements(strategies, data)
         gpus = eplb.gpus if eplb else None
@@ -135,6 +163,54 @@ def _simulate(args: argparse.Namespace, strategies: list[Any], window: Any, laye
     return report
 
 
+def _simulate_counts(trace: Any, strategies: list[Any], window: Any, layers: list[int] | None, eplb: Any) -> dict[str, Any]:
+    """A counts trace (the loads table only): EPLB planning works from per-step expert loads; re-routing cannot."""
+    import numpy as np
+
+    from ..simulate import replay
+    from ..simulate.deployment import evaluate_placement_counts
+
+    if strategies:
+        raise UsageError(
+            "strategies re-route tokens and need per-token routing; this trace holds only expert counts "
+            "(the loads table): use --eplb to plan a placement from them"
+        )
+    if eplb is None:
+        raise UsageError("this trace holds only expert counts: nothing to replay without --eplb gpus=N,...")
+    metas = [m for m in trace.layers if layers is None or int(m["index"]) in layers]
+    missing = sorted(set(layers or []) - {int(m["index"]) for m in metas})
+    if missing:
+        raise UsageError(f"--layers: layer {missing[0]} is not in this trace")
+    where, params = [], []
+    if window[0] is not None:
+        where.append("step >= ?")
+        params.append(window[0])
+    if window[1] is not None:
+        where.append("step < ?")
+        params.append(window[1])
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    got = trace.sql(f"SELECT step, layer, expert, rank, tokens FROM loads{clause}", params).to_pydict()
+    loads = {key: np.asarray(values, dtype=np.int64) for key, values in got.items()}
+    try:
+        result = evaluate_placement_counts(metas, loads, eplb)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return {
+        "trace": str(trace.path),
+        "mode": "counts",
+        "steps": replay.window_text(window),
+        "layers": [int(m["index"]) for m in metas],
+        "tokens": {},
+        "balancedness_units": f"{eplb.gpus} GPUs",
+        "strategies": [],
+        "notes": [
+            "counts trace (expert loads per step, no per-token routing): EPLB planning only; re-routing, capacity "
+            "and the recorded-routing metrics need per-token rows; tokens originate on their recorded rank"
+        ],
+        "eplb": result,
+    }
+
+
 def _row(name: str, layers: list[Any], sims: list[Any], gpus: int | None) -> dict[str, Any]:
     from ..simulate.compare import drop_report, layer_metrics, summarize
 
@@ -154,16 +230,32 @@ def _pct(value: float) -> str:
 
 def _print_text(report: dict[str, Any], out: TextIO) -> None:
     from ..safe_text import printable
-    from ..simulate.compare import position_buckets
 
     tokens = sorted(set(report["tokens"].values()))
-    token_text = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
+    token_text = "-" if not tokens else f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
     steps = "all steps" if report["steps"] == ":" else f"steps {report['steps']}"
     out.write(f"{printable(report['trace'])}\n")  # a path from the user or a trace: no control codes
     out.write(
         f"  {steps}, {len(report['layers'])} layer(s), {token_text} tokens per layer; "
         f"balancedness over {report['balancedness_units']}\n\n"
     )
+    if report["strategies"]:
+        _print_strategies(report, out)
+    notes = list(report["notes"]) + [n for row in report["strategies"] for n in row["notes"]]
+    if "eplb" in report:
+        _print_eplb(report["eplb"], out)
+        notes += report["eplb"]["notes"]
+    if "written" in report:
+        out.write(f"\nwrote the simulated routing to {printable(report['written'])}\n")
+    if "exported" in report:
+        out.write(f"\nwrote the EPLB placement to {printable(report['exported'])}\n")
+    for note in notes:
+        out.write(f"note: {printable(note)}\n")
+
+
+def _print_strategies(report: dict[str, Any], out: TextIO) -> None:
+    from ..simulate.compare import position_buckets
+
     width = max(24, *(len(row["strategy"]) for row in report["strategies"])) + 2
     header = ["MaxVio", "MaxVio/batch", "balanced", "CV", "dropped", "changed", "mass lost"]
     cols = [max(len(h), 7) + 2 for h in header]
@@ -200,15 +292,6 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
         worst.sort(key=lambda item: (-item[0], item[1], item[2]))
         experts = "  ".join(f"L{layer} e{expert} {count}/{routed}" for count, layer, expert, routed in worst[:6])
         out.write(f"  most dropped: {experts}\n")
-
-    notes = list(report["notes"]) + [n for row in report["strategies"] for n in row["notes"]]
-    if "eplb" in report:
-        _print_eplb(report["eplb"], out)
-        notes += report["eplb"]["notes"]
-    if "written" in report:
-        out.write(f"\nwrote the simulated routing to {printable(report['written'])}\n")
-    for note in notes:
-        out.write(f"note: {printable(note)}\n")
 
 
 def _print_eplb(e: dict[str, Any], out: TextIO) -> None:

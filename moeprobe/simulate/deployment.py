@@ -123,26 +123,10 @@ def evaluate_placement(layers: list[LayerData], options: EplbOptions, world_size
     num_experts = layers[0].num_experts
     if any(layer.num_experts != num_experts for layer in layers):
         raise ValueError("--eplb: layers have different numbers of experts; select layers of one size with --layers")
-    replicas = options.replicas or num_experts + (options.redundant or 0)
-    if replicas < num_experts:
-        raise ValueError(f"--eplb: replicas={replicas} is the number of physical experts and must be >= {num_experts}")
-    groups = options.groups or int(layers[0].meta.get("n_group") or 1)
+    replicas, groups = _replicas_and_groups(options, num_experts, layers[0].meta)
     origin = options.origin if options.origin != "auto" else ("rank" if world_size > 1 else "sequence")
-
     all_steps = np.unique(np.concatenate([layer.step for layer in layers]))
-    plan_window: Window = options.plan or (None, None)
-    if options.eval is not None:
-        eval_window = options.eval
-    elif options.plan is not None and options.plan[1] is not None:
-        eval_window = (options.plan[1], None)  # plan on 0..N, evaluate on N..end
-    else:
-        eval_window = plan_window
-    plan_steps = all_steps[_in_window(all_steps, plan_window)]
-    eval_steps = all_steps[_in_window(all_steps, eval_window)]
-    if not len(plan_steps):
-        raise ValueError("--eplb: the plan window holds no recorded step")
-    if not len(eval_steps):
-        raise ValueError("--eplb: the evaluation window holds no recorded step (plan=A:B evaluates on B: by default)")
+    plan_steps, eval_steps, plan_window, eval_window = _windows(all_steps, options)
 
     # (S, L, E) processed assignments per plan step, and the evaluation load (L, E) and by source (L, S, E).
     plan_counts = np.zeros((len(plan_steps), len(layers), num_experts), dtype=np.int64)
@@ -161,6 +145,89 @@ def evaluate_placement(layers: list[LayerData], options: EplbOptions, world_size
         )
         eval_load[i] = source_load[i].sum(axis=0)
 
+    return _plan_and_evaluate(
+        [layer.index for layer in layers], plan_counts, eval_load, source_load, options,
+        replicas=replicas, groups=groups, origin=origin, plan_steps=plan_steps, eval_steps=eval_steps,
+    )
+
+
+def evaluate_placement_counts(
+    layer_meta: list[dict[str, Any]],
+    loads: dict[str, np.ndarray],
+    options: EplbOptions,
+) -> dict[str, Any]:
+    """``evaluate_placement`` for a counts trace: the loads table's (step, layer, expert, rank, tokens) rows.
+
+    There are no sequences, so tokens originate on their recorded rank (``origin=rank``; ``origin=sequence``
+    is refused).
+    """
+    if not layer_meta:
+        raise ValueError("--eplb: no layers to place")
+    num_experts = int(layer_meta[0]["num_experts"])
+    if any(int(m["num_experts"]) != num_experts for m in layer_meta):
+        raise ValueError("--eplb: layers have different numbers of experts; select layers of one size with --layers")
+    if options.origin == "sequence":
+        raise ValueError("--eplb: origin=sequence needs per-token routing; this trace holds only expert counts")
+    replicas, groups = _replicas_and_groups(options, num_experts, layer_meta[0])
+    step, layer, expert = loads["step"], loads["layer"], loads["expert"]
+    rank, tokens = loads["rank"], loads["tokens"]
+    slot = {int(m["index"]): i for i, m in enumerate(layer_meta)}
+    keep = np.isin(layer, list(slot)) & (expert >= 0) & (expert < num_experts)
+    step, layer, expert, rank, tokens = step[keep], layer[keep], expert[keep], rank[keep], tokens[keep]
+    row = np.array([slot[int(x)] for x in layer], dtype=np.int64)
+    plan_steps, eval_steps, plan_window, eval_window = _windows(np.unique(step), options)
+    plan_counts = np.zeros((len(plan_steps), len(layer_meta), num_experts), dtype=np.int64)
+    in_plan = _in_window(step, plan_window)
+    np.add.at(plan_counts, (np.searchsorted(plan_steps, step[in_plan]), row[in_plan], expert[in_plan]), tokens[in_plan])
+    source_load = np.zeros((len(layer_meta), options.gpus, num_experts), dtype=np.int64)
+    in_eval = _in_window(step, eval_window)
+    np.add.at(source_load, (row[in_eval], rank[in_eval] % options.gpus, expert[in_eval]), tokens[in_eval])
+    return _plan_and_evaluate(
+        [int(m["index"]) for m in layer_meta], plan_counts, source_load.sum(axis=1), source_load, options,
+        replicas=replicas, groups=groups, origin="rank", plan_steps=plan_steps, eval_steps=eval_steps,
+    )
+
+
+def _replicas_and_groups(options: EplbOptions, num_experts: int, meta: dict[str, Any]) -> tuple[int, int]:
+    replicas = options.replicas or num_experts + (options.redundant or 0)
+    if replicas < num_experts:
+        raise ValueError(f"--eplb: replicas={replicas} is the number of physical experts and must be >= {num_experts}")
+    return replicas, options.groups or int(meta.get("n_group") or 1)
+
+
+def _windows(all_steps: np.ndarray, options: EplbOptions) -> tuple[np.ndarray, np.ndarray, Window, Window]:
+    """The recorded steps of the plan and evaluation windows (plan on 0..N, evaluate on N..end by default)."""
+    plan_window: Window = options.plan or (None, None)
+    if options.eval is not None:
+        eval_window = options.eval
+    elif options.plan is not None and options.plan[1] is not None:
+        eval_window = (options.plan[1], None)
+    else:
+        eval_window = plan_window
+    plan_steps = all_steps[_in_window(all_steps, plan_window)]
+    eval_steps = all_steps[_in_window(all_steps, eval_window)]
+    if not len(plan_steps):
+        raise ValueError("--eplb: the plan window holds no recorded step")
+    if not len(eval_steps):
+        raise ValueError("--eplb: the evaluation window holds no recorded step (plan=A:B evaluates on B: by default)")
+    return plan_steps, eval_steps, plan_window, eval_window
+
+
+def _plan_and_evaluate(
+    layer_indices: list[int],
+    plan_counts: np.ndarray,
+    eval_load: np.ndarray,
+    source_load: np.ndarray,
+    options: EplbOptions,
+    *,
+    replicas: int,
+    groups: int,
+    origin: str,
+    plan_steps: np.ndarray,
+    eval_steps: np.ndarray,
+) -> dict[str, Any]:
+    """Plan EPLB on ``plan_counts`` (S, L, E) and judge it and contiguous placement on the evaluation loads."""
+    num_experts = plan_counts.shape[2]
     estimate = estimate_load(plan_counts, options.estimate)
     try:
         eplb = plan_eplb(estimate, replicas, groups, options.nodes, options.gpus)
@@ -169,7 +236,7 @@ def evaluate_placement(layers: list[LayerData], options: EplbOptions, world_size
     placements: dict[str, Placement] = {"eplb": eplb}
     notes = []
     if num_experts % options.gpus == 0:
-        placements["contiguous"] = contiguous_placement(len(layers), num_experts, options.gpus)
+        placements["contiguous"] = contiguous_placement(len(layer_indices), num_experts, options.gpus)
     else:
         notes.append(f"{num_experts} experts do not divide over {options.gpus} GPUs: no contiguous baseline")
 
@@ -183,12 +250,12 @@ def evaluate_placement(layers: list[LayerData], options: EplbOptions, world_size
         "origin": origin,
         "plan_steps": [int(plan_steps[0]), int(plan_steps[-1])],
         "eval_steps": [int(eval_steps[0]), int(eval_steps[-1])],
-        "layers": [layer.index for layer in layers],
+        "layers": list(layer_indices),
         "phy2log": eplb.phy2log.tolist(),
         "log2phy": eplb.log2phy.tolist(),
         "logcnt": eplb.logcnt.tolist(),
         "replicated": [
-            {**row, "layer": layers[row["layer"]].index} for row in replicated_experts(eplb)
+            {**row, "layer": layer_indices[row["layer"]]} for row in replicated_experts(eplb)
         ],
         "notes": notes,
     }

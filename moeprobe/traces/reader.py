@@ -225,6 +225,22 @@ class TraceReader:
     def bias(self) -> pa.Table:
         return self.table("bias")
 
+    def loads(self) -> pa.Table:
+        return self.table("loads")
+
+    @property
+    def mode(self) -> str:
+        """``counts`` when the trace holds expert loads but no per-token routing rows, else ``tokens``.
+
+        The manifest says so for traces written in counts mode; a trace without that option is judged by
+        what it holds, so that analyses pick the right source for any trace.
+        """
+        if self._header.get("options", {}).get("mode") == "counts":
+            return "counts"
+        has_routing = any(s.rows for s in self._segments.get("routing", []))
+        has_loads = any(s.rows for s in self._segments.get("loads", []))
+        return "counts" if has_loads and not has_routing else "tokens"
+
 
 def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {}

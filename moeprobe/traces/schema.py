@@ -29,7 +29,8 @@ ROUTING = pa.schema(
         pa.field("layer", pa.int16(), nullable=False),  # MoE layer index in model order, from 0
         pa.field("k", pa.int8(), nullable=False),  # rank of the choice by gate weight, 0 = largest
         pa.field("expert", pa.int16(), nullable=False),
-        pa.field("weight", pa.float32(), nullable=False),  # gate weight the model multiplied by
+        # gate weight the model multiplied by; null where the source gives ids only (engine imports, see docs/engines.md)
+        pa.field("weight", pa.float32()),
         pa.field("dropped", pa.bool_(), nullable=False),  # token exceeded the expert's capacity (Switch)
     ]
 )
@@ -81,6 +82,18 @@ BIAS = pa.schema(
     ]
 )
 
+# Expert load without per-token rows ("counts" traces: engine dumps that only count, e.g. SGLang's stat recorder).
+# One row per (step, layer, expert) with a non-zero count.
+LOADS = pa.schema(
+    [
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("phase", pa.string(), nullable=False),  # "prefill" or "decode"
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("expert", pa.int16(), nullable=False),  # logical expert id
+        pa.field("tokens", pa.int64(), nullable=False),  # routing choices sent to this expert in this step and layer
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "routing": ROUTING,
     "steps": STEPS,
@@ -88,7 +101,10 @@ TABLES: dict[str, pa.Schema] = {
     "tags": TAGS,
     "scores": SCORES,
     "bias": BIAS,
+    "loads": LOADS,
 }
+
+MODES = ("tokens", "counts")  # manifest options["mode"]: per-token routing rows, or only the loads table
 
 
 def with_rank(schema: pa.Schema) -> pa.Schema:

@@ -66,6 +66,7 @@ class ShardWriter:
         world_size: int = 1,
         max_pending_rows: int = 2_000_000,
         on_warning: Callable[[str], None] | None = None,
+        source: dict[str, Any] | None = None,
     ) -> None:
         self.trace = Path(trace)
         self.rank = rank
@@ -99,6 +100,8 @@ class ShardWriter:
             "layers": layers,
             "options": options,
         }
+        if source is not None:  # where an imported trace came from (engine, version, files); see moeprobe.importers
+            self._header["source"] = source
         self._shard = {
             "rank": rank,
             "status": "running",

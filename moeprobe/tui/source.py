@@ -76,7 +76,7 @@ def run_info(trace: Trace) -> RunInfo:
     dropped = counters.get("dropped", {})
     return RunInfo(
         name=str(model.get("name") or "?"),
-        family=str(model.get("family") or "?"),
+        family=str(model.get("family") or model.get("engine") or "?"),  # imported traces name their engine
         layers=len(layers),
         experts=_span([int(layer["num_experts"]) for layer in layers]),
         top_k=_span([int(layer["top_k"]) for layer in layers]),

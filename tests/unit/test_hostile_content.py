@@ -49,9 +49,19 @@ def _calls_and_imports(tree: ast.AST) -> list[str]:
             if isinstance(func, ast.Name) and func.id in UNSAFE_CALLS:
                 found.append(func.id)
             elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-                if (func.value.id, func.attr) in UNSAFE_ATTRIBUTES:
+                if (func.value.id, func.attr) in UNSAFE_ATTRIBUTES and not _weights_only(node):
                     found.append(f"{func.value.id}.{func.attr}")
     return found
+
+
+def _weights_only(call: ast.Call) -> bool:
+    """``torch.load(..., weights_only=True)`` (a literal True): torch's restricted unpickler, which refuses any
+    object that is not a tensor or a plain container. The SGLang importer needs it for the engine's .pt dumps."""
+    func = call.func
+    return (
+        isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and (func.value.id, func.attr) == ("torch", "load")
+        and any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
+    )
 
 
 def test_no_module_unpickles_or_evaluates_anything() -> None:
@@ -68,6 +78,9 @@ def test_no_module_unpickles_or_evaluates_anything() -> None:
 def test_the_scan_would_see_them() -> None:
     code = "import pickle\nfrom marshal import loads\neval('1')\ntorch.load(f)\nnp.load(f, allow_pickle=True)"
     assert _calls_and_imports(ast.parse(code)) == ["pickle", "marshal", "eval", "torch.load", "np.load"]
+    # only a literal weights_only=True passes
+    code = "torch.load(f, weights_only=True)\ntorch.load(f, weights_only=False)\ntorch.load(f, weights_only=flag)"
+    assert _calls_and_imports(ast.parse(code)) == ["torch.load", "torch.load"]
 
 
 # -- the SQL console -------------------------------------------------------------------------------------

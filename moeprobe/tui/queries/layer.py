@@ -45,6 +45,7 @@ class LayerDetail:
     coactivation_random: float
     bias: np.ndarray | None
     bias_step: int | None
+    counts_only: bool = False  # a counts trace: loads per step only, no per-token co-activation
 
     @property
     def utilisation(self) -> np.ndarray:
@@ -64,12 +65,15 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
     experts, top_k = int(meta["num_experts"]), int(meta["top_k"])
     ctx = trace.context(Filters(layers=(index,)))
 
-    got = ctx.run(f"SELECT expert, count(*) AS n FROM routing WHERE layer = {index} GROUP BY ALL")
+    counts_only = ctx.mode == "counts"
+    # A counts trace has per-step expert loads (the loads table), not one row per routing choice.
+    table, n = ("loads", "sum(tokens)") if counts_only else ("routing", "count(*)")
+    got = ctx.run(f"SELECT expert, {n} AS n FROM {table} WHERE layer = {index} GROUP BY ALL")
     counts = np.zeros(experts, np.int64)
     ok = got["expert"] < experts
     counts[got["expert"][ok].astype(np.int64)] = got["n"][ok]
 
-    span = ctx.run(f"SELECT min(step) AS lo, max(step) AS hi FROM routing WHERE layer = {index}")
+    span = ctx.run(f"SELECT min(step) AS lo, max(step) AS hi FROM {table} WHERE layer = {index}")
     lo, hi = float(span["lo"][0]), float(span["hi"][0])
     over_time = np.zeros((experts, 0))
     size, first, last = 1, None, None
@@ -77,7 +81,7 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
         first, last = int(lo), int(hi)
         size = max(1, math.ceil((int(hi) - first + 1) / TIME_WINDOWS))
         win = ctx.run(
-            f"SELECT (step - {first}) // {size} AS win, expert, count(*) AS n FROM routing "
+            f"SELECT (step - {first}) // {size} AS win, expert, {n} AS n FROM {table} "
             f"WHERE layer = {index} GROUP BY ALL"
         )
         n_win = int(win["win"].max()) + 1 if len(win["win"]) else 0
@@ -98,7 +102,7 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
 
     matrix = None
     random = stats.coactivation_baseline(experts, top_k)
-    if counts.sum():
+    if counts.sum() and not counts_only:  # co-activation needs the choices of each token
         co = coactivation.compute(ctx, ctx.sample(COACTIVATION_SAMPLE))
         if co:
             matrix = co[0].matrix
@@ -130,4 +134,5 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
         coactivation_random=random,
         bias=bias,
         bias_step=bias_step,
+        counts_only=counts_only,
     )

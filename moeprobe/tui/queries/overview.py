@@ -70,7 +70,11 @@ def quick_overview(trace: Trace) -> Overview:
     The same formulas (``analysis.stats``) over the same counts as ``Trace.load``, so the numbers do not change
     when the full pass arrives; only MaxVio_batch and the sparklines are left for it.
     """
-    got = trace.context().run("SELECT layer, expert, count(*) AS n FROM routing GROUP BY ALL")
+    ctx = trace.context()
+    # A counts trace has its per-expert loads in the loads table instead of one row per routing choice.
+    source = "SELECT layer, expert, sum(tokens) AS n FROM loads GROUP BY ALL" if ctx.mode == "counts" else \
+        "SELECT layer, expert, count(*) AS n FROM routing GROUP BY ALL"
+    got = ctx.run(source)
     rows = []
     for meta in trace.layers:
         index, experts, top_k = int(meta["index"]), int(meta["num_experts"]), int(meta["top_k"])

@@ -30,9 +30,16 @@ class SpecializationData:
     skipped: tuple[str, ...]  # keys with too many values to be categories
     repetition: tuple[RepetitionLayer, ...]
     sampled: float  # share of decisions the repetition pairs came from
+    counts_only: bool = False  # a counts trace: no per-token rows, so nothing here can be computed
 
 
 def specialization(trace: Trace) -> SpecializationData:
+    if trace.mode == "counts":
+        return SpecializationData(None, (), (), (), 1.0, counts_only=True)
+    return _specialization(trace)
+
+
+def _specialization(trace: Trace) -> SpecializationData:
     spec = trace.specialization(count_budget=COUNT_BUDGET, sample_budget=SAMPLE_BUDGET)
     keys = [t.key for t in spec.tags]
     chosen = next((k for k in PREFERRED_KEYS if k in keys), keys[0] if keys else None)

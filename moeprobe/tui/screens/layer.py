@@ -136,7 +136,10 @@ class LayerScreen(TraceScreen):
         note = self.query_one("#coact-note", Static)
         if matrix is None:
             heat.show([])
-            note.update("no routing decisions yet" if not data.counts.sum() else "needs top-k > 1")
+            if data.counts_only:
+                note.update("counts trace: co-activation needs per-token routing")
+            else:
+                note.update("no routing decisions yet" if not data.counts.sum() else "needs top-k > 1")
             return
         base = data.coactivation_random
         if math.isnan(base) or base <= 0:

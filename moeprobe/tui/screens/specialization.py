@@ -72,7 +72,11 @@ class SpecializationScreen(TraceScreen):
         title = self.query_one("#tag-title", Static)
         note = self.query_one("#tag-note", Static)
         heat = self.query_one("#tags", HeatMap)
-        if data.tag is None or layer not in data.tag.relative:
+        if data.counts_only:
+            title.update(f"L{layer}: tag × expert")
+            heat.show([])
+            note.update(Text("counts trace (expert loads per step only): tags, NMI and repetition need per-token routing"))
+        elif data.tag is None or layer not in data.tag.relative:
             title.update(f"L{layer}: tag × expert")
             heat.show([])
             skipped = f" ({printable(', '.join(data.skipped))} have too many values)" if data.skipped else ""
