@@ -46,11 +46,17 @@ def test_changed_router_output_is_refused_on_the_first_call(change: Any, expecte
     model = build("mixtral")
     for router in (m for m in model.modules() if type(m).__name__ == "MixtralTopKRouter"):
         _replace_forward(router, change)
-    with pytest.raises(moeprobe.UnsupportedModelError) as raised:
-        with moeprobe.record(model, tmp_path / "t"), torch.no_grad():
-            model(_ids())  # the model still runs: the refusal comes when the probe closes
+    probe = moeprobe.record(model, tmp_path / "t")
+    try:
+        with torch.no_grad():
             model(_ids())
+            model(_ids())
+    except (ValueError, RuntimeError, IndexError):
+        pass  # some releases' experts reject the changed routing themselves; moeprobe must have refused first
+    with pytest.raises(moeprobe.UnsupportedModelError) as raised:
+        probe.close()
     message = str(raised.value)
+    assert raised.value is probe.refusal
     assert "MixtralTopKRouter" in message and "transformers" in message and expected in message
     assert "\n" not in message
     trace = moeprobe.open_trace(tmp_path / "t")
