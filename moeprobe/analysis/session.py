@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .report_json import ReportOptions
     from .router import RouterLayer
     from .specialization import Specialization
+    from .timeline import Timeline
 
 
 class QueryError(TraceError):
@@ -201,6 +202,12 @@ class Trace:
         from . import latency
 
         return latency.compute(self.context(filters))
+
+    def timeline(self, filters: Filters | None = None, *, max_points: int = 20_000) -> Timeline:
+        """Per-step MaxVio per layer and latency rows against the step's busiest expert (bounded, for charts)."""
+        from . import timeline
+
+        return timeline.compute(self.context(filters), max_points=max_points)
 
     def summary(self, filters: Filters | None = None, options: ReportOptions | None = None) -> dict[str, Any]:
         """The full report as a JSON-ready dict (the ``moeprobe report --json`` object, docs/report-json.md)."""

@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--output", "-o", metavar="OUT", type=Path, help="write the (single) strategy's routing as a trace")
     parser.add_argument("--force", action="store_true", help="with -o: overwrite an existing trace")
+    parser.add_argument("--html", metavar="FILE", help="per-GPU (or per-expert) load before and after, as an HTML page")
     return parser
 
 
@@ -90,6 +91,12 @@ def main(argv: list[str]) -> int:
         raise UsageError("--force only applies with -o OUT")
 
     report = _simulate(args, strategies, window, layers, eplb)
+    if args.html:
+        from .pictures import write_simulate
+
+        code = write_simulate(report, _gpus(report), html=args.html)
+        if code:
+            return code
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -133,6 +140,13 @@ def _simulate(args: argparse.Namespace, strategies: list[Any], window: Any, laye
         if args.output is not None:
             report["written"] = str(replay.write_simulated_trace(data, sims, strategies[0], args.output, force=args.force))
     return report
+
+
+def _gpus(report: dict[str, Any]) -> int | None:
+    """The GPU count balancedness was measured over (contiguous placement), or None when it was per expert."""
+    if "eplb" in report and report["balancedness_units"] != "experts":
+        return int(report["eplb"]["gpus"])
+    return None
 
 
 def _row(name: str, layers: list[Any], sims: list[Any], gpus: int | None) -> dict[str, Any]:
