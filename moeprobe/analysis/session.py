@@ -230,6 +230,12 @@ class Trace:
     def __repr__(self) -> str:
         return f"Trace({str(self.path)!r}, status={self.status!r}, layers={len(self.layers)})"
 
+    def _repr_html_(self) -> str:
+        """Jupyter: what the trace is, its load heat map and per-layer load table (needs the html extra for the map)."""
+        from .display import trace_html
+
+        return trace_html(self)
+
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
