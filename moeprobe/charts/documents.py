@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import render
+from .specs import max_utilisation
 from .page import Chart, default_layer, fmt_num, headline_table, html_page, report_charts, section, simulate_charts
 
 
@@ -34,8 +35,7 @@ def compare_html(result: dict[str, Any], timelines: tuple[dict[str, Any], dict[s
     """a and b side by side, chart by chart, under the table of differences (b - a) of the headline numbers."""
     a, b = result["a"], result["b"]
     layer = layer if layer is not None else shared_layer(a, b)
-    charts_a = report_charts(a, timelines[0], layer=layer, prefix="a-", label="a: ")
-    charts_b = report_charts(b, timelines[1], layer=layer, prefix="b-", label="b: ")
+    charts_a, charts_b = compare_charts(result, timelines, layer=layer)
     rows = [(label, fmt_num(p["a"]), fmt_num(p["b"]), fmt_num(p["delta"])) for label, p in result["diff"]["overall"].items()]
     body: list[str | Chart] = ["<h2>differences (b - a)</h2>" + headline_table(rows, ("metric", "a", "b", "b - a"))]
     by_name_b = {c.name[2:]: c for c in charts_b}
@@ -45,6 +45,16 @@ def compare_html(result: dict[str, Any], timelines: tuple[dict[str, Any], dict[s
     body += list(by_name_b.values())  # charts only b has data for
     meta = [f"a: {line}" for line in _trace_meta(a)[:2]] + [f"b: {line}" for line in _trace_meta(b)[:2]]
     return html_page("moeprobe report: a vs b", meta, body, charts_a + charts_b, bundle=render.javascript_bundle())
+
+
+def compare_charts(result: dict[str, Any], timelines: tuple[dict[str, Any], dict[str, Any]], *,
+                   layer: int | None) -> tuple[list[Chart], list[Chart]]:
+    """a's and b's charts, with one detail layer and one heat-map colour scale so that they compare by eye."""
+    a, b = result["a"], result["b"]
+    layer = layer if layer is not None else shared_layer(a, b)
+    high = max(max_utilisation(a), max_utilisation(b))
+    return (report_charts(a, timelines[0], layer=layer, prefix="a-", label="a: ", color_max=high),
+            report_charts(b, timelines[1], layer=layer, prefix="b-", label="b: ", color_max=high))
 
 
 def shared_layer(a: dict[str, Any], b: dict[str, Any]) -> int | None:

@@ -43,9 +43,11 @@ def default_layer(report: dict[str, Any]) -> int | None:
 
 
 def report_charts(
-    report: dict[str, Any], timeline: dict[str, Any], *, layer: int | None = None, prefix: str = "", label: str = ""
+    report: dict[str, Any], timeline: dict[str, Any], *, layer: int | None = None, prefix: str = "", label: str = "",
+    color_max: float | None = None,
 ) -> list[Chart]:
-    """Every chart a report has data for. ``layer``: the layer of the per-domain and co-activation charts."""
+    """Every chart a report has data for. ``layer``: the layer of the per-domain and co-activation charts;
+    ``color_max``: top of the heat map's colour scale (give two reports the same one to compare them)."""
     layer = default_layer(report) if layer is None else layer
     overall = report["overall"]
     metrics = overall["metrics"]
@@ -56,7 +58,7 @@ def report_charts(
         worst = f" (worst layer {m['worst_layer']}: {fmt_num(m['max'] if name != 'entropy_norm' else m['min'], digits)})"
         return (label_, fmt_num(m["mean"], digits) + (worst if m.get("worst_layer") is not None else ""), fmt_num(m["random"], digits))
 
-    spec = specs.heatmap(report, label=label)
+    spec = specs.heatmap(report, label=label, color_max=color_max)
     if spec is not None:
         bal = overall["balancedness"]
         charts.append(

@@ -12,8 +12,18 @@ import math
 from typing import Any
 
 SCHEMA = "https://vega.github.io/schema/vega-lite/v6.json"
-# Utilisation colours: blue below a fair share, white at it, red above, so that hot and cold experts stand out.
-UTILISATION_SCALE = {"scheme": "redblue", "reverse": True, "domainMid": 1}
+
+
+def utilisation_scale(high: float) -> dict[str, Any]:
+    """Blue below a fair share, white at it, red above. The domain always spans at least 0 to 2, so that a
+    balanced layer looks pale instead of being stretched over the full palette, and two heat maps drawn with
+    the same ``high`` can be compared by eye."""
+    return {"scheme": "redblue", "reverse": True, "domain": [0, max(2.0, high)], "domainMid": 1}
+
+
+def max_utilisation(report: dict[str, Any]) -> float:
+    values = [u for item in report["layers"] for u in (item.get("utilisation") or []) if _finite(u) is not None]
+    return max(values, default=0.0)
 FONT_CONFIG = {"view": {"stroke": None}, "axis": {"labelFontSize": 10, "titleFontSize": 11}}
 
 
@@ -33,8 +43,9 @@ def _cell_size(count: int, lo: int, hi: int, span: int) -> int:
     return max(lo, min(hi, span // max(1, count)))
 
 
-def heatmap(report: dict[str, Any], *, label: str = "") -> dict[str, Any] | None:
-    """Layer x expert: each expert's load over a fair share (c_e / (T k / E)); one rect per (layer, expert)."""
+def heatmap(report: dict[str, Any], *, label: str = "", color_max: float | None = None) -> dict[str, Any] | None:
+    """Layer x expert: each expert's load over a fair share (c_e / (T k / E)); one rect per (layer, expert).
+    ``color_max``: top of the colour scale (default: this report's largest utilisation, at least 2)."""
     rows = []
     max_experts = 0
     for item in report["layers"]:
@@ -58,7 +69,7 @@ def heatmap(report: dict[str, Any], *, label: str = "") -> dict[str, Any] | None
                 "color": {
                     "field": "utilisation",
                     "type": "quantitative",
-                    "scale": UTILISATION_SCALE,
+                    "scale": utilisation_scale(max_utilisation(report) if color_max is None else color_max),
                     "title": "load / fair",
                 },
                 "tooltip": [
@@ -253,7 +264,8 @@ def unit_load(rows: list[dict[str, Any]], units: str, *, title: str, subtitle: s
                 "encoding": {
                     "x": {"field": "unit", "type": "ordinal", "title": units, "axis": {"labelOverlap": "greedy", "labelAngle": 0}},
                     "y": {"field": "layer", "type": "ordinal", "axis": {"labelOverlap": "greedy"}},
-                    "color": {"field": "relative", "type": "quantitative", "scale": UTILISATION_SCALE, "title": "load / mean"},
+                    "color": {"field": "relative", "type": "quantitative", "title": "load / mean",
+                              "scale": utilisation_scale(max((r["relative"] or 0.0) for r in rows))},
                     "tooltip": [
                         {"field": "setup", "type": "nominal"},
                         {"field": "layer", "type": "ordinal"},

@@ -53,6 +53,7 @@ def _run(command: str, make_html: Any, make_charts: Any, html: str | None, png: 
     from ..charts.page import write_images
     from ..charts.render import MissingDependency
 
+    target = html or png or svg  # what the user asked for is what an error names, not a temporary file
     try:
         if html:
             path = Path(html)
@@ -60,13 +61,13 @@ def _run(command: str, make_html: Any, make_charts: Any, html: str | None, png: 
             _done(path)
         for fmt, directory in (("png", png), ("svg", svg)):
             if directory:
+                target = directory
                 for path in write_images(make_charts(), Path(directory), fmt):
                     _done(path)
     except MissingDependency as exc:
         return _fail(command, str(exc))
     except OSError as exc:
-        where = exc.filename or html or png or svg
-        return _fail(command, f"cannot write {where}: {exc.strerror or exc}")
+        return _fail(command, f"cannot write {target}: {exc.strerror or exc}")
     return 0
 
 
@@ -84,19 +85,17 @@ def write_report(report: dict[str, Any], timeline: dict[str, Any], *, html: str 
 
 def write_compare(result: dict[str, Any], timelines: tuple[dict[str, Any], dict[str, Any]], *, html: str | None,
                   png: str | None, svg: str | None, layer: int | None) -> int:
-    from ..charts.documents import shared_layer, compare_html
-    from ..charts.page import report_charts
+    from ..charts.documents import compare_charts, compare_html
 
     problem = _check_layer([result["a"], result["b"]], layer)
     if problem:
         return _fail("report", problem)
-    chosen = layer if layer is not None else shared_layer(result["a"], result["b"])
 
     def charts() -> list[Any]:
-        return (report_charts(result["a"], timelines[0], layer=chosen, prefix="a-", label="a: ")
-                + report_charts(result["b"], timelines[1], layer=chosen, prefix="b-", label="b: "))
+        a, b = compare_charts(result, timelines, layer=layer)
+        return a + b
 
-    return _run("report", lambda: compare_html(result, timelines, layer=chosen), charts, html, png, svg)
+    return _run("report", lambda: compare_html(result, timelines, layer=layer), charts, html, png, svg)
 
 
 def write_simulate(result: dict[str, Any], gpus: int | None, *, html: str) -> int:
