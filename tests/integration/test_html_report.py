@@ -136,3 +136,18 @@ def test_picture_errors_are_one_line(traces: tuple[Path, Path], tmp_path: Path, 
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_balanced_and_unbalanced_heat_maps_differ(tmp_path: Path) -> None:
+    """The demo's two trained checkpoints, recorded here: the unbalanced model's heat map is visibly more coloured."""
+    pytest.importorskip("transformers")
+    from moeprobe.demo.checkpoints import available
+
+    if not {"balanced", "unbalanced"} <= set(available()):
+        pytest.fail("the demo checkpoints are part of the package and must be shipped")
+    demo = _cli("demo", "-o", str(tmp_path / "demo"), "--max-new-tokens", "4", cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    balanced = _heat_colour(tmp_path / "demo" / "balanced", tmp_path / "png-balanced")
+    unbalanced = _heat_colour(tmp_path / "demo" / "unbalanced", tmp_path / "png-unbalanced")
+    assert unbalanced[1] > 2 * balanced[1], (balanced, unbalanced)
+    assert unbalanced[0] > balanced[0], (balanced, unbalanced)
