@@ -102,7 +102,7 @@ def maxvio_over_time(report: dict[str, Any], timeline: dict[str, Any], *, label:
     line = {
         "mark": {"type": "line", "point": len(rows) <= 400, "strokeWidth": 1.2},
         "encoding": {
-            "x": {"field": "step", "type": "quantitative", "title": "step"},
+            "x": {"field": "step", "type": "quantitative", "title": "step", "scale": {"nice": False, "zero": False}},
             "y": {"field": "maxvio", "type": "quantitative", "title": "MaxVio_batch"},
             "color": {"field": "layer", "type": "nominal", "legend": {"columns": 2, "symbolLimit": 64}},
             "tooltip": [
