@@ -65,6 +65,7 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "moeprobe", "report", str(trace), "--html", str(out)]
 
+    load_before = os.getloadavg()
     warm_env = dict(env)
     subprocess.run(cmd, env=warm_env, check=True, capture_output=True)  # fills the user cache if it was empty
     times: dict[str, list[tuple[float, float]]] = {"warm": [], "cold": []}
@@ -75,7 +76,7 @@ def main() -> int:
     size = out.stat().st_size
     load = os.getloadavg()
     print(f"trace: {trace} ({decisions:,} decisions requested)")
-    print(f"load average before/after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load[0]:.2f} (5 min {load[1]:.2f})")
     for case, rows in times.items():
         walls = [w for w, _ in rows]
         cpus = [c for _, c in rows]

@@ -6,8 +6,10 @@ vl-convert is an optional dependency (``pip install 'moeprobe[html]'``); ``Missi
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +47,37 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeprobe"
 
 
-def javascript_bundle() -> str:
-    """Vega, Vega-Lite and vega-embed as one script (about 0.9 MB) that defines ``vegaEmbed`` on window.
+_prefetch: concurrent.futures.Future[str] | None = None
 
-    vl-convert builds it in 2 to 4 s on first use in a process, so it is kept in the user's cache directory,
-    keyed by the vl-convert and Vega-Lite versions; a cache that cannot be written only costs the rebuild.
-    """
+
+def prefetch_bundle() -> None:
+    """Start getting the bundle in a thread (vl-convert releases the GIL while it builds), so that a cold cache
+    costs the wait for the analysis running meanwhile, not the sum of both. Errors surface in javascript_bundle."""
+    global _prefetch
+    if _prefetch is None:
+        _prefetch = concurrent.futures.Future()
+        future = _prefetch
+
+        def work() -> None:
+            try:
+                future.set_result(_load_bundle())
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the bundle
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name="moeprobe-vega-bundle", daemon=True).start()
+
+
+def javascript_bundle() -> str:
+    """Vega, Vega-Lite and vega-embed as one script (about 0.9 MB) that defines ``vegaEmbed`` on window."""
+    prefetch_bundle()
+    assert _prefetch is not None
+    return _prefetch.result()
+
+
+def _load_bundle() -> str:
+    """vl-convert builds the bundle in 2 to 4 s on first use in a process, so it is kept in the user's cache
+    directory, keyed by the vl-convert and Vega-Lite versions; a cache that cannot be written only costs the
+    rebuild."""
     from importlib.metadata import version
 
     vlc = _vlc()

@@ -108,6 +108,10 @@ def main(argv: list[str]) -> int:
         from dataclasses import replace
 
         options = replace(options, full=True)  # the charts need the count tables and co-activation matrices
+        if args.html:
+            from ..charts.render import prefetch_bundle
+
+            prefetch_bundle()  # builds or reads the page's JavaScript while the analysis runs
     built = [_build(path, filters, options, timeline=pictures) for path in args.traces]
     reports = [report for report, _ in built]
     timelines = [timeline for _, timeline in built]
