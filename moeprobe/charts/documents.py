@@ -9,6 +9,9 @@ from .specs import max_utilisation
 from .page import Chart, default_layer, fmt_num, headline_table, html_page, report_charts, section, simulate_charts
 
 
+EMPTY = "<p><b>No routing decisions in this trace with these filters: nothing to draw.</b></p>"
+
+
 def _trace_meta(report: dict[str, Any]) -> list[str]:
     trace, overall = report["trace"], report["overall"]
     model = trace.get("model") or {}
@@ -27,7 +30,7 @@ def _trace_meta(report: dict[str, Any]) -> list[str]:
 
 def report_html(report: dict[str, Any], timeline: dict[str, Any], *, layer: int | None = None) -> str:
     charts = report_charts(report, timeline, layer=layer)
-    body: list[str | Chart] = list(charts)
+    body: list[str | Chart] = list(charts) or [EMPTY]
     return html_page("moeprobe report", _trace_meta(report), body, charts, bundle=render.javascript_bundle())
 
 

@@ -62,7 +62,10 @@ def _run(command: str, make_html: Any, make_charts: Any, html: str | None, png: 
         for fmt, directory in (("png", png), ("svg", svg)):
             if directory:
                 target = directory
-                for path in write_images(make_charts(), Path(directory), fmt):
+                charts = make_charts()
+                if not charts:  # figures were asked for: an empty directory and status 0 would pass unnoticed
+                    return _fail(command, f"nothing to draw in {directory}: no routing decisions with these filters")
+                for path in write_images(charts, Path(directory), fmt):
                     _done(path)
     except MissingDependency as exc:
         return _fail(command, str(exc))

@@ -151,3 +151,16 @@ def test_demo_balanced_and_unbalanced_heat_maps_differ(tmp_path: Path) -> None:
     unbalanced = _heat_colour(tmp_path / "demo" / "unbalanced", tmp_path / "png-unbalanced")
     assert unbalanced[1] > 2 * balanced[1], (balanced, unbalanced)
     assert unbalanced[0] > balanced[0], (balanced, unbalanced)
+
+
+def test_a_trace_without_decisions_says_so(tmp_path: Path) -> None:
+    from tests.support import layer_meta, write_trace
+
+    empty = write_trace(tmp_path / "empty", {}, layers=layer_meta(1, 4, 2))
+    out = tmp_path / "r.html"
+    result = _cli("report", str(empty), "--html", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "No routing decisions in this trace with these filters" in out.read_text(encoding="utf-8")
+    result = _cli("report", str(empty), "--png", str(tmp_path / "png"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"moeprobe report: nothing to draw in {tmp_path / 'png'}: no routing decisions with these filters"

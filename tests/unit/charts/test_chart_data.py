@@ -143,3 +143,16 @@ def test_importing_the_chart_modules_stays_light() -> None:
     code = "import moeprobe, moeprobe.charts, moeprobe.charts.specs, moeprobe.charts.page\nimport sys; print(' '.join(sys.modules))"
     loaded = set(subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=run_cli_env(), check=True).stdout.split())
     assert not {"vl_convert", "altair", "duckdb", "torch", "textual"} & loaded
+
+
+def test_timeline_follows_the_filters(built: tuple[Path, dict[str, Any], dict[str, Any]]) -> None:
+    from moeprobe.analysis.filters import Filters
+
+    path, _, _ = built
+    expected = _per_step_maxvio(path)
+    with moeprobe.open_trace(path) as trace:
+        got = trace.timeline(Filters(steps=(2, 4), layers=(1,))).to_json()
+    mv = got["maxvio"]
+    assert mv["first_step"] == [2, 3] and mv["layer"] == [1, 1]
+    assert mv["mean"] == pytest.approx([expected[(2, 1)], expected[(3, 1)]], abs=1e-6)
+    assert got["latency"]["step"] == [2, 3] and got["latency"]["layer"] == [1, 1]
