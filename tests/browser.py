@@ -41,6 +41,7 @@ FLAGS = [
     "--no-first-run",
     "--no-default-browser-check",
     "--mute-audio",
+    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
     "--remote-debugging-pipe",
 ]
 

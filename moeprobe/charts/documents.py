@@ -71,7 +71,8 @@ def shared_layer(a: dict[str, Any], b: dict[str, Any]) -> int | None:
 def simulate_html(result: dict[str, Any], gpus: int | None) -> str:
     charts = simulate_charts(result, gpus)
     meta = [
-        f"trace {result['trace']}, steps {result['steps']}, layers {', '.join(map(str, result['layers']))}",
+        f"trace {result['trace']}, {'all steps' if result['steps'] == ':' else 'steps ' + result['steps']}, "
+        f"layers {', '.join(map(str, result['layers']))}",
         f"balancedness over {result['balancedness_units']}",
     ]
     meta += [f"note: {n}" for n in result.get("notes", [])]

@@ -242,11 +242,14 @@ def _json_for_script(obj: Any) -> str:
 
 
 def section(chart: Chart) -> str:
+    # A baseline column only where some metric has one (the simulator's comparisons have none).
+    baseline = any(r != "-" for _, _, r in chart.headline)
     rows = "".join(
-        f"<tr><td>{html.escape(m)}</td><td>{html.escape(v)}</td><td>{html.escape(r)}</td></tr>" for m, v, r in chart.headline
+        f"<tr><td>{html.escape(m)}</td><td>{html.escape(v)}</td>" + (f"<td>{html.escape(r)}</td>" if baseline else "") + "</tr>"
+        for m, v, r in chart.headline
     )
-    table = (f'<table class="headline"><tr><th>metric</th><th>value</th><th>random routing</th></tr>{rows}</table>'
-             if rows else "")
+    head = "<tr><th>metric</th><th>value</th>" + ("<th>random routing</th>" if baseline else "") + "</tr>"
+    table = f'<table class="headline">{head}{rows}</table>' if rows else ""
     note = f'<p class="note">{html.escape(chart.note)}</p>' if chart.note else ""
     return (f'<section id="sec-{chart.name}"><h2>{html.escape(chart.title)}</h2><div class="row">'
             f'<div class="vis" id="chart-{chart.name}"></div><div>{table}{note}</div></div></section>')

@@ -102,7 +102,7 @@ def test_report_renders_every_chart_with_the_reports_numbers(trace: Path, tmp_pa
     # two panels (router, block) with one point per latency row
     latency = charts["latency"]["marks"]["symbol"]
     assert len(latency) == 2 * chart_traces.STEPS * len(report["layers"])
-    blocks = [v for v in _label_values([x for x in latency if "block ms" in x], "block ms")]
+    blocks = _label_values([x for x in latency if "block ms" in x], "block ms")
     fastest = min(item["block_ms"]["p50"] for item in report["latency"]["layers"])
     assert min(blocks) <= fastest
 
