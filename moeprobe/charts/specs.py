@@ -224,8 +224,10 @@ def latency_vs_load(timeline: dict[str, Any], *, label: str = "") -> dict[str, A
             "height": 240,
             "mark": {"type": "point", "filled": True, "opacity": 0.6, "size": 18},
             "encoding": {
-                # symlog: a prefill step's load is orders of magnitude above a decode step's
-                "x": {"field": "top", "type": "quantitative", "title": "max expert load", "scale": {"type": "symlog"}},
+                # log: a prefill step's load is orders of magnitude above a decode step's (and always >= 1:
+                # a (step, layer) row exists only where some expert was chosen)
+                "x": {"field": "top", "type": "quantitative", "title": "max expert load (log)", "scale": {"type": "log"},
+                      "axis": {"labelOverlap": "greedy"}},
                 "y": {"field": field, "type": "quantitative", "title": title, "scale": {"zero": False}},
                 "color": {"field": "layer", "type": "nominal", "legend": {"columns": 2, "symbolLimit": 64}},
                 "tooltip": [
