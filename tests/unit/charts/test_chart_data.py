@@ -81,7 +81,7 @@ def test_heatmap_cells_are_the_reports_utilisation(built: tuple[Path, dict[str, 
     _, report, _ = built
     spec = specs.heatmap(report)
     assert spec is not None
-    rows = spec["data"]["values"]
+    rows = specs.rows_of(spec)
     assert len(rows) == chart_traces.LAYERS * chart_traces.EXPERTS
     for item in report["layers"]:
         mine = [r for r in rows if r["layer"] == item["layer"]]
@@ -97,14 +97,14 @@ def test_every_chart_is_drawn_from_the_report(built: tuple[Path, dict[str, Any],
     layer = report["overall"]["metrics"]["maxvio_global"]["worst_layer"]
     tag = next(t for t in report["specialization"]["tags"] if t["key"] == "domain")
     counts = next(e for e in tag["layers"] if e["layer"] == layer)["counts"]
-    shares = charts["tag-domain"].spec["data"]["values"]
+    shares = specs.rows_of(charts["tag-domain"].spec)
     assert len(shares) == 2 * chart_traces.EXPERTS
     for v, value in enumerate(tag["values"]):
         mine = [r for r in shares if r["value"] == value]
         assert [r["count"] for r in mine] == counts[v]
         assert sum(r["share"] for r in mine) == pytest.approx(1.0)
     matrix = next(e for e in report["specialization"]["coactivation"]["layers"] if e["layer"] == layer)["matrix"]
-    cells = charts["coactivation"].spec["data"]["values"]
+    cells = specs.rows_of(charts["coactivation"].spec)
     assert len(cells) == chart_traces.EXPERTS**2
     assert max(c["p"] for c in cells) == max(max(row) for row in matrix)
     # headline numbers are the report's, with their random baselines
@@ -132,7 +132,7 @@ def test_hostile_text_stays_text(tmp_path: Path) -> None:
     # the value is intact in the specs the page renders
     specs_json = re.search(r'id="moeprobe-specs">(.*?)</script>', html, re.S)
     assert specs_json is not None
-    values = {r["value"] for r in json.loads(specs_json.group(1))["tag-domain"]["data"]["values"]}
+    values = {r["value"] for r in specs.rows_of(json.loads(specs_json.group(1))["tag-domain"])}
     assert values == {evil, "math"}
     assert html.count("<script") == 3  # the bundle, the specs, the renderer
 
