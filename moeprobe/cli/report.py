@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--count-sample", type=_count, metavar="DECISIONS", help="budget of the tag and vocabulary counts (0: everything)")
     opt.add_argument("--full", action="store_true", help="JSON: add per-value count tables and co-activation matrices")
     opt.add_argument("--limit", type=_count, default=16, help="rows per table in text and Markdown (0: all)")
-    pic = parser.add_argument_group("pictures (need moeprobe[html]; replace the text tables unless --json or --markdown)")
+    pic = parser.add_argument_group(
+        "pictures (need moeprobe[html]; they replace the text tables unless --json or --markdown is given, and "
+        "imply --full)")
     pic.add_argument("--html", metavar="FILE", help="self-contained HTML report with charts (works offline)")
     pic.add_argument("--png", metavar="DIR", help="each chart as DIR/NAME.png")
     pic.add_argument("--svg", metavar="DIR", help="each chart as DIR/NAME.svg")
@@ -114,7 +116,7 @@ def main(argv: list[str]) -> int:
             prefetch_bundle()  # builds or reads the page's JavaScript while the analysis runs
     built = [_build(path, filters, options, timeline=pictures) for path in args.traces]
     reports = [report for report, _ in built]
-    timelines = [timeline for _, timeline in built]
+    timelines = [timeline for _, timeline in built if timeline is not None]  # one per trace with pictures
     out = sys.stdout
     text_out = not pictures or args.json or args.markdown
     if args.compare:

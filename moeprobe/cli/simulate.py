@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--output", "-o", metavar="OUT", type=Path, help="write the (single) strategy's routing as a trace")
     parser.add_argument("--force", action="store_true", help="with -o: overwrite an existing trace")
-    parser.add_argument("--html", metavar="FILE", help="per-GPU (or per-expert) load before and after, as an HTML page")
+    parser.add_argument("--html", metavar="FILE", help="per-GPU (or per-expert) load before and after, as an HTML page (instead of the text table)")
     return parser
 
 
@@ -95,7 +95,11 @@ def main(argv: list[str]) -> int:
         from .pictures import write_simulate
 
         code = write_simulate(report, _gpus(report), html=args.html)
-        if code:
+        if code or not args.json:  # as with report: the page replaces the text table, --json still prints
+            if "written" in report:  # said at the end of the text table, which is not printed
+                from ..safe_text import printable
+
+                print(f"wrote the simulated routing to {printable(report['written'])}", file=sys.stderr)
             return code
     if args.json:
         json.dump(report, sys.stdout, indent=1)

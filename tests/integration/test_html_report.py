@@ -164,3 +164,15 @@ def test_a_trace_without_decisions_says_so(tmp_path: Path) -> None:
     result = _cli("report", str(empty), "--png", str(tmp_path / "png"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"moeprobe report: nothing to draw in {tmp_path / 'png'}: no routing decisions with these filters"
+
+
+def test_simulate_html_replaces_the_text_table(traces: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "sim.html"
+    result = _cli("simulate", str(traces[0]), "--strategy", "capacity:cf=1.0", "--html", str(out),
+                  "-o", str(tmp_path / "sim-trace"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"wrote {out} ({out.stat().st_size / 1024:,.0f} KiB)",
+                                          f"wrote the simulated routing to {tmp_path / 'sim-trace'}"]
+    html = out.read_text(encoding="utf-8")
+    assert 'id="chart-strategies"' in html and "eplb" not in html.split('id="moeprobe-specs"')[0]
