@@ -93,6 +93,7 @@ def report_charts(
             )
         )
     if layer is not None:
+        used: set[str] = set()
         for tag in report["specialization"]["tags"]:
             if len(tag["values"]) < 2:
                 continue  # one value: nothing to tell apart
@@ -101,9 +102,10 @@ def report_charts(
                 continue
             entry = next(e for e in tag["layers"] if e["layer"] == layer)
             nmis = [e["nmi"] for e in tag["layers"] if e["nmi"] is not None]
+            name = _unique(f"tag-{_slug(tag['key'])}", used)
             charts.append(
                 Chart(
-                    f"{prefix}tag-{_slug(tag['key'])}",
+                    f"{prefix}{name}",
                     f"Expert distribution by {tag['key']}",
                     spec,
                     [
@@ -127,11 +129,21 @@ def report_charts(
             ("MoE ms per step, p50", fmt_num(lat["moe_ms_per_step"]["p50"]), "-"),
             ("MoE ms per step, p99", fmt_num(lat["moe_ms_per_step"]["p99"]), "-"),
             ("router ms per step, p50", fmt_num(lat["router_ms_per_step_p50"]), "-"),
-            ("r(block ms, max load), mean over layers", fmt_num(sum(rs) / len(rs)) if rs else "-", "0"),
+            ("r(block ms, max load), mean over layers", fmt_num(sum(rs) / len(rs)) if rs else "-", "-"),
         ]
         charts.append(Chart(f"{prefix}latency", "Router and block latency against load", spec, rows,
                             f"clock: {', '.join(lat['clocks']) or '-'}."))
     return charts
+
+
+def _unique(name: str, used: set[str]) -> str:
+    """``name``, or name-2, name-3...: two tag keys may slug alike ("a b", "a-b") but need their own files and ids."""
+    out, n = name, 1
+    while out in used:
+        n += 1
+        out = f"{name}-{n}"
+    used.add(out)
+    return out
 
 
 def _slug(text: str) -> str:

@@ -156,3 +156,14 @@ def test_timeline_follows_the_filters(built: tuple[Path, dict[str, Any], dict[st
     assert mv["first_step"] == [2, 3] and mv["layer"] == [1, 1]
     assert mv["mean"] == pytest.approx([expected[(2, 1)], expected[(3, 1)]], abs=1e-6)
     assert got["latency"]["step"] == [2, 3] and got["latency"]["layer"] == [1, 1]
+
+
+def test_tag_keys_that_slug_alike_get_their_own_charts(built: tuple[Path, dict[str, Any], dict[str, Any]]) -> None:
+    import copy
+
+    _, report, timeline = built
+    twin = copy.deepcopy(report)
+    tag = next(t for t in twin["specialization"]["tags"] if t["key"] == "domain")
+    twin["specialization"]["tags"] += [{**copy.deepcopy(tag), "key": "Domain"}, {**copy.deepcopy(tag), "key": "d/o/m"}]
+    names = [c.name for c in page.report_charts(twin, timeline) if c.name.startswith("tag-")]
+    assert names == ["tag-domain", "tag-domain-2", "tag-d-o-m"]
