@@ -295,6 +295,7 @@ def write_images(charts: list[Chart], directory: Path, fmt: str) -> list[Path]:
     """Each chart as DIR/NAME.png or .svg; returns the paths written."""
     from . import render
 
+    render.require()  # before creating the directory: a missing dependency leaves nothing behind
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for chart in charts:

@@ -31,6 +31,11 @@ def _vlc() -> Any:
     return vl_convert
 
 
+def require() -> None:
+    """Raise MissingDependency now if vl-convert is not installed."""
+    _vlc()
+
+
 def to_png(spec: dict[str, Any], *, scale: float = 2.0) -> bytes:
     # allowed_base_urls=[]: every chart carries its data inline; nothing may be fetched while rendering.
     return bytes(_vlc().vegalite_to_png(spec, vl_version=VEGALITE_VERSION, scale=scale, allowed_base_urls=[]))

@@ -176,3 +176,19 @@ def test_simulate_html_replaces_the_text_table(traces: tuple[Path, Path], tmp_pa
                                           f"wrote the simulated routing to {tmp_path / 'sim-trace'}"]
     html = out.read_text(encoding="utf-8")
     assert 'id="chart-strategies"' in html and "eplb" not in html.split('id="moeprobe-specs"')[0]
+
+
+def test_without_vl_convert_the_error_says_what_to_install(traces: tuple[Path, Path], tmp_path: Path) -> None:
+    # A vl_convert that cannot be imported, ahead of the real one on the path: as on a machine without the extra.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "vl_convert.py").write_text("raise ImportError(\"No module named 'vl_convert'\")\n", encoding="utf-8")
+    env = run_cli_env()
+    env["PYTHONPATH"] = f"{shadow}:{env['PYTHONPATH']}"
+    for args in (["--html", str(tmp_path / "r.html")], ["--png", str(tmp_path / "png")]):
+        result = subprocess.run([PYTHON, "-m", "moeprobe", "report", str(traces[0]), *args], capture_output=True,
+                                text=True, env=env, timeout=300)
+        assert result.returncode == 1
+        assert result.stderr.strip() == ("moeprobe report: pictures need vl-convert-python: pip install 'moeprobe[html]' "
+                                         "(or pip install vl-convert-python)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shadow"]
