@@ -44,6 +44,11 @@ class Latency:
     def layer(self, index: int) -> LatencyLayer:
         return next(item for item in self.layers if item.layer == index)
 
+    def _repr_html_(self) -> str:  # Jupyter
+        from .display import latency_html
+
+        return latency_html(self)
+
 
 def _quantiles(cols: dict[str, np.ndarray], prefix: str, i: int) -> Quantiles:
     def get(name: str) -> float:

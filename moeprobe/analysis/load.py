@@ -71,6 +71,11 @@ class Load:
     def layer(self, index: int) -> LayerLoad:
         return next(item for item in self.layers if item.layer == index)
 
+    def _repr_html_(self) -> str:  # Jupyter: the heat map and the per-layer table
+        from .display import load_html
+
+        return load_html(self)
+
 
 def aggregate(ctx: Context) -> str:
     """The per (step, layer, expert) load table for these filters, created once and reused.

@@ -45,6 +45,11 @@ class EPLoad:
     def layer(self, index: int) -> EPLayer:
         return next(item for item in self.layers if item.layer == index)
 
+    def _repr_html_(self) -> str:  # Jupyter
+        from .display import ep_load_html
+
+        return ep_load_html(self)
+
 
 @lru_cache(maxsize=256)
 def _random(experts: int, k: int, tokens: int, placement: tuple[int, ...], ep_size: int) -> float:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .report_json import ReportOptions
     from .router import RouterLayer
     from .specialization import Specialization
+    from .timeline import Timeline
 
 
 class QueryError(TraceError):
@@ -210,6 +211,12 @@ class Trace:
 
         return latency.compute(self.context(filters))
 
+    def timeline(self, filters: Filters | None = None, *, max_points: int = 20_000) -> Timeline:
+        """Per-step MaxVio per layer and latency rows against the step's busiest expert (bounded, for charts)."""
+        from . import timeline
+
+        return timeline.compute(self.context(filters), max_points=max_points)
+
     def summary(self, filters: Filters | None = None, options: ReportOptions | None = None) -> dict[str, Any]:
         """The full report as a JSON-ready dict (the ``moeprobe report --json`` object, docs/report-json.md)."""
         from . import report_json
@@ -230,6 +237,12 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"Trace({str(self.path)!r}, status={self.status!r}, layers={len(self.layers)})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: what the trace is, its load heat map and per-layer load table (needs the html extra for the map)."""
+        from .display import trace_html
+
+        return trace_html(self)
 
 
 def _sql_string(text: str) -> str:

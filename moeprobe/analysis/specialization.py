@@ -145,6 +145,11 @@ class Specialization:
     counts_sample: Sample  # what tags and vocabulary counted
     sample: Sample  # what repetition and co-activation joined
 
+    def _repr_html_(self) -> str:  # Jupyter
+        from .display import specialization_html
+
+        return specialization_html(self)
+
 
 def compute(
     ctx: Context,

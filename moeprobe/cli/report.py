@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--count-sample", type=_count, metavar="DECISIONS", help="budget of the tag and vocabulary counts (0: everything)")
     opt.add_argument("--full", action="store_true", help="JSON: add per-value count tables and co-activation matrices")
     opt.add_argument("--limit", type=_count, default=16, help="rows per table in text and Markdown (0: all)")
+    pic = parser.add_argument_group(
+        "pictures (need moeprobe[html]; they replace the text tables unless --json or --markdown is given, and "
+        "imply --full)")
+    pic.add_argument("--html", metavar="FILE", help="self-contained HTML report with charts (works offline)")
+    pic.add_argument("--png", metavar="DIR", help="each chart as DIR/NAME.png")
+    pic.add_argument("--svg", metavar="DIR", help="each chart as DIR/NAME.svg")
+    pic.add_argument("--chart-layer", type=_count, metavar="N",
+                     help="layer of the per-tag and co-activation charts (default: the worst MaxVio_global layer)")
     return parser
 
 
@@ -95,17 +103,44 @@ def main(argv: list[str]) -> int:
         count_budget=defaults.count_budget if args.count_sample is None else args.count_sample,
         full=args.full,
     )
-    reports = [_build(path, filters, options) for path in args.traces]
+    pictures = bool(args.html or args.png or args.svg)
+    if args.chart_layer is not None and not pictures:
+        raise UsageError("--chart-layer only applies with --html, --png or --svg")
+    if pictures:
+        from dataclasses import replace
+
+        options = replace(options, full=True)  # the charts need the count tables and co-activation matrices
+        if args.html:
+            from ..charts.render import prefetch_bundle
+
+            prefetch_bundle()  # builds or reads the page's JavaScript while the analysis runs
+    built = [_build(path, filters, options, timeline=pictures) for path in args.traces]
+    reports = [report for report, _ in built]
+    timelines = [timeline for _, timeline in built if timeline is not None]  # one per trace with pictures
     out = sys.stdout
+    text_out = not pictures or args.json or args.markdown
     if args.compare:
         from ..analysis.report_json import compare
 
         result = compare(reports[0], reports[1])
+        if pictures:
+            from .pictures import write_compare
+
+            code = write_compare(result, (timelines[0], timelines[1]), html=args.html, png=args.png, svg=args.svg,
+                                 layer=args.chart_layer)
+            if code or not text_out:
+                return code
         if args.json:
             _write_json(result, out)
         else:
             _render_compare(result, out, markdown=args.markdown, limit=args.limit)
         return 0
+    if pictures:
+        from .pictures import write_report
+
+        code = write_report(reports[0], timelines[0], html=args.html, png=args.png, svg=args.svg, layer=args.chart_layer)
+        if code or not text_out:
+            return code
     if args.json:
         _write_json(reports[0], out)
     else:
@@ -113,11 +148,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _build(path: str, filters: Any, options: Any) -> dict[str, Any]:
+def _build(path: str, filters: Any, options: Any, *, timeline: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from ..analysis.session import open_trace
 
     with open_trace(path) as trace:
-        return trace.summary(filters, options)
+        return trace.summary(filters, options), (trace.timeline(filters).to_json() if timeline else None)
 
 
 def _write_json(obj: dict[str, Any], out: IO[str]) -> None:

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         help="with --eplb: write the EPLB placement for an engine: sglang (--init-expert-location JSON) or eplb "
         "(DeepSeek EPLB phy2log/log2phy/logcnt JSON); see docs/engines.md",
     )
+    parser.add_argument("--html", metavar="FILE", help="per-GPU (or per-expert) load before and after, as an HTML page (instead of the text table)")
     return parser
 
 
@@ -116,6 +117,16 @@ def main(argv: list[str]) -> int:
             report["exported"] = str(export_placement(report["eplb"], args.export[0], Path(args.export[1]), force=args.force))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if args.html:
+        from .pictures import write_simulate
+
+        code = write_simulate(report, _gpus(report), html=args.html)
+        if code or not args.json:  # as with report: the page replaces the text table, --json still prints
+            if "written" in report:  # said at the end of the text table, which is not printed
+                from ..safe_text import printable
+
+                print(f"wrote the simulated routing to {printable(report['written'])}", file=sys.stderr)
+            return code
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -209,6 +220,13 @@ def _simulate_counts(trace: Any, strategies: list[Any], window: Any, layers: lis
         ],
         "eplb": result,
     }
+
+
+def _gpus(report: dict[str, Any]) -> int | None:
+    """The GPU count balancedness was measured over (contiguous placement), or None when it was per expert."""
+    if "eplb" in report and report["balancedness_units"] != "experts":
+        return int(report["eplb"]["gpus"])
+    return None
 
 
 def _row(name: str, layers: list[Any], sims: list[Any], gpus: int | None) -> dict[str, Any]:
