@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..traces.errors import TraceExistsError
+from .args import Parser
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,7 +27,7 @@ _DESCRIPTIONS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moeprobe demo", description=HELP)
+    p = Parser(prog="moeprobe demo", description=HELP)
     p.add_argument("-o", "--output", default="traces/demo", help="output directory (default: traces/demo)")
     p.add_argument("--force", action="store_true", help="overwrite the demo traces in DIR")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated greedily per prompt (default: 32)")

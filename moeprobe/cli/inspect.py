@@ -8,6 +8,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+from .args import Parser
+
 HELP = "show a trace's manifest, segments, row counts and dropped records"
 
 _STATE_NOTE = {
@@ -19,7 +21,7 @@ _STATE_NOTE = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeprobe inspect", description="Show what a trace holds.")
+    parser = Parser(prog="moeprobe inspect", description="Show what a trace holds.")
     parser.add_argument("trace", help="trace directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser

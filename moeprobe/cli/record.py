@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .args import Parser
+
 HELP = "run a command and record the routing of every MoE model it runs"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moeprobe record",
         description="Run COMMAND (e.g. python job.py ARGS) and record every supported MoE model it builds or loads.",
     )

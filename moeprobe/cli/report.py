@@ -8,11 +8,13 @@ import json
 import sys
 from typing import IO, Any
 
+from .args import Parser
+
 HELP = "load imbalance, specialization and latency of a trace (text, --json, --markdown, --compare)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeprobe report", description=HELP)
+    parser = Parser(prog="moeprobe report", description=HELP)
     parser.add_argument("traces", nargs="+", metavar="TRACE", help="trace directory (two with --compare)")
     parser.add_argument("--compare", action="store_true", help="compare two traces: a, b and b - a")
     fmt = parser.add_mutually_exclusive_group()
@@ -69,7 +71,7 @@ def _ints(values: list[str], flag: str) -> tuple[int, ...] | None:
 
 
 def main(argv: list[str]) -> int:
-    from ..analysis.filters import Filters, parse_steps, parse_tag
+    from ..analysis.filters import FilterError, Filters, parse_steps, parse_tag
     from ..analysis.report_json import ReportOptions
     from .main import UsageError
 
@@ -78,13 +80,16 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--compare takes exactly two traces, got {len(args.traces)}")
     if not args.compare and len(args.traces) != 1:
         raise UsageError("give one trace, or two with --compare")
-    filters = Filters(
-        steps=parse_steps(args.steps) if args.steps else None,
-        phase=args.phase,
-        tags=tuple(parse_tag(t) for t in args.tag),
-        layers=_ints(args.layer, "--layer"),
-        ranks=_ints(args.rank, "--rank"),
-    )
+    try:
+        filters = Filters(
+            steps=parse_steps(args.steps) if args.steps else None,
+            phase=args.phase,
+            tags=tuple(parse_tag(t) for t in args.tag),
+            layers=_ints(args.layer, "--layer"),
+            ranks=_ints(args.rank, "--rank"),
+        )
+    except FilterError as exc:  # a malformed value is a usage error (2); one the trace lacks is bad input (1)
+        raise UsageError(str(exc)) from None
     defaults = ReportOptions()
     options = ReportOptions(
         ep_size=args.ep_size,

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
+from .args import Parser
 from .main import UsageError
 
 HELP = "replay recorded routing under other balancing strategies (re-routing, bias, capacity, EPLB)"
@@ -33,13 +34,8 @@ examples:
   moeprobe simulate traces/run --eplb replicas=16,groups=4,nodes=2,gpus=8,plan=0:50 --json"""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see moeprobe simulate --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="moeprobe simulate",
         description=HELP,
         epilog=EPILOG,
