@@ -1,6 +1,10 @@
 """Expert load and its imbalance, per layer: counts, utilisation, MaxVio (global and per batch), CV, normalised
 entropy, Gini, top-N coverage, dead experts, and the same over windows of steps.
 
+Two loads: *routed* (every choice the router made, what it asked of each expert; the default everywhere) and
+*processed* (dropped choices, over capacity, excluded: what the experts actually computed). They differ only
+on traces with drops (Switch Transformers, ``simulate -s capacity:... -o``).
+
 One aggregate pass over the routing table (``sql/load_agg.sql``, per step x layer x expert) feeds all of
 it; the per-expert vectors that come back are small (layers x experts) and finished with ``stats``.
 """
@@ -38,6 +42,7 @@ class LayerLoad:
     decisions: int
     tokens: int
     dropped: int
+    dropped_counts: np.ndarray  # per expert, choices dropped over capacity
     steps: int
     maxvio_global: float
     maxvio_batch_mean: float
@@ -52,6 +57,19 @@ class LayerLoad:
     random: stats.LoadBaseline
     random_maxvio_batch: float
     windows: list[Window] = field(default_factory=list)
+
+    @property
+    def processed(self) -> np.ndarray:
+        """Per expert, the choices it computed: routed minus dropped."""
+        return self.counts - self.dropped_counts
+
+    @property
+    def maxvio_processed(self) -> float:
+        return stats.maxvio(self.processed)
+
+    @property
+    def cv_processed(self) -> float:
+        return stats.cv(self.processed)
 
     @property
     def utilisation(self) -> np.ndarray:
@@ -125,8 +143,7 @@ def compute(
     """
     agg = aggregate(ctx)
     experts = ctx.query("load_experts", agg=agg)
-    got = ctx.query("load_dropped")
-    dropped = {int(layer): int(n) for layer, n in zip(got["layer"], got["dropped"])}
+    dropped_by_layer = _by_layer(ctx.query("load_dropped"))
     firsts = _by_layer(ctx.query("load_first")) if first_choice else {}
     sl = steps_load(ctx)
     batch = _by_layer(ctx.query("load_batch", steps_load=sl))
@@ -146,6 +163,8 @@ def compute(
             continue
         E, k = ctx.experts(index), ctx.top_k(index)
         counts = _per_expert(cols, E)
+        drops = dropped_by_layer.get(index)
+        dropped_counts = _per_expert({"expert": drops["expert"], "n": drops["dropped"]}, E) if drops else np.zeros(E, np.int64)
         first = _per_expert(firsts[index], E) if index in firsts else (np.zeros(E, np.int64) if first_choice else None)
         decisions = int(counts.sum())
         n = top_n if top_n is not None else k
@@ -163,7 +182,8 @@ def compute(
                 first=first,
                 decisions=decisions,
                 tokens=tokens,
-                dropped=int(dropped.get(index, 0)),
+                dropped=int(dropped_counts.sum()),
+                dropped_counts=dropped_counts,
                 steps=int(b.get("steps", np.array([0]))[0]),
                 maxvio_global=stats.maxvio(counts),
                 maxvio_batch_mean=float(b.get("mean", np.array([np.nan]))[0]),

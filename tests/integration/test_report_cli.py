@@ -106,7 +106,10 @@ def test_a_trace_still_being_written(tmp_path: Path) -> None:
     [
         (["{missing}"], 1, "no such trace"),
         (["{balanced}", "--layer", "7"], 1, "layer 7 is not in this trace (layers: 0..1)"),
-        (["{balanced}", "--steps", "5:2"], 1, "--steps '5:2': the range is empty"),
+        (["{balanced}", "--steps", "5:2"], 2, "--steps '5:2': the range is empty"),
+        (["{balanced}", "--tag", "domain"], 2, "--tag 'domain': expected key=value"),
+        (["{balanced}", "--tag", "nosuch=x"], 1, "no sequence has the tag key 'nosuch' (tag keys: domain)"),
+        (["{balanced}", "--tag", "domain=x"], 1, "no sequence has domain=x (domain values: code, math)"),
         (["{balanced}", "{skewed}"], 2, "give one trace, or two with --compare"),
         (["{balanced}", "--compare"], 2, "--compare takes exactly two traces, got 1"),
     ],
