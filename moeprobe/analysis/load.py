@@ -29,6 +29,8 @@ class Window:
     maxvio_global: float
     maxvio_batch: float
     cv: float
+    random_maxvio_global: float = math.nan  # the same tokens routed uniformly at random
+    random_cv: float = math.nan
 
 
 @dataclass
@@ -233,6 +235,8 @@ def _windows(ctx: Context, agg: str, sl: str, start: int | None, size: int) -> d
         if layer not in slot:
             continue
         counts = dense[win, slot[layer], : ctx.experts(layer)]
+        k = ctx.top_k(layer)
+        baseline = _baseline(ctx.experts(layer), k, int(counts.sum()) // k, k)
         out.setdefault(layer, []).append(
             Window(
                 index=win,
@@ -241,6 +245,8 @@ def _windows(ctx: Context, agg: str, sl: str, start: int | None, size: int) -> d
                 maxvio_global=stats.maxvio(counts),
                 maxvio_batch=float(batch["maxvio_batch"][i]),
                 cv=stats.cv(counts),
+                random_maxvio_global=baseline.maxvio,
+                random_cv=baseline.cv,
             )
         )
     return out

@@ -135,6 +135,7 @@ def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLaye
                 "maxvio_global": w.maxvio_global,
                 "maxvio_batch_mean": w.maxvio_batch,
                 "cv": w.cv,
+                "random": {"maxvio_global": w.random_maxvio_global, "cv": w.random_cv},
             }
             for w in item.windows
         ],
@@ -162,6 +163,10 @@ def _overall(load: load_mod.Load, layers: list[dict[str, Any]], ep: placement_mo
             "maxvio_global": _nanmean([w.maxvio_global for w in group]),
             "maxvio_batch_mean": _nanmean([w.maxvio_batch for w in group]),
             "cv": _nanmean([w.cv for w in group]),
+            "random": {
+                "maxvio_global": _nanmean([w.random_maxvio_global for w in group]),
+                "cv": _nanmean([w.random_cv for w in group]),
+            },
         }
         for _, group in sorted(by_index.items())
     ]
@@ -277,6 +282,11 @@ def _quantiles_json(q: latency_mod.Quantiles) -> dict[str, Any]:
     return {"n": q.n, "p50": q.p50, "p90": q.p90, "p99": q.p99, "max": q.max}
 
 
+def _fit_json(fit: tuple[float, float, int] | None) -> dict[str, Any]:
+    r, slope, n = fit if fit is not None else (math.nan, math.nan, 0)
+    return {"r": r, "slope_ms": slope, "n": n}
+
+
 def _latency_json(lat: latency_mod.Latency) -> dict[str, Any] | None:
     if not lat.layers:
         return None
@@ -291,7 +301,11 @@ def _latency_json(lat: latency_mod.Latency) -> dict[str, Any] | None:
                 "router_ms": _quantiles_json(item.router),
                 "block_ms": _quantiles_json(item.block),
                 "by_phase": {
-                    phase: {"router_ms": _quantiles_json(r), "block_ms": _quantiles_json(b)}
+                    phase: {
+                        "router_ms": _quantiles_json(r),
+                        "block_ms": _quantiles_json(b),
+                        "block_vs_max_load": _fit_json(item.load_by_phase.get(phase)),
+                    }
                     for phase, (r, b) in sorted(item.by_phase.items())
                 },
                 "block_vs_max_load": {"r": item.load_r, "slope_ms": item.load_slope_ms, "n": item.load_n},
