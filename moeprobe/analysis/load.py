@@ -104,7 +104,7 @@ def steps_load(ctx: Context) -> str:
 
 
 @lru_cache(maxsize=256)
-def _baseline(experts: int, k: int, tokens: int, top_n: int) -> stats.LoadBaseline:
+def random_baseline(experts: int, k: int, tokens: int, top_n: int) -> stats.LoadBaseline:
     return stats.random_load_baseline(experts, k, tokens, top_n)
 
 
@@ -197,7 +197,7 @@ def compute(
                 top_n=n,
                 top_n_coverage=stats.top_n_coverage(counts, n),
                 dead=[int(e) for e in np.flatnonzero(counts == 0)],
-                random=_baseline(E, k, tokens, n),
+                random=random_baseline(E, k, tokens, n),
                 random_maxvio_batch=_batch_baseline(
                     E, k, tuple(int(t) for t in size.get("tokens", [])), tuple(int(c) for c in size.get("steps", []))
                 ),
@@ -236,7 +236,7 @@ def _windows(ctx: Context, agg: str, sl: str, start: int | None, size: int) -> d
             continue
         counts = dense[win, slot[layer], : ctx.experts(layer)]
         k = ctx.top_k(layer)
-        baseline = _baseline(ctx.experts(layer), k, int(counts.sum()) // k, k)
+        baseline = random_baseline(ctx.experts(layer), k, int(counts.sum()) // k, k)
         out.setdefault(layer, []).append(
             Window(
                 index=win,

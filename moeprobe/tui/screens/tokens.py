@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.events import MouseScrollUp
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
 from ...safe_text import printable
 from ..queries.tokens import SequenceInfo, SequenceTokens, sequence_tokens, sequences, token_text
@@ -39,12 +39,17 @@ class TokensScreen(TraceScreen):
         Binding("left_square_bracket", "layer(-1)", "Prev layer", show=False),
         Binding("right_square_bracket", "layer(1)", "Layer", key_display="[ ]"),
         Binding("f", "follow", "Follow"),
+        Binding("g", "goto", "Go to seq", key_display="g"),
+        Binding("escape", "close_goto", "Close", show=False),
     ]
+    AUTO_FOCUS = "#text"  # the token text, not the (hidden) go-to box
     DEFAULT_CSS = """
     TokensScreen #seq-title { padding: 0 1; background: $panel; }
     TokensScreen #experts { padding: 0 1; }
     TokensScreen #text-box { height: 1fr; border-top: solid $panel-lighten-2; }
     TokensScreen #detail { height: auto; max-height: 45%; padding: 0 1; background: $boost; }
+    TokensScreen #goto { display: none; margin: 0 1; }
+    TokensScreen #goto.open { display: block; }
     """
 
     def __init__(self) -> None:
@@ -55,6 +60,7 @@ class TokensScreen(TraceScreen):
         self._cursor_at_end = True
 
     def compose_body(self) -> ComposeResult:
+        yield Input(placeholder="sequence id (or RANK:ID), Enter goes there, Esc closes", id="goto")
         yield Static(id="seq-title")
         yield Static(id="experts")
         with VerticalScroll(id="text-box"):
@@ -200,6 +206,39 @@ class TokensScreen(TraceScreen):
         if self.moeprobe.step_layer(delta) is not None:
             self._paint(self.query_one(TokenText).cursor)
 
+    def action_goto(self) -> None:
+        box = self.query_one("#goto", Input)
+        box.add_class("open")
+        box.value = ""
+        box.focus()
+
+    def action_close_goto(self) -> None:
+        box = self.query_one("#goto", Input)
+        box.remove_class("open")
+        self.query_one(TokenText).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        target = parse_sequence_ref(event.value)
+        data = self.view
+        if target is None:
+            self.notify(f"{event.value!r}: give a sequence id, or RANK:ID", severity="warning")
+            return
+        rank, sequence = target
+        found = [s for s in (data.sequences if data else ()) if s.sequence == sequence and (rank is None or s.rank == rank)]
+        if not found:
+            ids = [s.sequence for s in data.sequences] if data else []
+            have = f"ids {min(ids)}..{max(ids)}" if ids else "no sequences yet"
+            self.notify(f"no sequence {event.value.strip()} in this trace ({have})", severity="warning")
+            return
+        pick = found[0]
+        self.action_close_goto()
+        self.follow = False
+        self.chosen = (pick.rank, pick.sequence)
+        self._cursor_at_end = False
+        self.query_one(TokenText).cursor = 0
+        self.reload()
+
     def action_follow(self) -> None:
         self.follow = not self.follow
         if self.follow:
@@ -208,3 +247,12 @@ class TokensScreen(TraceScreen):
         self.reload()
         if self.view is not None and self.view.current is not None:
             self._title(self.view, self.view.current, self.moeprobe.current_layer())
+
+
+def parse_sequence_ref(text: str) -> tuple[int | None, int] | None:
+    """``12`` -> (None, 12); ``1:12`` -> (1, 12); anything else -> None."""
+    rank, sep, sequence = text.strip().rpartition(":")
+    try:
+        return (int(rank) if sep else None, int(sequence))
+    except ValueError:
+        return None
