@@ -16,6 +16,7 @@ from textual.events import MouseScrollUp
 from textual.widgets import Input, Static
 
 from ...safe_text import printable
+from ..decoding import load_decoder
 from ..queries.tokens import SequenceInfo, SequenceTokens, sequence_tokens, sequences, token_text
 from ..render import expert_style
 from ..widgets.tokentext import TokenCell, TokenText
@@ -80,7 +81,10 @@ class TokensScreen(TraceScreen):
             pick = seqs[-1]
             if not follow and chosen is not None:
                 pick = next((s for s in seqs if (s.rank, s.sequence) == chosen), pick)
-            return TokensView(tuple(seqs), sequence_tokens(trace, pick))
+            # The tokenizer the manifest names, from local files only (loaded once, in this worker thread).
+            name = (trace.manifest.get("model") or {}).get("tokenizer")
+            decoder = load_decoder(name) if isinstance(name, str) and name else None
+            return TokensView(tuple(seqs), sequence_tokens(trace, pick, decoder))
 
         return self.source.read(query)
 
@@ -105,8 +109,8 @@ class TokensScreen(TraceScreen):
             self.query_one("#detail", Static).update("")
             return
         current = data.current
-        cells = [TokenCell(token_text(t.token_id, current.as_bytes), t.first_expert(layer) if layer is not None else None)
-                 for t in current.tokens]
+        cells = [TokenCell(self._text(current, i), t.first_expert(layer) if layer is not None else None)
+                 for i, t in enumerate(current.tokens)]
         text.show(cells, cursor)
         self._title(data, current, layer)
         self._legend(layer)
@@ -140,9 +144,10 @@ class TokensScreen(TraceScreen):
         if data is None or data.current is None or not data.current.tokens:
             return
         token = data.current.tokens[text.cursor]
-        label = token_text(token.token_id, data.current.as_bytes).replace("\n", "")
+        label = self._text(data.current, text.cursor).replace("\n", "")
+        quoted = data.current.as_bytes or data.current.pieces is not None
         out = Text.assemble(
-            ("token ", "dim"), (f"'{label}'" if data.current.as_bytes else label, "bold"),
+            ("token ", "dim"), (f"'{printable(label)}'" if quoted else label, "bold"),
             f"  id {token.token_id}  position {token.position}  step {token.step} {token.phase}",
         )
         for layer in sorted(token.routes):
@@ -152,6 +157,14 @@ class TokensScreen(TraceScreen):
                 out.append(f"e{expert}", style=expert_style(expert))
                 out.append(f" {weight:.3f}")
         self.query_one("#detail", Static).update(out)
+
+    @staticmethod
+    def _text(current: SequenceTokens, index: int) -> str:
+        """A token as text: the tokenizer's piece (control characters escaped), its byte, or ⟨id⟩."""
+        if current.pieces is not None:
+            piece = current.pieces[index]
+            return "↵\n" if piece == "\n" else printable(piece)
+        return token_text(current.tokens[index].token_id, current.as_bytes)
 
     # -- moving ----------------------------------------------------------------------------------------
     def _pause_follow(self) -> None:
