@@ -11,7 +11,8 @@ Options come from the JSON in ``MOEPROBE_RECORD`` (written by ``moeprobe record`
 ``force``, ``flush_interval``, ``max_queue_mb``, ``redact_tokens``, ``tags`` (applied to every sequence) and
 ``routers``, a Python file or importable module that defines ``ROUTERS``, a dict of :class:`RouterSpec`. With
 ``routers``, plain PyTorch models are found too: the outermost module whose first forward call contains a
-declared router is recorded (a global forward pre-hook, removed once every candidate has been looked at).
+declared router is recorded (a global forward pre-hook, removed once that model is attached; a second plain
+PyTorch model is not looked for).
 """
 
 from __future__ import annotations
