@@ -79,6 +79,12 @@ async def test_layer_screen(known_trace: Path) -> None:
         assert isinstance(screen, LayerScreen) and screen.data is not None
         assert list(screen.data.counts) == [6, 4, 6, 0]
         assert "MaxVio 0.50" in text_of(screen.query_one("#layer-title"))
+        from moeprobe.analysis.load import random_baseline
+        from moeprobe.tui.render import number
+
+        baseline = random_baseline(4, 2, 8, 2)  # the report's baseline for these 8 tokens
+        assert f"(random {number(baseline.maxvio)})" in text_of(screen.query_one("#layer-title"))
+        assert f"(random {number(baseline.cv)})" in text_of(screen.query_one("#layer-title"))
         bars = text_of(screen.query_one(LoadBars))
         assert "1.50" in bars and "dead" in bars and "fair share" in bars
         latency = text_of(screen.query_one("#latency"))
