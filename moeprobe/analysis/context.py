@@ -81,8 +81,35 @@ class Context:
         meta = {int(layer["index"]): layer for layer in trace.layers}
         self.mode = trace.mode  # "tokens" or "counts" (only the loads table: no per-token analyses)
         self.filters.check(sorted(meta), sorted(trace.reader.shards), self.mode)
+        if self.filters.tags or self.filters.phase:
+            self._check_tags_and_phase()
         keep = self.filters.layers
         self.layers: dict[int, dict[str, Any]] = {i: m for i, m in sorted(meta.items()) if keep is None or i in keep}
+
+    def _check_tags_and_phase(self) -> None:
+        """A tag key or value, or a phase, that the trace does not have is a FilterError naming what it has
+        (not an empty report that looks like a bug)."""
+        from .filters import FilterError, sql_literal
+
+        for key, value in self.filters.tags:
+            got = self.run(
+                f"SELECT value, count(*) AS n FROM tags WHERE key = {sql_literal(key)} GROUP BY value ORDER BY n DESC, value"
+            )
+            if len(got.get("value", [])) == 0:
+                keys = self.run("SELECT DISTINCT key FROM tags ORDER BY key").get("key", [])
+                have = f"tag keys: {_listing([str(k) for k in keys])}" if len(keys) else "this trace has no tags"
+                raise FilterError(f"--tag {key}={value}: no sequence has the tag key {key!r} ({have})")
+            values = [str(v) for v in got["value"]]
+            if value not in values:
+                raise FilterError(f"--tag {key}={value}: no sequence has {key}={value} ({key} values: {_listing(values)})")
+        if self.filters.phase:
+            # The steps table is small; a trace written without one (an importer, a test) has phases in routing.
+            phases = [str(p) for p in self.run("SELECT DISTINCT phase FROM steps ORDER BY phase").get("phase", [])]
+            if not phases:
+                phases = [str(p) for p in self.run("SELECT DISTINCT phase FROM routing ORDER BY phase").get("phase", [])]
+            if self.filters.phase not in phases:
+                have = f"it has {' and '.join(phases)} steps only" if phases else "it has no steps yet"
+                raise FilterError(f"--phase {self.filters.phase}: this trace has no {self.filters.phase} steps ({have})")
 
     # -- sources ----------------------------------------------------------------------------------
     def sources(self) -> dict[str, str]:
@@ -238,3 +265,10 @@ class Context:
 
     def top_k(self, layer: int) -> int:
         return int(self.layers[layer]["top_k"])
+
+
+def _listing(values: list[str], limit: int = 12) -> str:
+    """``a, b, c`` or ``a, b, ... (40 in all)`` for long lists (a request-id tag has thousands)."""
+    if len(values) <= limit:
+        return ", ".join(values)
+    return ", ".join(values[:limit]) + f", ... ({len(values)} in all)"

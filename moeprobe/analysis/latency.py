@@ -31,6 +31,7 @@ class LatencyLayer:
     load_r: float = math.nan  # Pearson r of block_ms with the step's max expert load
     load_slope_ms: float = math.nan  # ms per extra assignment on the busiest expert
     load_n: int = 0
+    load_by_phase: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # phase -> (r, slope_ms, n)
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,13 @@ def compute(ctx: Context) -> Latency:
             layers[index].by_phase[str(got["phase"][i])] = (router, block)
     if layers:
         fit = ctx.query("latency_load", latency=timed, steps_load=steps_load(ctx))
-        for index, n, r, slope in zip(fit["layer"], fit["n"], fit["r"], fit["slope"]):
+        for index, phase, whole, n, r, slope in zip(fit["layer"], fit["phase"], fit["all_phases"], fit["n"], fit["r"], fit["slope"]):
             if int(index) in layers:
                 item = layers[int(index)]
-                item.load_r, item.load_slope_ms, item.load_n = float(r), float(slope), int(n)
+                if int(whole):
+                    item.load_r, item.load_slope_ms, item.load_n = float(r), float(slope), int(n)
+                else:
+                    item.load_by_phase[str(phase)] = (float(r), float(slope), int(n))
     per_step = ctx.query("latency_steps", latency=timed)
     clocks = str(per_step["clocks"][0] or "") if len(per_step["clocks"]) else ""
     return Latency(

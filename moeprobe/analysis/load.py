@@ -1,6 +1,10 @@
 """Expert load and its imbalance, per layer: counts, utilisation, MaxVio (global and per batch), CV, normalised
 entropy, Gini, top-N coverage, dead experts, and the same over windows of steps.
 
+Two loads: *routed* (every choice the router made, what it asked of each expert; the default everywhere) and
+*processed* (dropped choices, over capacity, excluded: what the experts actually computed). They differ only
+on traces with drops (Switch Transformers, ``simulate -s capacity:... -o``).
+
 One aggregate pass over the routing table (``sql/load_agg.sql``, per step x layer x expert) feeds all of
 it; the per-expert vectors that come back are small (layers x experts) and finished with ``stats``.
 """
@@ -25,6 +29,8 @@ class Window:
     maxvio_global: float
     maxvio_batch: float
     cv: float
+    random_maxvio_global: float = math.nan  # the same tokens routed uniformly at random
+    random_cv: float = math.nan
 
 
 @dataclass
@@ -38,6 +44,7 @@ class LayerLoad:
     decisions: int
     tokens: int
     dropped: int
+    dropped_counts: np.ndarray  # per expert, choices dropped over capacity
     steps: int
     maxvio_global: float
     maxvio_batch_mean: float
@@ -52,6 +59,19 @@ class LayerLoad:
     random: stats.LoadBaseline
     random_maxvio_batch: float
     windows: list[Window] = field(default_factory=list)
+
+    @property
+    def processed(self) -> np.ndarray:
+        """Per expert, the choices it computed: routed minus dropped."""
+        return self.counts - self.dropped_counts
+
+    @property
+    def maxvio_processed(self) -> float:
+        return stats.maxvio(self.processed)
+
+    @property
+    def cv_processed(self) -> float:
+        return stats.cv(self.processed)
 
     @property
     def utilisation(self) -> np.ndarray:
@@ -94,7 +114,7 @@ def steps_load(ctx: Context) -> str:
 
 
 @lru_cache(maxsize=256)
-def _baseline(experts: int, k: int, tokens: int, top_n: int) -> stats.LoadBaseline:
+def random_baseline(experts: int, k: int, tokens: int, top_n: int) -> stats.LoadBaseline:
     return stats.random_load_baseline(experts, k, tokens, top_n)
 
 
@@ -135,8 +155,7 @@ def compute(
     """
     agg = aggregate(ctx)
     experts = ctx.query("load_experts", agg=agg)
-    got = ctx.query("load_dropped")
-    dropped = {int(layer): int(n) for layer, n in zip(got["layer"], got["dropped"])}
+    dropped_by_layer = _by_layer(ctx.query("load_dropped"))
     firsts = _by_layer(ctx.query("load_first")) if first_choice else {}
     sl = steps_load(ctx)
     batch = _by_layer(ctx.query("load_batch", steps_load=sl))
@@ -156,6 +175,8 @@ def compute(
             continue
         E, k = ctx.experts(index), ctx.top_k(index)
         counts = _per_expert(cols, E)
+        drops = dropped_by_layer.get(index)
+        dropped_counts = _per_expert({"expert": drops["expert"], "n": drops["dropped"]}, E) if drops else np.zeros(E, np.int64)
         first = _per_expert(firsts[index], E) if index in firsts else (np.zeros(E, np.int64) if first_choice else None)
         decisions = int(counts.sum())
         n = top_n if top_n is not None else k
@@ -173,7 +194,8 @@ def compute(
                 first=first,
                 decisions=decisions,
                 tokens=tokens,
-                dropped=int(dropped.get(index, 0)),
+                dropped=int(dropped_counts.sum()),
+                dropped_counts=dropped_counts,
                 steps=int(b.get("steps", np.array([0]))[0]),
                 maxvio_global=stats.maxvio(counts),
                 maxvio_batch_mean=float(b.get("mean", np.array([np.nan]))[0]),
@@ -185,7 +207,7 @@ def compute(
                 top_n=n,
                 top_n_coverage=stats.top_n_coverage(counts, n),
                 dead=[int(e) for e in np.flatnonzero(counts == 0)],
-                random=_baseline(E, k, tokens, n),
+                random=random_baseline(E, k, tokens, n),
                 random_maxvio_batch=_batch_baseline(
                     E, k, tuple(int(t) for t in size.get("tokens", [])), tuple(int(c) for c in size.get("steps", []))
                 ),
@@ -223,6 +245,8 @@ def _windows(ctx: Context, agg: str, sl: str, start: int | None, size: int) -> d
         if layer not in slot:
             continue
         counts = dense[win, slot[layer], : ctx.experts(layer)]
+        k = ctx.top_k(layer)
+        baseline = random_baseline(ctx.experts(layer), k, int(counts.sum()) // k, k)
         out.setdefault(layer, []).append(
             Window(
                 index=win,
@@ -231,6 +255,8 @@ def _windows(ctx: Context, agg: str, sl: str, start: int | None, size: int) -> d
                 maxvio_global=stats.maxvio(counts),
                 maxvio_batch=float(batch["maxvio_batch"][i]),
                 cv=stats.cv(counts),
+                random_maxvio_global=baseline.maxvio,
+                random_cv=baseline.cv,
             )
         )
     return out

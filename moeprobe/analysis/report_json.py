@@ -92,6 +92,7 @@ def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLaye
         "tokens": item.tokens,
         "steps": item.steps,
         "dropped": item.dropped,
+        "dropped_share": item.dropped / item.decisions if item.decisions else 0.0,
         "maxvio_global": item.maxvio_global,
         "maxvio_batch_mean": item.maxvio_batch_mean,
         "maxvio_batch_worst": item.maxvio_batch_worst,
@@ -105,6 +106,12 @@ def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLaye
         "dead_expert_ids": item.dead,
         "counts": item.counts,
         "utilisation": item.utilisation,
+        # The load the experts computed: dropped choices excluded (equal to the routed load without drops).
+        "processed": {
+            "maxvio_global": item.maxvio_processed,
+            "cv": item.cv_processed,
+            "counts": item.processed,
+        },
         "random": {
             "maxvio_global": item.random.maxvio,
             "maxvio_batch_mean": item.random_maxvio_batch,
@@ -128,6 +135,7 @@ def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLaye
                 "maxvio_global": w.maxvio_global,
                 "maxvio_batch_mean": w.maxvio_batch,
                 "cv": w.cv,
+                "random": {"maxvio_global": w.random_maxvio_global, "cv": w.random_cv},
             }
             for w in item.windows
         ],
@@ -155,12 +163,23 @@ def _overall(load: load_mod.Load, layers: list[dict[str, Any]], ep: placement_mo
             "maxvio_global": _nanmean([w.maxvio_global for w in group]),
             "maxvio_batch_mean": _nanmean([w.maxvio_batch for w in group]),
             "cv": _nanmean([w.cv for w in group]),
+            "random": {
+                "maxvio_global": _nanmean([w.random_maxvio_global for w in group]),
+                "cv": _nanmean([w.random_cv for w in group]),
+            },
         }
         for _, group in sorted(by_index.items())
     ]
+    dropped = sum(item["dropped"] for item in layers)
     return {
         "layers": len(layers),
         "decisions": load.decisions,
+        "dropped": dropped,
+        "dropped_share": dropped / load.decisions if load.decisions else 0.0,
+        "processed": {
+            "maxvio_global": _nanmean([item["processed"]["maxvio_global"] for item in layers]),
+            "cv": _nanmean([item["processed"]["cv"] for item in layers]),
+        },
         "tokens": max((item["tokens"] for item in layers), default=0),
         "steps": max((item["steps"] for item in layers), default=0),
         "first_step": load.first_step,
@@ -290,6 +309,11 @@ def _quantiles_json(q: latency_mod.Quantiles) -> dict[str, Any]:
     return {"n": q.n, "p50": q.p50, "p90": q.p90, "p99": q.p99, "max": q.max}
 
 
+def _fit_json(fit: tuple[float, float, int] | None) -> dict[str, Any]:
+    r, slope, n = fit if fit is not None else (math.nan, math.nan, 0)
+    return {"r": r, "slope_ms": slope, "n": n}
+
+
 def _latency_json(lat: latency_mod.Latency) -> dict[str, Any] | None:
     if not lat.layers:
         return None
@@ -304,7 +328,11 @@ def _latency_json(lat: latency_mod.Latency) -> dict[str, Any] | None:
                 "router_ms": _quantiles_json(item.router),
                 "block_ms": _quantiles_json(item.block),
                 "by_phase": {
-                    phase: {"router_ms": _quantiles_json(r), "block_ms": _quantiles_json(b)}
+                    phase: {
+                        "router_ms": _quantiles_json(r),
+                        "block_ms": _quantiles_json(b),
+                        "block_vs_max_load": _fit_json(item.load_by_phase.get(phase)),
+                    }
                     for phase, (r, b) in sorted(item.by_phase.items())
                 },
                 "block_vs_max_load": {"r": item.load_r, "slope_ms": item.load_slope_ms, "n": item.load_n},
@@ -370,6 +398,9 @@ def _empty_overall(load: load_mod.Load, ep: placement_mod.EPLoad) -> dict[str, A
     return {
         "layers": 0,
         "decisions": 0,
+        "dropped": 0,
+        "dropped_share": 0.0,
+        "processed": {"maxvio_global": None, "cv": None},
         "tokens": 0,
         "steps": 0,
         "first_step": None,
@@ -419,6 +450,9 @@ def _attach_router(
 # (label, path into the report) of the scalars a comparison lines up; per-layer ones are looked up by layer.
 COMPARED_OVERALL: list[tuple[str, tuple[str, ...]]] = [
     *[(name, ("overall", "metrics", name, "mean")) for name in LOAD_METRICS],
+    ("maxvio_global_processed", ("overall", "processed", "maxvio_global")),
+    ("cv_processed", ("overall", "processed", "cv")),
+    ("dropped_share", ("overall", "dropped_share")),
     ("balancedness_sglang", ("overall", "balancedness", "sglang")),
     ("balancedness_vllm", ("overall", "balancedness", "vllm")),
     ("balancedness_sglang_batch", ("overall", "balancedness", "sglang_batch")),
@@ -429,6 +463,8 @@ COMPARED_OVERALL: list[tuple[str, tuple[str, ...]]] = [
 ]
 COMPARED_LAYER: list[tuple[str, tuple[str, ...]]] = [
     ("maxvio_global", ("maxvio_global",)),
+    ("maxvio_global_processed", ("processed", "maxvio_global")),
+    ("dropped_share", ("dropped_share",)),
     ("maxvio_batch_mean", ("maxvio_batch_mean",)),
     ("cv", ("cv",)),
     ("entropy_norm", ("entropy_norm",)),

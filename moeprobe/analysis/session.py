@@ -136,7 +136,8 @@ class Trace:
         self._restricted = True
 
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> pa.Table:
-        """Run SQL over the trace's views and return the result as a pyarrow Table."""
+        """Run SQL over the trace's views and return the result as a ``pyarrow.Table`` (see :meth:`df` for a
+        pandas or polars DataFrame)."""
         import duckdb
 
         try:
@@ -149,6 +150,22 @@ class Trace:
             if not isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)):
                 self.reader.find_corrupt_segment()
             raise QueryError(str(exc).splitlines()[0]) from exc
+
+    def df(
+        self,
+        query: str = "SELECT * FROM routing",
+        params: list[Any] | dict[str, Any] | None = None,
+        *,
+        library: str | None = None,
+    ) -> Any:
+        """Run SQL like :meth:`sql` and return a pandas DataFrame, or a polars one when pandas is not installed.
+
+        ``library="pandas"`` or ``"polars"`` picks one. moeprobe depends on neither: ``sql()`` returns pyarrow,
+        which both read without a copy where the types allow.
+        """
+        from .dataframe import to_dataframe
+
+        return to_dataframe(self.sql(query, params), library)
 
     # -- analyses (thin: each lives in its own module) ---------------------------------------------------
     def context(self, filters: Filters | None = None) -> Context:

@@ -54,7 +54,7 @@ def header(report: dict[str, Any]) -> list[str]:
     }.get(status, status)
     lines = [
         f"trace {trace['path']}: {state}",
-        f"model {model.get('name', '?')} ({model.get('family', '?')}), ranks {', '.join(map(str, trace['ranks'])) or '-'}",
+        f"model {model.get('name', '?')} ({model.get('family', '?')}), {_ranks(trace['ranks'])}",
     ]
     lines += anomaly_lines(trace)
     if overall["layers"]:
@@ -69,6 +69,13 @@ def header(report: dict[str, Any]) -> list[str]:
         lines.append(
             "counts trace (expert loads per step, no per-token routing): load, EP placement and windows only; "
             "not available without per-token rows: " + ", ".join(spec["needs_tokens"])
+        )
+    elif overall["layers"]:
+        lines.append(describe_tags(spec))
+    if overall.get("dropped"):
+        lines.append(
+            f"dropped over capacity: {overall['dropped']:,} choices ({pct(overall['dropped_share'])}); \"routed\" load "
+            "counts them (what the router asked for), \"processed\" load does not (what the experts computed)"
         )
     sample, counts = spec["sample"], spec["counts_sample"]
     if sample["fraction"] < 1 or counts["fraction"] < 1:
@@ -90,6 +97,25 @@ def anomaly_lines(trace: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ranks(ranks: list[int]) -> str:
+    if not ranks:
+        return "no rank yet"
+    if len(ranks) == 1:
+        return f"1 rank (rank {ranks[0]})"
+    return f"{len(ranks)} ranks ({', '.join(map(str, ranks))})"
+
+
+def describe_tags(spec: dict[str, Any]) -> str:
+    """Which tag keys the specialization tables cover, and why others are not shown."""
+    tags = spec["tags"]
+    if not tags and not spec.get("tags_skipped"):
+        return "tags: none (label sequences with probe.tag(...) or record --tag KEY=VALUE to see specialization)"
+    parts = [f"{t['key']} ({len(t['values'])} values)" for t in tags if len(t["values"]) > 1]
+    parts += [f"{t['key']} = {t['values'][0]} only (nothing to compare)" for t in tags if len(t["values"]) == 1]
+    parts += [f"{t['key']} ({t['values']:,} values: an id, not a category; not shown)" for t in spec.get("tags_skipped", [])]
+    return "tags: " + ", ".join(parts)
+
+
 def describe_filters(filters: dict[str, Any]) -> str:
     """``steps 2:5, phase decode, domain=code, layers 0,3`` from the report's ``filters`` object."""
     parts = []
@@ -105,8 +131,18 @@ def describe_filters(filters: dict[str, Any]) -> str:
     return ", ".join(parts) or "none"
 
 
+def _top_n_ideal(report: dict[str, Any]) -> str:
+    """The share the N busiest experts take under perfect balance, N / E, when every layer has the same N and E."""
+    shapes = {(item["top_n"], item["experts"]) for item in report["layers"]}
+    if len(shapes) != 1:
+        return "N/E"
+    n, experts = shapes.pop()
+    return pct(n / experts) if experts else "-"
+
+
 def load_overall(report: dict[str, Any]) -> Table:
     overall = report["overall"]
+    drops = bool(overall.get("dropped"))
     table = Table(
         "Load imbalance across layers",
         ["metric", "mean", "p50", "p90", "worst", "worst layer", "random", "ideal"],
@@ -119,7 +155,7 @@ def load_overall(report: dict[str, Any]) -> Table:
         "cv": ("CV", "0"),
         "entropy_norm": ("entropy / ln E", "1"),
         "gini": ("Gini", "0"),
-        "top_n_coverage": ("top-N share", "N/E"),
+        "top_n_coverage": (f"top-N share (N = {_top_n(report)})", _top_n_ideal(report)),
         "dead_experts": ("dead experts", "0"),
     }
     for name, (label, ideal) in labels.items():
@@ -127,7 +163,13 @@ def load_overall(report: dict[str, Any]) -> Table:
         worst = m["min"] if name == "entropy_norm" else m["max"]
         fmt = pct if name == "top_n_coverage" else (lambda v: num(v, 1)) if name == "dead_experts" else num
         values = [fmt(m["mean"]), fmt(m["p50"]), fmt(m["p90"]), fmt(worst)]
+        if drops and name in ("maxvio_global", "cv"):
+            label += " (routed)"
         table.rows.append([label, *values, num(m["worst_layer"]), fmt(m["random"]), ideal])
+        if drops and name in ("maxvio_global", "cv"):
+            processed = [item["processed"][name] for item in report["layers"]]
+            table.rows.append([label.replace("(routed)", "(processed)"), num(overall["processed"][name]),
+                               "", "", num(max((v for v in processed if v is not None), default=None)), "", "", ideal])
     bal = overall["balancedness"]
     table.rows.append(
         [
@@ -148,6 +190,37 @@ def load_overall(report: dict[str, Any]) -> Table:
     if aux:
         table.rows.append(
             ["aux loss Switch / DeepSeek seq", f"{num(aux['switch'])} / {num(aux['deepseek_seq'])}", "", "", "", "", "", "1"]
+        )
+    return table
+
+
+def _top_n(report: dict[str, Any]) -> str:
+    values = sorted({item["top_n"] for item in report["layers"]})
+    return ",".join(map(str, values)) or "k"
+
+
+def dropped(report: dict[str, Any], limit: int) -> Table | None:
+    """Per layer, choices dropped over capacity and the load with and without them."""
+    layers = [item for item in report["layers"] if item.get("dropped")]
+    if not layers:
+        return None
+    layers.sort(key=lambda item: -item["dropped_share"])
+    shown, more = _limited(layers, limit)
+    table = Table(
+        "Dropped choices (over capacity), most first: load routed -> processed",
+        ["layer", "dropped", "share", "MaxVio global", "CV"],
+        note="routed: every choice the router made; processed: dropped choices excluded. " + more,
+    )
+    for item in shown:
+        p = item["processed"]
+        table.rows.append(
+            [
+                str(item["layer"]),
+                f"{item['dropped']:,}",
+                pct(item["dropped_share"]),
+                f"{num(item['maxvio_global'])} -> {num(p['maxvio_global'])}",
+                f"{num(item['cv'])} -> {num(p['cv'])}",
+            ]
         )
     return table
 
@@ -186,12 +259,19 @@ def windows(report: dict[str, Any]) -> Table | None:
     if len(rows) < 2:
         return None
     table = Table(
-        f"Over time: windows of {report['overall']['window_steps']} steps, mean over layers",
+        f"Over time: windows of {report['overall']['window_steps']} steps, mean over layers; random-routing value in "
+        "brackets",
         ["steps", "MaxVio global", "MaxVio batch", "CV"],
     )
     for w in rows:
+        r = w.get("random") or {}
         table.rows.append(
-            [f"{w['first_step']}..{w['last_step']}", num(w["maxvio_global"]), num(w["maxvio_batch_mean"]), num(w["cv"])]
+            [
+                f"{w['first_step']}..{w['last_step']}",
+                with_random(w["maxvio_global"], r.get("maxvio_global")),
+                num(w["maxvio_batch_mean"]),
+                with_random(w["cv"], r.get("cv")),
+            ]
         )
     return table
 
@@ -199,10 +279,13 @@ def windows(report: dict[str, Any]) -> Table | None:
 def tags(report: dict[str, Any], limit: int) -> list[Table]:
     out = []
     for tag in report["specialization"]["tags"]:
+        if len(tag["values"]) < 2:
+            continue  # one value: nothing to tell apart (the header says so)
         layers = sorted(tag["layers"], key=lambda item: -(item["nmi"] or 0.0))
         shown, more = _limited(layers, limit)
         table = Table(
-            f"Expert vs {tag['key']} ({len(tag['values'])} values): normalised mutual information, most specialised first",
+            f"Expert vs {tag['key']} ({len(tag['values'])} values): NMI over all assignments (every top-k choice), "
+            "most specialised first",
             ["layer", "NMI", "MI nats", "bias nats", "top expert per value: share (uniform 1/E)"],
             note="NMI = (I(expert; tag) - (E-1)(D-1)/2N) / H(tag): 0 independent, 1 the expert determines the tag. "
             + more,
@@ -288,9 +371,10 @@ def latency(report: dict[str, Any], limit: int) -> list[Table]:
     table = Table(
         f"Latency in ms ({', '.join(lat['clocks']) or 'unknown clock'}), slowest block first",
         ["layer", "router p50/p90/p99/max", "block p50/p90/p99/max", "block p50 prefill", "block p50 decode",
-         "r(block, max load)"],
+         "r prefill / decode"],
         note=f"MoE time per step p50 {num(per_step['p50'])} ms, p99 {num(per_step['p99'])} ms over {per_step['n']:,} "
-        "steps. r: how block time follows the step's busiest expert. " + more,
+        "steps. r: how block time follows the step's busiest expert, within each phase (over all steps the few large "
+        "prefill steps decide it). " + more,
     )
 
     def q(d: dict[str, Any]) -> str:
@@ -305,7 +389,7 @@ def latency(report: dict[str, Any], limit: int) -> list[Table]:
                 q(item["block_ms"]),
                 num(phases.get("prefill", {}).get("block_ms", {}).get("p50")),
                 num(phases.get("decode", {}).get("block_ms", {}).get("p50")),
-                num(item["block_vs_max_load"]["r"]),
+                " / ".join(num((phases.get(p, {}).get("block_vs_max_load") or {}).get("r")) for p in ("prefill", "decode")),
             ]
         )
     return [table]
@@ -315,6 +399,9 @@ def report_tables(report: dict[str, Any], *, limit: int = 16) -> list[Table]:
     if not report["layers"]:
         return []
     tables = [load_overall(report), load_layers(report, limit)]
+    d = dropped(report, limit)
+    if d is not None:
+        tables.append(d)
     w = windows(report)
     if w is not None:
         tables.append(w)

@@ -70,10 +70,12 @@ def shared_layer(a: dict[str, Any], b: dict[str, Any]) -> int | None:
 
 def simulate_html(result: dict[str, Any], gpus: int | None) -> str:
     charts = simulate_charts(result, gpus)
+    start, stop = result["steps"]
+    steps = "all steps" if start is None and stop is None else f"steps {'' if start is None else start}:{'' if stop is None else stop}"
+    ep = result.get("ep") or {}
     meta = [
-        f"trace {result['trace']}, {'all steps' if result['steps'] == ':' else 'steps ' + result['steps']}, "
-        f"layers {', '.join(map(str, result['layers']))}",
-        f"balancedness over {result['balancedness_units']}",
+        f"trace {result['trace']}, {steps}, layers {', '.join(map(str, result['layers']))}",
+        "balancedness over experts" + (f"; EP balance over {ep['gpus']} GPUs, contiguous placement" if ep.get("gpus") else ""),
     ]
     meta += [f"note: {n}" for n in result.get("notes", [])]
     return html_page("moeprobe simulate", meta, list(charts), charts, bundle=render.javascript_bundle())

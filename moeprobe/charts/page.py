@@ -174,7 +174,8 @@ def simulate_charts(result: dict[str, Any], gpus: int | None) -> list[Chart]:
             for s in result["strategies"]
         ]
         charts.append(Chart("strategies", f"Load per {units} before and after", spec, headline))
-        bar_spec = specs.balancedness_bars(bars, title="balancedness per layer", subtitle=f"mean / max load, {where}")
+        # The simulator's balancedness is always over experts (its EP balance is a column of its own).
+        bar_spec = specs.balancedness_bars(bars, title="balancedness per layer", subtitle="mean / max load per expert")
         if bar_spec is not None:
             charts.append(Chart("strategies-balancedness", "Balancedness per layer", bar_spec))
     eplb = result.get("eplb")

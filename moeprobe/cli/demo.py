@@ -1,17 +1,20 @@
 """``moeprobe demo``: record the embedded demo models on bundled multi-domain prompts and compare them.
 
 Layout of the output directory: one trace per model, ``DIR/balanced``, ``DIR/unbalanced`` (the trained
-checkpoints, when shipped) and ``DIR/random`` (the same architecture with seeded random weights).
+checkpoints, when shipped) and ``DIR/untrained`` (the same architecture with seeded random weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..traces.errors import TraceExistsError
+from .args import Parser
+from .invocation import moeprobe_command, shown_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,12 +24,12 @@ HELP = "record the embedded demo models on bundled prompts and compare their rou
 _DESCRIPTIONS = {
     "balanced": "trained, aux-loss-free bias balancing",
     "unbalanced": "trained, no balancing",
-    "random": "same architecture, random weights (seed 0)",
+    "untrained": "same architecture, random weights (seed 0)",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moeprobe demo", description=HELP)
+    p = Parser(prog="moeprobe demo", description=HELP)
     p.add_argument("-o", "--output", default="traces/demo", help="output directory (default: traces/demo)")
     p.add_argument("--force", action="store_true", help="overwrite the demo traces in DIR")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated greedily per prompt (default: 32)")
@@ -67,7 +70,7 @@ def main(argv: list[str]) -> int:
 
     from ..demo import checkpoints, metrics
     from ..demo.prompts import load_prompts
-    from ..demo.run import RANDOM, load_model, record_model
+    from ..demo.run import UNTRAINED, load_model, record_model
 
     hf_logging.set_verbosity_error()
     # The demo models are tiny: extra threads only add synchronisation, and on a shared or busy CPU
@@ -75,7 +78,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     prompts = load_prompts()
-    names = [*checkpoints.available(), RANDOM]
+    names = [*checkpoints.available(), UNTRAINED]
     domains = sorted({p.domain for p in prompts})
     t0 = time.perf_counter()
     recordings = []
@@ -101,8 +104,8 @@ def main(argv: list[str]) -> int:
         print(f"  {str(rec.path):<{width}}  {_DESCRIPTIONS[rec.name]}")
 
     print("\nrouting on the prompt tokens (prefill), per model:")
-    print(f"  {'model':<11} {'MaxVio_global':>14} {'NMI(expert;domain)':>19} {'best layer':>11}")
-    print(f"  {'':<11} {'mean of layers':>14} {'mean of layers':>19} {'NMI':>11}")
+    print(f"  {'model':<11} {'MaxVio_global':>14} {'NMI(first choice;':>19} {'best layer':>11}")
+    print(f"  {'':<11} {'mean of layers':>14} {'domain), mean':>19} {'NMI':>11}")
     shares: dict[str, tuple[int, int, dict[str, list[tuple[int, float]]]]] = {}
     for rec in recordings:
         with moeprobe.open_trace(rec.path) as trace:
@@ -116,7 +119,8 @@ def main(argv: list[str]) -> int:
             f"{metrics.mean([r.nmi for r in rows]):>19.3f} {f'L{best.layer} {best.nmi:.3f}':>11}"
         )
     print("  MaxVio_global: (busiest expert - mean) / mean, 0 = perfectly balanced.")
-    print("  NMI: how much the first-choice expert tells about the domain, 0..1, bias-corrected.")
+    print("  NMI: how much the first-choice expert tells about the domain, 0..1, bias-corrected; `report` shows the")
+    print("  same NMI over every top-k assignment of prefill and decode, which is lower.")
 
     name = recordings[0].name
     layer, n_experts, top = shares[name]
@@ -134,8 +138,13 @@ def main(argv: list[str]) -> int:
         print(f"  {prompt.domain:<6} ...{prompt.text[-40:]!r} -> {cont!r}")
 
     target = first.path
+    moeprobe_cmd = moeprobe_command()  # `.venv/bin/moeprobe` when the venv is not on PATH (make demo)
     print("\nnext:")
-    print(f"  moeprobe inspect {target}")
-    print(f"  moeprobe report {target}")
-    print(f"  moeprobe tui {target}")
+    print(f"  {moeprobe_cmd} inspect {target}")
+    print(f"  {moeprobe_cmd} report {target}")
+    print(f"  {moeprobe_cmd} report {out / names[0]} {out / names[-1]} --compare")
+    print(f"  {moeprobe_cmd} tui {target}")
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if moeprobe_cmd != "moeprobe" and activate.exists():
+        print(f"  (or first put moeprobe on PATH: source {shown_path(activate)})")
     return 0

@@ -8,6 +8,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+from .args import Parser
+
 HELP = "show a trace's manifest, mode, source, segments, row counts and dropped records"
 
 _STATE_NOTE = {
@@ -19,7 +21,7 @@ _STATE_NOTE = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeprobe inspect", description="Show what a trace holds.")
+    parser = Parser(prog="moeprobe inspect", description="Show what a trace holds.")
     parser.add_argument("trace", help="trace directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -37,7 +39,32 @@ def summarize(reader: Any) -> dict[str, Any]:
             "rows": sum(s.rows for s in segments),
             "bytes": sum(s.bytes for s in segments),
         }
-    return {"path": str(reader.path), "manifest": manifest, "mode": reader.mode, "tables": tables}
+    return {"path": str(reader.path), "manifest": manifest, "mode": reader.mode, "tables": tables,
+            "dropped_choices": dropped_choices(reader.segments("routing"))}
+
+
+def dropped_choices(segments: list[Any]) -> int | None:
+    """Routing choices marked ``dropped`` (over expert capacity): read from the one boolean column, and from
+    Parquet statistics alone for the row groups that have no drop. None when a segment cannot be read."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for segment in segments:
+        try:
+            handle = pq.ParquetFile(segment.path)
+            column = handle.schema_arrow.get_field_index("dropped")
+            if column < 0:
+                continue
+            for group in range(handle.num_row_groups):
+                stats = handle.metadata.row_group(group).column(column).statistics
+                if stats is not None and stats.has_min_max and stats.max is False:
+                    continue  # no drop in this row group
+                values = handle.read_row_group(group, columns=["dropped"]).column(0)
+                total += int(pc.sum(values.cast("int64")).as_py() or 0)
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged segment: `report` names it; inspect still shows what it can
+    return total
 
 
 def _when(ts: Any) -> str:
@@ -114,12 +141,19 @@ def _render(summary: dict[str, Any]) -> None:
         tables.add_row(name, f"{t['segments']:,}", f"{t['rows']:,}", f"{t['bytes']:,}")
     console.print(tables)
 
+    choices = summary.get("dropped_choices")
+    if choices is None:
+        console.print("dropped choices (over capacity): unknown (a routing segment could not be read)")
+    else:
+        console.print(f"dropped choices (over capacity): {_count(choices)} of {_count(summary['tables']['routing']['rows'])} "
+                      "routing decisions (they count in the routed load, not in the processed load)")
     dropped = counters.get("dropped", {})
     anomalies = counters.get("anomalies", {})
     if dropped:
-        console.print("[bold red]dropped[/]   " + ", ".join(f"{_count(v)} decisions ({plain(k)})" for k, v in dropped.items()))
+        console.print("[bold red]dropped[/]   " + ", ".join(f"{_count(v)} decisions ({plain(k)})" for k, v in dropped.items())
+                      + " not recorded")
     else:
-        console.print("dropped   none")
+        console.print("dropped   none (no record lost by the capture)")
     if anomalies:
         console.print("[yellow]anomalies[/] " + ", ".join(f"{plain(k)}: {plain(v)}" for k, v in anomalies.items()))
     else:

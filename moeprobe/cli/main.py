@@ -2,6 +2,10 @@
 
 Each command module defines ``HELP`` (one line) and ``main(argv: list[str]) -> int``. Modules are
 imported only when their command runs, so ``moeprobe inspect`` never imports torch.
+
+Exit status, the same for every command: 0 success, 1 bad input or failure (a missing or damaged trace, a
+filter that matches nothing the trace has, a job that failed), 2 usage (an unknown command or option, a
+malformed value), 128+N for a recorded job killed by signal N, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "moeprobe.cli.demo",
     "import": "moeprobe.cli.import_",
     "capture-server": "moeprobe.cli.capture_server",
+    "completion": "moeprobe.cli.completion",
 }
 
 DEBUG_ENV = "MOEPROBE_DEBUG"
@@ -56,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name = _available().get(name)
     if module_name is None:
-        print(f"moeprobe: unknown command {name!r} (commands: {', '.join(_available())})", file=sys.stderr)
+        from .args import nearest
+
+        guess = nearest(name, list(_available()))
+        hint = f"; did you mean {guess!r}?" if guess else ""
+        print(f"moeprobe: unknown command {name!r}{hint} (commands: {', '.join(_available())})", file=sys.stderr)
         return 2
     from ..traces.errors import TraceError
 
@@ -72,15 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"moeprobe {name}: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # argparse's --help (0); a command's own explicit exit
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:
         print(f"moeprobe {name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `moeprobe report ... | head`: the reader went away; not an error worth a message.
-        try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
-        except OSError:
-            pass
+        _silence_stdout()
         return 0
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
@@ -103,7 +111,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        # Flush here, not at interpreter exit: `moeprobe --help | head -1` closes the pipe early, and a failed
+        # flush at exit prints a BrokenPipeError traceback that no handler can catch.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = 0  # the reader went away on purpose (head, less, grep -q)
+        _silence_stdout()
+    sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null so that what is still buffered is flushed there, silently."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

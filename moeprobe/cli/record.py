@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from .args import Parser
 
 HELP = "run a command and record the routing of every MoE model it runs"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moeprobe record",
         description="Run COMMAND (e.g. python job.py ARGS) and record every supported MoE model it builds or loads.",
     )
@@ -22,8 +25,15 @@ def _parser() -> argparse.ArgumentParser:
                         "a second model in the same job goes to OUTPUT-2, and so on")
     parser.add_argument("--force", action="store_true", help="overwrite an existing trace")
     parser.add_argument("--logits", action="store_true", help="also record the full router scores (for replay)")
-    parser.add_argument("--flush-interval", type=float, default=1.0, metavar="S", help="write segments at least every S seconds")
+    parser.add_argument("--flush-interval", type=float, default=1.0, metavar="S", help="write segments at least every S "
+                        "seconds: the most a killed job can lose (default: 1)")
+    parser.add_argument("--max-queue-mb", type=float, default=256, metavar="MB", help="memory the capture queue may hold; "
+                        "beyond it steps are dropped and counted, never blocking the model (default: 256)")
     parser.add_argument("--redact-tokens", action="store_true", help="store no token ids, only their routing")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="label every sequence of the "
+                        "job (repeatable), as probe.tag(KEY=VALUE) would; filter with report --tag KEY=VALUE")
+    parser.add_argument("--routers", metavar="FILE|MODULE", help="custom routers: a Python file or importable module "
+                        "defining ROUTERS, a dict of moeprobe.RouterSpec (see README, Recording)")
     parser.add_argument("--live", action="store_true", help="open the TUI on the trace while the job runs; the job's "
                         "output goes to OUTPUT.log")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
@@ -44,6 +54,49 @@ def _written(base: Path) -> list[Path]:
         found.append(path)
         n += 1
     return found
+
+
+def _tags(values: list[str]) -> dict[str, str]:
+    from .main import UsageError
+
+    tags: dict[str, str] = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--tag {text!r}: expected KEY=VALUE, e.g. --tag domain=code")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def _routers_source(source: str | None) -> str | None:
+    """A file is checked (and made absolute, the job may change directory) here; a module name is imported by
+    the job, on its own sys.path."""
+    from .main import UsageError
+
+    if source is None:
+        return None
+    if source.endswith(".py") or os.sep in source:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"--routers {source}: no such file (give a .py file or an importable module name)")
+        return str(path.resolve())
+    if not all(part.isidentifier() for part in source.split(".")):
+        raise UsageError(f"--routers {source!r}: not a .py file or a module name like mypkg.routers")
+    return source
+
+
+def _read_status(path: str) -> str | None:
+    """The interpreter that reported it cannot import moeprobe, if one did; removes the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return text or None
 
 
 def _run_live(command: list[str], env: dict[str, str], output: Path) -> subprocess.Popen[bytes]:
@@ -75,10 +128,17 @@ def main(argv: list[str]) -> int:
         raise UsageError("no command to run; usage: moeprobe record -o DIR -- python job.py ARGS")
     if args.flush_interval <= 0:
         raise UsageError("--flush-interval must be positive")
+    if args.max_queue_mb <= 0:
+        raise UsageError("--max-queue-mb must be positive")
+    tags = _tags(args.tag)
+    routers = _routers_source(args.routers)
     output = Path(args.output)
     prepare_trace_dir(output, force=args.force)  # refuse early, before the job spends any time
     output.rmdir()  # the job's probe creates it; an empty directory left behind would look like a failed trace
 
+    # The job's start-up hook writes here when it cannot import moeprobe, so that we can say why nothing was recorded.
+    status_fd, status_file = tempfile.mkstemp(prefix="moeprobe-record-", suffix=".txt")
+    os.close(status_fd)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_bootstrap_dir(), *filter(None, [env.get("PYTHONPATH")])])
     env["MOEPROBE_RECORD"] = json.dumps(
@@ -87,7 +147,12 @@ def main(argv: list[str]) -> int:
             "logits": args.logits,
             "force": args.force,
             "flush_interval": args.flush_interval,
+            "max_queue_mb": args.max_queue_mb,
             "redact_tokens": args.redact_tokens,
+            "tags": tags,
+            "routers": routers,
+            "python": sys.executable,
+            "status_file": status_file,
         }
     )
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the job; we report after it
@@ -98,6 +163,7 @@ def main(argv: list[str]) -> int:
             else:
                 process = subprocess.Popen(command, env=env)
         except OSError as exc:
+            _read_status(status_file)  # removes it
             raise UsageError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
         rc = process.wait()
     finally:
@@ -111,14 +177,24 @@ def main(argv: list[str]) -> int:
         rc = 128 - rc  # the shell's convention for a job ended by a signal
     else:
         how = f"exit status {rc}"
+    job_python = _read_status(status_file)
     traces = _written(output)
     if not traces:
-        print(
-            f"moeprobe record: no trace was written: the job ran no MoE model moeprobe could instrument "
-            f"(job {how})",
-            file=sys.stderr,
-        )
-        return rc if rc != 0 else 1
+        # The job's status passes through, also when it is 0: the job did its work, it just had nothing to record.
+        if job_python is not None:
+            print(
+                f"moeprobe record: no trace was written: the job's Python ({job_python}) cannot import moeprobe; "
+                f"run the job with {sys.executable} (moeprobe record -o {output} -- {sys.executable} SCRIPT ...) "
+                f"or install moeprobe for it (job {how})",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"moeprobe record: warning: no trace was written: the job ran no MoE model moeprobe could "
+                f"instrument (job {how}); a custom PyTorch model needs --routers FILE",
+                file=sys.stderr,
+            )
+        return rc
     for trace in traces:
         reason = f"the recording process ended without closing the trace ({how})"
         mark_abandoned(trace, reason)

@@ -8,11 +8,13 @@ import json
 import sys
 from typing import IO, Any
 
+from .args import Parser
+
 HELP = "load imbalance, specialization and latency of a trace (text, --json, --markdown, --compare)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeprobe report", description=HELP)
+    parser = Parser(prog="moeprobe report", description=HELP)
     parser.add_argument("traces", nargs="+", metavar="TRACE", help="trace directory (two with --compare)")
     parser.add_argument("--compare", action="store_true", help="compare two traces: a, b and b - a")
     fmt = parser.add_mutually_exclusive_group()
@@ -77,7 +79,7 @@ def _ints(values: list[str], flag: str) -> tuple[int, ...] | None:
 
 
 def main(argv: list[str]) -> int:
-    from ..analysis.filters import Filters, parse_steps, parse_tag
+    from ..analysis.filters import FilterError, Filters, parse_steps, parse_tag
     from ..analysis.report_json import ReportOptions
     from .main import UsageError
 
@@ -86,13 +88,16 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--compare takes exactly two traces, got {len(args.traces)}")
     if not args.compare and len(args.traces) != 1:
         raise UsageError("give one trace, or two with --compare")
-    filters = Filters(
-        steps=parse_steps(args.steps) if args.steps else None,
-        phase=args.phase,
-        tags=tuple(parse_tag(t) for t in args.tag),
-        layers=_ints(args.layer, "--layer"),
-        ranks=_ints(args.rank, "--rank"),
-    )
+    try:
+        filters = Filters(
+            steps=parse_steps(args.steps) if args.steps else None,
+            phase=args.phase,
+            tags=tuple(parse_tag(t) for t in args.tag),
+            layers=_ints(args.layer, "--layer"),
+            ranks=_ints(args.rank, "--rank"),
+        )
+    except FilterError as exc:  # a malformed value is a usage error (2); one the trace lacks is bad input (1)
+        raise UsageError(str(exc)) from None
     defaults = ReportOptions()
     options = ReportOptions(
         ep_size=args.ep_size,
@@ -202,7 +207,90 @@ def _markdown(lines: list[str], tables: list[Any], out: IO[str]) -> None:
 
 
 def _rich(lines: list[str], tables: list[Any], out: IO[str]) -> None:
+    """Box tables laid out for the output's width: a table wider than it is split into column groups that each
+    repeat the first column. A terminal's width is its own; a pipe or a file takes ``COLUMNS`` when set and
+    otherwise every table's natural width. Nothing is padded with trailing spaces."""
+    import io
+    import textwrap
+
     from rich.console import Console
+
+    from ..safe_text import printable
+
+    width = _output_width(out)
+    tty = out.isatty()
+    buffer = io.StringIO()
+    # A wide virtual console renders each table at its natural width; the splitting below keeps it within `width`.
+    console = Console(file=buffer, width=100_000, highlight=False, force_terminal=tty, color_system="auto" if tty else None)
+
+    def wrapped(text: str) -> None:
+        text = printable(text)
+        for line in textwrap.wrap(text, width=width, break_on_hyphens=False) if width and len(text) > width else [text]:
+            console.print(line, markup=False, highlight=False, crop=False, overflow="ignore")
+
+    for line in lines:
+        wrapped(line)
+    for table in tables:
+        console.print()
+        wrapped(table.title)
+        for part in _column_groups(table, width):
+            # With a limit, a group that is still too wide (one huge column) has its cells wrapped to fit.
+            console.print(_rich_table(table, part), width=width, crop=False)
+        if table.note.strip():
+            wrapped(table.note.strip())
+    for line in buffer.getvalue().splitlines():
+        out.write(line.rstrip() + "\n")
+
+
+def _output_width(out: IO[str]) -> int | None:
+    """The terminal's width; for a pipe or file, ``COLUMNS`` if set (None: no limit)."""
+    import os
+    import shutil
+
+    if out.isatty():
+        return max(20, shutil.get_terminal_size().columns)
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        return None
+    return max(20, columns) if columns > 0 else None
+
+
+def _column_widths(table: Any) -> list[int]:
+    from rich.cells import cell_len
+
+    from ..safe_text import printable
+
+    return [
+        max([cell_len(printable(column))] + [cell_len(printable(row[i])) for row in table.rows if i < len(row)])
+        for i, column in enumerate(table.columns)
+    ]
+
+
+def _column_groups(table: Any, width: int | None) -> list[list[int]]:
+    """Column indices per printed part: all columns when they fit, else the first column and as many of the
+    others as fit beside it, part after part (a cell is never cut)."""
+    columns = list(range(len(table.columns)))
+    if width is None or len(columns) < 2:
+        return [columns]
+    widths = _column_widths(table)
+    cost = [w + 3 for w in widths]  # one space of padding each side and one border
+    if sum(cost) + 1 <= width:
+        return [columns]
+    groups: list[list[int]] = []
+    current = [0]
+    used = cost[0] + 1
+    for i in columns[1:]:
+        if len(current) > 1 and used + cost[i] > width:
+            groups.append(current)
+            current, used = [0], cost[0] + 1
+        current.append(i)
+        used += cost[i]
+    groups.append(current)
+    return groups
+
+
+def _rich_table(table: Any, part: list[int]) -> Any:
     from rich.table import Table as RichTable
     from rich.text import Text
 
@@ -212,16 +300,9 @@ def _rich(lines: list[str], tables: list[Any], out: IO[str]) -> None:
         # Text, not str: a tag value such as "[/]" is shown as written instead of being parsed as markup.
         return Text(printable(value))
 
-    # A pipe or a file gets plain text at a width that does not wrap the wide per-layer tables.
-    console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
-    for line in lines:
-        console.print(printable(line), markup=False)
-    for table in tables:
-        rich_table = RichTable(title=text(table.title), title_justify="left",
-                               caption=text(table.note.strip()) if table.note.strip() else None, caption_justify="left")
-        for i, column in enumerate(table.columns):
-            rich_table.add_column(text(column), justify="left" if i == 0 else "right")
-        for row in table.rows:
-            rich_table.add_row(*(text(c) for c in row))
-        console.print()
-        console.print(rich_table)
+    rich_table = RichTable(expand=False)
+    for i in part:
+        rich_table.add_column(text(table.columns[i]), justify="left" if i == 0 else "right", overflow="fold")
+    for row in table.rows:
+        rich_table.add_row(*(text(row[i]) if i < len(row) else Text("") for i in part))
+    return rich_table

@@ -6,11 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
+from .._version import __version__
+from .args import Parser
 from .main import UsageError
 
 HELP = "replay recorded routing under other balancing strategies (re-routing, bias, capacity, EPLB)"
+
+# Of the --json document (docs/simulate-json.md): changes only when a field is removed or changes meaning.
+FORMAT_VERSION = 1
 
 EPILOG = """strategies (repeat --strategy; join a routing stage and a capacity stage with +):
   recorded                              the routing as captured (always shown first)
@@ -36,13 +41,8 @@ examples:
 a counts trace (imported engine counts, see docs/engines.md) supports --eplb and --export only."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see moeprobe simulate --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="moeprobe simulate",
         description=HELP,
         epilog=EPILOG,
@@ -53,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", metavar="A:B", help="only steps A (inclusive) to B (exclusive)")
     parser.add_argument("--layers", metavar="L,L,...", help="only these MoE layer indices")
     parser.add_argument("--eplb", metavar="KEY=VALUE,...", help="expert placement to evaluate (see below)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--ep-size", type=int, default=8, metavar="GPUS", help="expert-parallel GPUs for the EP balance "
+                        "column, experts placed contiguously (default: 8, or the --eplb gpus)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text (schema: "
+                        "docs/simulate-json.md)")
     parser.add_argument("--output", "-o", metavar="OUT", type=Path, help="write the (single) strategy's routing as a trace")
     parser.add_argument("--force", action="store_true", help="with -o or --export: overwrite an existing file")
     parser.add_argument(
@@ -93,6 +96,8 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     layers = _parse_layers(args.layers)
+    if args.ep_size < 1:
+        raise UsageError("--ep-size must be at least 1")
     if args.output is not None and len(strategies) != 1:
         raise UsageError("-o writes one simulated routing: give exactly one --strategy")
     if args.force and args.output is None and args.export is None:
@@ -128,7 +133,9 @@ def main(argv: list[str]) -> int:
                 print(f"wrote the simulated routing to {printable(report['written'])}", file=sys.stderr)
             return code
     if args.json:
-        json.dump(report, sys.stdout, indent=1)
+        from ..analysis.report_json import clean
+
+        json.dump(clean(report), sys.stdout, indent=1, allow_nan=False)  # 6 decimals, NaN as null
         sys.stdout.write("\n")
     else:
         _print_text(report, sys.stdout)
@@ -147,16 +154,17 @@ def _simulate(args: argparse.Namespace, strategies: list[Any], window: Any, laye
             return _simulate_counts(trace, strategies, window, layers, eplb)
         data = replay.load_layers(trace, window=window, layers=layers, scores=any(s.needs_scores for s in strategies))
         replay.check_requirements(strategies, data)
-        gpus = eplb.gpus if eplb else None
-        if gpus and any(layer.num_experts % gpus for layer in data.layers):
-            gpus = None  # balancedness per expert when experts do not divide over the GPUs
+        gpus = eplb.gpus if eplb else args.ep_size
         recorded = [SimRouting(layer.experts, layer.weights, layer.dropped) for layer in data.layers]
         report: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "generator": f"moeprobe {__version__}",
             "trace": str(trace.path),
-            "steps": replay.window_text(window),
+            "steps": list(window),  # [A, B), either end null, like the report's filters.steps
             "layers": [layer.index for layer in data.layers],
             "tokens": {str(layer.index): layer.tokens for layer in data.layers},
-            "balancedness_units": f"{gpus} GPUs, contiguous" if gpus else "experts",
+            "ep": {"gpus": gpus, "placement": "contiguous",
+                   "layers_not_divisible": [layer.index for layer in data.layers if layer.num_experts % gpus]},
             "strategies": [_row("recorded", data.layers, recorded, gpus)],
             "notes": data.notes,
         }
@@ -207,12 +215,15 @@ def _simulate_counts(trace: Any, strategies: list[Any], window: Any, layers: lis
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return {
+        "format_version": FORMAT_VERSION,
+        "generator": f"moeprobe {__version__}",
         "trace": str(trace.path),
         "mode": "counts",
-        "steps": replay.window_text(window),
+        "steps": list(window),
         "layers": [int(m["index"]) for m in metas],
         "tokens": {},
-        "balancedness_units": f"{eplb.gpus} GPUs",
+        "ep": {"gpus": eplb.gpus, "placement": "contiguous",
+               "layers_not_divisible": [int(m["index"]) for m in metas if int(m["num_experts"]) % eplb.gpus]},
         "strategies": [],
         "notes": [
             "counts trace (expert loads per step, no per-token routing): EPLB planning only; re-routing, capacity "
@@ -223,9 +234,10 @@ def _simulate_counts(trace: Any, strategies: list[Any], window: Any, layers: lis
 
 
 def _gpus(report: dict[str, Any]) -> int | None:
-    """The GPU count balancedness was measured over (contiguous placement), or None when it was per expert."""
-    if "eplb" in report and report["balancedness_units"] != "experts":
-        return int(report["eplb"]["gpus"])
+    """The GPU count the per-GPU load pictures use (contiguous placement), or None to draw per expert."""
+    ep = report.get("ep") or {}
+    if "eplb" in report and ep.get("gpus") and not ep.get("layers_not_divisible"):
+        return int(ep["gpus"])
     return None
 
 
@@ -246,19 +258,47 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+LEGEND = """columns (load = what the experts computed: dropped choices excluded; means over layers):
+  MaxVio        (busiest expert - mean) / mean over the window; 0 is perfect balance
+  MaxVio/batch  the same per step, averaged over steps
+  balanced      mean / max expert load, 0..1 (1 = perfect balance; = 1 / (1 + MaxVio))
+  EP balanced   mean / max load over {gpus} GPUs, experts placed contiguously (expert parallelism)
+  CV            standard deviation / mean of the expert loads
+  dropped       share of choices dropped over capacity
+  changed       share of tokens whose set of experts differs from the recording
+  mass lost     share of the recorded gate weight that no longer reaches an expert (re-routed or dropped)"""
+
+
+def _steps_text(steps: list[int | None]) -> str:
+    lo, hi = steps
+    if lo is None and hi is None:
+        return "all steps"
+    return f"steps {'' if lo is None else lo}:{'' if hi is None else hi}"
+
+
+def _cells(s: dict[str, Any]) -> list[str]:
+    def num(value: Any) -> str:
+        return "-" if value is None or value != value else f"{value:.3f}"  # NaN: no EP balance for this layer
+
+    return [
+        num(s["max_vio"]), num(s["max_vio_batch"]), num(s["balancedness"]), num(s["ep_balancedness"]), num(s["cv"]),
+        _pct(s["dropped_share"]), _pct(s["changed_share"]), _pct(s["mass_lost"]),
+    ]
+
+
+_HEADER = ["MaxVio", "MaxVio/batch", "balanced", "EP balanced", "CV", "dropped", "changed", "mass lost"]
+
+
 def _print_text(report: dict[str, Any], out: TextIO) -> None:
     from ..safe_text import printable
 
     tokens = sorted(set(report["tokens"].values()))
     token_text = "-" if not tokens else f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
-    steps = "all steps" if report["steps"] == ":" else f"steps {report['steps']}"
+    ep = report["ep"]
     out.write(f"{printable(report['trace'])}\n")  # a path from the user or a trace: no control codes
-    out.write(
-        f"  {steps}, {len(report['layers'])} layer(s), {token_text} tokens per layer; "
-        f"balancedness over {report['balancedness_units']}\n\n"
-    )
+    out.write(f"  {_steps_text(report['steps'])}, {len(report['layers'])} layer(s), {token_text} tokens per layer\n\n")
     if report["strategies"]:
-        _print_strategies(report, out)
+        _print_strategies(report, ep, out)
     notes = list(report["notes"]) + [n for row in report["strategies"] for n in row["notes"]]
     if "eplb" in report:
         _print_eplb(report["eplb"], out)
@@ -271,25 +311,29 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
         out.write(f"note: {printable(note)}\n")
 
 
-def _print_strategies(report: dict[str, Any], out: TextIO) -> None:
+def _print_strategies(report: dict[str, Any], ep: dict[str, Any], out: TextIO) -> None:
     from ..simulate.compare import position_buckets
 
     width = max(24, *(len(row["strategy"]) for row in report["strategies"])) + 2
-    header = ["MaxVio", "MaxVio/batch", "balanced", "CV", "dropped", "changed", "mass lost"]
-    cols = [max(len(h), 7) + 2 for h in header]
-    out.write(f"{'strategy':<{width}}" + "".join(f"{h:>{w}}" for h, w in zip(header, cols, strict=True)) + "\n")
+    cols = [max(len(h), 7) + 2 for h in _HEADER]
+
+    def line(name: str, cells: list[str]) -> str:
+        return f"{name:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)) + "\n"
+
+    out.write(line("strategy", _HEADER))
     for row in report["strategies"]:
-        s = row["summary"]
-        cells = [
-            f"{s['max_vio']:.3f}",
-            f"{s['max_vio_batch']:.3f}",
-            f"{s['balancedness']:.3f}",
-            f"{s['cv']:.3f}",
-            _pct(s["dropped_share"]),
-            _pct(s["changed_share"]),
-            _pct(s["mass_lost"]),
-        ]
-        out.write(f"{row['strategy']:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)) + "\n")
+        out.write(line(row["strategy"], _cells(row["summary"])))
+    if len(report["layers"]) > 1:
+        out.write("\nper layer\n")
+        out.write(line("layer  strategy", _HEADER))
+        for index in report["layers"]:
+            for row in report["strategies"]:
+                layer = next(item for item in row["layers"] if item["layer"] == index)
+                out.write(line(f"{index:<6} {row['strategy']}", _cells(layer)))
+    out.write("\n" + LEGEND.format(gpus=ep["gpus"]) + "\n")
+    if ep["layers_not_divisible"]:
+        out.write(f"  (EP balanced is '-' for layers {', '.join(map(str, ep['layers_not_divisible']))}: their experts do "
+                  f"not divide over {ep['gpus']} GPUs; see --ep-size)\n")
 
     for row in report["strategies"]:
         drops = row.get("drops")

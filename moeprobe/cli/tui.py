@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .args import Parser
+
 HELP = "browse a trace live in the terminal (load heat map, layers, tokens, SQL)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moeprobe tui",
         description="Browse a trace in the terminal while it is being written or afterwards. "
-        "Keys: 1 Overview, 2 Layer, 3 Specialization, 4 Tokens, 5 SQL, 6 Compare (with a second trace), q quit.",
+        "Keys: 1 Overview, 2 Layer, 3 Specialization, 4 Tokens, 5 SQL, 6 Compare (with a second trace), ? every key "
+        "of the screen, q quit.",
     )
     parser.add_argument("trace", help="trace directory (it may not exist yet: the TUI waits for it)")
     parser.add_argument("other", nargs="?", help="a second trace to compare with (key 6)")

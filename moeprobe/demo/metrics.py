@@ -1,12 +1,13 @@
-"""The two numbers the demo compares, computed with SQL over a recorded trace (definitions: METRICS.md).
+"""The two numbers the demo compares, computed with SQL over a recorded trace, with the same definitions as the
+report (``moeprobe.analysis.stats``; METRICS.md):
 
-- MaxVio_global per MoE layer: (max_e c_e - c̄) / c̄ with c_e the assignments of expert e over the trace
-  and c̄ = assignments / E.
-- Normalised mutual information between first-choice expert and the sequence's ``domain`` tag, per MoE
-  layer: I(expert; domain) minus the small-sample bias (E-1)(D-1)/(2N), divided by H(domain).
+- MaxVio_global per MoE layer: ``stats.maxvio`` of the assignments of each expert over the prompt tokens.
+- NMI(first-choice expert; domain) per MoE layer: ``stats.mutual_information`` of the first-choice expert
+  against the sequence's ``domain`` tag. The report's "Expert vs domain" NMI is the same function over every
+  top-k assignment of prefill and decode; first choices carry more of the signal, so the demo's value is higher.
 
 Only prefill rows are counted: they are the held-out prompt tokens themselves, identical for every model,
-so trained and random weights are compared on exactly the same tokens (decoded tokens differ by model).
+so trained and untrained weights are compared on exactly the same tokens (decoded tokens differ by model).
 The DeepSeek-V3 router returns its top-k unsorted, so the first choice is the chosen expert with the
 largest gate weight, not the row with k = 0.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..analysis import stats
 from ..analysis.session import Trace
 
 _LOADS_SQL = """
@@ -56,30 +58,12 @@ def max_vio_global(trace: Trace) -> dict[int, float]:
     loads = {layer: np.zeros(n) for layer, n in experts.items()}
     for layer, expert, n in zip(rows["layer"], rows["expert"], rows["n"], strict=True):
         loads[int(layer)][int(expert)] = n
-    out: dict[int, float] = {}
-    for layer, c in loads.items():
-        mean = c.sum() / len(c)
-        out[layer] = float((c.max() - mean) / mean) if mean > 0 else float("nan")
-    return out
+    return {layer: stats.maxvio(c) for layer, c in loads.items()}
 
 
 def normalised_mi(counts: np.ndarray) -> float:
-    """Bias-corrected I(row; column) / H(column) from a contingency table of counts (rows: experts).
-
-    The bias term uses the table's full shape (all E experts, all D domains), as METRICS.md states it.
-    """
-    n = counts.sum()
-    if n == 0:
-        return float("nan")
-    p = counts / n
-    pe = p.sum(axis=1, keepdims=True)
-    pd = p.sum(axis=0, keepdims=True)
-    nz = p > 0
-    mi = float((p[nz] * np.log(p[nz] / (pe @ pd)[nz])).sum())
-    h_domain = float(-(pd[pd > 0] * np.log(pd[pd > 0])).sum())
-    e, d = counts.shape
-    corrected = mi - (e - 1) * (d - 1) / (2 * n)
-    return corrected / h_domain if h_domain > 0 else float("nan")
+    """The report's bias-corrected NMI (``stats.mutual_information``) of an (experts x domains) count table."""
+    return stats.mutual_information(np.asarray(counts).T).nmi
 
 
 def expert_domain_counts(trace: Trace) -> tuple[dict[int, np.ndarray], list[str]]:

@@ -14,7 +14,8 @@ from typing import Any
 from .prompts import Prompt
 from .tokenizer import decode, encode
 
-RANDOM = "random"  # the untrained baseline: same architecture, seeded random weights
+UNTRAINED = "untrained"  # the baseline model: same architecture, seeded random weights (not "random": that
+# word names the random-routing baseline of every metric)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Recording:
 
 
 def load_model(name: str) -> Any:
-    if name == RANDOM:
+    if name == UNTRAINED:
         from .model import build_model
 
         return build_model(seed=0)

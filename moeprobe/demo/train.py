@@ -29,7 +29,7 @@ from .corpus import DOMAINS, build_corpus
 from .measure import mean_loss, routing_metrics, unigram_entropy, windows
 from .model import CONFIG, build_model, moe_routers
 from .prompts import load_prompts
-from .run import RANDOM, generate
+from .run import UNTRAINED, generate
 from .tokenizer import BOS_ID
 
 DEFAULTS: dict[str, Any] = {
@@ -130,7 +130,7 @@ def train(checkpoint: str, out: Path, cfg: dict[str, Any], threads: int) -> dict
     prompts = load_prompts()
     expected = generate(model, prompts[:1], EXPECTED_TOKENS)[0]
     routing = routing_metrics(model, checkpoint, prompts)
-    baseline = routing_metrics(build_model(seed=cfg["seed"]), RANDOM, prompts)
+    baseline = routing_metrics(build_model(seed=cfg["seed"]), UNTRAINED, prompts)
 
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file

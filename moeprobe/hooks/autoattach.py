@@ -7,13 +7,22 @@ on its first forward call, once it is known to be the outermost model (a ``*ForC
 ``*Model`` it wraps). Models without a router are ignored; a model whose router moeprobe cannot interpret
 is reported on stderr and left alone, and a probe that refuses a model on its first call (a contract
 check failed) marks its trace aborted: the job always runs.
+
+Options come from the JSON in ``MOEPROBE_RECORD`` (written by ``moeprobe record``): the trace path, ``logits``,
+``force``, ``flush_interval``, ``max_queue_mb``, ``redact_tokens``, ``tags`` (applied to every sequence) and
+``routers``, a Python file or importable module that defines ``ROUTERS``, a dict of :class:`RouterSpec`. With
+``routers``, plain PyTorch models are found too: the outermost module whose first forward call contains a
+declared router is recorded (a global forward pre-hook, removed once that model is attached; a second plain
+PyTorch model is not looked for).
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
@@ -25,12 +34,39 @@ ENV = "MOEPROBE_RECORD"
 _TARGET_MODULE = "transformers.modeling_utils"
 
 
+def load_routers(source: str) -> dict[Any, Any]:
+    """The ``ROUTERS`` dict of a Python file (``path/to/routers.py``) or an importable module (``pkg.routers``)."""
+    from .spec import RouterSpec
+
+    if source.endswith(".py") or os.sep in source or (os.altsep and os.altsep in source):
+        if not os.path.isfile(source):
+            raise ValueError(f"--routers {source}: no such file")
+        spec = importlib.util.spec_from_file_location("moeprobe_user_routers", source)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"--routers {source}: not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    routers = getattr(module, "ROUTERS", None)
+    if not isinstance(routers, dict) or not routers:
+        raise ValueError(f"--routers {source}: defines no ROUTERS dict (router class or name -> moeprobe.RouterSpec)")
+    bad = [str(k) for k, v in routers.items() if not isinstance(v, RouterSpec)]
+    if bad:
+        raise ValueError(f"--routers {source}: ROUTERS[{bad[0]!r}] is not a moeprobe.RouterSpec")
+    return routers
+
+
 class _Recorder:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.candidates: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self.probes: list[Any] = []
         self.lock = threading.Lock()
+        self._routers: dict[Any, Any] | None = None
+        self._routers_failed = False
+        self._global_hook: Any = None
+        self._seen: set[int] = set()  # ids of modules the global hook has looked at (and their submodules)
         atexit.register(self.close_all, "complete")
         previous_hook = sys.excepthook
 
@@ -60,35 +96,112 @@ class _Recorder:
             if handle is None:
                 return
             handle.remove()
-            from ..traces.errors import TraceError
-            from .probe import Probe
-            from .spec import UnsupportedModelError
+            self._attach(model)
 
+    def routers(self) -> dict[Any, Any] | None:
+        """The user's router declarations, loaded on first use (the file may import the job's own modules)."""
+        source = self.config.get("routers")
+        if not source or self._routers_failed:
+            return None
+        if self._routers is None:
             try:
-                probe = Probe(
-                    model,
-                    self.path_for(len(self.probes)),
-                    logits=bool(self.config.get("logits")),
-                    force=bool(self.config.get("force")),
-                    flush_interval=float(self.config.get("flush_interval", 1.0)),
-                    redact_tokens=bool(self.config.get("redact_tokens")),
-                    # A contract failure stops capture and marks the trace aborted; the job runs on.
-                    raise_on_refusal=False,
-                )
-            except UnsupportedModelError as exc:
-                if "no MoE router found" not in str(exc):
-                    print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
-                return
-            except TraceError as exc:
+                self._routers = load_routers(str(source))
+            except Exception as exc:  # noqa: BLE001 - the job runs even if the declarations are broken
+                self._routers_failed = True
+                print(f"moeprobe: cannot use --routers: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return None
+        return self._routers
+
+    def _probed(self, model: Any) -> bool:
+        """Whether ``model`` is, contains or sits inside a model that is already recorded."""
+        for probe in self.probes:
+            if probe.model is model:
+                return True
+            if any(m is model for m in probe.model.modules()) or any(m is probe.model for m in model.modules()):
+                return True
+        return False
+
+    def _attach(self, model: Any) -> bool:
+        """Start recording ``model``; False (and a message unless it simply has no router) when it cannot be."""
+        from ..traces.errors import TraceError
+        from .probe import Probe
+        from .spec import UnsupportedModelError
+
+        if self._probed(model):
+            return False
+        try:
+            probe = Probe(
+                model,
+                self.path_for(len(self.probes)),
+                logits=bool(self.config.get("logits")),
+                force=bool(self.config.get("force")),
+                routers=self.routers(),
+                flush_interval=float(self.config.get("flush_interval", 1.0)),
+                max_queue_mb=float(self.config.get("max_queue_mb", 256)),
+                redact_tokens=bool(self.config.get("redact_tokens")),
+                # A contract failure stops capture and marks the trace aborted; the job runs on.
+                raise_on_refusal=False,
+            )
+        except UnsupportedModelError as exc:
+            if "no MoE router found" not in str(exc):
                 print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
+            return False
+        except TraceError as exc:
+            print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
+            return False
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the user's job must run on
+            print(f"moeprobe: not recording {type(model).__name__}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return False
+        tags = self.config.get("tags") or {}
+        if tags:
+            probe.tag(**tags)
+        self.probes.append(probe)
+        print(f"moeprobe: recording {type(model).__name__} ({len(probe.layers)} MoE layers) to {probe.path}", file=sys.stderr)
+        return True
+
+    def install_module_hook(self) -> None:
+        """With ``routers``: look at the first forward call of every outermost module, transformers or not."""
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        self._global_hook = register_module_forward_pre_hook(self._any_forward)
+
+    def _any_forward(self, module: Any, args: Any) -> None:
+        if id(module) in self._seen:
+            return
+        with self.lock:
+            # The outermost module's pre-hook runs before its children's: mark the whole tree as looked at so
+            # that each module is examined once, whatever it turns out to hold.
+            self._seen.update(id(m) for m in module.modules())
+            handle = self.candidates.pop(module, None)
+            if handle is not None:
+                handle.remove()
+            if self.routers() is None:
+                self._remove_module_hook()
                 return
-            except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the user's job must run on
-                print(f"moeprobe: not recording {type(model).__name__}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            before = set(module._forward_pre_hooks)
+            if not self._attach(module):
                 return
-            self.probes.append(probe)
-            print(f"moeprobe: recording {type(model).__name__} ({len(probe.layers)} MoE layers) to {probe.path}", file=sys.stderr)
+            # Found: stop paying for a global hook on every module call (a second plain-PyTorch model built later
+            # is not looked at; transformers models still are).
+            self._remove_module_hook()
+            # torch took its list of this call's pre-hooks before ours ran, so the probe's own pre-hooks on the
+            # model would miss this first call: run them now, as torch would have. A global hook does not see
+            # keyword arguments; the model's entry hook only needs them when the model itself reads the tokens.
+            for hook_id, hook in list(module._forward_pre_hooks.items()):
+                if hook_id in before:
+                    continue
+                if hook_id in module._forward_pre_hooks_with_kwargs:
+                    hook(module, args, {})
+                else:
+                    hook(module, args)
+
+    def _remove_module_hook(self) -> None:
+        if self._global_hook is not None:
+            self._global_hook.remove()
+            self._global_hook = None
 
     def close_all(self, status: str, error: str | None = None) -> None:
+        self._remove_module_hook()
         for probe in self.probes:
             try:
                 probe.close(status, error)
@@ -143,6 +256,11 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install(config: dict[str, Any]) -> None:
     global _recorder
     _recorder = _Recorder(config)
+    if config.get("routers"):
+        try:
+            _recorder.install_module_hook()
+        except ImportError as exc:
+            print(f"moeprobe: --routers needs torch in the job's Python: {exc}", file=sys.stderr)
     if _TARGET_MODULE in sys.modules:
         _patch(sys.modules[_TARGET_MODULE])
     else:

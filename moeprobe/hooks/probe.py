@@ -58,7 +58,17 @@ def _model_info(model: nn.Module, layers: list[LayerBinding], name: str | None) 
         "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
         "device": str(first.device) if first is not None else None,
         "moe_layers": len(layers),
+        # Where the tokenizer comes from (hub id or directory), so that viewers can show token text; None
+        # for a model built from a config.
+        "tokenizer": _tokenizer_name(model, config),
     }
+
+
+def _tokenizer_name(model: nn.Module, config: Any) -> str | None:
+    for value in (getattr(config, "_name_or_path", None), getattr(model, "name_or_path", None)):
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 class Probe:

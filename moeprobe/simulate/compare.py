@@ -4,8 +4,9 @@ Aggregates over layers: MaxVio, MaxVio per batch, CV and balancedness are means 
 (the convention of the aux-loss-free paper and SGLang); dropped share, changed share and weight mass lost
 are shares over all (token, layer) pairs.
 
-Balancedness is mean / max load over GPUs with experts placed contiguously when a GPU count is given, else
-over experts (then it equals 1 / (1 + MaxVio)).
+Two balances: ``balancedness`` is mean / max load over experts (it equals 1 / (1 + MaxVio)), always, so that it
+means the same with and without a placement; ``ep_balancedness`` is mean / max load over GPUs with the experts
+placed contiguously (expert-parallel ranks), None when the experts do not divide over the GPUs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .capacity import drop_summary
 from .data import LayerData, SimRouting
 from .placement import balancedness, contiguous_placement, gpu_load
 
-SUMMARY_KEYS = ("max_vio", "max_vio_batch", "balancedness", "cv", "dropped_share", "changed_share", "mass_lost")
+SUMMARY_KEYS = ("max_vio", "max_vio_batch", "balancedness", "ep_balancedness", "cv", "dropped_share", "changed_share",
+                "mass_lost")
 
 
 def layer_metrics(layer: LayerData, sim: SimRouting, gpus: int | None = None) -> dict[str, Any]:
@@ -28,10 +30,9 @@ def layer_metrics(layer: LayerData, sim: SimRouting, gpus: int | None = None) ->
     load = metrics.expert_load(sim.experts, num_experts, sim.dropped)
     steps, step_index = np.unique(layer.step, return_inverse=True)
     per_step = metrics.step_loads(sim.experts, step_index.reshape(-1), len(steps), num_experts, sim.dropped)
+    ep_balance = None
     if gpus and num_experts % gpus == 0:
-        units = gpu_load(load[None, :], contiguous_placement(1, num_experts, gpus))[0]
-    else:
-        units = load
+        ep_balance = float(balancedness(gpu_load(load[None, :], contiguous_placement(1, num_experts, gpus))[0]))
     changed = metrics.changed_tokens(layer.experts, sim.experts)
     lost = metrics.mass_lost(layer.experts, layer.weights, sim.experts, sim.dropped)
     return {
@@ -39,7 +40,8 @@ def layer_metrics(layer: LayerData, sim: SimRouting, gpus: int | None = None) ->
         "tokens": layer.tokens,
         "max_vio": float(metrics.max_vio(load)),
         "max_vio_batch": float(metrics.max_vio(per_step).mean()) if len(steps) else 0.0,
-        "balancedness": float(balancedness(units)),
+        "balancedness": float(balancedness(load)),
+        "ep_balancedness": ep_balance,
         "cv": float(metrics.cv(load)),
         "dropped_share": metrics.dropped_share(sim.experts, sim.dropped),
         "changed_share": float(changed.mean()) if layer.tokens else 0.0,
@@ -56,7 +58,10 @@ def summarize(per_layer: list[dict[str, Any]]) -> dict[str, float]:
     weight = tokens / tokens.sum() if tokens.sum() else np.full(len(tokens), 1.0 / len(tokens))
     out: dict[str, float] = {}
     for key in SUMMARY_KEYS:
-        values = np.array([row[key] for row in per_layer], dtype=np.float64)
+        values = np.array([np.nan if row[key] is None else row[key] for row in per_layer], dtype=np.float64)
+        if np.isnan(values).all():
+            out[key] = float("nan")  # ep_balancedness when the experts do not divide over the GPUs
+            continue
         # dropped_share is per assignment; layers have the same k in practice, so token weights suffice.
         out[key] = float((values * weight).sum()) if key.endswith(("_share", "_lost")) else float(values.mean())
     return out

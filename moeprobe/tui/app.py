@@ -42,13 +42,16 @@ class MoeprobeApp(App[None]):
         "compare": CompareScreen,
     }
     DEFAULT_MODE = "overview"
+    # The screen keys are listed by `?` rather than in the footer: at 80 columns the footer has room for a
+    # screen's own keys, `?` and `q`, not for six screen names as well.
     BINDINGS = [
-        Binding("1", "switch_mode('overview')", "Overview"),
-        Binding("2", "switch_mode('layer')", "Layer"),
-        Binding("3", "switch_mode('specialization')", "Special."),
-        Binding("4", "switch_mode('tokens')", "Tokens"),
-        Binding("5", "switch_mode('sql')", "SQL"),
-        Binding("6", "switch_mode('compare')", "Compare"),
+        Binding("1", "switch_mode('overview')", "Overview screen", show=False),
+        Binding("2", "switch_mode('layer')", "Layer screen", show=False),
+        Binding("3", "switch_mode('specialization')", "Specialization screen", show=False),
+        Binding("4", "switch_mode('tokens')", "Tokens screen", show=False),
+        Binding("5", "switch_mode('sql')", "SQL screen", show=False),
+        Binding("6", "compare", "Compare screen (needs a second trace)", show=False),
+        Binding("question_mark", "help", "Help, screens 1-6", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
 
@@ -110,8 +113,20 @@ class MoeprobeApp(App[None]):
         self.layer_index = index
         self.switch_mode("layer")
 
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # Compare needs two traces: without a second one the key is hidden from the footer and does nothing.
-        if action == "switch_mode" and parameters == ("compare",) and len(self.sources) < 2:
-            return False
-        return True
+    def action_compare(self) -> None:
+        # Without a second trace the key says how to get one, rather than doing nothing.
+        if len(self.sources) < 2:
+            self.notify(
+                f"Compare needs a second trace: quit (q) and run  moeprobe tui {self.sources[0].path} OTHER_TRACE",
+                title="Compare", severity="warning", timeout=8,
+            )
+            return
+        self.switch_mode("compare")
+
+    def action_help(self) -> None:
+        from .screens.help import HelpScreen, key_rows
+
+        if isinstance(self.screen, HelpScreen):
+            return
+        name = type(self.screen).__name__.removesuffix("Screen")
+        self.push_screen(HelpScreen(name, key_rows(self.BINDINGS, self.screen, self.get_key_display)))

@@ -49,6 +49,17 @@ def utilisation_cell(value: float, width: int = 1) -> Text:
     return Text("█" * width if width < 3 else "██ ", style=Style(color=color))
 
 
+def number_cell(value: float, width: int) -> Text:
+    """A heat-map cell as its number (one decimal, coloured like the block it replaces)."""
+    color = utilisation_color(value)
+    if color is None:
+        return Text(" " * width)
+    if value <= 0:
+        return Text("·".rjust(width - 1) + " ", style=_DEAD)
+    text = f"{value:.1f}" if value < 10 else f"{value:.0f}"
+    return Text(text.rjust(width - 1)[: width - 1] + " ", style=Style(color=color))
+
+
 def legend() -> Text:
     """The heat map's key: log scale from 1/4 to 4, 1.0 is a fair share, a dot is a dead expert."""
     text = Text("utilisation ")

@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
 def test_demo_exits_zero_and_says_what_next(demo_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     proc, out = demo_run
     assert proc.returncode == 0, proc.stderr
-    assert str(out / "random") in proc.stdout
+    assert str(out / "untrained") in proc.stdout
     for name in ("balanced", "unbalanced"):
         assert f"{out / name} " in proc.stdout
     for command in ("moeprobe inspect", "moeprobe report", "moeprobe tui"):
@@ -48,7 +48,7 @@ def test_demo_traces_have_prefill_decode_and_tags(demo_run: tuple[subprocess.Com
 
     traces = sorted(p for p in out.iterdir() if (p / "manifest.json").exists())
     # one trace per shipped checkpoint, plus the random-weight baseline
-    assert {p.name for p in traces} == {"random", *available()}
+    assert {p.name for p in traces} == {"untrained", *available()}
     for path in traces:
         with moeprobe.open_trace(path) as trace:
             assert trace.status == "complete"
@@ -81,4 +81,18 @@ def test_demo_refuses_existing_dir_without_force(demo_run: tuple[subprocess.Comp
 def test_demo_default_output_is_relative_to_cwd(tmp_path: Path) -> None:
     proc = _demo("--max-new-tokens", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "traces" / "demo" / "random" / "manifest.json").exists()
+    assert (tmp_path / "traces" / "demo" / "untrained" / "manifest.json").exists()
+
+
+def test_demo_next_commands_run_as_printed(demo_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = demo_run
+    assert proc.returncode == 0, proc.stderr
+    after = proc.stdout.split("\nnext:\n", 1)[1].splitlines()
+    commands = [line.strip() for line in after if line.startswith("  ") and not line.strip().startswith("(")]
+    assert any(" inspect " in c for c in commands) and any(" report " in c for c in commands)
+    for command in commands:
+        if " tui " in command:
+            continue  # interactive; the TUI tests cover it
+        # From the directory the demo ran in, in a shell, exactly as a user would paste it.
+        result = subprocess.run(command, shell=True, cwd=out.parent, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{command}: {result.stderr}"

@@ -106,7 +106,10 @@ def test_a_trace_still_being_written(tmp_path: Path) -> None:
     [
         (["{missing}"], 1, "no such trace"),
         (["{balanced}", "--layer", "7"], 1, "layer 7 is not in this trace (layers: 0..1)"),
-        (["{balanced}", "--steps", "5:2"], 1, "--steps '5:2': the range is empty"),
+        (["{balanced}", "--steps", "5:2"], 2, "--steps '5:2': the range is empty"),
+        (["{balanced}", "--tag", "domain"], 2, "--tag 'domain': expected key=value"),
+        (["{balanced}", "--tag", "nosuch=x"], 1, "no sequence has the tag key 'nosuch' (tag keys: domain)"),
+        (["{balanced}", "--tag", "domain=x"], 1, "no sequence has domain=x (domain values: code, math)"),
         (["{balanced}", "{skewed}"], 2, "give one trace, or two with --compare"),
         (["{balanced}", "--compare"], 2, "--compare takes exactly two traces, got 1"),
     ],
@@ -121,3 +124,27 @@ def test_bad_input_is_one_line_without_traceback(
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("moeprobe report: ")
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("columns", ["60", "80", "120", None])
+def test_text_report_fits_the_width_without_trailing_padding(traces: tuple[Path, Path], columns: str | None) -> None:
+    env = run_cli_env()
+    env.pop("COLUMNS")
+    if columns is not None:
+        env["COLUMNS"] = columns
+    result = subprocess.run([PYTHON, "-m", "moeprobe", "report", str(traces[1])], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(line == line.rstrip() for line in lines)
+    if columns is not None:
+        assert max(len(line) for line in lines) <= int(columns)
+    else:
+        assert max(len(line) for line in lines) > 120  # the per-layer table at its natural width, in one piece
+    # Split tables keep every column: each per-layer header cell and each layer's row label is still there.
+    for header in ("E/k", "MaxVio batch", "worst step", "MaxVio global", "entropy", "Gini", "top-N share", "dead",
+                   "EP balancedness"):
+        assert header in result.stdout
+    json_report = json.loads(_report(str(traces[1]), "--json").stdout)
+    for layer in json_report["layers"]:
+        assert f"{layer['maxvio_global']:.3f}" in result.stdout

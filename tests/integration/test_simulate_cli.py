@@ -86,13 +86,15 @@ def test_text_table_side_by_side(softmax_trace: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("strategy"))
-    assert header.split()[1:4] == ["MaxVio", "MaxVio/batch", "balanced"]
+    assert header.split()[1:6] == ["MaxVio", "MaxVio/batch", "balanced", "EP", "balanced"]
     recorded = next(line for line in lines if line.startswith("recorded ")).split()
-    assert recorded[1] == "1.000" and recorded[6] == "0.00%"
+    assert recorded[1] == "1.000" and recorded[7] == "0.00%"
     reroute = next(line for line in lines if line.startswith("reroute ")).split()
-    assert reroute[1] == "1.000" and reroute[6] == "0.00%"  # same choices as recorded
+    assert reroute[1] == "1.000" and reroute[7] == "0.00%"  # same choices as recorded
     capacity = next(line for line in lines if line.startswith("capacity:cf=1.0 ")).split()
-    assert capacity[5] == "25.00%" and capacity[7] == "25.00%"  # 2 of 8 dropped, each its whole weight
+    assert capacity[6] == "25.00%" and capacity[8] == "25.00%"  # 2 of 8 dropped, each its whole weight
+    for column in ("balanced ", "EP balanced ", "changed ", "mass lost "):
+        assert f"\n  {column}" in result.stdout  # every column is explained under the table
     assert "dropped, capacity:cf=1.0" in result.stdout
     assert result.stderr == ""
 
@@ -177,3 +179,49 @@ def test_missing_trace_and_help(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no such trace" in result.stderr
     result = _simulate("--help")
     assert result.returncode == 0 and "online-bias" in result.stdout and "--eplb" in result.stdout
+
+
+def test_json_has_a_version_a_step_list_and_one_balance_unit(softmax_trace: Path) -> None:
+    plain = _json(str(softmax_trace), "-s", "capacity:cf=1.0", "--steps", "0:")
+    with_eplb = _json(str(softmax_trace), "-s", "capacity:cf=1.0", "--eplb", "gpus=2")
+    assert plain["format_version"] == 1 and plain["generator"].startswith("moeprobe ")
+    assert plain["steps"] == [0, None]
+    assert with_eplb["steps"] == [None, None]
+    # "balancedness" is over experts with and without --eplb; the EP balance has its own field and GPU count.
+    for report in (plain, with_eplb):
+        recorded = _rows(report)["recorded"]
+        assert recorded["summary"]["balancedness"] == pytest.approx(1 / (1 + recorded["summary"]["max_vio"]), abs=1e-6)
+    assert plain["ep"]["gpus"] == 8 and plain["ep"]["layers_not_divisible"] == [0]  # 4 experts over 8 GPUs
+    assert _rows(plain)["recorded"]["summary"]["ep_balancedness"] is None
+    assert with_eplb["ep"]["gpus"] == 2
+    # loads [4, 2, 1, 1] over 2 GPUs: [6, 2], mean 4, max 6
+    assert _rows(with_eplb)["recorded"]["summary"]["ep_balancedness"] == pytest.approx(4 / 6, abs=1e-6)
+
+    def decimals(value: object) -> None:
+        if isinstance(value, float):
+            assert value == round(value, 6)
+        elif isinstance(value, dict):
+            for item in value.values():
+                decimals(item)
+        elif isinstance(value, list):
+            for item in value:
+                decimals(item)
+
+    decimals(plain)
+
+
+def test_text_has_per_layer_rows(softmax_trace: Path, tmp_path: Path) -> None:
+    one_layer = _simulate(str(softmax_trace), "-s", "capacity:cf=1.0")
+    assert "\nper layer\n" not in one_layer.stdout  # one layer: the summary is the layer
+    assert "EP balanced   mean / max load over 8 GPUs" in one_layer.stdout
+    assert "EP balanced is '-' for layers 0" in one_layer.stdout
+    # Two layers: layer 0 skewed (MaxVio 1.0), layer 1 balanced (MaxVio 0).
+    two = write_trace(tmp_path / "two", {"routing": [routing_table(FIRST, layer=0),
+                                                     routing_table(np.tile(np.arange(4), 2), layer=1)]},
+                      layers=layer_meta(2, 4, 1))
+    result = _simulate(str(two), "-s", "capacity:cf=1.0", "--ep-size", "2")
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.split("\nper layer\n", 1)[1].splitlines()
+    assert rows[1].split()[:3] == ["0", "recorded", "1.000"]
+    assert rows[3].split()[:3] == ["1", "recorded", "0.000"]
+    assert "EP balanced   mean / max load over 2 GPUs" in result.stdout

@@ -41,8 +41,14 @@ async def test_overview_shows_known_loads(known_trace: Path) -> None:
         assert "1 = fair share" in text_of(heat)
         table = app.screen.query_one("#layers", DataTable)
         # batch: step 0 loads 5,3,4,0 of 12 -> 0.667; steps 1 and 2 route one token -> 1.0 each; mean 0.889
-        assert _column(table, 0)[:6] == ["L0", "0.50", "0.89", "0.61", "1", "8"]
-        assert _column(table, 1)[:5] == ["L1", "0.00", "0.67", "0.00", "0"]  # step 0 even, steps 1-2 at 1.0
+        row0, row1 = _column(table, 0), _column(table, 1)
+        assert row0[:2] + row0[3:7] == ["L0", "0.50", "0.89", "0.61", "1", "8"]
+        assert row1[:2] + row1[3:6] == ["L1", "0.00", "0.67", "0.00", "0"]  # step 0 even, steps 1-2 at 1.0
+        # beside MaxVio, the report's random-routing baseline for the same 8 tokens (4 experts, top-2)
+        from moeprobe.analysis.load import random_baseline
+        from moeprobe.tui.render import number
+
+        assert row0[2] == row1[2] == number(random_baseline(4, 2, 8, 2).maxvio)
         # sort by worst: L0 (MaxVio 0.5) stays first; press twice to come back to layer order
         await pilot.press("s")
         assert [r.label for r in heat.rows] == ["L0", "L1"]
@@ -73,6 +79,12 @@ async def test_layer_screen(known_trace: Path) -> None:
         assert isinstance(screen, LayerScreen) and screen.data is not None
         assert list(screen.data.counts) == [6, 4, 6, 0]
         assert "MaxVio 0.50" in text_of(screen.query_one("#layer-title"))
+        from moeprobe.analysis.load import random_baseline
+        from moeprobe.tui.render import number
+
+        baseline = random_baseline(4, 2, 8, 2)  # the report's baseline for these 8 tokens
+        assert f"(random {number(baseline.maxvio)})" in text_of(screen.query_one("#layer-title"))
+        assert f"(random {number(baseline.cv)})" in text_of(screen.query_one("#layer-title"))
         bars = text_of(screen.query_one(LoadBars))
         assert "1.50" in bars and "dead" in bars and "fair share" in bars
         latency = text_of(screen.query_one("#latency"))
@@ -189,14 +201,21 @@ async def test_compare_needs_two_traces_and_shows_differences(known_trace: Path,
         assert "hand-made" in text_of(app.screen.query_one("#head-a"))
 
 
-async def test_footer_names_every_screen_key(known_trace: Path) -> None:
+async def test_help_names_every_screen_key(known_trace: Path) -> None:
+    # The footer keeps a screen's own keys, ? and q (it must fit 80 columns); ? lists the screen keys 1-6.
+    from moeprobe.tui.screens.help import HelpScreen
+
     app = MoeprobeApp([known_trace, known_trace])
     async with app.run_test(size=(160, 30)) as pilot:
         await wait_for(pilot, lambda: loaded(app, OverviewScreen), what="overview")
-        keys = {key: active.binding.description for key, active in app.active_bindings.items() if active.binding.show}
-        for key, name in (("1", "Overview"), ("2", "Layer"), ("3", "Special."), ("4", "Tokens"), ("5", "SQL"),
-                          ("6", "Compare"), ("q", "Quit")):
-            assert keys.get(key) == name
+        shown = {key: active.binding.description for key, active in app.active_bindings.items() if active.binding.show}
+        assert shown.get("question_mark") == "Help, screens 1-6" and shown.get("q") == "Quit"
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
+        listed = dict(app.screen.rows)
+        for key, name in (("1", "Overview screen"), ("2", "Layer screen"), ("3", "Specialization screen"),
+                          ("4", "Tokens screen"), ("5", "SQL screen"), ("q", "Quit")):
+            assert listed.get(key) == name
 
 
 async def test_every_screen_paints_at_80x24(known_trace: Path) -> None:

@@ -1,6 +1,7 @@
--- Choices dropped over capacity, per layer. Parquet statistics skip every row group without a drop, so on a
--- trace that has none this reads almost nothing.
-SELECT layer, count(*)::BIGINT AS dropped
+-- Choices dropped over capacity, per layer and expert. Parquet statistics skip every row group without a drop,
+-- so on a trace that has none this reads almost nothing.
+SELECT layer, expert, count(*)::BIGINT AS dropped
 FROM {routing} AS r
 WHERE dropped
-GROUP BY layer
+GROUP BY ALL
+ORDER BY layer, expert

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...analysis import coactivation, stats
+from ...analysis import load as load_mod
 from ...analysis.filters import Filters
 from ...analysis.session import Trace
 
@@ -34,6 +35,8 @@ class LayerDetail:
     maxvio: float
     cv: float
     dead: tuple[int, ...]
+    random_maxvio: float  # the same tokens routed at random (the report's baseline)
+    random_cv: float
     over_time: np.ndarray  # experts x windows: utilisation within each window of steps
     window_steps: int
     first_step: int | None
@@ -102,6 +105,7 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
 
     matrix = None
     random = stats.coactivation_baseline(experts, top_k)
+    baseline = load_mod.random_baseline(experts, top_k, int(counts.sum()) // top_k, top_k)
     if counts.sum() and not counts_only:  # co-activation needs the choices of each token
         co = coactivation.compute(ctx, ctx.sample(COACTIVATION_SAMPLE))
         if co:
@@ -123,6 +127,8 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
         maxvio=stats.maxvio(counts),
         cv=stats.cv(counts),
         dead=tuple(int(e) for e in np.flatnonzero(counts == 0)) if counts.sum() else (),
+        random_maxvio=baseline.maxvio,
+        random_cv=baseline.cv,
         over_time=over_time,
         window_steps=size,
         first_step=first,

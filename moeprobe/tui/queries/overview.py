@@ -28,6 +28,7 @@ class LayerRow:
     dead: tuple[int, ...]
     tokens: int
     recent: tuple[float, ...]  # MaxVio_batch of the last RECENT_STEPS steps, oldest first
+    random_maxvio: float = math.nan  # MaxVio_global of the same tokens routed at random (the report's baseline)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def quick_overview(trace: Trace) -> Overview:
         rows.append(
             LayerRow(index, str(meta.get("name", index)), experts, top_k, counts * experts / decisions,
                      stats.maxvio(counts), math.nan, stats.cv(counts),
-                     tuple(int(e) for e in np.flatnonzero(counts == 0)), decisions // top_k, ())
+                     tuple(int(e) for e in np.flatnonzero(counts == 0)), decisions // top_k, (),
+                     load_mod.random_baseline(experts, top_k, decisions // top_k, top_k).maxvio)
         )
     return Overview(tuple(rows), int(got["n"].sum()) if len(got.get("n", [])) else 0, None, None, complete=False)
 
@@ -118,6 +120,7 @@ def overview(trace: Trace) -> Overview:
                 dead=tuple(item.dead),
                 tokens=item.tokens,
                 recent=recent.get(index, ()),
+                random_maxvio=item.random.maxvio,
             )
         )
     return Overview(tuple(rows), load.decisions, load.first_step, load.last_step)

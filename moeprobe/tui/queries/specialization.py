@@ -25,12 +25,18 @@ class TagView:
 
 @dataclass(frozen=True)
 class SpecializationData:
-    tag: TagView | None
-    other_keys: tuple[str, ...]
+    tags: tuple[TagView, ...]  # every categorical tag key, the preferred one (domain, task, ...) first
     skipped: tuple[str, ...]  # keys with too many values to be categories
     repetition: tuple[RepetitionLayer, ...]
     sampled: float  # share of decisions the repetition pairs came from
     counts_only: bool = False  # a counts trace: no per-token rows, so nothing here can be computed
+
+    @property
+    def tag(self) -> TagView | None:
+        return self.tags[0] if self.tags else None
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(t.key for t in self.tags)
 
 
 def specialization(trace: Trace) -> SpecializationData:
@@ -42,19 +48,21 @@ def specialization(trace: Trace) -> SpecializationData:
 def _specialization(trace: Trace) -> SpecializationData:
     spec = trace.specialization(count_budget=COUNT_BUDGET, sample_budget=SAMPLE_BUDGET)
     keys = [t.key for t in spec.tags]
-    chosen = next((k for k in PREFERRED_KEYS if k in keys), keys[0] if keys else None)
-    tag = None
-    if chosen is not None:
-        item = next(t for t in spec.tags if t.key == chosen)
-        tag = TagView(
-            key=item.key,
-            values=tuple(item.values),
-            relative={layer.layer: layer.relative_load for layer in item.layers},
-            nmi={layer.layer: layer.mi.nmi for layer in item.layers},
+    preferred = [k for k in PREFERRED_KEYS if k in keys]
+    order = preferred + [k for k in keys if k not in preferred]
+    views = []
+    for key in order:
+        item = next(t for t in spec.tags if t.key == key)
+        views.append(
+            TagView(
+                key=item.key,
+                values=tuple(item.values),
+                relative={layer.layer: layer.relative_load for layer in item.layers},
+                nmi={layer.layer: layer.mi.nmi for layer in item.layers},
+            )
         )
     return SpecializationData(
-        tag=tag,
-        other_keys=tuple(k for k in keys if k != chosen),
+        tags=tuple(views),
         skipped=tuple(t.key for t in spec.tags_skipped),
         repetition=tuple(spec.repetition),
         sampled=spec.sample.fraction,

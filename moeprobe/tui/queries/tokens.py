@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ class SequenceTokens:
     info: SequenceInfo
     tokens: tuple[Token, ...]
     as_bytes: bool
+    pieces: tuple[str, ...] | None = None  # each token's text from the trace's tokenizer, when it loads offline
 
 
 def sequences(trace: Trace) -> list[SequenceInfo]:
@@ -65,7 +67,8 @@ def sequences(trace: Trace) -> list[SequenceInfo]:
     ]
 
 
-def sequence_tokens(trace: Trace, info: SequenceInfo) -> SequenceTokens:
+def sequence_tokens(trace: Trace, info: SequenceInfo, decoder: Callable[[int], str] | None = None) -> SequenceTokens:
+    """The sequence's tokens and routes; with ``decoder`` (see ``tui.decoding``) also each token's text."""
     got = trace.context().run(
         "SELECT position, token_id, step, phase, layer, k, expert, weight FROM routing "
         f"WHERE rank = {int(info.rank)} AND sequence = {int(info.sequence)} ORDER BY position, layer, k"
@@ -90,8 +93,9 @@ def sequence_tokens(trace: Trace, info: SequenceInfo) -> SequenceTokens:
                 )
             )
     ids = np.array([t.token_id for t in tokens])
-    as_bytes = bool(len(ids)) and float(((ids >= 0) & (ids < BYTE_IDS)).mean()) >= BYTE_SHARE
-    return SequenceTokens(info, tuple(tokens), as_bytes)
+    pieces = tuple(decoder(t.token_id) if t.token_id >= 0 else "·" for t in tokens) if decoder else None
+    as_bytes = pieces is None and bool(len(ids)) and float(((ids >= 0) & (ids < BYTE_IDS)).mean()) >= BYTE_SHARE
+    return SequenceTokens(info, tuple(tokens), as_bytes, pieces)
 
 
 def token_text(token_id: int, as_bytes: bool) -> str:

@@ -30,6 +30,8 @@ class CompareScreen(TraceScreen):
     DEFAULT_CSS = """
     CompareScreen #sides { height: auto; max-height: 55%; }
     CompareScreen #sides > VerticalScroll { height: auto; width: 1fr; padding: 0 1; }
+    /* Both run headers take the same height, however each one wraps, so that the heat maps' rows line up. */
+    CompareScreen #sides RunHeader { height: 4; }
     CompareScreen #diff { height: 1fr; }
     """
 

@@ -91,7 +91,8 @@ class LayerScreen(TraceScreen):
         # Metrics first: at 80 columns the module name is what gets cut.
         title = Text.assemble(
             (f"L{data.layer}", "bold"),
-            "  MaxVio ", (number(data.maxvio), "bold"), "  CV ", (number(data.cv), "bold"),
+            "  MaxVio ", (number(data.maxvio), "bold"), (f" (random {number(data.random_maxvio)})", "dim"),
+            "  CV ", (number(data.cv), "bold"), (f" (random {number(data.random_cv)})", "dim"),
             "  dead ", (str(len(data.dead)), "bold red" if data.dead else "bold"),
             f"  · {data.experts} experts, top-{data.top_k} {data.scoring} · ", (data.name, "dim"),
             no_wrap=True, overflow="ellipsis",

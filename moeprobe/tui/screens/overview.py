@@ -16,12 +16,14 @@ from ..widgets.heatmap import HeatMap, HeatRow
 from .base import Refinements, TraceScreen
 
 # Fixed columns take about this many cells; the MaxVio sparkline gets what is left, within these bounds.
-_FIXED_COLUMNS = 52
+_FIXED_COLUMNS = 61
 _SPARK_MIN, _SPARK_MAX = 8, 48
 
 
 class OverviewScreen(TraceScreen):
-    BINDINGS = [Binding("s", "sort", "Sort")]
+    BINDINGS = [Binding("s", "sort", "Sort"), Binding("v", "numbers", "Values")]
+    HELP_KEYS = (("↑ ↓", "choose a layer in the table"), ("Enter", "open the chosen layer (Layer screen)"),
+                 ("click", "a heat-map row opens its layer"))
     DEFAULT_CSS = """
     OverviewScreen #heat-box { height: auto; max-height: 55%; padding: 0 1; }
     OverviewScreen #table-title { padding: 0 1; color: $text-muted; text-wrap: nowrap; text-overflow: ellipsis; }
@@ -41,10 +43,16 @@ class OverviewScreen(TraceScreen):
 
     def on_mount(self) -> None:
         table = self.query_one("#layers", DataTable)
-        for label, key in (("layer", "layer"), ("MaxVio", "maxvio"), ("batch", "batch"), ("CV", "cv"),
-                           ("dead", "dead"), ("tokens", "tokens"), ("MaxVio, recent steps", "recent")):
+        for label, key in (("layer", "layer"), ("MaxVio", "maxvio"), ("random", "random"), ("batch", "batch"),
+                           ("CV", "cv"), ("dead", "dead"), ("tokens", "tokens"), ("MaxVio, recent steps", "recent")):
             table.add_column(label, key=key)
         self._title()
+        # Enter opens the chosen layer right away: the table, not the heat map's scroll box, has the focus.
+        table.focus()
+
+    def on_screen_resume(self) -> None:
+        super().on_screen_resume()
+        self.query_one("#layers", DataTable).focus()
 
     def fetch(self) -> Any:
         source = self.source
@@ -61,8 +69,8 @@ class OverviewScreen(TraceScreen):
         order = "worst MaxVio first" if self.sort_worst else "layer order"
         self.query_one("#table-title", Static).update(
             Text.assemble(
-                ("MaxVio", "bold"), " (max−fair)/fair: whole trace; ", ("batch", "bold"), ": mean per step · ",
-                f"{order} (s) · Enter opens a layer",
+                ("MaxVio", "bold"), " (max−fair)/fair: whole trace, ", ("random", "bold"), " routing for comparison; ",
+                ("batch", "bold"), ": mean per step · ", f"{order} (s) · Enter opens a layer · ? keys",
                 no_wrap=True, overflow="ellipsis",
             )
         )
@@ -86,6 +94,7 @@ class OverviewScreen(TraceScreen):
             table.add_row(
                 f"L{r.layer}",
                 Text(number(r.maxvio), style="bold" if r.maxvio >= 1 else ""),
+                Text(number(r.random_maxvio), style="dim"),
                 number(r.maxvio_batch) if data.complete else Text("…", style="dim"),
                 number(r.cv),
                 dead,
@@ -96,6 +105,9 @@ class OverviewScreen(TraceScreen):
         if keep is not None and keep in table.rows:
             table.move_cursor(row=table.get_row_index(keep), animate=False)
         self._title()
+
+    def action_numbers(self) -> None:
+        self.query_one("#heat", HeatMap).toggle_numbers()
 
     def action_sort(self) -> None:
         self.sort_worst = not self.sort_worst

@@ -26,7 +26,9 @@ def _pct(value: float) -> str:
 
 class SpecializationScreen(TraceScreen):
     BINDINGS = [Binding("left_square_bracket", "layer(-1)", "Prev layer", show=False),
-                Binding("right_square_bracket", "layer(1)", "Layer", key_display="[ ]")]
+                Binding("right_square_bracket", "layer(1)", "Layer", key_display="[ ]"),
+                Binding("t", "next_key", "Tag key")]
+    HELP_KEYS = (("↑ ↓ Enter", "choose a layer in the per-layer table"),)
     DEFAULT_CSS = """
     SpecializationScreen #spec-body { height: 1fr; padding: 0 1; }
     SpecializationScreen .section { text-style: bold; margin-top: 1; }
@@ -37,6 +39,7 @@ class SpecializationScreen(TraceScreen):
     def __init__(self) -> None:
         super().__init__()
         self.data: SpecializationData | None = None
+        self.key: str | None = None  # the tag key shown; None: the preferred one
 
     def compose_body(self) -> ComposeResult:
         with VerticalScroll(id="spec-body"):
@@ -64,6 +67,20 @@ class SpecializationScreen(TraceScreen):
         self.data = data
         self._redraw()
 
+    def action_next_key(self) -> None:
+        data = self.data
+        if data is None or len(data.tags) < 2:
+            self.notify("no other tag key in this trace" if data and data.tags else "no tags in this trace",
+                        severity="information")
+            return
+        keys = data.keys()
+        at = keys.index(self.key) if self.key in keys else 0
+        self.key = keys[(at + 1) % len(keys)]
+        self._redraw()
+
+    def _shown_tag(self, data: SpecializationData) -> Any:
+        return next((t for t in data.tags if t.key == self.key), data.tag)
+
     def _redraw(self) -> None:
         data = self.data
         if data is None:
@@ -72,19 +89,22 @@ class SpecializationScreen(TraceScreen):
         title = self.query_one("#tag-title", Static)
         note = self.query_one("#tag-note", Static)
         heat = self.query_one("#tags", HeatMap)
+        tag = self._shown_tag(data)
         if data.counts_only:
             title.update(f"L{layer}: tag × expert")
-            heat.show([])
+            heat.show([], empty="counts trace")
             note.update(Text("counts trace (expert loads per step only): tags, NMI and repetition need per-token routing"))
-        elif data.tag is None or layer not in data.tag.relative:
+        elif tag is None or layer not in tag.relative:
             title.update(f"L{layer}: tag × expert")
-            heat.show([])
             skipped = f" ({printable(', '.join(data.skipped))} have too many values)" if data.skipped else ""
-            note.update(Text("no tags in this trace: record with probe.tag(domain=...) to split load by domain" + skipped))
+            why = "no tags in this trace" if tag is None else f"no tagged routing in L{layer}"
+            heat.show([], empty=why)
+            note.update(Text(f"{why}: label sequences with probe.tag(domain=...) or record --tag KEY=VALUE to split "
+                             "load by tag" + skipped))
         else:
-            tag = data.tag
             title.update(Text.assemble(f"L{layer}: {printable(tag.key)} × expert   ", ("[ ] change layer", "dim")))
-            others = f"; other keys: {', '.join(data.other_keys)}" if data.other_keys else ""
+            other_keys = [k for k in data.keys() if k != tag.key]
+            others = f"; other keys: {', '.join(other_keys)} (t switches)" if other_keys else ""
             # Text, not str: the tag key is trace data and must not be parsed as markup.
             note.update(Text(f"relative load c/c̄ within each {printable(tag.key)} (DeepSeek-V3 view; 1 = uniform)"
                              f"{printable(others)}"))
@@ -95,7 +115,8 @@ class SpecializationScreen(TraceScreen):
     def _table(self, data: SpecializationData, current: int | None) -> None:
         table = self.query_one("#per-layer", DataTable)
         table.clear()
-        nmi = data.tag.nmi if data.tag else {}
+        shown = self._shown_tag(data)
+        nmi = shown.nmi if shown else {}
         repetition = {r.layer: r for r in data.repetition}
         for layer in self.moeprobe.layer_indices():
             value = nmi.get(layer, math.nan)

@@ -18,7 +18,14 @@ EXAMPLE = "SELECT layer, expert, count(*) AS n FROM routing GROUP BY ALL ORDER B
 
 class SqlScreen(TraceScreen):
     LIVE = False  # a console re-runs what the user typed only when asked
-    BINDINGS = [Binding("escape", "leave", "Leave editor", show=False), Binding("slash", "edit", "Edit query")]
+    BINDINGS = [
+        Binding("escape", "leave", "Leave editor", show=False),
+        Binding("slash", "edit", "Edit query"),
+        Binding("up", "history(-1)", "Previous query", show=False),
+        Binding("down", "history(1)", "Next query", show=False),
+    ]
+    HELP_KEYS = (("Enter", "run the query (empty: the example); the editor keeps the focus"),
+                 ("Esc", "leave the editor, so that 1-6, q and ? work; / comes back"))
     DEFAULT_CSS = """
     SqlScreen #query { margin: 0 1; }
     SqlScreen #sql-status { padding: 0 1; color: $text-muted; }
@@ -29,6 +36,8 @@ class SqlScreen(TraceScreen):
         super().__init__()
         self.query_text = ""
         self.result: SqlResult | None = None
+        self.history: list[str] = []  # queries run, oldest first, no repeats in a row
+        self._history_at: int | None = None  # index into history while browsing it with up/down
 
     def compose_body(self) -> ComposeResult:
         yield Input(placeholder=EXAMPLE, id="query")
@@ -62,6 +71,9 @@ class SqlScreen(TraceScreen):
             self._status(Text(f"✗ {exc}", style="bold red"))
             return
         self.query_text = text
+        if not self.history or self.history[-1] != text:
+            self.history.append(text)
+        self._history_at = None
         self._status("running …")
         self.reload()
 
@@ -74,9 +86,9 @@ class SqlScreen(TraceScreen):
         table.add_columns(*(Text(printable(c)) for c in data.columns))
         table.add_rows([[Text(printable(c)) for c in row] for row in data.rows])
         more = f" (first {MAX_ROWS} shown)" if data.truncated else ""
-        self._status(f"{len(data.rows)} row(s){more} in {data.seconds * 1000:.0f} ms · / edits the query")
-        # Focus leaves the editor so that the screen keys (1-6, q) work again on the result.
-        table.focus()
+        self._status(f"{len(data.rows)} row(s){more} in {data.seconds * 1000:.0f} ms · ↑ ↓ history · Esc leaves "
+                     "the editor (then 1-6 switch screens)")
+        # The focus stays where the user typed: a key typed next belongs to the query, never to the screen keys.
 
     def on_fetch_failed(self, message: Any) -> None:
         # A DuckDB error is the user's to fix: show it where they look, not in the trace's banner.
@@ -84,6 +96,17 @@ class SqlScreen(TraceScreen):
         message.stop()
         self._busy = False
         self._status(Text(f"✗ {printable(message.message)}", style="bold red"))
+
+    def action_history(self, delta: int) -> None:
+        """Up/down in the editor walk through the queries run so far (the result table keeps its own keys)."""
+        editor = self.query_one(Input)
+        if not editor.has_focus or not self.history:
+            return
+        at = len(self.history) if self._history_at is None else self._history_at
+        at = max(0, min(len(self.history), at + delta))
+        self._history_at = at
+        editor.value = self.history[at] if at < len(self.history) else ""
+        editor.cursor_position = len(editor.value)
 
     def action_leave(self) -> None:
         self.query_one("#result", DataTable).focus()

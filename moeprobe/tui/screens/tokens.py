@@ -13,9 +13,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.events import MouseScrollUp
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
 from ...safe_text import printable
+from ..decoding import load_decoder
 from ..queries.tokens import SequenceInfo, SequenceTokens, sequence_tokens, sequences, token_text
 from ..render import expert_style
 from ..widgets.tokentext import TokenCell, TokenText
@@ -39,12 +40,17 @@ class TokensScreen(TraceScreen):
         Binding("left_square_bracket", "layer(-1)", "Prev layer", show=False),
         Binding("right_square_bracket", "layer(1)", "Layer", key_display="[ ]"),
         Binding("f", "follow", "Follow"),
+        Binding("g", "goto", "Go to seq", key_display="g"),
+        Binding("escape", "close_goto", "Close", show=False),
     ]
+    AUTO_FOCUS = "#text"  # the token text, not the (hidden) go-to box
     DEFAULT_CSS = """
     TokensScreen #seq-title { padding: 0 1; background: $panel; }
     TokensScreen #experts { padding: 0 1; }
     TokensScreen #text-box { height: 1fr; border-top: solid $panel-lighten-2; }
     TokensScreen #detail { height: auto; max-height: 45%; padding: 0 1; background: $boost; }
+    TokensScreen #goto { display: none; margin: 0 1; }
+    TokensScreen #goto.open { display: block; }
     """
 
     def __init__(self) -> None:
@@ -55,6 +61,7 @@ class TokensScreen(TraceScreen):
         self._cursor_at_end = True
 
     def compose_body(self) -> ComposeResult:
+        yield Input(placeholder="sequence id (or RANK:ID), Enter goes there, Esc closes", id="goto")
         yield Static(id="seq-title")
         yield Static(id="experts")
         with VerticalScroll(id="text-box"):
@@ -74,7 +81,10 @@ class TokensScreen(TraceScreen):
             pick = seqs[-1]
             if not follow and chosen is not None:
                 pick = next((s for s in seqs if (s.rank, s.sequence) == chosen), pick)
-            return TokensView(tuple(seqs), sequence_tokens(trace, pick))
+            # The tokenizer the manifest names, from local files only (loaded once, in this worker thread).
+            name = (trace.manifest.get("model") or {}).get("tokenizer")
+            decoder = load_decoder(name) if isinstance(name, str) and name else None
+            return TokensView(tuple(seqs), sequence_tokens(trace, pick, decoder))
 
         return self.source.read(query)
 
@@ -99,8 +109,8 @@ class TokensScreen(TraceScreen):
             self.query_one("#detail", Static).update("")
             return
         current = data.current
-        cells = [TokenCell(token_text(t.token_id, current.as_bytes), t.first_expert(layer) if layer is not None else None)
-                 for t in current.tokens]
+        cells = [TokenCell(self._text(current, i), t.first_expert(layer) if layer is not None else None)
+                 for i, t in enumerate(current.tokens)]
         text.show(cells, cursor)
         self._title(data, current, layer)
         self._legend(layer)
@@ -134,9 +144,10 @@ class TokensScreen(TraceScreen):
         if data is None or data.current is None or not data.current.tokens:
             return
         token = data.current.tokens[text.cursor]
-        label = token_text(token.token_id, data.current.as_bytes).replace("\n", "")
+        label = self._text(data.current, text.cursor).replace("\n", "")
+        quoted = data.current.as_bytes or data.current.pieces is not None
         out = Text.assemble(
-            ("token ", "dim"), (f"'{label}'" if data.current.as_bytes else label, "bold"),
+            ("token ", "dim"), (f"'{printable(label)}'" if quoted else label, "bold"),
             f"  id {token.token_id}  position {token.position}  step {token.step} {token.phase}",
         )
         for layer in sorted(token.routes):
@@ -146,6 +157,14 @@ class TokensScreen(TraceScreen):
                 out.append(f"e{expert}", style=expert_style(expert))
                 out.append(f" {weight:.3f}")
         self.query_one("#detail", Static).update(out)
+
+    @staticmethod
+    def _text(current: SequenceTokens, index: int) -> str:
+        """A token as text: the tokenizer's piece (control characters escaped), its byte, or ⟨id⟩."""
+        if current.pieces is not None:
+            piece = current.pieces[index]
+            return "↵\n" if piece == "\n" else printable(piece)
+        return token_text(current.tokens[index].token_id, current.as_bytes)
 
     # -- moving ----------------------------------------------------------------------------------------
     def _pause_follow(self) -> None:
@@ -200,6 +219,39 @@ class TokensScreen(TraceScreen):
         if self.moeprobe.step_layer(delta) is not None:
             self._paint(self.query_one(TokenText).cursor)
 
+    def action_goto(self) -> None:
+        box = self.query_one("#goto", Input)
+        box.add_class("open")
+        box.value = ""
+        box.focus()
+
+    def action_close_goto(self) -> None:
+        box = self.query_one("#goto", Input)
+        box.remove_class("open")
+        self.query_one(TokenText).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        target = parse_sequence_ref(event.value)
+        data = self.view
+        if target is None:
+            self.notify(f"{event.value!r}: give a sequence id, or RANK:ID", severity="warning")
+            return
+        rank, sequence = target
+        found = [s for s in (data.sequences if data else ()) if s.sequence == sequence and (rank is None or s.rank == rank)]
+        if not found:
+            ids = [s.sequence for s in data.sequences] if data else []
+            have = f"ids {min(ids)}..{max(ids)}" if ids else "no sequences yet"
+            self.notify(f"no sequence {event.value.strip()} in this trace ({have})", severity="warning")
+            return
+        pick = found[0]
+        self.action_close_goto()
+        self.follow = False
+        self.chosen = (pick.rank, pick.sequence)
+        self._cursor_at_end = False
+        self.query_one(TokenText).cursor = 0
+        self.reload()
+
     def action_follow(self) -> None:
         self.follow = not self.follow
         if self.follow:
@@ -208,3 +260,12 @@ class TokensScreen(TraceScreen):
         self.reload()
         if self.view is not None and self.view.current is not None:
             self._title(self.view, self.view.current, self.moeprobe.current_layer())
+
+
+def parse_sequence_ref(text: str) -> tuple[int | None, int] | None:
+    """``12`` -> (None, 12); ``1:12`` -> (1, 12); anything else -> None."""
+    rank, sep, sequence = text.strip().rpartition(":")
+    try:
+        return (int(rank) if sep else None, int(sequence))
+    except ValueError:
+        return None

@@ -17,9 +17,10 @@ from textual.geometry import Size
 from textual.message import Message
 from textual.widget import Widget
 
-from ..render import legend, utilisation_cell
+from ..render import legend, number_cell, utilisation_cell
 
 MAX_CELL = 3
+NUMBER_CELL = 4  # "1.5 ": a value with one decimal and a gap
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,18 @@ class HeatMap(Widget):
         self.show_legend = show_legend
         self._rows: list[HeatRow] = []
         self._note = ""
+        self._empty = "no data yet"
+        self.numbers = False  # cells show the value (one decimal) instead of a coloured block
 
-    def show(self, rows: Sequence[HeatRow], note: str = "") -> None:
+    def show(self, rows: Sequence[HeatRow], note: str = "", *, empty: str = "no data yet") -> None:
+        """``empty`` is what an empty map says (why there is nothing to show)."""
         self._rows = list(rows)
         self._note = note
+        self._empty = empty
+        self.refresh(layout=True)
+
+    def toggle_numbers(self) -> None:
+        self.numbers = not self.numbers
         self.refresh(layout=True)
 
     @property
@@ -67,6 +76,9 @@ class HeatMap(Widget):
         room = max(1, width - label)
         if columns == 0:
             return label, 1, 1
+        if self.numbers:
+            per_cell = max(1, room // NUMBER_CELL)
+            return label, NUMBER_CELL, math.ceil(columns / per_cell) if columns > per_cell else 1
         if columns <= room:
             return label, max(1, min(MAX_CELL, room // columns)), 1
         return label, 1, math.ceil(columns / room)
@@ -76,7 +88,7 @@ class HeatMap(Widget):
 
     def render(self) -> Text:
         if not self._rows:
-            return Text("no data yet", style="dim")
+            return Text(self._empty, style="dim")
         width = self.size.width or 80
         label_w, cell, merge = self._geometry(width)
         columns = max(len(r.values) for r in self._rows)
@@ -90,10 +102,12 @@ class HeatMap(Widget):
                 chunk = row.values[c * merge : (c + 1) * merge]
                 finite = chunk[~np.isnan(chunk)] if len(chunk) else chunk
                 value = float(finite.max()) if len(finite) else math.nan
-                out.append_text(utilisation_cell(value, cell))
+                out.append_text(number_cell(value, cell) if self.numbers else utilisation_cell(value, cell))
         if self.show_legend:
             out.append("\n")
             out.append_text(legend())
+            if self.numbers:
+                out.append("  numbers: c/c̄", style="dim")
         if self._note or merge > 1:
             note = self._note
             if merge > 1:
