@@ -71,6 +71,7 @@ def test_the_scan_would_see_them() -> None:
 
 
 # -- the SQL console -------------------------------------------------------------------------------------
+# Statements that are not one SELECT: DuckDB's parser names their type and the console refuses them unrun.
 REFUSED = [
     "INSERT INTO routing VALUES (1)", "UPDATE routing SET expert = 0", "DELETE FROM routing", "DROP VIEW routing",
     "CREATE TABLE x AS SELECT 1", "ALTER VIEW routing RENAME TO r", "TRUNCATE routing",
@@ -79,8 +80,9 @@ REFUSED = [
     "INSTALL httpfs", "LOAD httpfs", "INSTALL 'x' FROM 'http://evil'", "SET threads = 1", "RESET threads",
     "PRAGMA enable_profiling", "CALL pragma_version()", "CHECKPOINT", "VACUUM",
     "SELECT 1; DELETE FROM routing", "SELECT 1 /* a comment */; DROP VIEW routing", "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x",
-    "SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM read_text('/etc/passwd')", "SELECT * FROM glob('/*')",
-    "SELECT getenv('HOME')", "SELECT * FROM '/etc/passwd'", "SELECT * FROM routing JOIN 'x.csv' USING (step)",
+    # The lexical guard this replaces let these two through: '--' inside a literal, and an E'' escape.
+    "SELECT '--'; DROP VIEW routing", "SELECT E'\\''; DROP VIEW routing -- '",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO 'x.csv'", "CREATE OR REPLACE VIEW routing AS SELECT 42",
 ]
 
 
@@ -91,7 +93,8 @@ def test_console_guard_refuses(query: str) -> None:
 
 
 @pytest.mark.parametrize("query", ["SELECT 'DROP TABLE routing; ATTACH' AS text", "-- DROP\nSELECT 1",
-                                   "select count(*) from routing", "DESCRIBE routing", "SUMMARIZE routing"])
+                                   "select count(*) from routing", "DESCRIBE routing", "SUMMARIZE routing",
+                                   "FROM routing LIMIT 1", "SHOW TABLES", "SELECT '--' AS dashes;"])
 def test_console_guard_allows_reads_and_words_inside_literals(query: str) -> None:
     check_read_only(query)
 
@@ -113,22 +116,73 @@ def _hostile_trace(tmp_path: Path) -> Path:
     return path
 
 
-def test_console_connection_cannot_reach_other_files(tmp_path: Path) -> None:
-    # Places where DuckDB reads a quoted file name as a table that a lexical guard can miss: the connection
-    # itself refuses them once the console has run a query.
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_console_cannot_write_read_other_files_or_forge_views(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What matters is checked, not error strings: nothing is written (in the trace, in the working directory where
+    # DuckDB keeps its ./.tmp), no other file's content comes back, and the views every screen reads are unchanged.
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
     secret = tmp_path / "secret.csv"
     secret.write_text("password\nhunter2\n")
-    trace = moeprobe.open_trace(_hostile_trace(tmp_path))
+    path = _hostile_trace(tmp_path)
+    trace = moeprobe.open_trace(path)
+    before = _snapshot(path)
+    segment = next(iter(sorted(path.rglob("*.parquet"))))
+    manifest = path / "manifest.json"
+    attacks = [
+        f"SELECT * FROM read_csv('{secret}')", f"SELECT * FROM read_text('{secret}')", f"SELECT * FROM '{secret}'",
+        f"DESCRIBE '{secret}'", f"SUMMARIZE '{secret}'", f"SELECT * FROM ('{secret}')", f"SELECT * FROM routing, ('{secret}')",
+        f"SELECT * FROM read_text('{manifest}')", f"SELECT * FROM glob('{tmp_path}/*')", "SELECT * FROM glob('/*')",
+        "SELECT getenv('HOME')", "SELECT * FROM read_csv('/etc/passwd')",
+        f"COPY (SELECT 1) TO '{manifest}'", f"COPY (SELECT 42 AS x) TO '{segment}' (FORMAT parquet, USE_TMP_FILE false)",
+        f"COPY routing TO '{path}/rank=0/routing/999999.parquet' (FORMAT parquet)", f"ATTACH '{path}/x.db' AS x",
+        "CREATE OR REPLACE VIEW routing AS SELECT 42", "SELECT '--'; DROP VIEW routing",
+        "SELECT * FROM query('CREATE OR REPLACE VIEW routing AS SELECT 42')",
+        "SET enable_external_access = true", "SET temp_directory = '.tmp'",
+        # Big enough to spill if spilling were possible: it must not create ./.tmp.
+        "SELECT i FROM range(3000000) t(i) ORDER BY i DESC LIMIT 1",
+    ]
+    leaked = []
+    for query in attacks:
+        try:
+            result = run_sql(trace, query)
+        except (ReadOnlyError, QueryError):
+            continue
+        if "hunter2" in repr(result.rows) or "moeprobe" in repr(result.rows) or "root:" in repr(result.rows):
+            leaked.append(query)
+        if "/" in repr(result.rows) and "glob" in query:
+            leaked.append(query)
+    assert leaked == []
+    assert _snapshot(path) == before
+    assert list(work.iterdir()) == []
+    # Both the console and the analyses still see the trace's own data: 8 decisions, no forged view.
     assert run_sql(trace, "select count(*) from routing").rows == (("8",),)
-    for query in (f"DESCRIBE '{secret}'", f"SUMMARIZE '{secret}'", f"SELECT * FROM ('{secret}')",
-                  f"SELECT * FROM routing, ('{secret}')"):
-        check_read_only(query)  # the guard lets these through ...
-        with pytest.raises(QueryError, match="Permission Error"):
-            run_sql(trace, query)  # ... and the connection does not
-    with pytest.raises(duckdb.Error, match="locked"):
-        trace.connection.execute("SET enable_external_access = true")  # locked, even from Python
-    # The trace's own data still reads, and still refreshes.
+    assert trace.sql("select count(*) from routing").column(0).to_pylist() == [8]
     assert trace.summary()["overall"]["decisions"] == 8
+    with pytest.raises(duckdb.Error, match="locked"):
+        trace.console_connection.execute("SET enable_external_access = true")  # locked, even from Python
+    trace.close()
+
+
+def test_console_after_refresh_reads_new_segments_and_analyses_stay_unrestricted(tmp_path: Path) -> None:
+    path = _hostile_trace(tmp_path)
+    trace = moeprobe.open_trace(path)
+    assert run_sql(trace, "select count(*) from routing").rows == (("8",),)
+    # The analyses' connection was never locked: it still reads files of its own choosing.
+    other = tmp_path / "other.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1, 2, 3]}), other)
+    assert trace.sql(f"select count(*) from '{other}'").column(0).to_pylist() == [3]
+    extra = path / "rank=0" / "routing" / "000001.parquet"
+    pq.write_table(routing_table(np.array([[0, 1]])), extra)
+    trace.refresh()
+    assert run_sql(trace, "select count(*) from routing").rows == (("10",),)
     trace.close()
 
 

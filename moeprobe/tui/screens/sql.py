@@ -39,7 +39,7 @@ class SqlScreen(TraceScreen):
         self._status(Text.assemble(
             "views: routing, steps, latency, tags, scores, bias. ",
             ("Enter", "bold"), " runs (empty: the example), ", ("Esc", "bold"), " leaves the editor so 1-6 switch "
-            "screens, ", ("/", "bold"), " comes back. Read-only: SELECT, WITH, DESCRIBE, SHOW, EXPLAIN.",
+            "screens, ", ("/", "bold"), " comes back. Read-only: SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE.",
         ))
         self.query_one(Input).focus()
 
