@@ -1,0 +1,50 @@
+"""What a reader trusts in a trace directory, and what it does not (docs/security.md).
+
+- the path above the trace is not data: directories named like Hive partitions do not become columns;
+- a segment is a regular file inside the trace: a symlink out of it, a FIFO or a device is refused in one line;
+- manifest.json and shard.json are small regular files: a huge, endless or special file is refused, not read;
+- numbers in the files are checked: integers too long for Python's int(), JSON nested too deep, expert ids out of
+  range, nulls in non-null columns, steps at the edge of int32 and footers that lie about their row counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moeprobe
+from moeprobe.cli.main import main as cli_main
+from tests.support import layer_meta, routing_table, write_trace
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _balanced_trace(path: Path) -> Path:
+    # Two layers of 8 experts, every expert chosen equally often in both: MaxVio 0, no dead expert.
+    experts = np.array([[e, (e + 1) % 8] for e in range(8)] * 4)
+    tables = [routing_table(experts, layer=layer, step=np.zeros(len(experts))) for layer in (0, 1)]
+    import pyarrow as pa
+
+    return write_trace(path, {"routing": pa.concat_tables(tables)}, layers=layer_meta(2, 8, 2))
+
+
+@pytest.mark.parametrize("parents", ["expert=0", "layer=1", "rank=7", "expert=3/layer=1/rank=7/step=5"])
+def test_partition_like_directories_above_a_trace_are_not_columns(tmp_path: Path, parents: str) -> None:
+    trace = moeprobe.open_trace(_balanced_trace(tmp_path / parents / "t"))
+    assert trace.sql("select count(distinct expert), count(distinct layer), min(rank), max(rank), min(step) "
+                     "from routing").to_pylist()[0] == {
+        "count(DISTINCT expert)": 8, "count(DISTINCT layer)": 2, "min(rank)": 0, "max(rank)": 0, "min(step)": 0}
+    for layer in trace.load().layers:
+        assert layer.maxvio_global == pytest.approx(0.0) and layer.dead == [] and list(layer.counts) == [8] * 8
+    trace.close()
