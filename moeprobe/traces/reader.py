@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .errors import CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
-from .manifest import read_shard_manifest, read_trace_manifest
+from .manifest import file_kind, read_shard_manifest, read_trace_manifest
 from .schema import TABLES, with_rank
 
 # A writer on another host cannot be probed by pid; past this long without a heartbeat it is presumed gone.
@@ -114,6 +115,7 @@ class TraceReader:
     def _list_segments(self, table: str) -> list[Segment]:
         expected = TABLES[table]
         found: list[Segment] = []
+        root = self.path.resolve()
         for rank in self.shards:
             for path in layout.segments(self.path, rank, table):
                 previous = self._segments.get(table, [])
@@ -121,6 +123,7 @@ class TraceReader:
                 if known is not None:
                     found.append(known)
                     continue
+                _check_segment_file(path, root)
                 try:
                     meta = pq.read_metadata(path)
                     schema = meta.schema.to_arrow_schema()
@@ -224,6 +227,25 @@ class TraceReader:
 
     def bias(self) -> pa.Table:
         return self.table("bias")
+
+
+def _check_segment_file(path: Path, root: Path) -> None:
+    """Refuse a segment that is not a regular file inside the trace, before anything opens it.
+
+    A symlink out of the trace would make any file the reader can see look like trace data (and DuckDB read it);
+    a FIFO named like a segment would block every reader on open; a device would be read without end.
+    """
+    try:
+        resolved = path.resolve(strict=True)
+        info = os.stat(resolved)
+    except OSError as exc:
+        raise CorruptSegmentError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
+    if not resolved.is_relative_to(root):
+        raise CorruptSegmentError(f"{path}: segment resolves outside the trace (to {resolved}); refusing to read it")
+    if stat.S_ISDIR(info.st_mode):
+        raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment (a directory, not a file)")
+    if not stat.S_ISREG(info.st_mode):
+        raise CorruptSegmentError(f"{path}: segment is {file_kind(info.st_mode)}, not a regular file; refusing to read it")
 
 
 def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:

@@ -111,6 +111,61 @@ def _segment_is_directory(trace: Path) -> None:
     segment.mkdir()
 
 
+def _raw_manifest(edit: Callable[[str], str]) -> Callable[[Path], None]:
+    """Edit manifest.json as text: for values json.dumps cannot write (a 4,301-digit integer)."""
+
+    def damage(trace: Path) -> None:
+        manifest = trace / "manifest.json"
+        manifest.write_text(edit(manifest.read_text()))
+
+    return damage
+
+
+def _huge_integer(text: str) -> str:
+    data = json.loads(text)
+    data["world_size"] = 7
+    return json.dumps(data).replace('"world_size": 7', '"world_size": ' + "7" * 4301)
+
+
+def _deeply_nested(text: str) -> str:
+    data = json.loads(text)
+    data["options"] = "@@"
+    return json.dumps(data).replace('"@@"', "[" * 2000 + "]" * 2000)
+
+
+def _fifo(relative: str) -> Callable[[Path], None]:
+    def damage(trace: Path) -> None:
+        target = trace / relative if relative != "segment" else _segment(trace)
+        target.unlink()
+        os.mkfifo(target)
+
+    return damage
+
+
+def _symlink(relative: str, to: str) -> Callable[[Path], None]:
+    def damage(trace: Path) -> None:
+        target = trace / relative if relative != "segment" else _segment(trace)
+        if to == "outside":
+            # A perfectly good segment, but outside the trace: still not this trace's data.
+            outside = trace.parent / f"{trace.name}-outside.parquet"
+            shutil.copy(target, outside)
+            destination = outside
+        else:
+            destination = Path(to)
+        target.unlink()
+        target.symlink_to(destination)
+
+    return damage
+
+
+def _sparse(relative: str, size: int) -> Callable[[Path], None]:
+    def damage(trace: Path) -> None:
+        with open(trace / relative, "r+b") as handle:
+            handle.truncate(size)  # sparse: costs no disk, and would cost `size` bytes of memory to read
+
+    return damage
+
+
 # name -> (damage applied to a copy of the good trace, fragment of the expected message)
 DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
     "manifest-missing": (lambda t: (t / "manifest.json").unlink(), "without manifest.json"),
@@ -166,6 +221,17 @@ DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
     "segment-wrong-schema": (_segment_table(pa.table({"x": [1, 2]})), "does not have the routing schema"),
     "segment-wrong-column-type": (_wrong_column_type, "does not have the routing schema"),
     "segment-is-directory": (_segment_is_directory, "corrupt or truncated"),
+    # Issue 11: hostile numbers and special files. Each must be refused in one line, without hanging or
+    # allocating what the file claims.
+    "manifest-integer-4301-digits": (_raw_manifest(_huge_integer), "not a usable manifest"),
+    "manifest-nested-2000-deep": (_raw_manifest(_deeply_nested), "nested too deeply"),
+    "manifest-is-fifo": (_fifo("manifest.json"), "not a regular file (a FIFO)"),
+    "manifest-to-dev-zero": (_symlink("manifest.json", "/dev/zero"), "not a regular file (a character device)"),
+    "manifest-sparse-1gb": (_sparse("manifest.json", 1 << 30), "larger than a manifest can be"),
+    "shard-is-fifo": (_fifo("rank=0/shard.json"), "not a regular file (a FIFO)"),
+    "segment-is-fifo": (_fifo("segment"), "segment is a FIFO, not a regular file"),
+    "segment-symlink-outside": (_symlink("segment", "outside"), "segment resolves outside the trace"),
+    "segment-to-dev-zero": (_symlink("segment", "/dev/zero"), "segment resolves outside the trace"),
 }
 
 
