@@ -235,6 +235,55 @@ DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
+def _routing_value(column: str, value: Any, rows: int = 1) -> Callable[[Path], None]:
+    """Set ``column`` of the first ``rows`` rows of the first routing segment to ``value`` (None: NULL, written
+    under a nullable copy of the schema, which is what a foreign writer would produce)."""
+
+    def damage(trace: Path) -> None:
+        table = pq.read_table(_segment(trace))
+        schema = pa.schema([f.with_nullable(True) for f in table.schema])
+        table = table.cast(schema)
+        index = schema.get_field_index(column)
+        values = table.column(column).to_pylist()
+        values[:rows] = [value] * rows
+        pq.write_table(table.set_column(index, schema.field(index), pa.array(values, schema.field(index).type)), _segment(trace))
+
+    return damage
+
+
+# Rows whose values break the routing table's contract. The files are sound, so a command either answers with
+# the rows left out and counted (report: "invalid: N routing rows") or refuses in one line (simulate, which
+# replays every decision). name -> (damage, rows made invalid, fragment of simulate's refusal)
+INVALID_ROWS: dict[str, tuple[Callable[[Path], None], int, str]] = {
+    "expert-minus-one": (_routing_value("expert", -1), 1, "name expert -1"),
+    "expert-min-int16": (_routing_value("expert", -32768), 1, "name expert -32768"),
+    "expert-300-of-8": (_routing_value("expert", 300), 1, "name expert 300"),
+    "expert-null": (_routing_value("expert", None), 1, "NULL"),
+    "step-null": (_routing_value("step", None), 1, "NULL"),
+    "weight-null": (_routing_value("weight", None), 1, "NULL"),
+    "step-min-int32": (_routing_value("step", -(2**31), rows=2), 2, "negative step"),
+    "layer-unknown": (_routing_value("layer", 5, rows=2), 2, "layer 5, which the manifest does not list"),
+}
+
+
+@dataclass(frozen=True)
+class InvalidRowsCase:
+    name: str
+    path: Path
+    invalid: int
+    simulate_expect: str
+
+
+def make_invalid_rows(root: Path) -> list[InvalidRowsCase]:
+    root.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for name, (damage, invalid, expect) in INVALID_ROWS.items():
+        trace = _copy(root, name)
+        damage(trace)
+        cases.append(InvalidRowsCase(name, trace, invalid, expect))
+    return cases
+
+
 def make_corpus(root: Path) -> list[Case]:
     """Write every broken input under ``root`` and return the cases (those that need a non-root user are left
     out when running as root, which reads everything)."""

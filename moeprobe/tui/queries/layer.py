@@ -63,13 +63,14 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
     meta = next(m for m in trace.layers if int(m["index"]) == index)
     experts, top_k = int(meta["num_experts"]), int(meta["top_k"])
     ctx = trace.context(Filters(layers=(index,)))
+    routing = ctx.sources()["routing"]  # valid rows only (see Context.valid_routing)
 
-    got = ctx.run(f"SELECT expert, count(*) AS n FROM routing WHERE layer = {index} GROUP BY ALL")
+    got = ctx.run(f"SELECT expert, count(*) AS n FROM {routing} WHERE layer = {index} GROUP BY ALL")
     counts = np.zeros(experts, np.int64)
     ok = got["expert"] < experts
     counts[got["expert"][ok].astype(np.int64)] = got["n"][ok]
 
-    span = ctx.run(f"SELECT min(step) AS lo, max(step) AS hi FROM routing WHERE layer = {index}")
+    span = ctx.run(f"SELECT min(step) AS lo, max(step) AS hi FROM {routing} WHERE layer = {index}")
     lo, hi = float(span["lo"][0]), float(span["hi"][0])
     over_time = np.zeros((experts, 0))
     size, first, last = 1, None, None
@@ -77,7 +78,7 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
         first, last = int(lo), int(hi)
         size = max(1, math.ceil((int(hi) - first + 1) / TIME_WINDOWS))
         win = ctx.run(
-            f"SELECT (step - {first}) // {size} AS win, expert, count(*) AS n FROM routing "
+            f"SELECT (step - {first}) // {size} AS win, expert, count(*) AS n FROM {routing} "
             f"WHERE layer = {index} GROUP BY ALL"
         )
         n_win = int(win["win"].max()) + 1 if len(win["win"]) else 0

@@ -70,7 +70,8 @@ def quick_overview(trace: Trace) -> Overview:
     The same formulas (``analysis.stats``) over the same counts as ``Trace.load``, so the numbers do not change
     when the full pass arrives; only MaxVio_batch and the sparklines are left for it.
     """
-    got = trace.context().run("SELECT layer, expert, count(*) AS n FROM routing GROUP BY ALL")
+    ctx = trace.context()
+    got = ctx.run(f"SELECT layer, expert, count(*) AS n FROM {ctx.sources()['routing']} GROUP BY ALL")
     rows = []
     for meta in trace.layers:
         index, experts, top_k = int(meta["index"]), int(meta["num_experts"]), int(meta["top_k"])
