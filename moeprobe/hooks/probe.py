@@ -119,12 +119,16 @@ class Probe:
             if self.world_size == 1:
                 prepare_trace_dir(self.path, force=force)
             else:
-                self.path.mkdir(parents=True, exist_ok=True)
-                shard = self.path / f"rank={self.rank}"
-                if shard.exists() and force:
-                    import shutil
+                from ..traces.removal import remove_shard
+                from ..traces.writer import cannot_write
 
-                    shutil.rmtree(shard)
+                try:
+                    self.path.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise cannot_write(self.path, exc) from exc
+                shard = self.path / f"rank={self.rank}"
+                if (shard.exists() or shard.is_symlink()) and force:
+                    remove_shard(shard)  # only what moeprobe wrote, and not while its writer runs
             options = {
                 "logits": logits,
                 "flush_interval_s": flush_interval,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 SHARD_MANIFEST = "shard.json"
+WRITER_LOCK = "writer.lock"  # flock'ed by the shard's writer for as long as it is open
 SEGMENT_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import time
 from collections import defaultdict
@@ -24,8 +23,10 @@ import pyarrow.parquet as pq
 
 from .._version import __version__
 from . import layout
-from .errors import NotATraceError, TraceExistsError, TraceError
-from .manifest import read_trace_manifest, write_json_atomic
+from .errors import NotATraceError, TraceExistsError, TraceWriteError
+from .locking import lock_shard
+from .manifest import write_json_atomic
+from .removal import remove_trace
 from .schema import FORMAT_VERSION, MAGIC, TABLES
 
 
@@ -34,22 +35,29 @@ def _utc_now() -> str:
 
 
 def prepare_trace_dir(trace: Path, *, force: bool) -> None:
-    """Make ``trace`` ready for a new recording, refusing to clobber anything that is not ours."""
-    if trace.exists() and not trace.is_dir():
-        raise TraceExistsError(f"{trace}: exists and is not a directory")
-    if trace.is_dir() and any(trace.iterdir()):
-        manifest = trace / layout.MANIFEST
-        if not force:
-            raise TraceExistsError(f"{trace}: already exists; pass --force (force=True) to overwrite it")
-        # Only ever delete a directory that is a moeprobe trace: --force on the wrong path must not
-        # remove somebody's home directory.
-        try:
-            read_trace_manifest(manifest)
-        except TraceError as exc:
-            if manifest.exists() or not all(c.name.startswith("rank=") for c in trace.iterdir()):
-                raise NotATraceError(f"{trace}: refusing to overwrite, it is not a moeprobe trace ({exc})") from exc
-        shutil.rmtree(trace)
-    trace.mkdir(parents=True, exist_ok=True)
+    """Make ``trace`` ready for a new recording, refusing to clobber anything that is not ours.
+
+    ``force`` deletes an existing trace only if every file in it is one moeprobe writes and no writer is still
+    writing it (see ``removal``); anything else is refused in one line with nothing deleted.
+    """
+    try:
+        if trace.exists() and not trace.is_dir():
+            raise TraceExistsError(f"{trace}: exists and is not a directory")
+        if trace.is_dir() and any(trace.iterdir()):
+            if not force:
+                raise TraceExistsError(f"{trace}: already exists; pass --force (force=True) to overwrite it")
+            if trace.is_symlink():
+                raise NotATraceError(f"{trace}: refusing to overwrite through a symbolic link; give the directory itself")
+            remove_trace(trace)
+        trace.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(trace, exc) from exc
+
+
+def cannot_write(trace: Path, exc: OSError) -> TraceWriteError:
+    """One line for an OSError met while creating a trace (read-only file system, a parent that is a file, ...)."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(trace) else ""
+    return TraceWriteError(f"{trace}: cannot create the trace here: {exc.strerror or exc}{where}")
 
 
 class ShardWriter:
@@ -111,9 +119,16 @@ class ShardWriter:
             "error": None,
         }
         shard = layout.shard_dir(self.trace, rank)
-        if shard.exists():
-            raise TraceExistsError(f"{shard}: a shard for rank {rank} already exists")
-        shard.mkdir(parents=True)
+        self._lock_fd: int | None = None
+        try:
+            if shard.exists() or shard.is_symlink():
+                raise TraceExistsError(f"{shard}: a shard for rank {rank} already exists")
+            shard.mkdir(parents=True)
+            # Held until close(): a second writer on this shard (another probe with force, a second run) is
+            # refused in one line instead of mixing its rows into this trace.
+            self._lock_fd = lock_shard(shard)
+        except OSError as exc:
+            raise cannot_write(self.trace, exc) from exc
         self._write_manifests()
 
     # -- counters kept by the capture side -------------------------------------------------------
@@ -159,7 +174,16 @@ class ShardWriter:
         self.status = status
         self.error = error
         self.closed = True
-        self._write_manifests(final=True)
+        try:
+            self._write_manifests(final=True)
+        finally:
+            self.release_lock()
+
+    def release_lock(self) -> None:
+        """Let another writer have this shard (the process exiting releases it too)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     # -- internals ----------------------------------------------------------------------------------
     def _flush_table(self, table: str) -> None:
