@@ -1,7 +1,7 @@
 """What ``--force`` may delete: only files moeprobe writes, recognised by name and by content, never a symlink.
 
 A trace directory holds ``manifest.json`` (a regular file with the moeprobe magic), ``rank=R/`` directories, and
-in each shard ``shard.json``, ``writer.lock`` and one directory per table holding ``NNNNNN.parquet`` segments
+in each shard ``shard.json``, ``writer.lock``, ``.space.reserve`` (room held for the final manifest) and one directory per table holding ``NNNNNN.parquet`` segments
 (regular files that start with the Parquet magic ``PAR1``); plus the hidden temporary names the writer uses while
 writing (``.manifest.json.*.tmp``, ``.NNNNNN.parquet.tmp``). Anything else (a notebook kept in the trace, a CSV
 dataset partitioned as ``rank=0/``, a file named ``rank=1.csv``, a symbolic link) means the directory is not only
@@ -82,7 +82,7 @@ def _owned_in_shard(root: Path, shard: Path) -> list[Path]:
     owned: list[Path] = []
     for entry in sorted(shard.iterdir()):
         name = entry.name
-        if name in (layout.SHARD_MANIFEST, layout.WRITER_LOCK) or _json_tmp(name, layout.SHARD_MANIFEST):
+        if name in (layout.SHARD_MANIFEST, layout.WRITER_LOCK, layout.SPACE_RESERVE) or _json_tmp(name, layout.SHARD_MANIFEST):
             if not _is_regular(entry):
                 raise _foreign(root, entry, _NOT_REGULAR)
             owned.append(entry)

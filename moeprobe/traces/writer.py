@@ -30,6 +30,11 @@ from .removal import remove_trace
 from .schema import FORMAT_VERSION, MAGIC, TABLES
 
 
+# Room held back for the final manifests (see ShardWriter._reserve_space): a manifest is a few KiB, with one
+# entry per MoE layer; this covers both files many times over.
+RESERVE_BYTES = 256 << 10
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -129,6 +134,8 @@ class ShardWriter:
             self._lock_fd = lock_shard(shard)
         except OSError as exc:
             raise cannot_write(self.trace, exc) from exc
+        self._reserve = shard / layout.SPACE_RESERVE
+        self._reserve_space()
         self._write_manifests()
 
     # -- counters kept by the capture side -------------------------------------------------------
@@ -233,6 +240,28 @@ class ShardWriter:
         if self._on_warning is not None:
             self._on_warning(message)
 
+    def _reserve_space(self) -> None:
+        """Hold back room for the final manifests, so that a disk that fills up and stays full still gets the
+        trace's last word (status, counters, how many records were dropped) instead of a ``running`` manifest
+        that hides the drops. Released at close, just before the final manifests are written."""
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            # Already full: nothing to hold back. The final write is still retried at close.
+            self._release_space()
+
+    def _release_space(self) -> None:
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+
     def _write_manifests(self, final: bool = False) -> None:
         now = time.time()
         self._shard["status"] = self.status
@@ -240,22 +269,34 @@ class ShardWriter:
         self._shard["error"] = self.error
         if final:
             self._shard["ended_at"] = now
-        try:
-            write_json_atomic(layout.shard_dir(self.trace, self.rank) / layout.SHARD_MANIFEST, self._shard)
-            top = self.trace / layout.MANIFEST
-            # Rank 0 owns the top-level manifest and mirrors its own status there, so a single-process
-            # trace reads completely from manifest.json. Other ranks only create it if rank 0 has not yet.
-            if self.rank == 0 or not top.exists():
-                payload = dict(self._header)
-                payload.update(
-                    {
-                        "status": self.status,
-                        "rank": self.rank,
-                        "ended_at": _utc_now() if final else None,
-                        "counters": self.counters,
-                        "error": self.error,
-                    }
-                )
-                write_json_atomic(top, payload)
-        except OSError as exc:
-            self._warn_once("manifest", f"moeprobe: cannot update the manifest in {self.trace} ({exc.strerror or exc})")
+            # The reserve exists for this write; give its room back first (a failed write below is retried).
+            self._release_space()
+        attempts = 3 if final else 1
+        for attempt in range(attempts):
+            try:
+                self._write_manifest_files(final)
+                return
+            except OSError as exc:
+                if attempt + 1 < attempts and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    continue  # the space released above, or freed meanwhile by somebody else
+                self._warn_once("manifest", f"moeprobe: cannot update the manifest in {self.trace} ({exc.strerror or exc})")
+                return
+
+    def _write_manifest_files(self, final: bool) -> None:
+        # shard.json first: it holds this shard's status and counters, the reader's source of truth.
+        write_json_atomic(layout.shard_dir(self.trace, self.rank) / layout.SHARD_MANIFEST, self._shard)
+        top = self.trace / layout.MANIFEST
+        # Rank 0 owns the top-level manifest and mirrors its own status there, so a single-process
+        # trace reads completely from manifest.json. Other ranks only create it if rank 0 has not yet.
+        if self.rank == 0 or not top.exists():
+            payload = dict(self._header)
+            payload.update(
+                {
+                    "status": self.status,
+                    "rank": self.rank,
+                    "ended_at": _utc_now() if final else None,
+                    "counters": self.counters,
+                    "error": self.error,
+                }
+            )
+            write_json_atomic(top, payload)
