@@ -27,7 +27,7 @@ from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
 from .context import ContextReader, TokenContext
 from .discovery import LayerBinding, RouterDecls, find_layers
-from .pipeline import CapturePipeline
+from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec
 from .timing import CpuClock, CudaClock
 
@@ -64,7 +64,8 @@ class Probe:
 
     ``writer_class`` is the class that writes this process's shard (default :class:`ShardWriter`). It is the one
     seam for replacing the sink: a subclass may send segments elsewhere, and the fault tests use one whose
-    writes are slow to prove that a sink which cannot keep up never blocks the model.
+    writes are slow to prove that a sink which cannot keep up never blocks the model. ``close_timeout`` bounds
+    how long closing waits for a writer that hangs before the trace is marked ``aborted`` without it.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class Probe:
         world_size: int | None = None,
         check_sync: bool = False,
         writer_class: type[ShardWriter] = ShardWriter,
+        close_timeout: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.model = model
         self.layers = find_layers(model, routers)
@@ -154,6 +156,7 @@ class Probe:
                 max_queue_bytes=int(max_queue_mb * (1 << 20)),
                 redact_tokens=redact_tokens,
                 counters=lambda: dict(self.anomalies),
+                close_timeout=close_timeout,
             )
         try:
             self._attach()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -90,6 +91,8 @@ class ShardWriter:
         self._pending_rows: dict[str, int] = defaultdict(int)
         self._next_segment: dict[str, int] = defaultdict(int)
         self.closed = False
+        self._manifest_lock = threading.RLock()
+        self._finalized = False
         self.status = "running"
         self.error: str | None = None
         self.counters: dict[str, Any] = {
@@ -178,9 +181,27 @@ class ShardWriter:
             return
         for table in list(self._pending):
             self._flush_table(table)
-        self.status = status
-        self.error = error
-        self.closed = True
+        with self._manifest_lock:
+            if self._finalized:  # abandon() got there first: its status stands
+                return
+            self.status = status
+            self.error = error
+            self.closed = True
+            try:
+                self._write_manifests(final=True)
+            finally:
+                self.release_lock()
+
+    def abandon(self, reason: str) -> None:
+        """Mark the shard ``aborted`` with ``reason`` from another thread, when the thread that owns this writer is
+        stuck (a sink that hangs): the trace must not stay ``running``. Nothing pending is written; the stuck
+        thread's later writes cannot change the final status (it is written under the same lock)."""
+        with self._manifest_lock:
+            if self.closed:
+                return
+            self.status = "aborted"
+            self.error = reason
+            self.closed = True
         try:
             self._write_manifests(final=True)
         finally:
@@ -263,6 +284,15 @@ class ShardWriter:
             pass
 
     def _write_manifests(self, final: bool = False) -> None:
+        # The writer thread and abandon() (on the closing thread) may both write; one at a time, and nothing
+        # after the final status.
+        with self._manifest_lock:
+            if self._finalized:
+                return
+            self._finalized = final
+            self._write_manifests_locked(final)
+
+    def _write_manifests_locked(self, final: bool) -> None:
         now = time.time()
         self._shard["status"] = self.status
         self._shard["heartbeat_at"] = now
