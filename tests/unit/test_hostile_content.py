@@ -33,8 +33,12 @@ UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "
 UNSAFE_CALLS = {"eval", "exec", "__import__"}
 UNSAFE_ATTRIBUTES = {("torch", "load"), ("np", "load"), ("numpy", "load"), ("pd", "read_pickle"), ("pandas", "read_pickle")}
 
-# Quotes, Rich/Textual markup, an OSC title change, an SGR colour, a screen clear, newline, tab, CR, NUL, DEL.
-HOSTILE = "it's \"q\" [/] [bold]b[/bold] \x1b]0;pwned\x07 \x1b[31mred\x1b[0m \x1b[2J\nnew\tline\r\x00nul\x7f"
+# Quotes, Rich/Textual markup, an OSC title change, an SGR colour, a screen clear, newline, tab, CR, NUL, DEL,
+# a right-to-left override and a line separator (not control codes, but they reorder or break the line shown).
+HOSTILE = ("it's \"q\" [/] [bold]b[/bold] \x1b]0;pwned\x07 \x1b[31mred\x1b[0m \x1b[2J\nnew\tline\r\x00nul\x7f"
+           " \u202eevil\u2028next")
+# What a trace may put in a layer's name or scoring: an OSC 0 window title, an OSC 52 clipboard write, a clear.
+TERMINAL_ATTACK = "\x1b]0;owned\x07\x1b]52;c;ZWNobyBoaQ==\x07\x1b[2J\x1b[H"
 
 
 def _calls_and_imports(tree: ast.AST) -> list[str]:
@@ -103,7 +107,8 @@ def _hostile_trace(tmp_path: Path) -> Path:
     # The path itself carries quotes, markup, an escape sequence and a newline.
     path = tmp_path / "run 'q\" [b]x[/b] \x1b]0;t\x07\nline"
     layers = layer_meta(2, 4, 2)
-    layers[0]["name"] = "model.[/]layers\x1b[2J.0"
+    layers[0]["name"] = "model.[/]layers\x1b[2J.0" + TERMINAL_ATTACK
+    layers[0]["scoring"] = "softmax" + TERMINAL_ATTACK + "\u202e"
     write_trace(
         path,
         {
@@ -195,7 +200,8 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 
 def _controls(text: str) -> list[str]:
-    return sorted({hex(ord(c)) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0})
+    reorder = {0x202E, 0x2028, 0x2029, 0x200F, 0x2066, 0x2067, 0x2068, 0x2069}
+    return sorted({hex(ord(c)) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0 or ord(c) in reorder})
 
 
 def test_hostile_values_are_stored_exactly(tmp_path: Path) -> None:
@@ -244,6 +250,7 @@ async def _tui_shows_hostile_values(tmp_path: Path) -> None:
     from textual.widgets import DataTable, Input
 
     from moeprobe.tui.app import MoeprobeApp
+    from moeprobe.tui.screens.layer import LayerScreen
     from moeprobe.tui.screens.overview import OverviewScreen
     from moeprobe.tui.screens.specialization import SpecializationScreen
     from moeprobe.tui.screens.sql import SqlScreen
@@ -254,6 +261,9 @@ async def _tui_shows_hostile_values(tmp_path: Path) -> None:
         await wait_for(pilot, lambda: loaded(app, OverviewScreen), what="overview")
         header = text_of(app.screen.query_one("#run"))
         assert "[/] [bold]b[/bold] \\x1b]0;pwned\\x07" in header and _controls(header) == []
+        layer_screen = await open_screen(pilot, "2", LayerScreen)
+        title = text_of(layer_screen.query_one("#layer-title"))
+        assert _controls(title) == [] and "\\x1b]52;c;" in title and "\\u202e" in title
         await open_screen(pilot, "3", SpecializationScreen)
         await pilot.press("5")
         await wait_for(pilot, lambda: isinstance(app.screen, SqlScreen), what="SQL screen")

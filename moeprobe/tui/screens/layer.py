@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.events import Resize
 from textual.widgets import Static
 
+from ...safe_text import printable
 from ..queries.layer import LayerDetail, Timing, layer_detail
 from ..render import number
 from ..widgets.heatmap import HeatMap, HeatRow
@@ -93,7 +94,8 @@ class LayerScreen(TraceScreen):
             (f"L{data.layer}", "bold"),
             "  MaxVio ", (number(data.maxvio), "bold"), "  CV ", (number(data.cv), "bold"),
             "  dead ", (str(len(data.dead)), "bold red" if data.dead else "bold"),
-            f"  · {data.experts} experts, top-{data.top_k} {data.scoring} · ", (data.name, "dim"),
+            # Name and scoring come from the trace: escaped, never sent to the terminal as they are.
+            f"  · {data.experts} experts, top-{data.top_k} {printable(data.scoring)} · ", (printable(data.name), "dim"),
             no_wrap=True, overflow="ellipsis",
         )
         self.query_one("#layer-title", Static).update(title)

@@ -59,7 +59,7 @@ class SqlScreen(TraceScreen):
 
             check_read_only(text)
         except ReadOnlyError as exc:
-            self._status(Text(f"✗ {exc}", style="bold red"))
+            self._status(Text(f"✗ {printable(exc)}", style="bold red"))
             return
         self.query_text = text
         self._status("running …")
