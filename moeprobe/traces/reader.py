@@ -116,8 +116,8 @@ class TraceReader:
         expected = TABLES[table]
         found: list[Segment] = []
         root = self.path.resolve()
-        for rank in self.shards:
-            for path in layout.segments(self.path, rank, table):
+        for rank, shard in self.shards.items():
+            for path in _committed(shard, table, layout.segments(self.path, rank, table)):
                 previous = self._segments.get(table, [])
                 known = next((s for s in previous if s.path == path), None)
                 if known is not None:
@@ -227,6 +227,18 @@ class TraceReader:
 
     def bias(self) -> pa.Table:
         return self.table("bias")
+
+
+def _committed(shard: dict[str, Any], table: str, paths: list[Path]) -> list[Path]:
+    """The segments the shard's manifest counts as written. The writer renames one segment per table and then
+    writes shard.json: a writer killed in between leaves segments that no manifest counts, and reading them
+    would make the tables disagree (routing for steps the steps table does not have). Every table shows the
+    same flushes. A shard without per-table counts (another writer) shows every complete segment."""
+    counts = shard.get("counters", {}).get("segments")
+    count = counts.get(table) if isinstance(counts, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return paths
+    return paths[:count]
 
 
 def _check_segment_file(path: Path, root: Path) -> None:
