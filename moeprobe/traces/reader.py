@@ -136,6 +136,10 @@ class TraceReader:
                     raise CorruptSegmentError(
                         f"{path}: segment does not have the {table} schema (columns {', '.join(schema.names)})"
                     )
+                try:
+                    _check_row_counts(path, meta)
+                except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
+                    raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
                 found.append(Segment(rank, table, path, meta.num_rows, path.stat().st_size))
         return found
 
@@ -227,6 +231,28 @@ class TraceReader:
 
     def bias(self) -> pa.Table:
         return self.table("bias")
+
+
+def _check_row_counts(path: Path, meta: pq.FileMetaData) -> None:
+    """The footer's row counts must agree with each other: the file's total with its row groups', and each row
+    group's with the values of its flat columns. ``inspect`` shows these counts without reading the data, so a
+    footer that claims 10^8 rows over 32 must be refused here, not believed. (A footer that lies consistently
+    everywhere is caught when its rows are read: the pages hold fewer values than it claims.)"""
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    in_groups = sum(g.num_rows for g in groups)
+    if meta.num_rows != in_groups:
+        raise CorruptSegmentError(
+            f"{path}: corrupt Parquet footer (it claims {meta.num_rows:,} rows, its row groups hold {in_groups:,})"
+        )
+    for group in groups:
+        for c in range(group.num_columns):
+            column = group.column(c)
+            flat = "." not in column.path_in_schema  # list columns hold one value per element, not per row
+            if flat and column.num_values != group.num_rows:
+                raise CorruptSegmentError(
+                    f"{path}: corrupt Parquet footer (a row group claims {group.num_rows:,} rows, its column "
+                    f"{column.path_in_schema!r} holds {column.num_values:,} values)"
+                )
 
 
 def _committed(shard: dict[str, Any], table: str, paths: list[Path]) -> list[Path]:

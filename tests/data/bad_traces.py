@@ -6,6 +6,7 @@ fragment of the one-line message, so that a case fails with the *right* error, n
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -166,6 +167,32 @@ def _sparse(relative: str, size: int) -> Callable[[Path], None]:
     return damage
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _claim_rows(claimed: int) -> Callable[[bytes], bytes]:
+    """Edit the Parquet footer (Thrift compact protocol) so that the file claims ``claimed`` rows: FileMetaData's
+    num_rows (field 3, i64: header byte 0x16, zigzag varint). Row groups and data pages are left as they are."""
+
+    def edit(data: bytes) -> bytes:
+        length = int.from_bytes(data[-8:-4], "little")
+        footer = data[-8 - length : -8]
+        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        old, new = _varint(rows << 1), _varint(claimed << 1)
+        # num_rows follows the schema list and precedes the row_groups list (0x19).
+        assert footer.count(b"\x16" + old + b"\x19") == 1
+        footer = footer.replace(b"\x16" + old + b"\x19", b"\x16" + new + b"\x19")
+        return data[: -8 - length] + footer + len(footer).to_bytes(4, "little") + b"PAR1"
+
+    return edit
+
+
 # name -> (damage applied to a copy of the good trace, fragment of the expected message)
 DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
     "manifest-missing": (lambda t: (t / "manifest.json").unlink(), "without manifest.json"),
@@ -232,6 +259,7 @@ DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
     "segment-is-fifo": (_fifo("segment"), "segment is a FIFO, not a regular file"),
     "segment-symlink-outside": (_symlink("segment", "outside"), "segment resolves outside the trace"),
     "segment-to-dev-zero": (_symlink("segment", "/dev/zero"), "segment resolves outside the trace"),
+    "footer-claims-1e8-rows": (_segment_bytes(_claim_rows(10**8)), "it claims 100,000,000 rows"),
 }
 
 
