@@ -306,7 +306,7 @@ class CapturePipeline:
         so that a malformed router output costs that step only (and never leaves half a step behind)."""
         for capture in step.layers:
             shape = tuple(capture.indices.shape)
-            if not shape or capture.indices.numel() == 0 and len(shape) < 2:
+            if not shape:
                 raise ValueError(f"layer {capture.layer}: expert indices of shape {shape}")
             if capture.indices.dtype.is_floating_point or capture.indices.dtype == torch.bool:
                 raise ValueError(f"layer {capture.layer}: expert indices of type {capture.indices.dtype}")
@@ -488,8 +488,7 @@ class CapturePipeline:
 
         # Expert ids must be 0..num_experts-1 of their layer: stored as int16, -1 or 300 of 8 would be wrong rows
         # and 40000 would wrap to another expert. Such choices are left out and counted, never written.
-        layer_of_token = np.repeat(np.array([p[1] for p in parts], np.int64), counts)
-        limit = np.array([self._num_experts.get(int(layer), 1 << 15) for layer in layer_of_token], np.int64)
+        limit = np.repeat(np.array([self._num_experts.get(int(p[1]), 1 << 15) for p in parts], np.int64), counts)
         bad = (indices < 0) | (indices >= limit[:, None])
         if bad.any():
             self.writer.count_anomaly("expert_out_of_range", int(bad.sum()))
