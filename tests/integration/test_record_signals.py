@@ -19,7 +19,7 @@ import pytest
 import moeprobe
 from tests.conftest import PYTHON, ROOT, run_cli_env
 
-# Records forever (bounded), printing the job's pid once the first segment is on disk.
+# Records forever (bounded), printing the job's pid once the first routing segment is on disk and counted.
 JOB = """
 import os, sys, time, torch
 sys.path.insert(0, {root!r})
@@ -27,10 +27,15 @@ from tests.tiny_models import build
 model = build("mixtral")
 ids = torch.randint(3, 96, (1, 4))
 model(ids)
-trace = {trace!r}
-for _ in range(600):
-    if any(os.scandir(os.path.join(trace, "rank=0", "routing"))) if os.path.isdir(os.path.join(trace, "rank=0", "routing")) else False:
-        break
+import json
+shard = os.path.join({trace!r}, "rank=0", "shard.json")
+for _ in range(600):  # until a routing segment is on disk and counted by the shard's manifest
+    try:
+        with open(shard) as handle:
+            if json.load(handle)["counters"]["segments"]["routing"] > 0:
+                break
+    except (OSError, ValueError, KeyError):
+        pass
     time.sleep(0.05)
 print("recording", os.getpid(), flush=True)
 for _ in range(20000):

@@ -184,8 +184,13 @@ def test_console_after_refresh_reads_new_segments_and_analyses_stay_unrestricted
 
     pq.write_table(pa.table({"x": [1, 2, 3]}), other)
     assert trace.sql(f"select count(*) from '{other}'").column(0).to_pylist() == [3]
-    extra = path / "rank=0" / "routing" / "000001.parquet"
-    pq.write_table(routing_table(np.array([[0, 1]])), extra)
+    # A segment written since the console's connection was made, as a live writer adds one (and counts it in
+    # shard.json): the refreshed console reads it, though the old connection's allowed_paths did not list it.
+    pq.write_table(routing_table(np.array([[0, 1]])), path / "rank=0" / "routing" / "000001.parquet")
+    shard = path / "rank=0" / "shard.json"
+    data = json.loads(shard.read_text())
+    data["counters"]["segments"]["routing"] += 1
+    shard.write_text(json.dumps(data))
     trace.refresh()
     assert run_sql(trace, "select count(*) from routing").rows == (("10",),)
     trace.close()
