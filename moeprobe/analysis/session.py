@@ -44,6 +44,9 @@ class Trace:
         # so refresh() drops them.
         self._temp_tables: set[str] = set()
         self._console: duckdb.DuckDBPyConnection | None = None  # see console_connection
+        # Routing rows that break the table's contract in this snapshot (see Context.valid_routing); None until
+        # counted, reset by refresh().
+        self._invalid_total: int | None = None
 
     # -- metadata and tables (pyarrow) --------------------------------------------------------------
     @property
@@ -84,6 +87,7 @@ class Trace:
         """Pick up segments written since the trace was opened (or last refreshed)."""
         self.reader.refresh()
         self._close_console()
+        self._invalid_total = None
         if self._con is not None:
             from .views import create_views
 
