@@ -1,33 +1,21 @@
 """What a reader trusts in a trace directory, and what it does not (docs/security.md).
 
 - the path above the trace is not data: directories named like Hive partitions do not become columns;
-- a segment is a regular file inside the trace: a symlink out of it, a FIFO or a device is refused in one line;
-- manifest.json and shard.json are small regular files: a huge, endless or special file is refused, not read;
-- numbers in the files are checked: integers too long for Python's int(), JSON nested too deep, expert ids out of
-  range, nulls in non-null columns, steps at the edge of int32 and footers that lie about their row counts.
+- the segments shown are those the shard's manifest counts, so every table shows the same flushes.
+
+Special files, symlinks out of the trace, oversized or hostile manifests, lying footers and rows that break the
+routing table's contract are cases of the bad-trace corpus (tests/data/bad_traces.py, tests/unit/test_bad_traces.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import moeprobe
-from moeprobe.cli.main import main as cli_main
 from tests.support import layer_meta, routing_table, write_trace
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli_main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _balanced_trace(path: Path) -> Path:
