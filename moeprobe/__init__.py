@@ -14,9 +14,11 @@ from .traces.errors import (
     CorruptSegmentError,
     IncompatibleVersionError,
     NotATraceError,
+    TraceBusyError,
     TraceError,
     TraceExistsError,
     TraceNotFoundError,
+    TraceWriteError,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ __all__ = [
     "CorruptManifestError",
     "CorruptSegmentError",
     "TraceExistsError",
+    "TraceBusyError",
+    "TraceWriteError",
 ]
 
 

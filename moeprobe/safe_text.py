@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# C0 controls, DEL and C1 controls become visible escapes; everything else (any printable Unicode) stays.
+# C0 controls, DEL and C1 controls become visible escapes; so do the Unicode characters that reorder or break
+# what a terminal shows without being control codes: bidirectional overrides and isolates (U+202E turns
+# "exe.txt" into "txt.exe" on screen), marks, and the line and paragraph separators (U+2028 starts a new line in
+# some terminals and editors). Everything else (any printable Unicode) stays.
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _CONTROLS = {c: _NAMED.get(chr(c), f"\\x{c:02x}") for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_INVISIBLE = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029, 0xFEFF]
+_CONTROLS.update({c: f"\\u{c:04x}" for c in _INVISIBLE})
 
 
 def printable(value: Any) -> str:

@@ -125,7 +125,8 @@ def _batch_baseline(experts: int, k: int, sizes: tuple[int, ...], counts: tuple[
 
 def _per_expert(cols: dict[str, np.ndarray], experts: int) -> np.ndarray:
     counts = np.zeros(experts, np.int64)
-    valid = cols["expert"] < experts  # an expert id past E would be a capture bug; never index out of range
+    # Context.valid_routing already leaves such rows out; never index out of range (or from the end) regardless.
+    valid = (cols["expert"] >= 0) & (cols["expert"] < experts)
     counts[cols["expert"][valid].astype(np.int64)] = cols["n"][valid]
     return counts
 

@@ -352,6 +352,11 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
     ep = placement_mod.compute(ctx, load, ep_size=options.ep_size)
     layers = [_layer_json(ctx, item, ep.layer(item.layer), options.full) for item in load.layers]
     overall = _overall(load, layers, ep) if layers else _empty_overall(load, ep)
+    # Rows no analysis may use (expert id out of range, NULLs, negative steps, unknown layers): shown, not hidden.
+    invalid = ctx.invalid_decisions()
+    overall["invalid_decisions"] = sum(invalid.values())
+    for item in layers:
+        item["invalid_decisions"] = invalid.get(item["layer"], 0)
 
     if ctx.mode == "counts":
         specialization = _counts_only_specialization()

@@ -44,7 +44,10 @@ class Trace:
         # Per-filter intermediate tables (see analysis.context); they describe a snapshot of the segments,
         # so refresh() drops them.
         self._temp_tables: set[str] = set()
-        self._restricted = False  # see restrict_to_trace(); a new connection starts unrestricted
+        self._console: duckdb.DuckDBPyConnection | None = None  # see console_connection
+        # Routing rows that break the table's contract in this snapshot (see Context.valid_routing); None until
+        # counted, reset by refresh().
+        self._invalid_total: int | None = None
 
     # -- metadata and tables (pyarrow) --------------------------------------------------------------
     @property
@@ -92,6 +95,8 @@ class Trace:
     def refresh(self) -> None:
         """Pick up segments written since the trace was opened (or last refreshed)."""
         self.reader.refresh()
+        self._close_console()
+        self._invalid_total = None
         if self._con is not None:
             from .views import create_views
 
@@ -109,31 +114,25 @@ class Trace:
             from .views import create_views
 
             con = duckdb.connect(database=":memory:")
-            self._restricted = False
             create_views(con, self.reader)
             self._con = con
         return self._con
 
-    def restrict_to_trace(self) -> None:
-        """Confine this trace's DuckDB connection to the trace's own files, for as long as it is open.
+    @property
+    def console_connection(self) -> duckdb.DuckDBPyConnection:
+        """A sandboxed connection for SQL typed by a person (see ``analysis.console``): its own database, views
+        over this snapshot's segments, no access to any other file, configuration locked. ``refresh()`` makes
+        the next use build a new one over the newer segments; the analyses' ``connection`` is never touched."""
+        if self._console is None:
+            from .console import sandboxed_connection
 
-        For a console where the SQL comes from a person or a pasted snippet: DuckDB reads a quoted file name
-        as a table in many places (``DESCRIBE '/etc/x.csv'``, ``FROM ('x.csv')``) and can install and load
-        extensions on demand, so a lexical guard alone cannot be complete. This turns off file access outside
-        the trace directory, extension auto-install and auto-load, then locks the configuration so no query can
-        turn them back on. Analyses keep working: they read only the trace's segments. Idempotent.
-        """
-        if self._restricted:
-            return
-        con = self.connection
-        # Trailing separators: a bare prefix "/x/run" would also admit a sibling "/x/run-secret".
-        allowed = sorted({os.path.join(str(p), "") for p in (self.path, self.path.resolve(), self.path.absolute())})
-        con.execute("SET allowed_directories = " + "[" + ", ".join(_sql_string(d) for d in allowed) + "]")
-        con.execute("SET autoinstall_known_extensions = false")
-        con.execute("SET autoload_known_extensions = false")
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-        self._restricted = True
+            self._console = sandboxed_connection(self.reader)
+        return self._console
+
+    def _close_console(self) -> None:
+        if self._console is not None:
+            self._console.close()
+            self._console = None
 
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run SQL over the trace's views and return the result as a ``pyarrow.Table`` (see :meth:`df` for a
@@ -241,6 +240,7 @@ class Trace:
         return report_json.build(self, filters, options)
 
     def close(self) -> None:
+        self._close_console()
         if self._con is not None:
             self._con.close()
             self._con = None
@@ -260,10 +260,6 @@ class Trace:
         from .display import trace_html
 
         return trace_html(self)
-
-
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def open_trace(path: str | os.PathLike[str]) -> Trace:

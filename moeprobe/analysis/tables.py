@@ -64,6 +64,11 @@ def header(report: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("no routing decisions match (nothing recorded yet, or the filters exclude everything)")
+    if overall.get("invalid_decisions"):
+        lines.append(
+            f"invalid: {overall['invalid_decisions']:,} routing rows left out of every figure (expert id outside the "
+            "layer's experts, NULLs, negative steps or layers the manifest does not list)"
+        )
     lines.append("filters: " + describe_filters(report["filters"]))
     if spec.get("needs_tokens"):
         lines.append(

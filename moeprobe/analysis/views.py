@@ -40,18 +40,29 @@ def _empty_select(table: str) -> str:
     return f"SELECT {columns} WHERE false"
 
 
+def view_select(reader: TraceReader, table: str) -> str:
+    """The SELECT behind one table's view: its complete segments, with ``rank`` from the reader's listing.
+
+    The rank is a literal per shard, not DuckDB's Hive partitioning: that turns every ``key=value`` directory
+    on the path into a column, so a trace stored under ``expert=0/`` or ``layer=1/`` would have its own
+    columns overwritten by the directory's name (one expert, one layer). Only the trace's own ``rank=R``
+    level is a column, and the reader already parsed it.
+    """
+    segments = reader.segments(table)
+    if not segments:
+        return _empty_select(table)
+    columns = ", ".join(f.name for f in TABLES[table])
+    by_rank: dict[int, list[str]] = {}
+    for segment in segments:
+        by_rank.setdefault(segment.rank, []).append(_quote_path(str(segment.path)))
+    return " UNION ALL ".join(
+        f"SELECT {columns}, CAST({rank} AS INTEGER) AS rank "
+        f"FROM read_parquet([{', '.join(files)}], hive_partitioning = false, union_by_name = false)"
+        for rank, files in sorted(by_rank.items())
+    )
+
+
 def create_views(con: duckdb.DuckDBPyConnection, reader: TraceReader) -> None:
     """(Re)create one view per table on ``con``."""
     for table in TABLES:
-        segments = reader.segments(table)
-        if not segments:
-            select = _empty_select(table)
-        else:
-            files = ", ".join(_quote_path(str(s.path)) for s in segments)
-            columns = ", ".join(f.name for f in TABLES[table])
-            # The rank comes from the shard directory name (rank=R), Hive style.
-            select = (
-                f"SELECT {columns}, CAST(rank AS INTEGER) AS rank "
-                f"FROM read_parquet([{files}], hive_partitioning = true, union_by_name = false)"
-            )
-        con.execute(f"CREATE OR REPLACE VIEW {table} AS {select}")
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {view_select(reader, table)}")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .args import Parser
@@ -99,13 +100,17 @@ def _read_status(path: str) -> str | None:
     return text or None
 
 
-def _run_live(command: list[str], env: dict[str, str], output: Path) -> subprocess.Popen[bytes]:
+def _run_live(
+    command: list[str], env: dict[str, str], output: Path, preexec: Callable[[], None] | None = None
+) -> subprocess.Popen[bytes]:
     """Start the job with its output in OUTPUT.log (the terminal belongs to the TUI), then run the TUI on the
     trace it writes. Returns once the TUI is closed; the job may still be running."""
     log_path = output.with_name(output.name + ".log")
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         # No stdin: a job that reads the terminal would fight the TUI for keystrokes.
-        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec  # noqa: PLW1509
+        )
     from ..tui.app import MoeprobeApp
 
     MoeprobeApp([output]).run()
@@ -113,6 +118,58 @@ def _run_live(command: list[str], env: dict[str, str], output: Path) -> subproce
     if process.poll() is None:
         print("moeprobe record: the TUI is closed; waiting for the job to finish (Ctrl-C stops it)", file=sys.stderr)
     return process
+
+
+# The signals `moeprobe record` passes on to the job, so that stopping it stops the job (and not only it).
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# si_code of a signal the kernel sent (for SIGINT: the terminal's Ctrl-C, which reaches the whole foreground
+# process group, the job included, by itself).
+_SI_KERNEL = 0x80
+_POLL_S = 0.5
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _run_forwarding_signals(
+    command: list[str], env: dict[str, str], output: Path, *, live: bool, forwarded: list[int]
+) -> int:
+    """Run the job and wait for it, passing SIGINT, SIGTERM and SIGHUP sent to us on to it.
+
+    The signals are blocked here and taken with sigtimedwait, so none can end this process before the job has
+    ended and the trace has been marked; the job starts with the signal mask and dispositions it would have had
+    (an ignored SIGINT would be inherited across exec, which made Ctrl-C do nothing). A Ctrl-C from the terminal
+    already reaches the job (same process group): that one is not sent a second time.
+    """
+    watched = {*FORWARDED, signal.SIGCHLD}
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+
+    def restore_in_child() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+    try:
+        if live:
+            process = _run_live(command, env, output, restore_in_child)
+        else:
+            process = subprocess.Popen(command, env=env, preexec_fn=restore_in_child)  # noqa: PLW1509 - no threads yet
+        while process.poll() is None:
+            info = signal.sigtimedwait(watched, _POLL_S)  # bounded: the job's end is also seen by poll()
+            if info is None or info.si_signo == signal.SIGCHLD:
+                continue
+            if info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL:
+                continue  # the terminal sent it to the job too
+            forwarded.append(info.si_signo)
+            try:
+                process.send_signal(info.si_signo)
+            except ProcessLookupError:
+                pass
+        return process.returncode
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 def main(argv: list[str]) -> int:
@@ -155,19 +212,15 @@ def main(argv: list[str]) -> int:
             "status_file": status_file,
         }
     )
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the job; we report after it
+    forwarded: list[int] = []
     try:
-        try:
-            if args.live:
-                process = _run_live(command, env, output)
-            else:
-                process = subprocess.Popen(command, env=env)
-        except OSError as exc:
-            _read_status(status_file)  # removes it
-            raise UsageError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
-        rc = process.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        rc = _run_forwarding_signals(command, env, output, live=args.live, forwarded=forwarded)
+    except OSError as exc:
+        _read_status(status_file)  # removes it
+        raise UsageError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
+    if forwarded:
+        names = ", ".join(dict.fromkeys(_signal_name(s) for s in forwarded))
+        print(f"moeprobe record: passed {names} on to the job", file=sys.stderr)
 
     if rc < 0:
         try:

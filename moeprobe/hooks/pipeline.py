@@ -27,6 +27,8 @@ from .capture import LayerCapture, StepBuffer
 from .sequences import ResolvedTokens, SequenceTracker, unmatched_rows
 
 HEARTBEAT_S = 2.0
+# How long close() waits for the writer thread before it gives up on it and marks the trace aborted.
+CLOSE_TIMEOUT_S = 30.0
 PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
 
 
@@ -116,8 +118,10 @@ class CapturePipeline:
         redact_tokens: bool = False,
         counters: Callable[[], dict[str, int]] | None = None,
         primary_stack: int | None = 0,
+        close_timeout: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.writer = writer
+        self.close_timeout = close_timeout
         self.clock = clock
         self.flush_interval = flush_interval
         self.max_queue_bytes = max_queue_bytes
@@ -144,6 +148,13 @@ class CapturePipeline:
         self._latency_rows: list[tuple[Any, ...]] = []
         self._warned_drop = False
         self._sequences = SequenceTracker(_np, writer.count_anomaly, primary_stack=primary_stack, redact_tokens=redact_tokens)
+        self._warned_bad_step = False
+        # Drops are counted here by the model's thread (reason -> decisions) and moved into the writer's counters
+        # by the writer thread: constant memory however many steps are dropped (a queued record per drop grew
+        # without bound when the writer was stuck).
+        self._dropped: dict[str, int] = {}
+        # Expert ids each layer may name (the routing table stores them as int16).
+        self._num_experts = {int(m["index"]): int(m["num_experts"]) for m in writer._header.get("layers", [])}
         self.failure: BaseException | None = None
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="moeprobe-writer", daemon=True)
@@ -155,11 +166,12 @@ class CapturePipeline:
         size = step.nbytes()
         with self._lock:
             over = self._queued_bytes + size > self.max_queue_bytes
-            if not over:
+            if not over and self.failure is None:
                 self._queued_bytes += size
+            else:
+                reason = "queue_full" if over else "writer_failed"
+                self._dropped[reason] = self._dropped.get(reason, 0) + step.decisions
         if over or self.failure is not None:
-            reason = "queue_full" if over else "writer_failed"
-            self._queue.append(("dropped", reason, step.decisions))
             if not self._warned_drop:
                 self._warned_drop = True
                 print(
@@ -183,12 +195,25 @@ class CapturePipeline:
         self._wake.set()
         return done.wait(timeout) and self.failure is None
 
-    def close(self, status: str, error: str | None = None, timeout: float = 60.0) -> None:
+    def close(self, status: str, error: str | None = None, timeout: float | None = None) -> None:
+        """Stop the writer thread, which flushes and writes the final status. A writer that does not finish within
+        ``timeout`` (a sink that hangs) is left behind: the trace is marked ``aborted`` with the reason from here,
+        so that close() returns in bounded time and the trace does not stay ``running``."""
+        timeout = self.close_timeout if timeout is None else timeout
         self._queue.append(("stop", status, error))
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            print("moeprobe: the trace writer did not finish in time; the trace may miss its last records", file=sys.stderr)
+            self._take_dropped()
+            reason = f"the trace writer did not finish within {timeout:g} s (a stuck disk or sink); records still queued are lost"
+            self.writer.abandon(reason)
+            print(f"moeprobe: {reason}; the trace is marked aborted", file=sys.stderr)
+
+    def _take_dropped(self) -> None:
+        with self._lock:
+            dropped, self._dropped = self._dropped, {}
+        for reason, decisions in dropped.items():
+            self.writer.count_dropped(reason, decisions)
 
     # -- writer thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -199,13 +224,15 @@ class CapturePipeline:
             due = max(0.0, self.flush_interval - (time.monotonic() - last_flush))
             self._wake.wait(due)
             self._wake.clear()
+            if self.writer.closed:
+                return  # close() gave up on this thread and marked the trace aborted: nothing left to do
             try:
+                self._take_dropped()
                 while self._queue:
                     item = self._queue.popleft()
                     kind = item[0]
                     if kind == "stop":
-                        self._flush()
-                        self.writer.close(item[1], item[2])
+                        self._stop(item[1], item[2])
                         return
                     if kind == "flush":
                         try:
@@ -213,12 +240,13 @@ class CapturePipeline:
                         finally:
                             item[1].set()
                         continue
-                    if kind == "dropped":
-                        self.writer.count_dropped(item[1], item[2])
-                    elif kind == "step":
+                    if kind == "step":
                         step, size = item[1], item[2]
                         try:
+                            self._check_step(step)
                             self._convert(step)
+                        except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
+                            self._drop_bad_step(step, exc)
                         finally:
                             with self._lock:
                                 self._queued_bytes -= size
@@ -234,6 +262,47 @@ class CapturePipeline:
                 if self.failure is None:
                     self.failure = exc
                     print(f"moeprobe: trace writer error ({type(exc).__name__}: {exc}); records are being dropped", file=sys.stderr)
+
+    def _stop(self, status: str, error: str | None) -> None:
+        """Final flush and status. Always ends in ``writer.close`` (a no-op after abandon), so the thread exits
+        even when the last flush fails."""
+        try:
+            if not self.writer.closed:
+                self._flush()
+        except Exception as exc:  # noqa: BLE001 - the final status must still be written
+            self.writer.count_anomaly(f"writer:{type(exc).__name__}")
+        finally:
+            self._take_dropped()
+            self.writer.close(status, error)
+
+    def _check_step(self, step: StepBuffer) -> None:
+        """Refuse a step whose captures break the shapes the rows are built from, before any of it is collected,
+        so that a malformed router output costs that step only (and never leaves half a step behind)."""
+        for capture in step.layers:
+            shape = tuple(capture.indices.shape)
+            if not shape:
+                raise ValueError(f"layer {capture.layer}: expert indices of shape {shape}")
+            if capture.indices.dtype.is_floating_point or capture.indices.dtype == torch.bool:
+                raise ValueError(f"layer {capture.layer}: expert indices of type {capture.indices.dtype}")
+            k = shape[-1] if len(shape) >= 2 else 1
+            tokens = capture.indices.numel() // max(k, 1)
+            if capture.weights is not None and capture.weights.numel() != tokens * k:
+                raise ValueError(f"layer {capture.layer}: gate weights of shape {tuple(capture.weights.shape)} for "
+                                 f"{tokens} tokens x top-{k} expert indices")
+            if capture.dropped is not None and capture.dropped.numel() != tokens:
+                raise ValueError(f"layer {capture.layer}: a dropped mask of shape {tuple(capture.dropped.shape)} for {tokens} tokens")
+            if capture.scores is not None and (tokens == 0 or capture.scores.numel() % tokens):
+                raise ValueError(f"layer {capture.layer}: router scores of shape {tuple(capture.scores.shape)} for {tokens} tokens")
+            if k > 127:
+                raise ValueError(f"layer {capture.layer}: top-{k} is more choices than the routing table stores")
+
+    def _drop_bad_step(self, step: StepBuffer, exc: BaseException) -> None:
+        self.writer.count_dropped("bad_step", step.decisions)
+        self.writer.count_anomaly(f"bad_step:{type(exc).__name__}")
+        if not self._warned_bad_step:
+            self._warned_bad_step = True
+            print(f"moeprobe: dropped a step the writer could not use ({type(exc).__name__}: {exc}); later steps are "
+                  "still recorded, drops are counted in the manifest", file=sys.stderr)
 
     def _has_rows(self) -> bool:
         return any(c.rows for c in (self._routing, self._steps, self._latency, self._tags, self._scores, self._bias))
@@ -398,6 +467,14 @@ class CapturePipeline:
             out = values.reshape(-1)
             return out[keep] if keep is not None else out
 
+        # Expert ids must be 0..num_experts-1 of their layer: stored as int16, -1 or 300 of 8 would be wrong rows
+        # and 40000 would wrap to another expert. Such choices are left out and counted, never written.
+        limit = np.repeat(np.array([self._num_experts.get(int(p[1]), 1 << 15) for p in parts], np.int64), counts)
+        bad = (indices < 0) | (indices >= limit[:, None])
+        if bad.any():
+            self.writer.count_anomaly("expert_out_of_range", int(bad.sum()))
+            ok = ~bad.reshape(-1)
+            keep = ok if keep is None else keep & ok
         n = int(keep.sum()) if keep is not None else tokens * k
         self._routing.add(
             n,

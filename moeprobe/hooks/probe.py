@@ -27,9 +27,9 @@ from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
 from .context import ContextReader, TokenContext
 from .discovery import LayerBinding, RouterDecls, find_layers
-from .pipeline import CapturePipeline
 from . import compat, contracts
 from .adapters import transformers_version
+from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
 from .timing import CpuClock, CudaClock
 
@@ -76,7 +76,8 @@ class Probe:
 
     ``writer_class`` is the class that writes this process's shard (default :class:`ShardWriter`). It is the one
     seam for replacing the sink: a subclass may send segments elsewhere, and the fault tests use one whose
-    writes are slow to prove that a sink which cannot keep up never blocks the model.
+    writes are slow to prove that a sink which cannot keep up never blocks the model. ``close_timeout`` bounds
+    how long closing waits for a writer that hangs before the trace is marked ``aborted`` without it.
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class Probe:
         check_sync: bool = False,
         writer_class: type[ShardWriter] = ShardWriter,
         raise_on_refusal: bool = True,
+        close_timeout: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.model = model
         compat.check_transformers(model)
@@ -137,12 +139,16 @@ class Probe:
             if self.world_size == 1:
                 prepare_trace_dir(self.path, force=force)
             else:
-                self.path.mkdir(parents=True, exist_ok=True)
-                shard = self.path / f"rank={self.rank}"
-                if shard.exists() and force:
-                    import shutil
+                from ..traces.removal import remove_shard
+                from ..traces.writer import cannot_write
 
-                    shutil.rmtree(shard)
+                try:
+                    self.path.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise cannot_write(self.path, exc) from exc
+                shard = self.path / f"rank={self.rank}"
+                if (shard.exists() or shard.is_symlink()) and force:
+                    remove_shard(shard)  # only what moeprobe wrote, and not while its writer runs
             options = {
                 "logits": logits,
                 "flush_interval_s": flush_interval,
@@ -168,6 +174,7 @@ class Probe:
                 max_queue_bytes=int(max_queue_mb * (1 << 20)),
                 redact_tokens=redact_tokens,
                 counters=lambda: dict(self.anomalies),
+                close_timeout=close_timeout,
             )
         try:
             self._attach()

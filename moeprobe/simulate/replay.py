@@ -62,6 +62,22 @@ def _column(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     return table.column(name).to_numpy().astype(dtype, copy=False)
 
 
+def _check_routing_contract(trace: Trace, table: pa.Table) -> None:
+    """The replay uses every decision, so a row that breaks the routing table's contract is refused, named.
+
+    (The report leaves such rows out and counts them; a replay without them would simulate a different run.)
+    """
+    for name in table.column_names:
+        nulls = table.column(name).null_count
+        if nulls:
+            raise CorruptSegmentError(f"{trace.path}: routing has {nulls:,} NULL values in column {name!r}, which may not be NULL")
+    import pyarrow.compute as pc
+
+    lowest = pc.min(table.column("step")).as_py()
+    if lowest is not None and lowest < 0:
+        raise CorruptSegmentError(f"{trace.path}: routing rows with a negative step ({lowest})")
+
+
 def _load_routing(trace: Trace, window: Window, layers: list[int] | None) -> pa.Table:
     where, params = _where(window, layers)
     return trace.sql(
@@ -162,6 +178,7 @@ def load_layers(
     if not table.num_rows:
         what = "" if window == (None, None) else f" in steps {window_text(window)}"
         raise MissingDataError(f"{trace.path}: no routing recorded{what}")
+    _check_routing_contract(trace, table)
     cols, token = _token_keys(table)
     tokens = int(token[-1]) + 1
     first = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])  # first row of each token

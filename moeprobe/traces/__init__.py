@@ -5,9 +5,11 @@ from .errors import (
     CorruptSegmentError,
     IncompatibleVersionError,
     NotATraceError,
+    TraceBusyError,
     TraceError,
     TraceExistsError,
     TraceNotFoundError,
+    TraceWriteError,
 )
 from .reader import TraceReader, open_reader
 from .schema import FORMAT_VERSION, MAGIC, TABLES
@@ -22,10 +24,12 @@ __all__ = [
     "IncompatibleVersionError",
     "NotATraceError",
     "ShardWriter",
+    "TraceBusyError",
     "TraceError",
     "TraceExistsError",
     "TraceNotFoundError",
     "TraceReader",
+    "TraceWriteError",
     "open_reader",
     "prepare_trace_dir",
 ]

@@ -33,3 +33,11 @@ class CorruptSegmentError(TraceError):
 
 class TraceExistsError(TraceError):
     """A recording would overwrite an existing trace and ``force`` was not given."""
+
+
+class TraceBusyError(TraceError):
+    """Another process is writing this shard (or this trace, for ``force``): a shard has one writer."""
+
+
+class TraceWriteError(TraceError):
+    """The trace cannot be created where asked (read-only file system, a parent that is a file, /proc, ...)."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 SHARD_MANIFEST = "shard.json"
+WRITER_LOCK = "writer.lock"  # flock'ed by the shard's writer for as long as it is open
+SPACE_RESERVE = ".space.reserve"  # room for the final manifests, held while the shard is being written
 SEGMENT_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from .schema import FORMAT_VERSION, MAGIC
 STATUSES = ("running", "complete", "aborted")
 MAX_EXPERTS = (1 << 15) - 1  # the routing table's expert column is int16
 MAX_TIMESTAMP = 253_402_300_800  # 10000-01-01T00:00:00Z, past what datetime can show
+# A manifest holds one entry per MoE layer and a few counters: a few KiB for the largest models. Far more is not
+# a manifest, and reading it would cost memory in proportion to what a hostile file claims.
+MAX_MANIFEST_BYTES = 16 << 20
 
 # Field -> accepted types, checked on read so that a hand-edited or damaged manifest fails with a
 # clear message instead of a KeyError deep inside the analysis.
@@ -60,19 +64,68 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def _read_small_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; ``CorruptManifestError`` otherwise.
+
+    A manifest is data from whoever wrote the trace: ``manifest.json -> /dev/zero`` or a sparse 1 GB file must not
+    be read into memory, and a FIFO must not block the reader. O_NONBLOCK makes opening a FIFO return at once;
+    the file is then checked with fstat (the object actually opened, not the name) before a byte is read.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except PermissionError as exc:
         raise CorruptManifestError(f"{path}: permission denied") from exc
-    except UnicodeDecodeError as exc:
-        raise CorruptManifestError(f"{path}: not UTF-8 text") from exc
     except OSError as exc:
         raise CorruptManifestError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise CorruptManifestError(f"{path}: cannot read (Is a directory)")
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptManifestError(f"{path}: not a regular file ({file_kind(info.st_mode)}); refusing to read it")
+        if info.st_size > limit:
+            raise CorruptManifestError(f"{path}: {info.st_size:,} bytes, larger than a manifest can be ({limit:,}); refusing to read it")
+        chunks = []
+        remaining = limit + 1  # a file that grows while we read it is still cut off at the limit
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise CorruptManifestError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise CorruptManifestError(f"{path}: larger than a manifest can be ({limit:,} bytes); refusing to read it")
+    return data
+
+
+def file_kind(mode: int) -> str:
+    """A word for a file type that is not a regular file, for one-line refusals."""
+    for test, word in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    data = _read_small_regular_file(path, MAX_MANIFEST_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptManifestError(f"{path}: not UTF-8 text") from exc
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CorruptManifestError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except ValueError as exc:  # an integer longer than Python's int() accepts (4,300 digits)
+        raise CorruptManifestError(f"{path}: not a usable manifest ({str(exc).splitlines()[0][:80]})") from exc
+    except RecursionError as exc:
+        raise CorruptManifestError(f"{path}: not a usable manifest (JSON nested too deeply)") from exc
     if not isinstance(payload, dict):
         raise CorruptManifestError(f"{path}: expected a JSON object, found {type(payload).__name__}")
     return payload

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .errors import CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
-from .manifest import read_shard_manifest, read_trace_manifest
+from .manifest import file_kind, read_shard_manifest, read_trace_manifest
 from .schema import TABLES, with_rank
 
 # A writer on another host cannot be probed by pid; past this long without a heartbeat it is presumed gone.
@@ -114,13 +115,15 @@ class TraceReader:
     def _list_segments(self, table: str) -> list[Segment]:
         expected = TABLES[table]
         found: list[Segment] = []
-        for rank in self.shards:
-            for path in layout.segments(self.path, rank, table):
+        root = self.path.resolve()
+        for rank, shard in self.shards.items():
+            for path in _committed(shard, table, layout.segments(self.path, rank, table)):
                 previous = self._segments.get(table, [])
                 known = next((s for s in previous if s.path == path), None)
                 if known is not None:
                     found.append(known)
                     continue
+                _check_segment_file(path, root)
                 try:
                     meta = pq.read_metadata(path)
                     schema = meta.schema.to_arrow_schema()
@@ -133,6 +136,10 @@ class TraceReader:
                     raise CorruptSegmentError(
                         f"{path}: segment does not have the {table} schema (columns {', '.join(schema.names)})"
                     )
+                try:
+                    _check_row_counts(path, meta)
+                except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
+                    raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
                 found.append(Segment(rank, table, path, meta.num_rows, path.stat().st_size))
         return found
 
@@ -240,6 +247,59 @@ class TraceReader:
         has_routing = any(s.rows for s in self._segments.get("routing", []))
         has_loads = any(s.rows for s in self._segments.get("loads", []))
         return "counts" if has_loads and not has_routing else "tokens"
+
+
+def _check_row_counts(path: Path, meta: pq.FileMetaData) -> None:
+    """The footer's row counts must agree with each other: the file's total with its row groups', and each row
+    group's with the values of its flat columns. ``inspect`` shows these counts without reading the data, so a
+    footer that claims 10^8 rows over 32 must be refused here, not believed. (A footer that lies consistently
+    everywhere is caught when its rows are read: the pages hold fewer values than it claims.)"""
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    in_groups = sum(g.num_rows for g in groups)
+    if meta.num_rows != in_groups:
+        raise CorruptSegmentError(
+            f"{path}: corrupt Parquet footer (it claims {meta.num_rows:,} rows, its row groups hold {in_groups:,})"
+        )
+    for group in groups:
+        for c in range(group.num_columns):
+            column = group.column(c)
+            flat = "." not in column.path_in_schema  # list columns hold one value per element, not per row
+            if flat and column.num_values != group.num_rows:
+                raise CorruptSegmentError(
+                    f"{path}: corrupt Parquet footer (a row group claims {group.num_rows:,} rows, its column "
+                    f"{column.path_in_schema!r} holds {column.num_values:,} values)"
+                )
+
+
+def _committed(shard: dict[str, Any], table: str, paths: list[Path]) -> list[Path]:
+    """The segments the shard's manifest counts as written. The writer renames one segment per table and then
+    writes shard.json: a writer killed in between leaves segments that no manifest counts, and reading them
+    would make the tables disagree (routing for steps the steps table does not have). Every table shows the
+    same flushes. A shard without per-table counts (another writer) shows every complete segment."""
+    counts = shard.get("counters", {}).get("segments")
+    count = counts.get(table) if isinstance(counts, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return paths
+    return paths[:count]
+
+
+def _check_segment_file(path: Path, root: Path) -> None:
+    """Refuse a segment that is not a regular file inside the trace, before anything opens it.
+
+    A symlink out of the trace would make any file the reader can see look like trace data (and DuckDB read it);
+    a FIFO named like a segment would block every reader on open; a device would be read without end.
+    """
+    try:
+        resolved = path.resolve(strict=True)
+        info = os.stat(resolved)
+    except OSError as exc:
+        raise CorruptSegmentError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
+    if not resolved.is_relative_to(root):
+        raise CorruptSegmentError(f"{path}: segment resolves outside the trace (to {resolved}); refusing to read it")
+    if stat.S_ISDIR(info.st_mode):
+        raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment (a directory, not a file)")
+    if not stat.S_ISREG(info.st_mode):
+        raise CorruptSegmentError(f"{path}: segment is {file_kind(info.st_mode)}, not a regular file; refusing to read it")
 
 
 def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:

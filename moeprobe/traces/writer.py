@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,9 +24,16 @@ import pyarrow.parquet as pq
 
 from .._version import __version__
 from . import layout
-from .errors import NotATraceError, TraceExistsError, TraceError
-from .manifest import read_trace_manifest, write_json_atomic
+from .errors import NotATraceError, TraceExistsError, TraceWriteError
+from .locking import lock_shard
+from .manifest import write_json_atomic
+from .removal import remove_trace
 from .schema import FORMAT_VERSION, MAGIC, TABLES
+
+
+# Room held back for the final manifests (see ShardWriter._reserve_space): a manifest is a few KiB, with one
+# entry per MoE layer; this covers both files many times over.
+RESERVE_BYTES = 256 << 10
 
 
 def _utc_now() -> str:
@@ -34,22 +41,29 @@ def _utc_now() -> str:
 
 
 def prepare_trace_dir(trace: Path, *, force: bool) -> None:
-    """Make ``trace`` ready for a new recording, refusing to clobber anything that is not ours."""
-    if trace.exists() and not trace.is_dir():
-        raise TraceExistsError(f"{trace}: exists and is not a directory")
-    if trace.is_dir() and any(trace.iterdir()):
-        manifest = trace / layout.MANIFEST
-        if not force:
-            raise TraceExistsError(f"{trace}: already exists; pass --force (force=True) to overwrite it")
-        # Only ever delete a directory that is a moeprobe trace: --force on the wrong path must not
-        # remove somebody's home directory.
-        try:
-            read_trace_manifest(manifest)
-        except TraceError as exc:
-            if manifest.exists() or not all(c.name.startswith("rank=") for c in trace.iterdir()):
-                raise NotATraceError(f"{trace}: refusing to overwrite, it is not a moeprobe trace ({exc})") from exc
-        shutil.rmtree(trace)
-    trace.mkdir(parents=True, exist_ok=True)
+    """Make ``trace`` ready for a new recording, refusing to clobber anything that is not ours.
+
+    ``force`` deletes an existing trace only if every file in it is one moeprobe writes and no writer is still
+    writing it (see ``removal``); anything else is refused in one line with nothing deleted.
+    """
+    try:
+        if trace.exists() and not trace.is_dir():
+            raise TraceExistsError(f"{trace}: exists and is not a directory")
+        if trace.is_dir() and any(trace.iterdir()):
+            if not force:
+                raise TraceExistsError(f"{trace}: already exists; pass --force (force=True) to overwrite it")
+            if trace.is_symlink():
+                raise NotATraceError(f"{trace}: refusing to overwrite through a symbolic link; give the directory itself")
+            remove_trace(trace)
+        trace.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(trace, exc) from exc
+
+
+def cannot_write(trace: Path, exc: OSError) -> TraceWriteError:
+    """One line for an OSError met while creating a trace (read-only file system, a parent that is a file, ...)."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(trace) else ""
+    return TraceWriteError(f"{trace}: cannot create the trace here: {exc.strerror or exc}{where}")
 
 
 class ShardWriter:
@@ -78,6 +92,8 @@ class ShardWriter:
         self._pending_rows: dict[str, int] = defaultdict(int)
         self._next_segment: dict[str, int] = defaultdict(int)
         self.closed = False
+        self._manifest_lock = threading.RLock()
+        self._finalized = False
         self.status = "running"
         self.error: str | None = None
         self.counters: dict[str, Any] = {
@@ -114,9 +130,18 @@ class ShardWriter:
             "error": None,
         }
         shard = layout.shard_dir(self.trace, rank)
-        if shard.exists():
-            raise TraceExistsError(f"{shard}: a shard for rank {rank} already exists")
-        shard.mkdir(parents=True)
+        self._lock_fd: int | None = None
+        try:
+            if shard.exists() or shard.is_symlink():
+                raise TraceExistsError(f"{shard}: a shard for rank {rank} already exists")
+            shard.mkdir(parents=True)
+            # Held until close(): a second writer on this shard (another probe with force, a second run) is
+            # refused in one line instead of mixing its rows into this trace.
+            self._lock_fd = lock_shard(shard)
+        except OSError as exc:
+            raise cannot_write(self.trace, exc) from exc
+        self._reserve = shard / layout.SPACE_RESERVE
+        self._reserve_space()
         self._write_manifests()
 
     # -- counters kept by the capture side -------------------------------------------------------
@@ -159,10 +184,37 @@ class ShardWriter:
             return
         for table in list(self._pending):
             self._flush_table(table)
-        self.status = status
-        self.error = error
-        self.closed = True
-        self._write_manifests(final=True)
+        with self._manifest_lock:
+            if self._finalized:  # abandon() got there first: its status stands
+                return
+            self.status = status
+            self.error = error
+            self.closed = True
+            try:
+                self._write_manifests(final=True)
+            finally:
+                self.release_lock()
+
+    def abandon(self, reason: str) -> None:
+        """Mark the shard ``aborted`` with ``reason`` from another thread, when the thread that owns this writer is
+        stuck (a sink that hangs): the trace must not stay ``running``. Nothing pending is written; the stuck
+        thread's later writes cannot change the final status (it is written under the same lock)."""
+        with self._manifest_lock:
+            if self.closed:
+                return
+            self.status = "aborted"
+            self.error = reason
+            self.closed = True
+        try:
+            self._write_manifests(final=True)
+        finally:
+            self.release_lock()
+
+    def release_lock(self) -> None:
+        """Let another writer have this shard (the process exiting releases it too)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     # -- internals ----------------------------------------------------------------------------------
     def _flush_table(self, table: str) -> None:
@@ -212,29 +264,72 @@ class ShardWriter:
         if self._on_warning is not None:
             self._on_warning(message)
 
+    def _reserve_space(self) -> None:
+        """Hold back room for the final manifests, so that a disk that fills up and stays full still gets the
+        trace's last word (status, counters, how many records were dropped) instead of a ``running`` manifest
+        that hides the drops. Released at close, just before the final manifests are written."""
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            # Already full: nothing to hold back. The final write is still retried at close.
+            self._release_space()
+
+    def _release_space(self) -> None:
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+
     def _write_manifests(self, final: bool = False) -> None:
+        # The writer thread and abandon() (on the closing thread) may both write; one at a time, and nothing
+        # after the final status.
+        with self._manifest_lock:
+            if self._finalized:
+                return
+            self._finalized = final
+            self._write_manifests_locked(final)
+
+    def _write_manifests_locked(self, final: bool) -> None:
         now = time.time()
         self._shard["status"] = self.status
         self._shard["heartbeat_at"] = now
         self._shard["error"] = self.error
         if final:
             self._shard["ended_at"] = now
-        try:
-            write_json_atomic(layout.shard_dir(self.trace, self.rank) / layout.SHARD_MANIFEST, self._shard)
-            top = self.trace / layout.MANIFEST
-            # Rank 0 owns the top-level manifest and mirrors its own status there, so a single-process
-            # trace reads completely from manifest.json. Other ranks only create it if rank 0 has not yet.
-            if self.rank == 0 or not top.exists():
-                payload = dict(self._header)
-                payload.update(
-                    {
-                        "status": self.status,
-                        "rank": self.rank,
-                        "ended_at": _utc_now() if final else None,
-                        "counters": self.counters,
-                        "error": self.error,
-                    }
-                )
-                write_json_atomic(top, payload)
-        except OSError as exc:
-            self._warn_once("manifest", f"moeprobe: cannot update the manifest in {self.trace} ({exc.strerror or exc})")
+            # The reserve exists for this write; give its room back first (a failed write below is retried).
+            self._release_space()
+        attempts = 3 if final else 1
+        for attempt in range(attempts):
+            try:
+                self._write_manifest_files(final)
+                return
+            except OSError as exc:
+                if attempt + 1 < attempts and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    continue  # the space released above, or freed meanwhile by somebody else
+                self._warn_once("manifest", f"moeprobe: cannot update the manifest in {self.trace} ({exc.strerror or exc})")
+                return
+
+    def _write_manifest_files(self, final: bool) -> None:
+        # shard.json first: it holds this shard's status and counters, the reader's source of truth.
+        write_json_atomic(layout.shard_dir(self.trace, self.rank) / layout.SHARD_MANIFEST, self._shard)
+        top = self.trace / layout.MANIFEST
+        # Rank 0 owns the top-level manifest and mirrors its own status there, so a single-process
+        # trace reads completely from manifest.json. Other ranks only create it if rank 0 has not yet.
+        if self.rank == 0 or not top.exists():
+            payload = dict(self._header)
+            payload.update(
+                {
+                    "status": self.status,
+                    "rank": self.rank,
+                    "ended_at": _utc_now() if final else None,
+                    "counters": self.counters,
+                    "error": self.error,
+                }
+            )
+            write_json_atomic(top, payload)

@@ -6,6 +6,7 @@ fragment of the one-line message, so that a case fails with the *right* error, n
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -111,6 +112,87 @@ def _segment_is_directory(trace: Path) -> None:
     segment.mkdir()
 
 
+def _raw_manifest(edit: Callable[[str], str]) -> Callable[[Path], None]:
+    """Edit manifest.json as text: for values json.dumps cannot write (a 4,301-digit integer)."""
+
+    def damage(trace: Path) -> None:
+        manifest = trace / "manifest.json"
+        manifest.write_text(edit(manifest.read_text()))
+
+    return damage
+
+
+def _huge_integer(text: str) -> str:
+    data = json.loads(text)
+    data["world_size"] = 7
+    return json.dumps(data).replace('"world_size": 7', '"world_size": ' + "7" * 4301)
+
+
+def _deeply_nested(text: str) -> str:
+    data = json.loads(text)
+    data["options"] = "@@"
+    return json.dumps(data).replace('"@@"', "[" * 2000 + "]" * 2000)
+
+
+def _fifo(relative: str) -> Callable[[Path], None]:
+    def damage(trace: Path) -> None:
+        target = trace / relative if relative != "segment" else _segment(trace)
+        target.unlink()
+        os.mkfifo(target)
+
+    return damage
+
+
+def _symlink(relative: str, to: str) -> Callable[[Path], None]:
+    def damage(trace: Path) -> None:
+        target = trace / relative if relative != "segment" else _segment(trace)
+        if to == "outside":
+            # A perfectly good segment, but outside the trace: still not this trace's data.
+            outside = trace.parent / f"{trace.name}-outside.parquet"
+            shutil.copy(target, outside)
+            destination = outside
+        else:
+            destination = Path(to)
+        target.unlink()
+        target.symlink_to(destination)
+
+    return damage
+
+
+def _sparse(relative: str, size: int) -> Callable[[Path], None]:
+    def damage(trace: Path) -> None:
+        with open(trace / relative, "r+b") as handle:
+            handle.truncate(size)  # sparse: costs no disk, and would cost `size` bytes of memory to read
+
+    return damage
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _claim_rows(claimed: int) -> Callable[[bytes], bytes]:
+    """Edit the Parquet footer (Thrift compact protocol) so that the file claims ``claimed`` rows: FileMetaData's
+    num_rows (field 3, i64: header byte 0x16, zigzag varint). Row groups and data pages are left as they are."""
+
+    def edit(data: bytes) -> bytes:
+        length = int.from_bytes(data[-8:-4], "little")
+        footer = data[-8 - length : -8]
+        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        old, new = _varint(rows << 1), _varint(claimed << 1)
+        # num_rows follows the schema list and precedes the row_groups list (0x19).
+        assert footer.count(b"\x16" + old + b"\x19") == 1
+        footer = footer.replace(b"\x16" + old + b"\x19", b"\x16" + new + b"\x19")
+        return data[: -8 - length] + footer + len(footer).to_bytes(4, "little") + b"PAR1"
+
+    return edit
+
+
 # name -> (damage applied to a copy of the good trace, fragment of the expected message)
 DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
     "manifest-missing": (lambda t: (t / "manifest.json").unlink(), "without manifest.json"),
@@ -166,7 +248,68 @@ DAMAGED: dict[str, tuple[Callable[[Path], None], str]] = {
     "segment-wrong-schema": (_segment_table(pa.table({"x": [1, 2]})), "does not have the routing schema"),
     "segment-wrong-column-type": (_wrong_column_type, "does not have the routing schema"),
     "segment-is-directory": (_segment_is_directory, "corrupt or truncated"),
+    # Issue 11: hostile numbers and special files. Each must be refused in one line, without hanging or
+    # allocating what the file claims.
+    "manifest-integer-4301-digits": (_raw_manifest(_huge_integer), "not a usable manifest"),
+    "manifest-nested-2000-deep": (_raw_manifest(_deeply_nested), "nested too deeply"),
+    "manifest-is-fifo": (_fifo("manifest.json"), "not a regular file (a FIFO)"),
+    "manifest-to-dev-zero": (_symlink("manifest.json", "/dev/zero"), "not a regular file (a character device)"),
+    "manifest-sparse-1gb": (_sparse("manifest.json", 1 << 30), "larger than a manifest can be"),
+    "shard-is-fifo": (_fifo("rank=0/shard.json"), "not a regular file (a FIFO)"),
+    "segment-is-fifo": (_fifo("segment"), "segment is a FIFO, not a regular file"),
+    "segment-symlink-outside": (_symlink("segment", "outside"), "segment resolves outside the trace"),
+    "segment-to-dev-zero": (_symlink("segment", "/dev/zero"), "segment resolves outside the trace"),
+    "footer-claims-1e8-rows": (_segment_bytes(_claim_rows(10**8)), "it claims 100,000,000 rows"),
 }
+
+
+def _routing_value(column: str, value: Any, rows: int = 1) -> Callable[[Path], None]:
+    """Set ``column`` of the first ``rows`` rows of the first routing segment to ``value`` (None: NULL, written
+    under a nullable copy of the schema, which is what a foreign writer would produce)."""
+
+    def damage(trace: Path) -> None:
+        table = pq.read_table(_segment(trace))
+        schema = pa.schema([f.with_nullable(True) for f in table.schema])
+        table = table.cast(schema)
+        index = schema.get_field_index(column)
+        values = table.column(column).to_pylist()
+        values[:rows] = [value] * rows
+        pq.write_table(table.set_column(index, schema.field(index), pa.array(values, schema.field(index).type)), _segment(trace))
+
+    return damage
+
+
+# Rows whose values break the routing table's contract. The files are sound, so a command either answers with
+# the rows left out and counted (report: "invalid: N routing rows") or refuses in one line (simulate, which
+# replays every decision). name -> (damage, rows made invalid, fragment of simulate's refusal)
+INVALID_ROWS: dict[str, tuple[Callable[[Path], None], int, str]] = {
+    "expert-minus-one": (_routing_value("expert", -1), 1, "name expert -1"),
+    "expert-min-int16": (_routing_value("expert", -32768), 1, "name expert -32768"),
+    "expert-300-of-8": (_routing_value("expert", 300), 1, "name expert 300"),
+    "expert-null": (_routing_value("expert", None), 1, "NULL"),
+    "step-null": (_routing_value("step", None), 1, "NULL"),
+    "weight-null": (_routing_value("weight", None), 1, "NULL"),
+    "step-min-int32": (_routing_value("step", -(2**31), rows=2), 2, "negative step"),
+    "layer-unknown": (_routing_value("layer", 5, rows=2), 2, "layer 5, which the manifest does not list"),
+}
+
+
+@dataclass(frozen=True)
+class InvalidRowsCase:
+    name: str
+    path: Path
+    invalid: int
+    simulate_expect: str
+
+
+def make_invalid_rows(root: Path) -> list[InvalidRowsCase]:
+    root.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for name, (damage, invalid, expect) in INVALID_ROWS.items():
+        trace = _copy(root, name)
+        damage(trace)
+        cases.append(InvalidRowsCase(name, trace, invalid, expect))
+    return cases
 
 
 def make_corpus(root: Path) -> list[Case]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -64,3 +65,53 @@ def test_redact_tokens_keeps_no_token_id_on_disk(tmp_path: Path) -> None:
             assert set(table.column("token_id").to_pylist()) == {-1}, path
     for path in (tmp_path / "t").rglob("*.json"):
         assert "11, 22, 33" not in path.read_text()
+
+
+def _small_tmpfs(path: Path, size: str) -> bool:
+    """A real file system that fills up (ENOSPC, not a file-size limit); needs root and mount, else skipped."""
+    import os
+    import shutil
+
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "none", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_disk_that_stays_full_still_gets_the_final_manifest_with_its_drops(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    disk = tmp_path / "disk"
+    if not _small_tmpfs(disk, "4m"):
+        pytest.skip("needs root and mount(8) for a small tmpfs that really fills up")
+    try:
+        model = build("mixtral")
+        with moeprobe.record(model, disk / "t", flush_interval=0.05) as probe:
+            model(torch.randint(3, 96, (1, 4)))
+            # Wait (bounded) for the first segment to be on disk before the disk fills.
+            for _ in range(500):
+                if list((disk / "t" / "rank=0" / "routing").glob("*.parquet")):
+                    break
+                time.sleep(0.02)
+            # Fill the disk to the last byte, and keep it full until after close.
+            with open(disk / "filler", "wb", buffering=0) as filler:
+                for block in (65536, 1):
+                    try:
+                        while filler.write(b"\0" * block):
+                            pass
+                    except OSError:
+                        pass
+            for _ in range(3):
+                model(torch.randint(3, 96, (8, 32)))
+        on_disk = json.loads((disk / "t" / "manifest.json").read_text())
+        shard = json.loads((disk / "t" / "rank=0" / "shard.json").read_text())
+        assert on_disk["status"] == shard["status"] == "complete"
+        assert shard["counters"]["dropped"].get("disk_full", 0) >= 3 * 8 * 32 * 2 * 2
+        assert on_disk["counters"]["dropped"] == shard["counters"]["dropped"]
+        result = subprocess.run([PYTHON, "-m", "moeprobe", "inspect", str(disk / "t")], capture_output=True, text=True,
+                                env=run_cli_env(), timeout=60)
+        assert result.returncode == 0 and "disk_full" in result.stdout, result.stdout + result.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -24,9 +24,16 @@ from moeprobe.cli.main import main as cli_main
 from moeprobe.traces.errors import TraceError
 from moeprobe.traces.reader import TraceReader
 from tests.conftest import PYTHON, ROOT, run_cli_env
-from tests.data.bad_traces import GOOD, Case, make_corpus, restore_permissions
+from tests.data.bad_traces import GOOD, Case, InvalidRowsCase, make_corpus, make_invalid_rows, restore_permissions
 
+# Every command that takes a trace path. One more (issue 13's `import`) is one more entry here and, if it does not
+# take the trace as its only positional argument, one more entry in ARGV.
 COMMANDS = ("inspect", "report", "simulate")
+ARGV: dict[str, list[str]] = {}
+
+
+def _argv(command: str, path: Path) -> list[str]:
+    return [command, *ARGV.get(command, []), str(path)]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +72,7 @@ def test_every_command_refuses_every_bad_trace_in_one_line(corpus: list[Case], c
     for case in corpus:
         if command == "inspect" and case.data_only:
             continue
-        problems.append(_problem(command, case, *_run([command, str(case.path)])))
+        problems.append(_problem(command, case, *_run(_argv(command, case.path))))
     assert [p for p in problems if p] == []
 
 
@@ -120,6 +127,60 @@ def test_bad_traces_in_a_real_process_are_one_line_and_exit_1(corpus: list[Case]
                             env=run_cli_env(), timeout=60)
     assert _problem(command, case, result.returncode, result.stdout, result.stderr) is None
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def invalid_rows(tmp_path_factory: pytest.TempPathFactory) -> list[InvalidRowsCase]:
+    return make_invalid_rows(tmp_path_factory.mktemp("invalid") / "corpus")
+
+
+def test_rows_that_break_the_routing_contract_are_counted_or_refused(invalid_rows: list[InvalidRowsCase]) -> None:
+    # Expert ids -1, -32768 and 300 of 8, NULLs in non-null columns, step -2**31, a layer the manifest does not
+    # list: the report leaves the rows out of every figure and says how many; simulate (which replays every
+    # decision) refuses in one line; inspect reads footers only and shows the trace. Never an IndexError.
+    rc, out, err = _run(["report", str(GOOD), "--json"])
+    assert rc == 0, err
+    good = json.loads(out)["overall"]["decisions"]
+    problems = []
+    for case in invalid_rows:
+        rc, out, err = _run(["report", str(case.path), "--json"])
+        if rc != 0:
+            problems.append(f"{case.name}: report --json exit {rc}: {err.strip()[:200]}")
+            continue
+        overall = json.loads(out)["overall"]
+        if (overall["invalid_decisions"], overall["decisions"]) != (case.invalid, good - case.invalid):
+            problems.append(f"{case.name}: invalid {overall['invalid_decisions']}, decisions {overall['decisions']} "
+                            f"(expected {case.invalid}, {good - case.invalid})")
+        rc, out, err = _run(["report", str(case.path)])
+        if rc != 0 or f"invalid: {case.invalid} routing rows left out" not in out:
+            problems.append(f"{case.name}: report exit {rc}, no 'invalid:' line: {err.strip()[:200]}")
+        rc, out, err = _run(["simulate", str(case.path)])
+        problems.append(_problem("simulate", Case(case.name, case.path, case.simulate_expect), rc, out, err))
+        rc, out, err = _run(["inspect", str(case.path)])
+        if rc != 0:
+            problems.append(f"{case.name}: inspect exit {rc}: {err.strip()[:200]}")
+    assert [p for p in problems if p] == []
+
+
+def test_tui_screens_show_traces_with_invalid_rows(invalid_rows: list[InvalidRowsCase]) -> None:
+    import asyncio
+
+    asyncio.run(_tui_screens_show(next(c for c in invalid_rows if c.name == "expert-min-int16").path))
+
+
+async def _tui_screens_show(path: Path) -> None:
+    from moeprobe.tui.app import MoeprobeApp
+    from moeprobe.tui.screens.layer import LayerScreen
+    from moeprobe.tui.screens.overview import OverviewScreen
+    from moeprobe.tui.screens.tokens import TokensScreen
+    from tests.tui.helpers import loaded, open_screen, wait_for
+
+    app = MoeprobeApp([path])
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, lambda: loaded(app, OverviewScreen), what="overview")
+        for key, screen_type in (("2", LayerScreen), ("4", TokensScreen)):
+            screen = await open_screen(pilot, key, screen_type)  # times out if the fetch failed
+            assert screen._note == ""  # no failed query on the banner
 
 
 # -- property tests ---------------------------------------------------------------------------------------

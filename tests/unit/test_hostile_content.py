@@ -33,8 +33,12 @@ UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "
 UNSAFE_CALLS = {"eval", "exec", "__import__"}
 UNSAFE_ATTRIBUTES = {("torch", "load"), ("np", "load"), ("numpy", "load"), ("pd", "read_pickle"), ("pandas", "read_pickle")}
 
-# Quotes, Rich/Textual markup, an OSC title change, an SGR colour, a screen clear, newline, tab, CR, NUL, DEL.
-HOSTILE = "it's \"q\" [/] [bold]b[/bold] \x1b]0;pwned\x07 \x1b[31mred\x1b[0m \x1b[2J\nnew\tline\r\x00nul\x7f"
+# Quotes, Rich/Textual markup, an OSC title change, an SGR colour, a screen clear, newline, tab, CR, NUL, DEL,
+# a right-to-left override and a line separator (not control codes, but they reorder or break the line shown).
+HOSTILE = ("it's \"q\" [/] [bold]b[/bold] \x1b]0;pwned\x07 \x1b[31mred\x1b[0m \x1b[2J\nnew\tline\r\x00nul\x7f"
+           " \u202eevil\u2028next")
+# What a trace may put in a layer's name or scoring: an OSC 0 window title, an OSC 52 clipboard write, a clear.
+TERMINAL_ATTACK = "\x1b]0;owned\x07\x1b]52;c;ZWNobyBoaQ==\x07\x1b[2J\x1b[H"
 
 
 def _calls_and_imports(tree: ast.AST) -> list[str]:
@@ -84,6 +88,7 @@ def test_the_scan_would_see_them() -> None:
 
 
 # -- the SQL console -------------------------------------------------------------------------------------
+# Statements that are not one SELECT: DuckDB's parser names their type and the console refuses them unrun.
 REFUSED = [
     "INSERT INTO routing VALUES (1)", "UPDATE routing SET expert = 0", "DELETE FROM routing", "DROP VIEW routing",
     "CREATE TABLE x AS SELECT 1", "ALTER VIEW routing RENAME TO r", "TRUNCATE routing",
@@ -92,8 +97,9 @@ REFUSED = [
     "INSTALL httpfs", "LOAD httpfs", "INSTALL 'x' FROM 'http://evil'", "SET threads = 1", "RESET threads",
     "PRAGMA enable_profiling", "CALL pragma_version()", "CHECKPOINT", "VACUUM",
     "SELECT 1; DELETE FROM routing", "SELECT 1 /* a comment */; DROP VIEW routing", "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x",
-    "SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM read_text('/etc/passwd')", "SELECT * FROM glob('/*')",
-    "SELECT getenv('HOME')", "SELECT * FROM '/etc/passwd'", "SELECT * FROM routing JOIN 'x.csv' USING (step)",
+    # The lexical guard this replaces let these two through: '--' inside a literal, and an E'' escape.
+    "SELECT '--'; DROP VIEW routing", "SELECT E'\\''; DROP VIEW routing -- '",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO 'x.csv'", "CREATE OR REPLACE VIEW routing AS SELECT 42",
 ]
 
 
@@ -104,7 +110,8 @@ def test_console_guard_refuses(query: str) -> None:
 
 
 @pytest.mark.parametrize("query", ["SELECT 'DROP TABLE routing; ATTACH' AS text", "-- DROP\nSELECT 1",
-                                   "select count(*) from routing", "DESCRIBE routing", "SUMMARIZE routing"])
+                                   "select count(*) from routing", "DESCRIBE routing", "SUMMARIZE routing",
+                                   "FROM routing LIMIT 1", "SHOW TABLES", "SELECT '--' AS dashes;"])
 def test_console_guard_allows_reads_and_words_inside_literals(query: str) -> None:
     check_read_only(query)
 
@@ -113,7 +120,8 @@ def _hostile_trace(tmp_path: Path) -> Path:
     # The path itself carries quotes, markup, an escape sequence and a newline.
     path = tmp_path / "run 'q\" [b]x[/b] \x1b]0;t\x07\nline"
     layers = layer_meta(2, 4, 2)
-    layers[0]["name"] = "model.[/]layers\x1b[2J.0"
+    layers[0]["name"] = "model.[/]layers\x1b[2J.0" + TERMINAL_ATTACK
+    layers[0]["scoring"] = "softmax" + TERMINAL_ATTACK + "\u202e"
     write_trace(
         path,
         {
@@ -126,22 +134,78 @@ def _hostile_trace(tmp_path: Path) -> Path:
     return path
 
 
-def test_console_connection_cannot_reach_other_files(tmp_path: Path) -> None:
-    # Places where DuckDB reads a quoted file name as a table that a lexical guard can miss: the connection
-    # itself refuses them once the console has run a query.
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_console_cannot_write_read_other_files_or_forge_views(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What matters is checked, not error strings: nothing is written (in the trace, in the working directory where
+    # DuckDB keeps its ./.tmp), no other file's content comes back, and the views every screen reads are unchanged.
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
     secret = tmp_path / "secret.csv"
     secret.write_text("password\nhunter2\n")
-    trace = moeprobe.open_trace(_hostile_trace(tmp_path))
+    path = _hostile_trace(tmp_path)
+    trace = moeprobe.open_trace(path)
+    before = _snapshot(path)
+    segment = next(iter(sorted(path.rglob("*.parquet"))))
+    manifest = path / "manifest.json"
+    attacks = [
+        f"SELECT * FROM read_csv('{secret}')", f"SELECT * FROM read_text('{secret}')", f"SELECT * FROM '{secret}'",
+        f"DESCRIBE '{secret}'", f"SUMMARIZE '{secret}'", f"SELECT * FROM ('{secret}')", f"SELECT * FROM routing, ('{secret}')",
+        f"SELECT * FROM read_text('{manifest}')", f"SELECT * FROM glob('{tmp_path}/*')", "SELECT * FROM glob('/*')",
+        "SELECT getenv('HOME')", "SELECT * FROM read_csv('/etc/passwd')",
+        f"COPY (SELECT 1) TO '{manifest}'", f"COPY (SELECT 42 AS x) TO '{segment}' (FORMAT parquet, USE_TMP_FILE false)",
+        f"COPY routing TO '{path}/rank=0/routing/999999.parquet' (FORMAT parquet)", f"ATTACH '{path}/x.db' AS x",
+        "CREATE OR REPLACE VIEW routing AS SELECT 42", "SELECT '--'; DROP VIEW routing",
+        "SELECT * FROM query('CREATE OR REPLACE VIEW routing AS SELECT 42')",
+        "SET enable_external_access = true", "SET temp_directory = '.tmp'",
+        # Big enough to spill if spilling were possible: it must not create ./.tmp.
+        "SELECT i FROM range(3000000) t(i) ORDER BY i DESC LIMIT 1",
+    ]
+    leaked = []
+    for query in attacks:
+        try:
+            result = run_sql(trace, query)
+        except (ReadOnlyError, QueryError):
+            continue
+        if "hunter2" in repr(result.rows) or "moeprobe" in repr(result.rows) or "root:" in repr(result.rows):
+            leaked.append(query)
+        if "/" in repr(result.rows) and "glob" in query:
+            leaked.append(query)
+    assert leaked == []
+    assert _snapshot(path) == before
+    assert list(work.iterdir()) == []
+    # Both the console and the analyses still see the trace's own data: 8 decisions, no forged view.
     assert run_sql(trace, "select count(*) from routing").rows == (("8",),)
-    for query in (f"DESCRIBE '{secret}'", f"SUMMARIZE '{secret}'", f"SELECT * FROM ('{secret}')",
-                  f"SELECT * FROM routing, ('{secret}')"):
-        check_read_only(query)  # the guard lets these through ...
-        with pytest.raises(QueryError, match="Permission Error"):
-            run_sql(trace, query)  # ... and the connection does not
-    with pytest.raises(duckdb.Error, match="locked"):
-        trace.connection.execute("SET enable_external_access = true")  # locked, even from Python
-    # The trace's own data still reads, and still refreshes.
+    assert trace.sql("select count(*) from routing").column(0).to_pylist() == [8]
     assert trace.summary()["overall"]["decisions"] == 8
+    with pytest.raises(duckdb.Error, match="locked"):
+        trace.console_connection.execute("SET enable_external_access = true")  # locked, even from Python
+    trace.close()
+
+
+def test_console_after_refresh_reads_new_segments_and_analyses_stay_unrestricted(tmp_path: Path) -> None:
+    path = _hostile_trace(tmp_path)
+    trace = moeprobe.open_trace(path)
+    assert run_sql(trace, "select count(*) from routing").rows == (("8",),)
+    # The analyses' connection was never locked: it still reads files of its own choosing.
+    other = tmp_path / "other.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1, 2, 3]}), other)
+    assert trace.sql(f"select count(*) from '{other}'").column(0).to_pylist() == [3]
+    # A segment written since the console's connection was made, as a live writer adds one (and counts it in
+    # shard.json): the refreshed console reads it, though the old connection's allowed_paths did not list it.
+    pq.write_table(routing_table(np.array([[0, 1]])), path / "rank=0" / "routing" / "000001.parquet")
+    shard = path / "rank=0" / "shard.json"
+    data = json.loads(shard.read_text())
+    data["counters"]["segments"]["routing"] += 1
+    shard.write_text(json.dumps(data))
+    trace.refresh()
+    assert run_sql(trace, "select count(*) from routing").rows == (("10",),)
     trace.close()
 
 
@@ -154,7 +218,8 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 
 def _controls(text: str) -> list[str]:
-    return sorted({hex(ord(c)) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0})
+    reorder = {0x202E, 0x2028, 0x2029, 0x200F, 0x2066, 0x2067, 0x2068, 0x2069}
+    return sorted({hex(ord(c)) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0 or ord(c) in reorder})
 
 
 def test_hostile_values_are_stored_exactly(tmp_path: Path) -> None:
@@ -203,6 +268,7 @@ async def _tui_shows_hostile_values(tmp_path: Path) -> None:
     from textual.widgets import DataTable, Input
 
     from moeprobe.tui.app import MoeprobeApp
+    from moeprobe.tui.screens.layer import LayerScreen
     from moeprobe.tui.screens.overview import OverviewScreen
     from moeprobe.tui.screens.specialization import SpecializationScreen
     from moeprobe.tui.screens.sql import SqlScreen
@@ -213,6 +279,9 @@ async def _tui_shows_hostile_values(tmp_path: Path) -> None:
         await wait_for(pilot, lambda: loaded(app, OverviewScreen), what="overview")
         header = text_of(app.screen.query_one("#run"))
         assert "[/] [bold]b[/bold] \\x1b]0;pwned\\x07" in header and _controls(header) == []
+        layer_screen = await open_screen(pilot, "2", LayerScreen)
+        title = text_of(layer_screen.query_one("#layer-title"))
+        assert _controls(title) == [] and "\\x1b]52;c;" in title and "\\u202e" in title
         await open_screen(pilot, "3", SpecializationScreen)
         await pilot.press("5")
         await wait_for(pilot, lambda: isinstance(app.screen, SqlScreen), what="SQL screen")

@@ -67,10 +67,11 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
     meta = next(m for m in trace.layers if int(m["index"]) == index)
     experts, top_k = int(meta["num_experts"]), int(meta["top_k"])
     ctx = trace.context(Filters(layers=(index,)))
+    routing = ctx.sources()["routing"]  # valid rows only (see Context.valid_routing)
 
     counts_only = ctx.mode == "counts"
     # A counts trace has per-step expert loads (the loads table), not one row per routing choice.
-    table, n = ("loads", "sum(tokens)") if counts_only else ("routing", "count(*)")
+    table, n = ("loads", "sum(tokens)") if counts_only else (routing, "count(*)")
     got = ctx.run(f"SELECT expert, {n} AS n FROM {table} WHERE layer = {index} GROUP BY ALL")
     counts = np.zeros(experts, np.int64)
     ok = got["expert"] < experts

@@ -72,9 +72,10 @@ def quick_overview(trace: Trace) -> Overview:
     when the full pass arrives; only MaxVio_batch and the sparklines are left for it.
     """
     ctx = trace.context()
-    # A counts trace has its per-expert loads in the loads table instead of one row per routing choice.
+    # A counts trace has its per-expert loads in the loads table instead of one row per routing choice; routing
+    # rows are the valid ones only (see Context.valid_routing).
     source = "SELECT layer, expert, sum(tokens) AS n FROM loads GROUP BY ALL" if ctx.mode == "counts" else \
-        "SELECT layer, expert, count(*) AS n FROM routing GROUP BY ALL"
+        f"SELECT layer, expert, count(*) AS n FROM {ctx.sources()['routing']} GROUP BY ALL"
     got = ctx.run(source)
     rows = []
     for meta in trace.layers:

@@ -51,9 +51,10 @@ def sequences(trace: Trace) -> list[SequenceInfo]:
     if not trace.layers:
         return []
     first_layer = min(int(m["index"]) for m in trace.layers)
-    got = trace.context().run(
+    ctx = trace.context()
+    got = ctx.run(
         "WITH s AS (SELECT rank, sequence, count(DISTINCT position) AS tokens, min(step) AS first_step, "
-        f"max(step) AS last_step FROM routing WHERE layer = {first_layer} AND k = 0 GROUP BY ALL), "
+        f"max(step) AS last_step FROM {ctx.sources()['routing']} WHERE layer = {first_layer} AND k = 0 GROUP BY ALL), "
         "t AS (SELECT rank, sequence, string_agg(key || '=' || value, ' ' ORDER BY key) AS tags FROM tags GROUP BY ALL) "
         "SELECT s.*, coalesce(t.tags, '') AS tags FROM s LEFT JOIN t USING (rank, sequence) "
         "ORDER BY first_step, rank, sequence"
@@ -69,8 +70,9 @@ def sequences(trace: Trace) -> list[SequenceInfo]:
 
 def sequence_tokens(trace: Trace, info: SequenceInfo, decoder: Callable[[int], str] | None = None) -> SequenceTokens:
     """The sequence's tokens and routes; with ``decoder`` (see ``tui.decoding``) also each token's text."""
-    got = trace.context().run(
-        "SELECT position, token_id, step, phase, layer, k, expert, weight FROM routing "
+    ctx = trace.context()
+    got = ctx.run(
+        f"SELECT position, token_id, step, phase, layer, k, expert, weight FROM {ctx.sources()['routing']} "
         f"WHERE rank = {int(info.rank)} AND sequence = {int(info.sequence)} ORDER BY position, layer, k"
     )
     tokens: list[Token] = []

@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.events import Resize
 from textual.widgets import Static
 
+from ...safe_text import printable
 from ..queries.layer import LayerDetail, Timing, layer_detail
 from ..render import number
 from ..widgets.heatmap import HeatMap, HeatRow
@@ -94,7 +95,8 @@ class LayerScreen(TraceScreen):
             "  MaxVio ", (number(data.maxvio), "bold"), (f" (random {number(data.random_maxvio)})", "dim"),
             "  CV ", (number(data.cv), "bold"), (f" (random {number(data.random_cv)})", "dim"),
             "  dead ", (str(len(data.dead)), "bold red" if data.dead else "bold"),
-            f"  · {data.experts} experts, top-{data.top_k} {data.scoring} · ", (data.name, "dim"),
+            # Name and scoring come from the trace: escaped, never sent to the terminal as they are.
+            f"  · {data.experts} experts, top-{data.top_k} {printable(data.scoring)} · ", (printable(data.name), "dim"),
             no_wrap=True, overflow="ellipsis",
         )
         self.query_one("#layer-title", Static).update(title)

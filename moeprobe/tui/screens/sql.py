@@ -48,7 +48,7 @@ class SqlScreen(TraceScreen):
         self._status(Text.assemble(
             "views: routing, steps, latency, tags, scores, bias. ",
             ("Enter", "bold"), " runs (empty: the example), ", ("Esc", "bold"), " leaves the editor so 1-6 switch "
-            "screens, ", ("/", "bold"), " comes back. Read-only: SELECT, WITH, DESCRIBE, SHOW, EXPLAIN.",
+            "screens, ", ("/", "bold"), " comes back. Read-only: SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE.",
         ))
         self.query_one(Input).focus()
 
@@ -68,7 +68,7 @@ class SqlScreen(TraceScreen):
 
             check_read_only(text)
         except ReadOnlyError as exc:
-            self._status(Text(f"✗ {exc}", style="bold red"))
+            self._status(Text(f"✗ {printable(exc)}", style="bold red"))
             return
         self.query_text = text
         if not self.history or self.history[-1] != text:
