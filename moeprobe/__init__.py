@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .analysis.session import Trace, open_trace
     from .hooks.probe import Probe, record
     from .hooks.spec import RouterSpec, UnsupportedModelError
+    from .metrics.options import MetricsOptions
 
 # name -> module that defines it; loaded on first attribute access (PEP 562) so that importing the
 # package does not pull in torch.
@@ -33,6 +34,7 @@ _LAZY = {
     "UnsupportedModelError": "moeprobe.hooks.spec",
     "open_trace": "moeprobe.analysis.session",
     "Trace": "moeprobe.analysis.session",
+    "MetricsOptions": "moeprobe.metrics.options",
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "UnsupportedModelError",
     "open_trace",
     "Trace",
+    "MetricsOptions",
     "TraceError",
     "TraceNotFoundError",
     "NotATraceError",

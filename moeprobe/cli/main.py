@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "moeprobe.cli.simulate",
     "tui": "moeprobe.cli.tui",
     "demo": "moeprobe.cli.demo",
+    "serve": "moeprobe.cli.serve",
 }
 
 DEBUG_ENV = "MOEPROBE_DEBUG"

@@ -59,19 +59,25 @@ class _Recorder:
             if handle is None:
                 return
             handle.remove()
+            from ..metrics.endpoint import MetricsEndpointError
             from ..traces.errors import TraceError
             from .probe import Probe
             from .spec import UnsupportedModelError
 
+            settings = {
+                "logits": bool(self.config.get("logits")),
+                "force": bool(self.config.get("force")),
+                "flush_interval": float(self.config.get("flush_interval", 1.0)),
+                "redact_tokens": bool(self.config.get("redact_tokens")),
+            }
+            metrics = self.config.get("metrics")
             try:
-                probe = Probe(
-                    model,
-                    self.path_for(len(self.probes)),
-                    logits=bool(self.config.get("logits")),
-                    force=bool(self.config.get("force")),
-                    flush_interval=float(self.config.get("flush_interval", 1.0)),
-                    redact_tokens=bool(self.config.get("redact_tokens")),
-                )
+                try:
+                    probe = Probe(model, self.path_for(len(self.probes)), **settings, **_metrics_settings(metrics))
+                except MetricsEndpointError as exc:
+                    # The job and its recording matter more than the endpoint: record without it.
+                    print(f"moeprobe: not serving metrics: {exc}", file=sys.stderr)
+                    probe = Probe(model, self.path_for(len(self.probes)), **settings)
             except UnsupportedModelError as exc:
                 if "no MoE router found" not in str(exc):
                     print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
@@ -81,6 +87,8 @@ class _Recorder:
                 return
             self.probes.append(probe)
             print(f"moeprobe: recording {type(model).__name__} ({len(probe.layers)} MoE layers) to {probe.path}", file=sys.stderr)
+            if probe.metrics_url is not None:
+                print(f"moeprobe: serving metrics on {probe.metrics_url}", file=sys.stderr, flush=True)
 
     def close_all(self, status: str, error: str | None = None) -> None:
         for probe in self.probes:
@@ -88,6 +96,16 @@ class _Recorder:
                 probe.close(status, error)
             except Exception as exc:  # noqa: BLE001 - one broken probe must not stop the others closing
                 print(f"moeprobe: could not close {probe.path}: {exc}", file=sys.stderr)
+
+
+def _metrics_settings(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """Probe arguments for the endpoint ``moeprobe record --metrics-port`` asked for (none when it did not)."""
+    if not metrics:
+        return {}
+    from ..metrics.options import MetricsOptions
+
+    options = {k: v for k, v in metrics.items() if k != "port"}
+    return {"metrics_port": int(metrics["port"]), "metrics": MetricsOptions(**options)}
 
 
 _recorder: _Recorder | None = None

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..metrics.live import MetricsLink as _MetricsLink
+from ..metrics.options import MetricsOptions
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
 from .context import ContextReader, TokenContext
@@ -84,9 +86,13 @@ class Probe:
         world_size: int | None = None,
         check_sync: bool = False,
         writer_class: type[ShardWriter] = ShardWriter,
+        metrics_port: int | None = None,
+        metrics: MetricsOptions | None = None,
     ) -> None:
         self.model = model
         self.layers = find_layers(model, routers)
+        if metrics_port is not None and path is None:
+            raise ValueError("metrics_port needs a trace path: the endpoint counts the rows the trace writer writes")
         self.logits = logits
         self.redact_tokens = redact_tokens
         self.path = Path(path) if path is not None else None
@@ -115,6 +121,8 @@ class Probe:
             self._loads = [torch.zeros(layer.meta["num_experts"], dtype=torch.int64, device=device) for layer in self.layers]
         self.closed = False
         self.pipeline: CapturePipeline | None = None
+        self.metrics_url: str | None = None
+        self._metrics: _MetricsLink | None = None
         if self.path is not None:
             if self.world_size == 1:
                 prepare_trace_dir(self.path, force=force)
@@ -151,13 +159,33 @@ class Probe:
                 redact_tokens=redact_tokens,
                 counters=lambda: dict(self.anomalies),
             )
+        if metrics_port is not None:
+            self._start_metrics(metrics_port, metrics or MetricsOptions())
         try:
             self._attach()
         except BaseException:
             self._detach()
             if self.pipeline is not None:
                 self.pipeline.close("aborted", "failed to attach hooks")
+            if self._metrics is not None:
+                self._metrics.close()
             raise
+
+    def _start_metrics(self, port: int, options: MetricsOptions) -> None:
+        """Serve this probe's counts; before any hook is attached, so no step can miss the counts."""
+        assert self.pipeline is not None and self.path is not None
+        try:
+            self._metrics = _MetricsLink(port, options, self.layers)
+        except BaseException:
+            # Leave nothing behind: the trace was created a moment ago by this probe and holds no record.
+            self.pipeline.close("aborted", "the metrics endpoint could not start")
+            import shutil
+
+            shutil.rmtree(self.path if self.world_size == 1 else self.path / f"rank={self.rank}", ignore_errors=True)
+            raise
+        self.pipeline.live = self._metrics.counts
+        self._metrics.connect(self.pipeline, lambda: dict(self.anomalies))
+        self.metrics_url = self._metrics.url
 
     # -- public -------------------------------------------------------------------------------------
     def tag(self, **tags: Any) -> None:
@@ -201,6 +229,8 @@ class Probe:
         finally:
             if self.pipeline is not None:
                 self.pipeline.close(status, error)
+            if self._metrics is not None:
+                self._metrics.close()
 
     def __enter__(self) -> Probe:
         return self
@@ -427,12 +457,17 @@ def record(
     redact_tokens: bool = False,
     live_loads: bool = False,
     name: str | None = None,
+    metrics_port: int | None = None,
+    metrics: MetricsOptions | None = None,
 ) -> Probe:
     """Attach a probe to ``model`` that records its routing into the trace directory ``path``.
 
     Use it as a context manager; on exit the hooks are removed and the trace is closed as ``complete``
     (or ``aborted`` if the block raised). ``path=None`` records nothing to disk; with ``live_loads=True``
     the probe then only keeps per-expert token counts on the device (see :meth:`Probe.take_loads`).
+
+    ``metrics_port`` serves Prometheus metrics on ``http://127.0.0.1:PORT/metrics`` while recording (0 picks a
+    free port, see ``probe.metrics_url``); ``metrics`` sets their options (docs/prometheus.md).
     """
     return Probe(
         model,
@@ -445,4 +480,6 @@ def record(
         redact_tokens=redact_tokens,
         live_loads=live_loads,
         name=name,
+        metrics_port=metrics_port,
+        metrics=metrics,
     )
