@@ -40,7 +40,7 @@ class TraceFollower:
         self._counts: dict[int, LiveCounts] = {}
         self._seen: set[Path] = set()
         self._errors: dict[int, int] = {}
-        self._last_problem: str | None = None
+        self._problems: set[str] = set()
         self.poll()
 
     def _counts_of(self, rank: int) -> LiveCounts:
@@ -74,11 +74,13 @@ class TraceFollower:
                 self._counts_of(rank)
 
     def _problem(self, message: str, rank: int | None) -> None:
+        """Count and report a problem once: a damaged file fails every refresh until it is gone."""
+        if message in self._problems:
+            return
+        self._problems.add(message)
         key = rank if rank is not None else min(self._counts, default=0)
         self._errors[key] = self._errors.get(key, 0) + 1
-        if message != self._last_problem:
-            self._last_problem = message
-            self._warn(message)
+        self._warn(message)
 
     def views(self) -> list[ShardView]:
         self.poll()
