@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import moeprobe
-from tests.conftest import PYTHON, run_cli_env
+from tests.conftest import PYTHON, ROOT, run_cli_env
 from tests.metrics_support import maxvio, same, scrape
 
 PROMETHEUS = shutil.which("prometheus")
@@ -164,6 +164,13 @@ def test_prometheus_scrapes_a_recording_and_its_values_equal_the_trace(tmp_path:
             )
         }
         up = _query(base, 'up{job="moeprobe"}')
+        # Every query of the Grafana dashboard parses and runs on a real Prometheus.
+        dashboard = json.loads((ROOT / "contrib" / "grafana" / "moeprobe.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$model", ".*").replace("$layer", "0").replace("$__rate_interval", "1m")
+                _query(base, expr)
+        per_layer_heat = _query(base, dashboard["panels"][0]["targets"][0]["expr"].replace("$model", ".*"))
     finally:
         release.touch()
         try:
@@ -175,6 +182,7 @@ def test_prometheus_scrapes_a_recording_and_its_values_equal_the_trace(tmp_path:
                 recording.kill()
     assert recording.returncode == 0, recording.stderr.read() if recording.stderr else ""
     assert list(up.values()) == [1.0]
+    assert len(per_layer_heat) == 4  # one heat-map row per MoE layer
 
     trace = moeprobe.open_trace(trace_dir)
     assert trace.status == "complete"
