@@ -7,6 +7,8 @@ Variants, all on the same greedy KV-cached decode loop over the bundled prompts:
   moeprobe           inside moeprobe.record(model, DIR)
   naive_hook         a forward hook on every router doing .cpu().tolist() of indices and weights
   hf_router_logits   transformers' own output_router_logits=True, kept for every step
+  moeprobe_metrics   moeprobe.record(model, DIR, metrics_port=0) while another process scrapes /metrics every
+                     --scrape-interval seconds (the endpoint's cost to the model, docs/prometheus.md)
 plus model.generate() with and without moeprobe. Rounds interleave the variants (rotating their order) so
 machine noise hits all of them alike; the ratio is median(variant) / median(baseline) within this one run.
 On CUDA the naive hook synchronises the host in every layer; moeprobe must not.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +72,17 @@ def decode_loop(model: torch.nn.Module, ids: torch.Tensor, steps: int, *, keep_r
 
 CPU_TIMES: dict[int, float] = {}
 
+# Scrapes URL every INTERVAL seconds until terminated, printing one line per answered scrape.
+SCRAPER = """
+import sys, time, urllib.request
+url, interval = sys.argv[1], float(sys.argv[2])
+while True:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        response.read()
+    print(flush=True)
+    time.sleep(interval)
+"""
+
 
 def timed(fn: Callable[[], Any], device: str) -> float:
     """Wall seconds of fn; its process CPU seconds (all threads, so the writer thread counts) are kept in
@@ -89,6 +103,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48, help="decode steps after the prefill")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core "
                         "machine, 2 OpenMP threads meeting another busy process made identical runs vary 100x)")
+    parser.add_argument("--scrape-interval", type=float, default=0.25, metavar="S",
+                        help="seconds between scrapes of the metrics endpoint (default 0.25: 60x Prometheus's default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -110,6 +126,19 @@ def main() -> None:
         closing["s"] = probe  # keep a reference for the counters
         times["moeprobe_inner"].append(t)
         cpu["moeprobe_inner"].append(inner_cpu)
+
+    def with_metrics() -> None:
+        loop = lambda: decode_loop(model, ids, args.steps)  # noqa: E731
+        with moeprobe.record(model, workdir / "m", force=True, metrics_port=0) as probe:
+            # A separate process scrapes, as Prometheus would: its parsing is not this process's work.
+            scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, probe.metrics_url, str(args.scrape_interval)],
+                                       stdout=subprocess.PIPE, text=True)
+            assert scraper.stdout is not None
+            scraper.stdout.readline()  # the first scrape answered: the endpoint is up before the loop starts
+            t = timed(loop, device)
+            scraper.terminate()
+            scrapes["n"] += int(scraper.communicate()[0].count("\n")) + 1
+        times["moeprobe_metrics_inner"].append(t)
 
     def naive_hook() -> None:
         sink: list[Any] = []
@@ -136,9 +165,11 @@ def main() -> None:
         times["generate_moeprobe_inner"].append(t)
 
     closing: dict[str, Any] = {}
+    scrapes = {"n": 0}
     variants: dict[str, Callable[[], None]] = {
         "baseline": baseline,
         "moeprobe": with_moeprobe,
+        "moeprobe_metrics": with_metrics,
         "naive_hook": naive_hook,
         "hf_router_logits": hf_router_logits,
         "generate": generate_plain,
@@ -147,12 +178,14 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     times["moeprobe_inner"] = []
     times["generate_moeprobe_inner"] = []
+    times["moeprobe_metrics_inner"] = []
     cpu: dict[str, list[float]] = {name: [] for name in times}
     for name, fn in variants.items():  # warm-up: allocator, kernels, lazy imports
         fn()
     for name in times:
         times[name].clear()
         cpu[name].clear()
+    scrapes["n"] = 0
     names = list(variants)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -173,6 +206,8 @@ def main() -> None:
         "median_s": {k: round(v, 5) for k, v in med.items()},
         "ratio": {
             "moeprobe": med["moeprobe_inner"] / med["baseline"],
+            "moeprobe + metrics endpoint": med["moeprobe_metrics_inner"] / med["baseline"],
+            "moeprobe + metrics / moeprobe": med["moeprobe_metrics_inner"] / med["moeprobe_inner"],
             "naive_hook (.cpu().tolist())": med["naive_hook"] / med["baseline"],
             "hf output_router_logits": med["hf_router_logits"] / med["baseline"],
             "generate + moeprobe": med["generate_moeprobe_inner"] / med["generate"],
@@ -180,6 +215,8 @@ def main() -> None:
         # The fastest of the interleaved rounds is the run least disturbed by the rest of the machine.
         "best_ratio": {
             "moeprobe": best["moeprobe_inner"] / best["baseline"],
+            "moeprobe + metrics endpoint": best["moeprobe_metrics_inner"] / best["baseline"],
+            "moeprobe + metrics / moeprobe": best["moeprobe_metrics_inner"] / best["moeprobe_inner"],
             "naive_hook (.cpu().tolist())": best["naive_hook"] / best["baseline"],
             "hf output_router_logits": best["hf_router_logits"] / best["baseline"],
             "generate + moeprobe": best["generate_moeprobe_inner"] / best["generate"],
@@ -187,12 +224,15 @@ def main() -> None:
         "cpu_ratio": {
             # whole `with` block incl. attach, close and the writer thread's final flush
             "moeprobe (incl. attach, writer, close)": statistics.median(cpu["moeprobe"]) / statistics.median(cpu["baseline"]),
+            "moeprobe + metrics (incl. endpoint start/stop, serving)": statistics.median(cpu["moeprobe_metrics"]) / statistics.median(cpu["baseline"]),
             "naive_hook (.cpu().tolist())": statistics.median(cpu["naive_hook"]) / statistics.median(cpu["baseline"]),
             "hf output_router_logits": statistics.median(cpu["hf_router_logits"]) / statistics.median(cpu["baseline"]),
             "generate + moeprobe (incl. attach, writer, close)": statistics.median(cpu["generate_moeprobe"]) / statistics.median(cpu["generate"]),
         },
         "moeprobe_attach_and_close_s": med["moeprobe"] - med["moeprobe_inner"],
         "dropped": closing["s"].stats.get("dropped"),
+        "scrapes_per_round": scrapes["n"] / args.rounds,
+        "scrape_interval_s": args.scrape_interval,
     }
     if args.json:
         print(json.dumps(results, indent=1))
@@ -208,6 +248,7 @@ def main() -> None:
     for name, ratio in results["cpu_ratio"].items():
         print(f"    {name:<48} {ratio:6.3f}x baseline")
     print(f"  moeprobe attach + close (once per job): {results['moeprobe_attach_and_close_s'] * 1000:.1f} ms; dropped: {results['dropped'] or 'none'}")
+    print(f"  metrics endpoint: {results['scrapes_per_round']:.1f} scrapes per round, one every {args.scrape_interval} s")
 
 
 if __name__ == "__main__":

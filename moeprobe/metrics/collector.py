@@ -92,7 +92,8 @@ def shard_families(out: Families, view: ShardView, options: MetricsOptions) -> N
     )
     out.counter(
         "moeprobe_ignored_records",
-        "Routing or latency rows naming a layer or expert the trace's manifest does not have; left out of every metric.",
+        "Routing or latency rows left out of every metric: they name a layer or expert the manifest does not have, "
+        "or their batch could not be counted.",
         SHARD,
     ).add_metric(shard, counts.ignored_rows)
     if health.read_errors is not None:

@@ -12,6 +12,7 @@ age of the recording.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ import pyarrow as pa
 # ms) to a MoE block on a CPU (tens of ms).
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05)
 DEFAULT_WINDOW_STEPS = 128
+# The window ring holds window_steps x layers x experts int64 counts: 1.9 M cells (15 MB) for DeepSeek-V3 at the
+# default window. Past this many cells (128 MB) a manifest is refused rather than allowed to exhaust memory.
+MAX_WINDOW_CELLS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,13 @@ def layer_shapes(layers: Sequence[Mapping[str, Any]]) -> tuple[LayerShape, ...]:
     """The manifest's layer entries as shapes, checked: a metric over a wrong expert count would be wrong."""
     shapes = []
     for entry in layers:
-        index, experts, top_k = int(entry["index"]), int(entry["num_experts"]), int(entry["top_k"])
-        if index < 0 or experts < 1 or top_k < 1:
-            raise ValueError(f"layer entry {entry!r} has no usable index, num_experts and top_k")
+        try:
+            index, experts, top_k = int(entry["index"]), int(entry["num_experts"]), int(entry["top_k"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"a MoE layer entry of the manifest has no usable index, num_experts and top_k ({exc!r})") from exc
+        # Expert and layer columns are int16 in the trace: anything outside cannot be a real layer.
+        if not (0 <= index < 1 << 15 and 1 <= experts <= 1 << 15 and top_k >= 1):
+            raise ValueError(f"MoE layer entry with index {index}, {experts} experts, top-{top_k} is out of range")
         shapes.append(LayerShape(index, experts, top_k))
     if len({s.index for s in shapes}) != len(shapes):
         raise ValueError("the manifest names a MoE layer index twice")
@@ -84,6 +92,11 @@ class LiveCounts:
         self.window_steps = window_steps
         n = len(self.layers)
         self._experts_max = max((s.experts for s in self.layers), default=1)
+        if window_steps * n * self._experts_max > MAX_WINDOW_CELLS:
+            raise ValueError(
+                f"a window of {window_steps} steps over {n} layers x {self._experts_max} experts needs "
+                f"{window_steps * n * self._experts_max:,} counters; use fewer window steps"
+            )
         max_index = max((s.index for s in self.layers), default=-1)
         self._row_of = np.full(max_index + 2, -1, np.int64)  # layer index -> row; last entry for out-of-range
         for row, shape in enumerate(self.layers):
@@ -101,16 +114,25 @@ class LiveCounts:
         self._lat_buckets = {name: np.zeros((n, buckets), np.int64) for name in ("router", "block")}
         self._lat_sum = {name: np.zeros(n, np.float64) for name in ("router", "block")}
         self._ignored = 0
+        self._warned = False
 
     # -- feeding (writer thread or follower) -----------------------------------------------------------
     def add(self, table: str, data: pa.Table) -> None:
         """Count one batch of rows of ``table`` (trace schema); tables other than routing and latency are ignored."""
         if data.num_rows == 0:
             return
-        if table == "routing":
-            self._add_routing(data)
-        elif table == "latency":
-            self._add_latency(data)
+        try:
+            if table == "routing":
+                self._add_routing(data)
+            elif table == "latency":
+                self._add_latency(data)
+        except Exception as exc:  # noqa: BLE001 - the writer thread calls this: a metrics bug must not cost records
+            with self._lock:
+                self._ignored += data.num_rows
+            if not self._warned:
+                self._warned = True
+                print(f"moeprobe: metrics could not count a {table} batch ({type(exc).__name__}: {exc}); "
+                      "its rows are counted in moeprobe_ignored_records_total", file=sys.stderr)
 
     def _rows_of(self, layer: np.ndarray) -> np.ndarray:
         """Row of each layer index, -1 for an index the manifest does not have."""
@@ -149,10 +171,14 @@ class LiveCounts:
         recent = step > self._newest - w
         if not recent.any():
             return
-        steps, which = np.unique(step[recent], return_inverse=True)
+        # Steps in the window are newest - w + 1 .. newest: their offset from the oldest is a dense index, which
+        # avoids sorting the batch (np.unique) on every flush.
+        oldest = self._newest - w + 1
+        offset = step[recent] - oldest
         width = self._ring.shape[1]
-        per_step = np.bincount(which * width + cell[recent], minlength=len(steps) * width).reshape(len(steps), width)
-        for s, counts in zip(steps.tolist(), per_step):
+        per_step = np.bincount(offset * width + cell[recent], minlength=w * width).reshape(w, width)
+        present = np.flatnonzero(np.bincount(offset, minlength=w))
+        for s, counts in zip((present + oldest).tolist(), per_step[present]):
             slot = s % w
             if self._ring_step[slot] != s:
                 if self._ring_step[slot] > s:

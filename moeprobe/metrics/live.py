@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .counts import LiveCounts
-from .endpoint import acquire, release
+from .endpoint import MetricsEndpointError, acquire, release
 from .options import Health, MetricsOptions, ShardView, heartbeat_age
 
 
@@ -19,7 +19,10 @@ class MetricsLink:
     """One probe's place on this process's metrics endpoint."""
 
     def __init__(self, port: int, options: MetricsOptions, layers: Sequence[Any]) -> None:
-        self.counts = LiveCounts([layer.manifest_entry() for layer in layers], window_steps=options.window_steps)
+        try:
+            self.counts = LiveCounts([layer.manifest_entry() for layer in layers], window_steps=options.window_steps)
+        except ValueError as exc:
+            raise MetricsEndpointError(f"cannot count this model's metrics: {exc}") from exc
         self._endpoint = acquire(port, options)
         self._key: int | None = None
         self._pipeline: Any = None

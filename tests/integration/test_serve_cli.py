@@ -15,7 +15,7 @@ from moeprobe.traces import ShardWriter, prepare_trace_dir
 from moeprobe.traces.schema import TABLES
 from tests.conftest import PYTHON, run_cli_env
 from tests.metrics_support import Samples, expected_counts, maxvio, same, scrape, value
-from tests.support import layer_meta, routing_table
+from tests.support import layer_meta, routing_table, write_trace
 
 EXPERTS = 4
 
@@ -126,6 +126,11 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path: Path, good_trace: Path) -
         taken = _run("serve", str(good_trace), "--port", str(busy.getsockname()[1]))
     assert taken.returncode == 1 and "cannot serve metrics on 127.0.0.1" in taken.stderr
     assert len(taken.stderr.splitlines()) == 1, taken.stderr
+
+    hostile = tmp_path / "hostile"
+    write_trace(hostile, {}, layers=layer_meta(600, 32767, 8))  # a valid manifest whose window would take GBs
+    refused = _run("serve", str(hostile), "--port", "0")
+    assert refused.returncode == 1 and "fewer window steps" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
     for args in (["--port", "70000"], ["--port", "0", "--top-n", "-1"], ["--port", "0", "--ep-size", "0"], []):
         usage = _run("serve", str(good_trace), *args)

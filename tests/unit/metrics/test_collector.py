@@ -123,6 +123,23 @@ def test_rows_outside_the_manifest_are_left_out_and_counted() -> None:
     assert value(samples, "moeprobe_ignored_records_total", model="m", rank=0) == 6
 
 
+def test_a_batch_that_cannot_be_counted_is_left_out_counted_and_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
+    counts = LiveCounts(LAYERS)
+    counts.add("routing", pa.table({"step": [0, 1, 2]}))  # not the routing schema
+    counts.add("routing", pa.table({"step": [3]}))
+    assert counts.snapshot().ignored_rows == 4
+    assert counts.snapshot().tokens.sum() == 0
+    assert capsys.readouterr().err.count("metrics could not count a routing batch") == 1
+
+
+def test_manifests_that_cannot_be_counted_are_refused() -> None:
+    for layers in ([{"index": 0}], [{"index": 0, "num_experts": "x", "top_k": 2}], [{"index": 0, "num_experts": 10**6, "top_k": 2}]):
+        with pytest.raises(ValueError):
+            LiveCounts(layers)
+    with pytest.raises(ValueError, match="fewer window steps"):
+        LiveCounts(layer_meta(600, 32768, 8))
+
+
 def test_latency_buckets_are_less_or_equal_and_skip_missing_marks() -> None:
     bound_ms = LATENCY_BUCKETS_S[3] * 1000  # exactly on a bound: belongs to that bucket (le)
     latency = pa.table(
