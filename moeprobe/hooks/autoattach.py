@@ -59,25 +59,20 @@ class _Recorder:
             if handle is None:
                 return
             handle.remove()
-            from ..metrics.endpoint import MetricsEndpointError
             from ..traces.errors import TraceError
             from .probe import Probe
             from .spec import UnsupportedModelError
 
-            settings = {
-                "logits": bool(self.config.get("logits")),
-                "force": bool(self.config.get("force")),
-                "flush_interval": float(self.config.get("flush_interval", 1.0)),
-                "redact_tokens": bool(self.config.get("redact_tokens")),
-            }
-            metrics = self.config.get("metrics")
             try:
-                try:
-                    probe = Probe(model, self.path_for(len(self.probes)), **settings, **_metrics_settings(metrics))
-                except MetricsEndpointError as exc:
-                    # The job and its recording matter more than the endpoint: record without it.
-                    print(f"moeprobe: not serving metrics: {exc}", file=sys.stderr)
-                    probe = Probe(model, self.path_for(len(self.probes)), **settings)
+                probe = Probe(
+                    model,
+                    self.path_for(len(self.probes)),
+                    logits=bool(self.config.get("logits")),
+                    force=bool(self.config.get("force")),
+                    flush_interval=float(self.config.get("flush_interval", 1.0)),
+                    redact_tokens=bool(self.config.get("redact_tokens")),
+                    **_metrics_settings(self.config.get("metrics")),
+                )
             except UnsupportedModelError as exc:
                 if "no MoE router found" not in str(exc):
                     print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
@@ -99,13 +94,14 @@ class _Recorder:
 
 
 def _metrics_settings(metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """Probe arguments for the endpoint ``moeprobe record --metrics-port`` asked for (none when it did not)."""
+    """Probe arguments for the endpoint ``moeprobe record --metrics-port`` asked for (none when it did not).
+    Optional: if the endpoint cannot start after all, the job is still recorded, without it."""
     if not metrics:
         return {}
     from ..metrics.options import MetricsOptions
 
     options = {k: v for k, v in metrics.items() if k != "port"}
-    return {"metrics_port": int(metrics["port"]), "metrics": MetricsOptions(**options)}
+    return {"metrics_port": int(metrics["port"]), "metrics": MetricsOptions(**options), "metrics_optional": True}
 
 
 _recorder: _Recorder | None = None

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..metrics.endpoint import MetricsEndpointError
 from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
 from ..traces.writer import ShardWriter, prepare_trace_dir
@@ -88,6 +89,7 @@ class Probe:
         writer_class: type[ShardWriter] = ShardWriter,
         metrics_port: int | None = None,
         metrics: MetricsOptions | None = None,
+        metrics_optional: bool = False,
     ) -> None:
         self.model = model
         self.layers = find_layers(model, routers)
@@ -160,7 +162,7 @@ class Probe:
                 counters=lambda: dict(self.anomalies),
             )
         if metrics_port is not None:
-            self._start_metrics(metrics_port, metrics or MetricsOptions())
+            self._start_metrics(metrics_port, metrics or MetricsOptions(), optional=metrics_optional)
         try:
             self._attach()
         except BaseException:
@@ -171,21 +173,34 @@ class Probe:
                 self._metrics.close()
             raise
 
-    def _start_metrics(self, port: int, options: MetricsOptions) -> None:
-        """Serve this probe's counts; before any hook is attached, so no step can miss the counts."""
+    def _start_metrics(self, port: int, options: MetricsOptions, *, optional: bool) -> None:
+        """Serve this probe's counts; before any hook is attached, so no step can miss the counts.
+
+        ``optional`` (``moeprobe record``): if the endpoint cannot start, say so and record without it.
+        """
         assert self.pipeline is not None and self.path is not None
         try:
             self._metrics = _MetricsLink(port, options, self.layers)
+        except MetricsEndpointError as exc:
+            if not optional:
+                self._abandon_new_trace()
+                raise
+            print(f"moeprobe: not serving metrics: {exc}", file=sys.stderr)
+            return
         except BaseException:
-            # Leave nothing behind: the trace was created a moment ago by this probe and holds no record.
-            self.pipeline.close("aborted", "the metrics endpoint could not start")
-            import shutil
-
-            shutil.rmtree(self.path if self.world_size == 1 else self.path / f"rank={self.rank}", ignore_errors=True)
+            self._abandon_new_trace()
             raise
         self.pipeline.live = self._metrics.counts
         self._metrics.connect(self.pipeline, lambda: dict(self.anomalies))
         self.metrics_url = self._metrics.url
+
+    def _abandon_new_trace(self) -> None:
+        """Close and remove the trace this probe created a moment ago (it holds no record yet)."""
+        assert self.pipeline is not None and self.path is not None
+        self.pipeline.close("aborted", "the metrics endpoint could not start")
+        import shutil
+
+        shutil.rmtree(self.path if self.world_size == 1 else self.path / f"rank={self.rank}", ignore_errors=True)
 
     # -- public -------------------------------------------------------------------------------------
     def tag(self, **tags: Any) -> None:

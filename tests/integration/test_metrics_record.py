@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moeprobe
+from moeprobe.hooks.probe import Probe
 from moeprobe.metrics.endpoint import MetricsEndpointError
 from moeprobe.metrics.options import MetricsOptions
 from tests.conftest import PYTHON, run_cli_env
@@ -92,7 +93,7 @@ def test_two_models_in_one_process_share_one_endpoint(tmp_path: Path) -> None:
         c.close()
 
 
-def test_a_busy_port_refuses_before_recording_and_leaves_nothing(tmp_path: Path) -> None:
+def test_a_busy_port_refuses_before_recording_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = build("mixtral")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -102,6 +103,14 @@ def test_a_busy_port_refuses_before_recording_and_leaves_nothing(tmp_path: Path)
             moeprobe.record(model, tmp_path / "t", metrics_port=port)
         assert not (tmp_path / "t").exists()
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+        # What `moeprobe record` does when the port is taken after its own check: record, without the endpoint.
+        with Probe(model, tmp_path / "kept", metrics_port=port, metrics_optional=True) as probe:
+            assert probe.metrics_url is None
+            _generate(model)
+        assert "not serving metrics: cannot serve metrics on 127.0.0.1" in capsys.readouterr().err
+        kept = moeprobe.open_trace(tmp_path / "kept")
+        assert kept.status == "complete" and kept.manifest["counters"]["tokens"] == 16
 
         job = tmp_path / "job.py"
         job.write_text("raise SystemExit('the job must not run')\n")
