@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from .options import MetricsOptions, ShardView
 
@@ -103,6 +102,3 @@ def release(endpoint: Endpoint) -> None:
             del _shared[endpoint.port]
     endpoint.close()
 
-
-def describe(endpoint: Any) -> str:
-    return f"moeprobe: serving metrics on {endpoint.url}"
