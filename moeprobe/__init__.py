@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .analysis.session import Trace, open_trace
     from .hooks.probe import Probe, record
     from .hooks.spec import RouterSpec, UnsupportedModelError
+    from .metrics.endpoint import MetricsEndpointError
     from .metrics.options import MetricsOptions
 
 # name -> module that defines it; loaded on first attribute access (PEP 562) so that importing the
@@ -35,6 +36,7 @@ _LAZY = {
     "open_trace": "moeprobe.analysis.session",
     "Trace": "moeprobe.analysis.session",
     "MetricsOptions": "moeprobe.metrics.options",
+    "MetricsEndpointError": "moeprobe.metrics.endpoint",
 }
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "open_trace",
     "Trace",
     "MetricsOptions",
+    "MetricsEndpointError",
     "TraceError",
     "TraceNotFoundError",
     "NotATraceError",

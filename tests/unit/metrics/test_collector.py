@@ -227,6 +227,23 @@ def test_exposition_passes_promtool_check_metrics() -> None:
     assert result.stdout.strip() == "" and result.stderr.strip() == "", "promtool lint findings: " + result.stdout + result.stderr
 
 
+def test_the_openmetrics_exposition_parses_strictly() -> None:
+    """Prometheus asks for OpenMetrics first; prometheus_client's strict parser must accept what we send."""
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    counts = LiveCounts(LAYERS)
+    counts.add("routing", _routing(range(3), tokens_per_step=4))
+    view = ShardView("m", 0, counts.snapshot(), Health(steps=3, dropped={"new_reason": 2}, queue_bytes=0, heartbeat_age_s=0.1))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MoeCollector(lambda: [view], MetricsOptions(per_expert=True)))
+    families = {f.name: f for f in text_string_to_metric_families(openmetrics(registry).decode())}
+    assert families["moeprobe_routed_tokens"].type == "counter"
+    assert families["moeprobe_router_latency_seconds"].type == "histogram"
+    other = [s for s in families["moeprobe_capture_dropped_decisions"].samples if s.labels["reason"] == "other"]
+    assert [s.value for s in other] == [2]
+
+
 def test_options_refuse_nonsense() -> None:
     for bad in ({"top_n": -1}, {"ep_size": 0}, {"window_steps": 0}):
         with pytest.raises(ValueError):
