@@ -20,24 +20,32 @@ from tests.metrics_support import Samples, expected_counts, scrape, value, value
 from tests.tiny_models import build
 
 
-def _generate(model: torch.nn.Module, seed: int = 0) -> None:
+def _generate(model: torch.nn.Module, seed: int = 0) -> int:
+    """Generate a few tokens; returns the model's forward calls (the probe's steps)."""
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    return len(calls)
 
 
-def _until_flushed(url: str, trace_path: Path, model: str, timeout: float = 60) -> tuple[Samples, object]:
-    """The endpoint's samples once they count every routing row on disk, and those rows."""
+def _until_flushed(probe: Probe, steps: int, trace_path: Path, model: str, timeout: float = 60) -> tuple[Samples, object]:
+    """The endpoint's samples once all ``steps`` forward calls are on disk and they count its routing rows."""
+    url = probe.metrics_url
+    assert url is not None and steps > 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         trace = moeprobe.open_trace(trace_path)
         routing = trace.routing()
-        steps = trace.manifest["counters"]["steps"]
         written = trace.steps().num_rows
         trace.close()
         samples = scrape(url)
         served = sum(v for labels, v in values_of(samples, "moeprobe_routed_tokens_total") if labels["model"] == model)
-        if steps and written == steps and served == int((routing.column("k").to_numpy() == 0).sum()):
+        if written == steps and served == int((routing.column("k").to_numpy() == 0).sum()):
             return samples, routing
         time.sleep(0.05)
     raise AssertionError("the endpoint never caught up with the trace")
@@ -48,8 +56,8 @@ def test_live_counts_equal_the_trace_and_the_endpoint_stops_with_the_probe(tmp_p
     options = MetricsOptions(per_expert=True)
     with moeprobe.record(model, tmp_path / "t", metrics_port=0, metrics=options, flush_interval=0.1) as probe:
         assert probe.metrics_url is not None and probe.metrics_url.startswith("http://127.0.0.1:")
-        _generate(model)
-        samples, routing = _until_flushed(probe.metrics_url, tmp_path / "t", "MixtralForCausalLM")
+        steps = _generate(model)
+        samples, routing = _until_flushed(probe, steps, tmp_path / "t", "MixtralForCausalLM")
         url = probe.metrics_url
     for layer in (0, 1):
         labels = {"model": "MixtralForCausalLM", "rank": 0, "layer": layer}
@@ -72,10 +80,10 @@ def test_two_models_in_one_process_share_one_endpoint(tmp_path: Path) -> None:
     b = moeprobe.record(second, tmp_path / "b", metrics_port=port, name="second", flush_interval=0.1)
     try:
         assert a.metrics_url == b.metrics_url
-        _generate(first)
-        _generate(second, seed=1)
-        _until_flushed(a.metrics_url, tmp_path / "a", "first")
-        samples, _ = _until_flushed(b.metrics_url, tmp_path / "b", "second")
+        steps_a = _generate(first)
+        steps_b = _generate(second, seed=1)
+        _until_flushed(a, steps_a, tmp_path / "a", "first")
+        samples, _ = _until_flushed(b, steps_b, tmp_path / "b", "second")
         assert {labels["model"] for labels, _ in values_of(samples, "moeprobe_steps_total")} == {"first", "second"}
         a.close()
         after = scrape(b.metrics_url)
