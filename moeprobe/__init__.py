@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .analysis.session import Trace, open_trace
     from .hooks.probe import Probe, record
     from .hooks.spec import RouterSpec, UnsupportedModelError
+    from .metrics.endpoint import MetricsEndpointError
+    from .metrics.options import MetricsOptions
 
 # name -> module that defines it; loaded on first attribute access (PEP 562) so that importing the
 # package does not pull in torch.
@@ -35,6 +37,8 @@ _LAZY = {
     "UnsupportedModelError": "moeprobe.hooks.spec",
     "open_trace": "moeprobe.analysis.session",
     "Trace": "moeprobe.analysis.session",
+    "MetricsOptions": "moeprobe.metrics.options",
+    "MetricsEndpointError": "moeprobe.metrics.endpoint",
 }
 
 __all__ = [
@@ -45,6 +49,8 @@ __all__ = [
     "UnsupportedModelError",
     "open_trace",
     "Trace",
+    "MetricsOptions",
+    "MetricsEndpointError",
     "TraceError",
     "TraceNotFoundError",
     "NotATraceError",

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "moeprobe.cli.demo",
     "import": "moeprobe.cli.import_",
     "capture-server": "moeprobe.cli.capture_server",
+    "serve": "moeprobe.cli.serve",
     "completion": "moeprobe.cli.completion",
 }
 

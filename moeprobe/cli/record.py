@@ -37,8 +37,29 @@ def _parser() -> argparse.ArgumentParser:
                         "defining ROUTERS, a dict of moeprobe.RouterSpec (see README, Recording)")
     parser.add_argument("--live", action="store_true", help="open the TUI on the trace while the job runs; the job's "
                         "output goes to OUTPUT.log")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on "
+                        "http://127.0.0.1:PORT/metrics while the job records (docs/prometheus.md)")
+    from .serve import add_metric_options
+
+    add_metric_options(parser, "metrics-")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return parser
+
+
+def _check_port(port: int) -> str | None:
+    """Why the job could not serve metrics on ``port``, or None; asked before the job spends any time."""
+    import socket
+
+    from ..metrics.endpoint import HOST
+
+    if not 0 <= port <= 65535:
+        return f"--metrics-port {port} is not a TCP port (0-65535)"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            return f"cannot serve metrics on {HOST}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def _bootstrap_dir() -> str:
@@ -189,6 +210,16 @@ def main(argv: list[str]) -> int:
         raise UsageError("--max-queue-mb must be positive")
     tags = _tags(args.tag)
     routers = _routers_source(args.routers)
+    metrics = None
+    if args.metrics_port is not None:
+        from .serve import metric_options
+
+        options = metric_options(args)
+        problem = _check_port(args.metrics_port)
+        if problem is not None:
+            print(f"moeprobe record: {problem}", file=sys.stderr)
+            return 1
+        metrics = {"port": args.metrics_port, **options.__dict__}
     output = Path(args.output)
     prepare_trace_dir(output, force=args.force)  # refuse early, before the job spends any time
     output.rmdir()  # the job's probe creates it; an empty directory left behind would look like a failed trace
@@ -210,6 +241,7 @@ def main(argv: list[str]) -> int:
             "routers": routers,
             "python": sys.executable,
             "status_file": status_file,
+            "metrics": metrics,
         }
     )
     forwarded: list[int] = []

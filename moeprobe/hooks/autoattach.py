@@ -141,6 +141,7 @@ class _Recorder:
                 redact_tokens=bool(self.config.get("redact_tokens")),
                 # A contract failure stops capture and marks the trace aborted; the job runs on.
                 raise_on_refusal=False,
+                **_metrics_settings(self.config.get("metrics")),
             )
         except UnsupportedModelError as exc:
             if "no MoE router found" not in str(exc):
@@ -157,6 +158,8 @@ class _Recorder:
             probe.tag(**tags)
         self.probes.append(probe)
         print(f"moeprobe: recording {type(model).__name__} ({len(probe.layers)} MoE layers) to {probe.path}", file=sys.stderr)
+        if probe.metrics_url is not None:
+            print(f"moeprobe: serving metrics on {probe.metrics_url}", file=sys.stderr, flush=True)
         return True
 
     def install_module_hook(self) -> None:
@@ -207,6 +210,17 @@ class _Recorder:
                 probe.close(status, error)
             except Exception as exc:  # noqa: BLE001 - one broken probe must not stop the others closing
                 print(f"moeprobe: could not close {probe.path}: {exc}", file=sys.stderr)
+
+
+def _metrics_settings(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """Probe arguments for the endpoint ``moeprobe record --metrics-port`` asked for (none when it did not).
+    Optional: if the endpoint cannot start after all, the job is still recorded, without it."""
+    if not metrics:
+        return {}
+    from ..metrics.options import MetricsOptions
+
+    options = {k: v for k, v in metrics.items() if k != "port"}
+    return {"metrics_port": int(metrics["port"]), "metrics": MetricsOptions(**options), "metrics_optional": True}
 
 
 _recorder: _Recorder | None = None

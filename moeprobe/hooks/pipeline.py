@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..metrics.counts import LiveCounts
 from ..traces.schema import PHASES, TABLES
 from ..traces.writer import ShardWriter
 from .capture import LayerCapture, StepBuffer
@@ -119,9 +120,13 @@ class CapturePipeline:
         counters: Callable[[], dict[str, int]] | None = None,
         primary_stack: int | None = 0,
         close_timeout: float = CLOSE_TIMEOUT_S,
+        live: LiveCounts | None = None,
     ) -> None:
         self.writer = writer
         self.close_timeout = close_timeout
+        # Metrics endpoint counts (moeprobe.metrics): fed in _flush with the tables being written, on this
+        # thread, so the endpoint costs the model's thread nothing.
+        self.live = live
         self.clock = clock
         self.flush_interval = flush_interval
         self.max_queue_bytes = max_queue_bytes
@@ -183,6 +188,11 @@ class CapturePipeline:
         if self._queued_bytes > self._wake_bytes and not self._wake.is_set():
             self._wake.set()
         return True
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of steps submitted but not yet converted by the writer thread."""
+        return self._queued_bytes
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Write everything submitted so far (segments and manifest); True once it is on disk, False on timeout.
@@ -323,6 +333,8 @@ class CapturePipeline:
         ):
             table = columns.take()
             if table is not None:
+                if self.live is not None:
+                    self.live.add(name, table)
                 self.writer.append(name, table)
         self._sync_counters()
         self.writer.flush()

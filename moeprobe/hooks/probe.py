@@ -23,6 +23,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..metrics.endpoint import MetricsEndpointError
+from ..metrics.live import MetricsLink as _MetricsLink
+from ..metrics.options import MetricsOptions
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
 from .context import ContextReader, TokenContext
@@ -99,6 +102,9 @@ class Probe:
         writer_class: type[ShardWriter] = ShardWriter,
         raise_on_refusal: bool = True,
         close_timeout: float = CLOSE_TIMEOUT_S,
+        metrics_port: int | None = None,
+        metrics: MetricsOptions | None = None,
+        metrics_optional: bool = False,
     ) -> None:
         self.model = model
         compat.check_transformers(model)
@@ -109,6 +115,8 @@ class Probe:
         self.raise_on_refusal = raise_on_refusal
         self._experts_hooks: dict[int, Any] = {}
         self._pending_scores: dict[int, Any] = {}
+        if metrics_port is not None and path is None:
+            raise ValueError("metrics_port needs a trace path: the endpoint counts the rows the trace writer writes")
         self.logits = logits
         self.redact_tokens = redact_tokens
         self.path = Path(path) if path is not None else None
@@ -135,6 +143,8 @@ class Probe:
             self._loads = [torch.zeros(layer.meta["num_experts"], dtype=torch.int64, device=device) for layer in self.layers]
         self.closed = False
         self.pipeline: CapturePipeline | None = None
+        self.metrics_url: str | None = None
+        self._metrics: _MetricsLink | None = None
         if self.path is not None:
             if self.world_size == 1:
                 prepare_trace_dir(self.path, force=force)
@@ -176,13 +186,46 @@ class Probe:
                 counters=lambda: dict(self.anomalies),
                 close_timeout=close_timeout,
             )
+        if metrics_port is not None:
+            self._start_metrics(metrics_port, metrics or MetricsOptions(), optional=metrics_optional)
         try:
             self._attach()
         except BaseException:
             self._detach()
             if self.pipeline is not None:
                 self.pipeline.close("aborted", "failed to attach hooks")
+            if self._metrics is not None:
+                self._metrics.close()
             raise
+
+    def _start_metrics(self, port: int, options: MetricsOptions, *, optional: bool) -> None:
+        """Serve this probe's counts; before any hook is attached, so no step can miss the counts.
+
+        ``optional`` (``moeprobe record``): if the endpoint cannot start, say so and record without it.
+        """
+        assert self.pipeline is not None and self.path is not None
+        try:
+            self._metrics = _MetricsLink(port, options, self.layers)
+        except MetricsEndpointError as exc:
+            if not optional:
+                self._abandon_new_trace()
+                raise
+            print(f"moeprobe: not serving metrics: {exc}", file=sys.stderr)
+            return
+        except BaseException:
+            self._abandon_new_trace()
+            raise
+        self.pipeline.live = self._metrics.counts
+        self._metrics.connect(self.pipeline, lambda: dict(self.anomalies))
+        self.metrics_url = self._metrics.url
+
+    def _abandon_new_trace(self) -> None:
+        """Close and remove the trace this probe created a moment ago (it holds no record yet)."""
+        assert self.pipeline is not None and self.path is not None
+        self.pipeline.close("aborted", "the metrics endpoint could not start")
+        import shutil
+
+        shutil.rmtree(self.path if self.world_size == 1 else self.path / f"rank={self.rank}", ignore_errors=True)
 
     # -- public -------------------------------------------------------------------------------------
     def tag(self, **tags: Any) -> None:
@@ -236,6 +279,8 @@ class Probe:
         finally:
             if self.pipeline is not None:
                 self.pipeline.close(status, error)
+            if self._metrics is not None:
+                self._metrics.close()
         if self.refusal is not None and self.raise_on_refusal and status == "complete":
             raise self.refusal
 
@@ -507,12 +552,17 @@ def record(
     redact_tokens: bool = False,
     live_loads: bool = False,
     name: str | None = None,
+    metrics_port: int | None = None,
+    metrics: MetricsOptions | None = None,
 ) -> Probe:
     """Attach a probe to ``model`` that records its routing into the trace directory ``path``.
 
     Use it as a context manager; on exit the hooks are removed and the trace is closed as ``complete``
     (or ``aborted`` if the block raised). ``path=None`` records nothing to disk; with ``live_loads=True``
     the probe then only keeps per-expert token counts on the device (see :meth:`Probe.take_loads`).
+
+    ``metrics_port`` serves Prometheus metrics on ``http://127.0.0.1:PORT/metrics`` while recording (0 picks a
+    free port, see ``probe.metrics_url``); ``metrics`` sets their options (docs/prometheus.md).
     """
     return Probe(
         model,
@@ -525,4 +575,6 @@ def record(
         redact_tokens=redact_tokens,
         live_loads=live_loads,
         name=name,
+        metrics_port=metrics_port,
+        metrics=metrics,
     )

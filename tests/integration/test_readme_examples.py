@@ -3,7 +3,8 @@
 The README's "Analysing" and "What if" examples use ``traces/demo/...``, what ``make demo`` leaves behind. This
 test records the demo in a scratch directory and runs each command line from there, in order (a later command
 may read a trace an earlier one wrote). Synopses (``[--force]``, ``ARGS...``), commands that run a job
-(``record``) or read an engine's files or server (``import``, ``capture-server``: tested on their own), the interactive TUI and the demo itself (run once as the fixture) are left out, and the test
+(``record``), serve until stopped (``serve``) or read an engine's files or server (``import``,
+``capture-server``: tested on their own), the interactive TUI and the demo itself (run once as the fixture) are left out, and the test
 checks that what is left covers the analysis commands.
 """
 
@@ -34,7 +35,7 @@ def readme_commands() -> list[str]:
                 continue
             words = shlex.split(command)
             # record runs a job; import and capture-server read engines' files or servers (tests of their own)
-            if words[1] in ("record", "tui", "demo", "import", "capture-server") or any(w.startswith("[") or w.endswith("...") for w in words):
+            if words[1] in ("record", "tui", "demo", "import", "capture-server", "serve") or any(w.startswith("[") or w.endswith("...") for w in words):
                 continue
             if words[1] == "completion":
                 continue  # covered by tests/integration/test_cli_conventions.py
