@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..traces.schema import ROUTING
 from .filters import Filters
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ class Sample:
             "sequences": self.sequences,
             "budget": self.budget,
         }
+
+
+_NON_NULL = tuple(f.name for f in ROUTING if not f.nullable)
 
 
 class Context:
@@ -138,7 +142,8 @@ class Context:
         if not self.layers:
             return "false"
         checks = [
-            *(f"{a}.{c} IS NOT NULL" for c in ("sequence", "position", "token_id", "weight", "dropped")),
+            # The columns the schema declares non-null (weight is nullable: engine imports carry no gate weights).
+            *(f"{a}.{c} IS NOT NULL" for c in _NON_NULL if c not in ("step", "phase", "layer", "expert", "k")),
             f"{a}.step >= 0",
             f"{a}.phase IN ('prefill', 'decode')",
             f"{a}.expert >= 0 AND {a}.expert < (CASE {a}.layer {experts} END)",

@@ -41,7 +41,7 @@ class SpecializationData:
 
 def specialization(trace: Trace) -> SpecializationData:
     if trace.mode == "counts":
-        return SpecializationData(None, (), (), (), 1.0, counts_only=True)
+        return SpecializationData((), (), (), 1.0, counts_only=True)
     return _specialization(trace)
 
 
