@@ -288,7 +288,7 @@ INVALID_ROWS: dict[str, tuple[Callable[[Path], None], int, str]] = {
     "expert-300-of-8": (_routing_value("expert", 300), 1, "name expert 300"),
     "expert-null": (_routing_value("expert", None), 1, "NULL"),
     "step-null": (_routing_value("step", None), 1, "NULL"),
-    "weight-null": (_routing_value("weight", None), 1, "NULL"),
+    "position-null": (_routing_value("position", None), 1, "NULL"),  # weight may be NULL (engine imports)
     "step-min-int32": (_routing_value("step", -(2**31), rows=2), 2, "negative step"),
     "layer-unknown": (_routing_value("layer", 5, rows=2), 2, "layer 5, which the manifest does not list"),
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import signal
 import socket
 import subprocess
@@ -98,8 +100,15 @@ def test_serve_follows_a_trace_while_it_is_written(tmp_path: Path) -> None:
         writer.close("complete")
         third = scrape(url)
         assert not any(name == "moeprobe_capture_writer_lag_seconds" for name, _ in third), "a closed writer has no lag"
-        # A damaged segment appearing later is reported once and left out; what was counted keeps being served.
+        # A file no shard manifest counts is not a segment (a writer killed between rename and manifest): ignored.
         (trace / "rank=0" / "routing" / "000999.parquet").write_bytes(b"not parquet")
+        assert value(scrape(url), "moeprobe_trace_read_errors_total", model="hand-made", rank=0) == 0
+        # A damaged segment the manifest does count is reported once and left out; what was counted keeps being
+        # served.
+        shard_file = trace / "rank=0" / "shard.json"
+        shard = json.loads(shard_file.read_text())
+        shard["counters"]["segments"]["routing"] += 1
+        shard_file.write_text(json.dumps(shard))
         fourth = scrape(url)
         assert value(fourth, "moeprobe_routed_tokens_total", **labels) == 35
         assert value(fourth, "moeprobe_trace_read_errors_total", model="hand-made", rank=0) == 1
