@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/moeprobe demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 lock:
 	rm -rf .lock-venv

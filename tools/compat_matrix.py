@@ -72,7 +72,7 @@ def run(version: str) -> tuple[str, bool, str]:
         print(line)
         return found, ok, "refused in one line" if ok else f"NOT refused: {line}"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], env=_env(target), cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "pytest", "-q", "-n", "auto", "-p", "no:cacheprovider", *TESTS], env=_env(target), cwd=ROOT, capture_output=True, text=True
     )
     summary = next((line for line in reversed(result.stdout.splitlines()) if re.search(r"\d+ (passed|failed)", line)), "no summary")
     print(result.stdout[-3000:] if result.returncode else summary)
