@@ -78,9 +78,11 @@ class StuckSinkWriter(ShardWriter):
 
     stuck = threading.Event()
     release = threading.Event()
+    entered = threading.Event()  # the writer thread is inside a hanging write
 
     def _flush_table(self, table: str) -> None:
         if self.stuck.is_set() and self._pending_rows.get(table):
+            self.entered.set()
             self.release.wait(60)  # bounded: the test sets it at the end
         super()._flush_table(table)
 
@@ -90,11 +92,16 @@ def test_a_stuck_sink_drops_in_constant_memory_and_close_marks_the_trace_aborted
     ids = torch.randint(3, 96, (2, 8))
     StuckSinkWriter.stuck.clear()
     StuckSinkWriter.release.clear()
+    StuckSinkWriter.entered.clear()
     probe = Probe(model, tmp_path / "t", flush_interval=0.05, max_queue_mb=0.005, writer_class=StuckSinkWriter,
                   close_timeout=1.0)
     try:
         model(ids)
         StuckSinkWriter.stuck.set()
+        # Wait until the writer hangs in the sink (an event, not a sleep): from here on nothing leaves the queue.
+        assert probe.pipeline is not None
+        probe.pipeline.flush(timeout=0)
+        assert StuckSinkWriter.entered.wait(30)
         steps = 20
         for _ in range(steps):
             model(ids)
