@@ -41,3 +41,16 @@ class Parser(argparse.ArgumentParser):
                 if guess:
                     return f"; did you mean {guess}?"
         return ""
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    """``--tag KEY=VALUE`` options (repeatable) as a dict; a malformed one is a usage error (exit 2)."""
+    from .main import UsageError
+
+    tags: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--tag {item!r}: expected KEY=VALUE, e.g. --tag domain=code")
+        tags[key.strip()] = value.strip()
+    return tags

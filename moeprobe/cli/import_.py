@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .args import parse_tags
 from .main import UsageError
 
 HELP = "import routing saved by vLLM, SGLang or Megatron-Core into a trace"
@@ -48,16 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-mb", type=float, default=2048, metavar="MB",
                         help="refuse any input file or decoded payload larger than this (default 2048)")
     return parser
-
-
-def parse_tags(items: list[str]) -> dict[str, str]:
-    tags = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise UsageError(f"--tag {item!r}: expected KEY=VALUE, e.g. domain=code")
-        tags[key.strip()] = value.strip()
-    return tags
 
 
 def _positive(value: int | None, flag: str) -> None:

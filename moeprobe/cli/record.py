@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .args import Parser
+from .args import Parser, parse_tags
 
 HELP = "run a command and record the routing of every MoE model it runs"
 
@@ -76,18 +76,6 @@ def _written(base: Path) -> list[Path]:
         found.append(path)
         n += 1
     return found
-
-
-def _tags(values: list[str]) -> dict[str, str]:
-    from .main import UsageError
-
-    tags: dict[str, str] = {}
-    for text in values:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--tag {text!r}: expected KEY=VALUE, e.g. --tag domain=code")
-        tags[key.strip()] = value.strip()
-    return tags
 
 
 def _routers_source(source: str | None) -> str | None:
@@ -208,7 +196,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("--flush-interval must be positive")
     if args.max_queue_mb <= 0:
         raise UsageError("--max-queue-mb must be positive")
-    tags = _tags(args.tag)
+    tags = parse_tags(args.tag)
     routers = _routers_source(args.routers)
     metrics = None
     if args.metrics_port is not None:
