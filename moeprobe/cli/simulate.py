@@ -186,7 +186,6 @@ def _simulate_counts(trace: Any, strategies: list[Any], window: Any, layers: lis
     """A counts trace (the loads table only): EPLB planning works from per-step expert loads; re-routing cannot."""
     import numpy as np
 
-    from ..simulate import replay
     from ..simulate.deployment import evaluate_placement_counts
 
     if strategies:

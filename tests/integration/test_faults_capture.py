@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -90,11 +89,7 @@ def test_a_disk_that_stays_full_still_gets_the_final_manifest_with_its_drops(tmp
         model = build("mixtral")
         with moeprobe.record(model, disk / "t", flush_interval=0.05) as probe:
             model(torch.randint(3, 96, (1, 4)))
-            # Wait (bounded) for the first segment to be on disk before the disk fills.
-            for _ in range(500):
-                if list((disk / "t" / "rank=0" / "routing").glob("*.parquet")):
-                    break
-                time.sleep(0.02)
+            assert probe.flush(timeout=30)  # the first segment is on disk before the disk fills
             # Fill the disk to the last byte, and keep it full until after close.
             with open(disk / "filler", "wb", buffering=0) as filler:
                 for block in (65536, 1):
