@@ -22,9 +22,8 @@ def _busy(shard: Path) -> TraceBusyError:
     )
 
 
-def lock_shard(shard: Path) -> int:
-    """Take the shard's writer lock and return its descriptor (keep it open: closing it releases the lock)."""
-    fd = os.open(shard / layout.WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+def _flock_or_busy(fd: int, shard: Path) -> int:
+    """Take an exclusive lock on ``fd`` without waiting; a held lock is TraceBusyError. Closes ``fd`` on failure."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -34,6 +33,12 @@ def lock_shard(shard: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def lock_shard(shard: Path) -> int:
+    """Take the shard's writer lock and return its descriptor (keep it open: closing it releases the lock)."""
+    fd = os.open(shard / layout.WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    return _flock_or_busy(fd, shard)
 
 
 def probe_shard_lock(shard: Path) -> int | None:
@@ -43,12 +48,4 @@ def probe_shard_lock(shard: Path) -> int | None:
         fd = os.open(shard / layout.WRITER_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise _busy(shard) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _flock_or_busy(fd, shard)
