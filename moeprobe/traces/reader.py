@@ -21,6 +21,7 @@ from . import layout
 from .errors import CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
 from .manifest import file_kind, read_shard_manifest, read_trace_manifest
 from .schema import TABLES, with_rank
+from .storage import is_remote
 
 # A writer on another host cannot be probed by pid; past this long without a heartbeat it is presumed gone.
 REMOTE_STALE_AFTER_S = 60.0
@@ -56,7 +57,19 @@ def shard_state(shard: dict[str, Any]) -> str:
 
 
 class TraceReader:
-    """A validated view of one trace directory (all shards)."""
+    """A validated view of one trace directory (all shards), or of a trace in an object store (``s3://``)."""
+
+    # Set by the object-store reader: the fsspec filesystem its segment URLs are read through (DuckDB and
+    # pyarrow take it); None for a local trace.
+    filesystem: Any = None
+
+    def __new__(cls, path: str | os.PathLike[str]) -> TraceReader:
+        # Every caller (open_trace, inspect, the TUI) gets the object-store reader for an s3:// URL.
+        if cls is TraceReader and is_remote(path):
+            from .remote_reader import RemoteTraceReader
+
+            return super().__new__(RemoteTraceReader)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -113,7 +126,6 @@ class TraceReader:
         self._segments = {name: self._list_segments(name) for name in TABLES}
 
     def _list_segments(self, table: str) -> list[Segment]:
-        expected = TABLES[table]
         found: list[Segment] = []
         root = self.path.resolve()
         for rank, shard in self.shards.items():
@@ -124,22 +136,7 @@ class TraceReader:
                     found.append(known)
                     continue
                 _check_segment_file(path, root)
-                try:
-                    meta = pq.read_metadata(path)
-                    schema = meta.schema.to_arrow_schema()
-                except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
-                    raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment ({exc})") from exc
-                names = [f.name for f in expected]
-                if schema.names != names or any(
-                    not schema.field(n).type.equals(expected.field(n).type) for n in names
-                ):
-                    raise CorruptSegmentError(
-                        f"{path}: segment does not have the {table} schema (columns {', '.join(schema.names)})"
-                    )
-                try:
-                    _check_row_counts(path, meta)
-                except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
-                    raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
+                meta = check_segment_metadata(path, table)
                 found.append(Segment(rank, table, path, meta.num_rows, path.stat().st_size))
         return found
 
@@ -153,7 +150,7 @@ class TraceReader:
         for table in TABLES:
             for segment in self._segments.get(table, []):
                 try:
-                    pq.read_table(segment.path)
+                    pq.read_table(segment.path, filesystem=self.filesystem)
                 except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({first})") from exc
@@ -204,7 +201,9 @@ class TraceReader:
         parts = []
         for segment in self.segments(name):
             try:
-                data = pq.read_table(segment.path, columns=[c for c in schema.names if c != "rank"])
+                data = pq.read_table(
+                    segment.path, columns=[c for c in schema.names if c != "rank"], filesystem=self.filesystem
+                )
             except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                 raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({exc})") from exc
             if "rank" in schema.names:
@@ -249,7 +248,25 @@ class TraceReader:
         return "counts" if has_loads and not has_routing else "tokens"
 
 
-def _check_row_counts(path: Path, meta: pq.FileMetaData) -> None:
+def check_segment_metadata(path: Path | str, table: str, filesystem: Any = None) -> pq.FileMetaData:
+    """A segment's Parquet footer, checked: it must parse, have the table's schema and consistent row counts."""
+    expected = TABLES[table]
+    try:
+        meta = pq.read_metadata(path, filesystem=filesystem)
+        schema = meta.schema.to_arrow_schema()
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
+        raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment ({exc})") from exc
+    names = [f.name for f in expected]
+    if schema.names != names or any(not schema.field(n).type.equals(expected.field(n).type) for n in names):
+        raise CorruptSegmentError(f"{path}: segment does not have the {table} schema (columns {', '.join(schema.names)})")
+    try:
+        _check_row_counts(path, meta)
+    except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
+        raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
+    return meta
+
+
+def _check_row_counts(path: Path | str, meta: pq.FileMetaData) -> None:
     """The footer's row counts must agree with each other: the file's total with its row groups', and each row
     group's with the values of its flat columns. ``inspect`` shows these counts without reading the data, so a
     footer that claims 10^8 rows over 32 must be refused here, not believed. (A footer that lies consistently
@@ -271,7 +288,7 @@ def _check_row_counts(path: Path, meta: pq.FileMetaData) -> None:
                 )
 
 
-def _committed(shard: dict[str, Any], table: str, paths: list[Path]) -> list[Path]:
+def _committed(shard: dict[str, Any], table: str, paths: list[Any]) -> list[Any]:
     """The segments the shard's manifest counts as written. The writer renames one segment per table and then
     writes shard.json: a writer killed in between leaves segments that no manifest counts, and reading them
     would make the tables disagree (routing for steps the steps table does not have). Every table shows the

@@ -1,0 +1,226 @@
+"""Traces in an S3-compatible object store (moto in server mode on 127.0.0.1): recorded straight into it by one
+process and by a 2-rank gloo job, a run killed mid-way, and every reader command (inspect, report, tui) on s3://."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import moeprobe
+from tests.object_store import ACCESS_KEY, SECRET, ObjectStoreServer, _moto_server, s3  # noqa: F401 (fixtures)
+from tests.conftest import PYTHON, ROOT, run_cli_env
+
+pytest.importorskip("s3fs", reason="s3fs (the s3 extra) is needed for s3:// traces")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "moeprobe", *args], capture_output=True, text=True, env=run_cli_env(), timeout=300)
+
+
+def _json(*args: str) -> dict[str, Any]:
+    result = _cli(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    _assert_no_credentials(result.stdout + result.stderr)
+    return json.loads(result.stdout)
+
+
+def _assert_no_credentials(text: str) -> None:
+    assert SECRET not in text and ACCESS_KEY not in text
+
+
+def _assert_store_clean(s3: ObjectStoreServer, prefix: str) -> None:
+    """Only moeprobe's names, no temporary object, and no credential in any object."""
+    objects = s3.objects(prefix)
+    assert objects
+    for key, body in objects.items():
+        relative = key[len(prefix):]
+        assert relative == "/manifest.json" or relative.startswith("/rank="), key
+        assert not relative.rsplit("/", 1)[-1].startswith("."), key  # nothing written under a temporary name
+        assert SECRET.encode() not in body and ACCESS_KEY.encode() not in body, key
+
+
+def _record(model: torch.nn.Module, path: str | Path) -> None:
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    with moeprobe.record(model, path, flush_interval=0.05) as probe:
+        probe.tag(domain="code")
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+def _without_timing(report: dict[str, Any]) -> dict[str, Any]:
+    """A report without what differs between two recordings of the same routing: where and how fast."""
+    report = json.loads(json.dumps(report))
+    report["trace"].pop("path")
+    report["trace"].pop("segments")  # flush timing decides how rows split into segments
+    report.pop("latency")
+    return report
+
+
+def test_one_process_records_into_s3_and_reads_back_like_disk(s3: ObjectStoreServer, tmp_path: Path) -> None:
+    from tests.tiny_models import build
+
+    model = build("qwen2_moe")
+    url = s3.url("runs/one")
+    _record(model, url)
+    _record(model, tmp_path / "one")
+    _assert_store_clean(s3, "runs/one")
+
+    remote, local = moeprobe.open_trace(url), moeprobe.open_trace(tmp_path / "one")
+    assert remote.status == "complete" and remote.manifest["counters"]["decisions"] == local.manifest["counters"]["decisions"]
+    assert remote.sql("select count(*) n from routing").to_pylist() == local.sql("select count(*) n from routing").to_pylist()
+    assert remote.routing().num_rows == local.routing().num_rows > 0
+    # the console's sandboxed connection reads the store too (its allowed paths are the segment URLs)
+    from moeprobe.analysis.console import sandboxed_connection
+
+    assert sandboxed_connection(remote.reader).sql("select count(*) from routing").fetchall() == [(local.routing().num_rows,)]
+
+    report_remote = _json("report", url)
+    report_local = _json("report", str(tmp_path / "one"))
+    assert report_remote["trace"]["path"] == url
+    assert _without_timing(report_remote) == _without_timing(report_local)
+
+    inspected = _json("inspect", url)
+    assert inspected["path"] == url and inspected["manifest"]["status"] == "complete"
+    assert inspected["tables"]["routing"]["rows"] == local.routing().num_rows
+    assert inspected["missing_ranks"] == [] and inspected["stale_ranks"] == []
+    assert json.dumps(inspected).count("s3://") >= 1
+
+
+def test_existing_prefix_is_refused_and_force_deletes_only_a_trace(s3: ObjectStoreServer) -> None:
+    from tests.tiny_models import build
+
+    model = build("qwen2_moe")
+    url = s3.url("runs/again")
+    _record(model, url)
+    with pytest.raises(moeprobe.traces.TraceExistsError, match="already exists; pass --force"):
+        moeprobe.record(model, url)
+    first = s3.objects("runs/again")
+    with moeprobe.record(model, url, force=True):
+        pass
+    assert "runs/again/rank=0/routing/000000.parquet" in first
+    assert "runs/again/rank=0/routing/000000.parquet" not in s3.objects("runs/again")  # the old segments are gone
+
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3.bucket, Key="runs/again/notes.txt", Body=b"mine")
+    with pytest.raises(moeprobe.traces.NotATraceError, match="notes.txt is not written by moeprobe"):
+        moeprobe.record(model, url, force=True)
+    assert "runs/again/notes.txt" in s3.objects("runs/again")
+
+
+def test_two_gloo_ranks_record_into_one_prefix(s3: ObjectStoreServer, tmp_path: Path) -> None:
+    from tests.integration.test_distributed import _worker
+
+    url = s3.url("runs/gloo")
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), url), nprocs=2, join=True)
+    _assert_store_clean(s3, "runs/gloo")
+
+    opened = moeprobe.open_trace(url)
+    assert opened.status == "complete" and opened.manifest["world_size"] == 2
+    rows = opened.sql("select rank, count(distinct sequence) seqs, count(*) n from routing group by rank order by rank").to_pylist()
+    assert rows == [{"rank": 0, "seqs": 1, "n": 1 * 6 * 2 * 2}, {"rank": 1, "seqs": 2, "n": 2 * 6 * 2 * 2}]
+
+    inspected = _json("inspect", url)
+    assert [(r["rank"], r["state"], r["decisions"], r["routing_rows"]) for r in inspected["ranks"]] == [
+        (0, "complete", 24, 24), (1, "complete", 48, 48)]
+    assert inspected["missing_ranks"] == [] and inspected["stale_ranks"] == []
+    [host] = inspected["hosts"]  # both ranks ran on this machine
+    assert host["ranks"] == [0, 1] and host["decisions"] == 72
+    text = _cli("inspect", url)
+    assert text.returncode == 0 and "Ranks" in text.stdout and "Hosts" in text.stdout
+
+    report = _json("report", url)
+    assert report["trace"]["ranks"] == [0, 1] and report["overall"]["decisions"] == 72
+    assert report["trace"]["status"] == "complete"
+    asyncio.run(_tui_shows(url, "complete", "18 tokens"))
+
+
+# A job that records as rank 1 of 2 until it is killed; it flushes every 50 ms, so segments land while it runs.
+_FOREVER = textwrap.dedent(
+    """
+    import sys, torch, moeprobe
+    sys.path.insert(0, {root!r})
+    from tests.tiny_models import build
+    model = build("qwen2_moe")
+    ids = torch.randint(3, 96, (1, 4), generator=torch.Generator().manual_seed(1))
+    with moeprobe.record(model, {url!r}, flush_interval=0.05):
+        while True:
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    """
+)
+
+
+def _committed_routing_segments(s3: ObjectStoreServer, key: str) -> int:
+    body = s3.objects(key).get(key)
+    return json.loads(body)["counters"]["segments"]["routing"] if body else 0
+
+
+def test_a_run_killed_mid_way_reads_back_with_its_rank_stale(s3: ObjectStoreServer) -> None:
+    url = s3.url("runs/killed")
+    env = run_cli_env() | {"RANK": "1", "WORLD_SIZE": "2"}
+    job = subprocess.Popen([PYTHON, "-c", _FOREVER.format(root=str(ROOT), url=url)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while _committed_routing_segments(s3, "runs/killed/rank=1/shard.json") < 3:
+            assert job.poll() is None, job.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "the job wrote no segment within 120 s"
+            time.sleep(0.05)  # polling the store: the job's segments are the event
+    finally:
+        os.kill(job.pid, signal.SIGKILL)
+        _, err = job.communicate(timeout=60)
+    assert job.returncode == -signal.SIGKILL
+    _assert_no_credentials(err.decode())
+    _assert_store_clean(s3, "runs/killed")
+
+    opened = moeprobe.open_trace(url)
+    assert opened.status == "stale"
+    committed = opened.manifest["counters"]["rows"]["routing"]
+    assert committed > 0 and opened.routing().num_rows == committed  # every counted segment, nothing else
+
+    inspected = _json("inspect", url)
+    assert inspected["missing_ranks"] == [0] and inspected["stale_ranks"] == [1]
+    assert [(r["rank"], r["state"]) for r in inspected["ranks"]] == [(1, "stale")]
+    text = _cli("inspect", url)
+    assert text.returncode == 0 and "missing" in text.stdout and "stale" in text.stdout
+
+    report = _json("report", url)
+    assert report["trace"]["status"] == "stale" and report["overall"]["decisions"] == committed
+    asyncio.run(_tui_shows(url, "stale", ""))
+
+
+async def _tui_shows(url: str, status: str, also: str) -> None:
+    from moeprobe.tui.app import MoeprobeApp
+    from moeprobe.tui.screens.overview import OverviewScreen
+    from moeprobe.tui.widgets.heatmap import HeatMap
+    from tests.tui.helpers import loaded, text_of, wait_for
+
+    app = MoeprobeApp([url])
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, lambda: loaded(app, OverviewScreen), timeout=60, what="overview of an s3:// trace")
+        header = text_of(app.screen.query_one("#run"))
+        assert status in header and also in header
+        assert [r.label for r in app.screen.query_one(HeatMap).rows] == ["L0", "L1"]
+
+
+def test_reader_commands_refuse_a_missing_or_foreign_prefix_in_one_line(s3: ObjectStoreServer) -> None:
+    missing = _cli("inspect", s3.url("nothing/here"))
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
+    assert "no such trace (nothing is stored under this prefix)" in missing.stderr
+
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3.bucket, Key="foreign/data.csv", Body=b"a,b\n")
+    foreign = _cli("report", s3.url("foreign"))
+    assert foreign.returncode == 1 and "not a moeprobe trace" in foreign.stderr
+    assert foreign.stderr.strip().count("\n") == 0
