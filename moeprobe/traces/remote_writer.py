@@ -147,3 +147,46 @@ def remove_remote(url: str, rank: int | None) -> None:
         store.delete([obj.relative for obj in objects])
     except (OSError, NotATraceError):
         pass  # best effort, like shutil.rmtree(ignore_errors=True) on disk
+
+
+def remote_trace_exists(url: str) -> bool:
+    """Whether ``url`` holds a trace manifest (what ``moeprobe record`` checks for each model the job recorded)."""
+    try:
+        return open_store(url).exists(layout.MANIFEST)
+    except OSError:
+        return False
+
+
+def remote_has_objects(url: str) -> bool:
+    try:
+        return bool(open_store(url).listing())
+    except OSError:
+        return False
+
+
+def mark_remote_abandoned(url: str, reason: str) -> list[int]:
+    """The object-store twin of ``finalize.mark_abandoned``: every shard whose writer is gone becomes ``aborted``
+    with ``reason`` (its data stays); the ranks changed."""
+    import time
+
+    from .manifest import MAX_MANIFEST_BYTES, read_trace_manifest
+    from .reader import shard_state
+
+    store = open_store(url)
+    changed = []
+    for obj in store.listing():
+        match = re.match(r"^rank=(\d+)/shard\.json$", obj.relative)
+        if not match:
+            continue
+        shard = read_shard_manifest(obj.url, store.read_bytes(obj.relative, MAX_MANIFEST_BYTES))
+        if shard_state(shard) != "stale":
+            continue
+        shard.update({"status": "aborted", "error": reason, "ended_at": time.time()})
+        store.put_atomic(obj.relative, manifest_bytes(shard))
+        rank = int(match.group(1))
+        changed.append(rank)
+        if rank == 0:
+            top = read_trace_manifest(store.url_of(layout.MANIFEST), store.read_bytes(layout.MANIFEST, MAX_MANIFEST_BYTES))
+            top.update({"status": "aborted", "error": reason})
+            store.put_atomic(layout.MANIFEST, manifest_bytes(top))
+    return changed

@@ -224,3 +224,43 @@ def test_reader_commands_refuse_a_missing_or_foreign_prefix_in_one_line(s3: Obje
     foreign = _cli("report", s3.url("foreign"))
     assert foreign.returncode == 1 and "not a moeprobe trace" in foreign.stderr
     assert foreign.stderr.strip().count("\n") == 0
+
+
+def test_record_command_writes_to_s3_and_marks_a_killed_job_aborted(s3: ObjectStoreServer, tmp_path: Path) -> None:
+    from tests.integration.test_cli_record import _job
+
+    url = s3.url("runs/cli")
+    # the job flushes, then kills itself: `record` marks the stale shard aborted in the store
+    job = _job(tmp_path, "time.sleep(1.0)\nos.kill(os.getpid(), 9)")
+    result = _cli("record", "-o", url, "--flush-interval", "0.2", "--", PYTHON, str(job))
+    assert result.returncode == 128 + 9, result.stderr
+    _assert_no_credentials(result.stdout + result.stderr)
+    assert f"moeprobe: {url}: aborted" in result.stderr and f"next: moeprobe inspect {url}" in result.stderr
+    _assert_store_clean(s3, "runs/cli")
+    trace = moeprobe.open_trace(url)
+    assert trace.status == "aborted" and "killed by SIGKILL" in trace.manifest["shards"][0]["error"]
+    assert trace.routing().num_rows == 64  # everything generated before the kill had been flushed
+
+    again = _cli("record", "-o", url, "--", PYTHON, str(job))
+    assert again.returncode == 1 and "already exists; pass --force" in again.stderr
+    assert again.stderr.strip().count("\n") == 0
+
+
+def test_import_writes_to_s3(s3: ObjectStoreServer, tmp_path: Path) -> None:
+    from tests.engine_formats import routing, vllm_completion
+
+    lines = [json.dumps(vllm_completion(f"cmpl-{i}", [1, 2, 3, 4], [100, 101, 102], routing(f"v{i}", 6, 2, 2, 8), experts=8))
+             for i in range(3)]
+    (tmp_path / "vllm.jsonl").write_text("\n".join(lines) + "\n")
+    url = s3.url("imported/vllm")
+    result = _cli("import", "vllm", str(tmp_path / "vllm.jsonl"), "-o", url, "--num-experts", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(f"-> {url}")
+    _assert_store_clean(s3, "imported/vllm")
+    report = _json("report", url)
+    assert report["trace"]["source"]["engine"] == "vllm" and report["overall"]["decisions"] == 3 * 6 * 2 * 2
+
+    # an input with no routing leaves nothing behind in the store
+    (tmp_path / "empty.jsonl").write_text("\n")
+    empty = _cli("import", "vllm", str(tmp_path / "empty.jsonl"), "-o", s3.url("imported/empty"), "--num-experts", "8")
+    assert empty.returncode == 1 and s3.objects("imported/empty") == {}
