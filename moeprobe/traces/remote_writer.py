@@ -50,6 +50,9 @@ class RemoteShardWriter(ShardWriter):
         if existing:
             raise TraceExistsError(f"{self.trace}/{shard}: a shard for rank {self.rank} already exists")
 
+    def _table_location(self, table: str) -> str:
+        return f"{self.trace}/rank={self.rank}/{table}"
+
     def _write_segment(self, table: str, number: int, data: pa.Table) -> int:
         sink = pa.BufferOutputStream()
         pq.write_table(data, sink, **SEGMENT_OPTIONS)

@@ -261,13 +261,17 @@ class ShardWriter:
             reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "write_error"
             if table == "routing":
                 self.count_dropped(reason, rows)
-            directory = layout.table_dir(self.trace, self.rank, table)
+            directory = self._table_location(table)
             self._warn_once(reason, f"moeprobe: cannot write {table} segment to {directory} ({exc.strerror or exc}); dropping records and counting them")
             return
         self._next_segment[table] = number + 1
         self.counters["rows"][table] += rows
         self.counters["segments"][table] += 1
         self.counters["bytes"] += written
+
+    def _table_location(self, table: str) -> Any:
+        """Where this shard's segments of ``table`` go, for messages."""
+        return layout.table_dir(self.trace, self.rank, table)
 
     def _write_segment(self, table: str, number: int, data: pa.Table) -> int:
         """Write one complete segment under a temporary name and rename it; its size in bytes (0 if unknown)."""

@@ -95,6 +95,9 @@ def test_one_process_records_into_s3_and_reads_back_like_disk(s3: ObjectStoreSer
     assert inspected["missing_ranks"] == [] and inspected["stale_ranks"] == []
     assert json.dumps(inspected).count("s3://") >= 1
 
+    simulated = _json("simulate", url, "--eplb", "gpus=2")
+    assert simulated["eplb"]["eplb"]["gpu_load"]
+
 
 def test_existing_prefix_is_refused_and_force_deletes_only_a_trace(s3: ObjectStoreServer) -> None:
     from tests.tiny_models import build
@@ -109,6 +112,11 @@ def test_existing_prefix_is_refused_and_force_deletes_only_a_trace(s3: ObjectSto
         pass
     assert "runs/again/rank=0/routing/000000.parquet" in first
     assert "runs/again/rank=0/routing/000000.parquet" not in s3.objects("runs/again")  # the old segments are gone
+
+    # a writer that is alive (this process, its heartbeat fresh) is never deleted under it
+    with moeprobe.record(model, url, force=True):
+        with pytest.raises(moeprobe.traces.TraceBusyError, match="a writer is still writing this shard"):
+            moeprobe.record(model, url, force=True)
 
     import boto3
 
@@ -213,7 +221,35 @@ async def _tui_shows(url: str, status: str, also: str) -> None:
         assert [r.label for r in app.screen.query_one(HeatMap).rows] == ["L0", "L1"]
 
 
+def test_a_failed_put_is_counted_never_raised(s3: ObjectStoreServer) -> None:
+    """The store going away under a writer (here: its bucket deleted) is a write error counted in the shard's
+    counters, like a full disk; the model never sees an exception."""
+    import boto3
+    import pyarrow as pa
+
+    from moeprobe.traces import ShardWriter
+    from moeprobe.traces.schema import TABLES
+    from tests.support import layer_meta, routing_table
+
+    warnings: list[str] = []
+    writer = ShardWriter(s3.url("runs/vanishing"), model={"name": "m"}, layers=layer_meta(1, 4, 2), options={},
+                         on_warning=warnings.append)
+    client = boto3.client("s3")
+    for key in s3.objects():
+        client.delete_object(Bucket=s3.bucket, Key=key)
+    client.delete_bucket(Bucket=s3.bucket)
+    writer.append("routing", routing_table(pa.array([0, 1, 2, 3], pa.int16()).to_numpy().reshape(2, 2)).cast(TABLES["routing"]))
+    writer.flush()
+    writer.close()
+    assert writer.counters["dropped"] == {"write_error": 4} and writer.counters["segments"]["routing"] == 0
+    assert any("cannot write routing segment" in w for w in warnings)
+    client.create_bucket(Bucket=s3.bucket)  # for the fixture's next user
+
+
 def test_reader_commands_refuse_a_missing_or_foreign_prefix_in_one_line(s3: ObjectStoreServer) -> None:
+    other = _cli("inspect", "gs://bucket/trace")
+    assert other.returncode == 1 and "unsupported location" in other.stderr and other.stderr.strip().count("\n") == 0
+
     missing = _cli("inspect", s3.url("nothing/here"))
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
     assert "no such trace (nothing is stored under this prefix)" in missing.stderr
