@@ -42,6 +42,8 @@ class RemoteTraceReader(TraceReader):
         self._header = read_trace_manifest(self._store.url_of(layout.MANIFEST), self._fetch_manifest(layout.MANIFEST))
         self.shards = {}
         self._segments = {}
+        # shard.json by (name, ETag): a TUI polling a trace of many ranks re-fetches only the manifests that changed
+        self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
         self.refresh(listing=self._listing)
 
     def _list(self) -> list[StoredObject]:
@@ -60,6 +62,15 @@ class RemoteTraceReader(TraceReader):
         except OSError as exc:
             raise CorruptManifestError(f"{self._store.url_of(relative)}: cannot read ({error_text(exc)})") from exc
 
+    def _shard_manifest(self, obj: StoredObject) -> dict[str, Any]:
+        key = (obj.relative, obj.version)
+        cached = self._manifests.get(key) if obj.version else None
+        if cached is None:
+            cached = read_shard_manifest(obj.url, self._fetch_manifest(obj.relative))
+            self._manifests = {k: v for k, v in self._manifests.items() if k[0] != obj.relative}
+            self._manifests[key] = cached
+        return cached
+
     def refresh(self, listing: list[StoredObject] | None = None) -> None:
         """Re-list the prefix: shard manifests first, then the segments they count."""
         objects = listing if listing is not None else self._list()
@@ -67,7 +78,7 @@ class RemoteTraceReader(TraceReader):
         by_table: dict[tuple[int, str], list[tuple[int, StoredObject]]] = {}
         for obj in objects:
             if match := _SHARD_MANIFEST.match(obj.relative):
-                shards[int(match.group(1))] = read_shard_manifest(obj.url, self._fetch_manifest(obj.relative))
+                shards[int(match.group(1))] = self._shard_manifest(obj)
             elif match := _SEGMENT.match(obj.relative):
                 rank, table, number = int(match.group(1)), match.group(2), int(match.group(3))
                 by_table.setdefault((rank, table), []).append((number, obj))

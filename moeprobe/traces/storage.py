@@ -56,6 +56,7 @@ class StoredObject:
     url: str  # s3://bucket/prefix/rank=0/routing/000000.parquet
     relative: str  # rank=0/routing/000000.parquet
     size: int
+    version: str = ""  # the store's ETag (changes with every PUT): lets a reader skip re-fetching what it has
 
 
 class ObjectStore:
@@ -114,7 +115,8 @@ class ObjectStore:
         for key, info in sorted(found.items()):
             if info.get("type") == "directory" or not key.startswith(self.root + "/"):
                 continue
-            objects.append(StoredObject(f"s3://{key}", key[len(self.root) + 1:], int(info.get("size") or 0)))
+            version = str(info.get("ETag") or info.get("LastModified") or "")
+            objects.append(StoredObject(f"s3://{key}", key[len(self.root) + 1:], int(info.get("size") or 0), version))
         return objects
 
     def exists(self, relative: str) -> bool:

@@ -300,3 +300,25 @@ def test_import_writes_to_s3(s3: ObjectStoreServer, tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
     empty = _cli("import", "vllm", str(tmp_path / "empty.jsonl"), "-o", s3.url("imported/empty"), "--num-experts", "8")
     assert empty.returncode == 1 and s3.objects("imported/empty") == {}
+
+
+def test_a_reader_follows_a_growing_trace_in_the_store(s3: ObjectStoreServer) -> None:
+    """refresh() sees new segments and the final status (shard.json is re-fetched when its ETag changes)."""
+    from moeprobe.traces import ShardWriter, TraceReader
+    from tests.support import layer_meta, routing_table
+
+    url = s3.url("runs/growing")
+    writer = ShardWriter(url, model={"name": "m"}, layers=layer_meta(1, 4, 2), options={})
+    writer.append("routing", routing_table([[0, 1], [2, 3]]))
+    writer.flush()
+    reader = TraceReader(url)
+    assert reader.status == "running" and reader.routing().num_rows == 4
+    reader.refresh()
+    assert reader.routing().num_rows == 4  # nothing new: the same snapshot
+    writer.append("routing", routing_table([[1, 2], [3, 0], [0, 2]]))
+    writer.flush()
+    reader.refresh()
+    assert reader.routing().num_rows == 10 and len(reader.segments("routing")) == 2
+    writer.close()
+    reader.refresh()
+    assert reader.status == "complete"
