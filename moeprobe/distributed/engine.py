@@ -29,9 +29,10 @@ def _client(workers: int, scheduler: str | None) -> tuple[Any, Any]:
         ) from exc
     if scheduler is not None:
         try:
-            return Client(scheduler, timeout="30s"), None
-        except (OSError, TimeoutError) as exc:
-            raise DistributedUnavailableError(f"--scheduler {scheduler}: cannot connect ({exc})") from exc
+            return Client(scheduler, timeout="20s"), None
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed address
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedUnavailableError(f"--scheduler {scheduler}: cannot connect ({first})") from exc
     # Processes, one thread each: DuckDB and pyarrow release the GIL, but separate processes are what a cluster
     # of hosts is, and what the scaling measurement in BENCHMARKS.md measures. No dashboard: nothing to serve.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)

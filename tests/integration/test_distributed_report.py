@@ -92,3 +92,28 @@ def test_without_dask_the_engine_is_refused_in_one_line(eight_shards: Path) -> N
     result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=run_cli_env(), timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == "moeprobe report: --engine dask needs Dask, which is not installed: pip install 'moeprobe[dask]'"
+
+
+def test_a_running_scheduler_gives_the_same_report(eight_shards: Path) -> None:
+    """--scheduler: the workers of an already running cluster (started here as a cluster's hosts would run
+    `dask scheduler` and `dask worker`) compute the partials."""
+    from distributed import LocalCluster
+
+    single = _report(str(eight_shards))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        distributed = _report(str(eight_shards), "--engine", "dask", "--scheduler", cluster.scheduler_address)
+    assert distributed == single
+
+
+def test_an_unreachable_scheduler_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([PYTHON, "-m", "moeprobe", "report", str(ROOT / "tests" / "data" / "v1-good"), "--engine",
+                             "dask", "--scheduler", f"tcp://127.0.0.1:{port}"], capture_output=True, text=True,
+                            env=run_cli_env(), timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"moeprobe report: --scheduler tcp://127.0.0.1:{port}: cannot connect")
+    assert result.stderr.strip().count("\n") == 0
