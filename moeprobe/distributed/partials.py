@@ -44,6 +44,9 @@ def shard_partial(path: str, rank: int, filters: Filters, duckdb_threads: int | 
     from ..analysis.session import open_trace
 
     with open_trace(path) as trace:
+        # A worker's stdout is the driver's (a local cluster) or a log: DuckDB's progress bar for a long scan
+        # would land in the middle of `report --json` output.
+        trace.connection.execute("SET enable_progress_bar = false")
         if duckdb_threads:
             trace.connection.execute(f"SET threads = {int(duckdb_threads)}")
         whole_shard = Context(trace, Filters(ranks=(rank,)))
