@@ -117,3 +117,20 @@ def test_an_unreachable_scheduler_is_one_line() -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(f"moeprobe report: --scheduler tcp://127.0.0.1:{port}: cannot connect")
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_a_counts_trace_gives_the_same_report(tmp_path: Path) -> None:
+    """A counts trace (expert loads per step and rank, no routing rows): the partials are its loads, summed."""
+    import numpy as np
+
+    from moeprobe.cli.main import main as cli
+    from tests.engine_formats import sglang_stat_dump
+
+    rng = np.random.default_rng(11)
+    for rank in (0, 1, 2):
+        sglang_stat_dump(tmp_path / f"stat{rank}.pt", rng.integers(0, 9, size=(10, 2, 8)), rank=rank)
+    trace = tmp_path / "counts"
+    assert cli(["import", "sglang", *(str(tmp_path / f"stat{r}.pt") for r in (0, 1, 2)), "-o", str(trace), "--top-k", "2"]) == 0
+    single = _report(str(trace))
+    assert single["trace"]["mode"] == "counts" and single["trace"]["ranks"] == [0, 1, 2]
+    assert _report(str(trace), "--engine", "dask", "--workers", "2") == single
