@@ -13,7 +13,7 @@ from typing import Any
 
 from ..analysis.filters import Filters
 from ..traces.errors import TraceError
-from .partials import ShardPartial, merge, shard_partial
+from .partials import ShardPartial, merge, shard_partial, snapshot
 
 
 class DistributedUnavailableError(TraceError):
@@ -52,8 +52,9 @@ def prepare(trace: Any, filters: Filters | None = None, *, workers: int = 4, sch
     try:
         # DuckDB in each local worker gets its share of this machine's cores (a remote worker keeps its own).
         threads = max(1, (os.cpu_count() or 1) // workers) if cluster is not None else None
-        futures = client.map(shard_partial, [path] * len(ranks), ranks, [filters] * len(ranks), [threads] * len(ranks),
-                             pure=False)
+        segments = [snapshot(trace.reader, rank) for rank in ranks]
+        futures = client.map(shard_partial, [path] * len(ranks), ranks, segments, [filters] * len(ranks),
+                             [threads] * len(ranks), pure=False)
         partials: list[ShardPartial] = client.gather(futures)
     finally:
         client.close()

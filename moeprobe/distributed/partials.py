@@ -37,13 +37,24 @@ class ShardPartial:
     sequences: pa.Table | None  # (rank, sequence, n), or None for a counts trace / no layers
 
 
-def shard_partial(path: str, rank: int, filters: Filters, duckdb_threads: int | None = None) -> ShardPartial:
-    """Run on a worker: open the trace where the worker is and compute this rank's partial aggregates."""
+def snapshot(reader: Any, rank: int) -> set[str]:
+    """The segments of ``rank`` in the driver's snapshot: what the worker must read, no more, no less."""
+    from ..traces.schema import TABLES
+
+    return {str(s.path) for table in TABLES for s in reader.segments(table) if s.rank == rank}
+
+
+def shard_partial(
+    path: str, rank: int, segments: set[str], filters: Filters, duckdb_threads: int | None = None
+) -> ShardPartial:
+    """Run on a worker: open the trace where the worker is, narrowed to ``segments`` (this rank's part of the
+    driver's snapshot), and compute this rank's partial aggregates."""
     from ..analysis.context import Context
     from ..analysis.load import aggregate_sql
     from ..analysis.session import open_trace
 
     with open_trace(path) as trace:
+        trace.reader.keep_only(segments)  # before the first query: the views are built from this list
         # A worker's stdout is the driver's (a local cluster) or a log: DuckDB's progress bar for a long scan
         # would land in the middle of `report --json` output.
         trace.connection.execute("SET enable_progress_bar = false")

@@ -187,6 +187,17 @@ class TraceReader:
     def model(self) -> dict[str, Any]:
         return dict(self._header["model"])
 
+    def keep_only(self, paths: set[str]) -> None:
+        """Narrow this snapshot to the segments named in ``paths`` (``str(segment.path)``): the snapshot another
+        process took of the same trace (moeprobe.distributed), so that both read exactly the same rows even while
+        the trace grows. A named segment that this listing lacks is an error: segments never go away once
+        committed, so the trace was replaced in between."""
+        listed = {str(s.path) for table in self._segments.values() for s in table}
+        missing = sorted(paths - listed)
+        if missing:
+            raise TraceError(f"{self.path}: segment {missing[0]} is gone (was the trace replaced meanwhile?)")
+        self._segments = {name: [s for s in found if str(s.path) in paths] for name, found in self._segments.items()}
+
     def segments(self, table: str) -> list[Segment]:
         if table not in TABLES:
             raise KeyError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")

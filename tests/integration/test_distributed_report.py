@@ -134,3 +134,32 @@ def test_a_counts_trace_gives_the_same_report(tmp_path: Path) -> None:
     single = _report(str(trace))
     assert single["trace"]["mode"] == "counts" and single["trace"]["ranks"] == [0, 1, 2]
     assert _report(str(trace), "--engine", "dask", "--workers", "2") == single
+
+
+def test_workers_read_the_drivers_snapshot_of_a_growing_trace(tmp_path: Path) -> None:
+    """A trace still being written: the workers read exactly the segments the driver listed, not the ones that
+    landed since, so the report is the one a single process makes of that snapshot."""
+    import numpy as np
+
+    import moeprobe
+    from moeprobe.distributed import prepare
+    from moeprobe.traces import ShardWriter, prepare_trace_dir
+    from tests.support import layer_meta, routing_table
+
+    path = tmp_path / "growing"
+    prepare_trace_dir(path, force=False)
+    writers = [ShardWriter(path, model={"name": "m"}, layers=layer_meta(1, 4, 2), options={}, rank=r, world_size=2)
+               for r in (0, 1)]
+    for r, writer in enumerate(writers):
+        writer.append("routing", routing_table(np.array([[0, 1], [2, 3], [r, 2]]), sequence=np.array([0, 0, 1])))
+        writer.flush()
+    with moeprobe.open_trace(path) as driver, moeprobe.open_trace(path) as single:
+        expected = single.summary()
+        for writer in writers:  # more rows land after the driver listed the segments
+            writer.append("routing", routing_table(np.array([[3, 0], [3, 1]]), step=np.array([1, 1]), sequence=np.array([2, 2])))
+            writer.flush()
+        prepare(driver, workers=1)
+        assert driver.summary() == expected
+        assert expected["overall"]["decisions"] == 12
+    for writer in writers:
+        writer.close()
