@@ -52,10 +52,10 @@ def ranks_and_hosts(reader: Any) -> dict[str, Any]:
 
     readable: dict[int, dict[str, int]] = {}
     for segment in reader.segments("routing"):
-        entry = readable.setdefault(segment.rank, {"segments": 0, "rows": 0, "bytes": 0})
-        entry["segments"] += 1
-        entry["rows"] += segment.rows
-        entry["bytes"] += segment.bytes
+        counts = readable.setdefault(segment.rank, {"segments": 0, "rows": 0, "bytes": 0})
+        counts["segments"] += 1
+        counts["rows"] += segment.rows
+        counts["bytes"] += segment.bytes
     ranks = []
     hosts: dict[str, dict[str, Any]] = {}
     for rank, shard in sorted(reader.shards.items()):
@@ -63,7 +63,7 @@ def ranks_and_hosts(reader: Any) -> dict[str, Any]:
         state = shard_state(shard)
         routing = readable.get(rank, {"segments": 0, "rows": 0, "bytes": 0})
         dropped = counters.get("dropped", {})
-        entry = {
+        entry: dict[str, Any] = {
             "rank": rank,
             "host": shard["host"],
             "state": state,

@@ -121,7 +121,7 @@ class Probe:
         self.logits = logits
         self.redact_tokens = redact_tokens
         # An object-store URL (s3://bucket/prefix) stays a string: Path would collapse its double slash.
-        self.path: Any = None if path is None else path if is_remote(path) else Path(path)
+        self.path: Path | str | None = None if path is None else path if is_remote(path) else Path(path)
         dist_rank, dist_world = _dist_rank_world()
         self.rank = dist_rank if rank is None else rank
         self.world_size = dist_world if world_size is None else world_size
@@ -150,7 +150,7 @@ class Probe:
         if self.path is not None:
             if self.world_size == 1:
                 prepare_trace_dir(self.path, force=force)
-            elif is_remote(self.path):  # no directory to make; the writer refuses an existing shard
+            elif isinstance(self.path, str):  # an s3:// URL: no directory to make; the writer refuses an existing shard
                 from ..traces.remote_writer import prepare_remote_shard
 
                 prepare_remote_shard(self.path, self.rank, force=force)
@@ -229,7 +229,7 @@ class Probe:
         """Close and remove the trace this probe created a moment ago (it holds no record yet)."""
         assert self.pipeline is not None and self.path is not None
         self.pipeline.close("aborted", "the metrics endpoint could not start")
-        if is_remote(self.path):
+        if isinstance(self.path, str):  # an s3:// URL
             from ..traces.remote_writer import remove_remote
 
             remove_remote(self.path, None if self.world_size == 1 else self.rank)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import TraceError
 
@@ -34,7 +34,7 @@ class StorageUnavailableError(TraceError):
     """An object-store URL was given but its client library is not installed, or the scheme is unknown."""
 
 
-def is_remote(path: str | os.PathLike[str]) -> bool:
+def is_remote(path: str | os.PathLike[str]) -> TypeGuard[str]:
     """True for an object-store URL (``s3://bucket/prefix``). A ``Path`` is always local: ``Path("s3://b")``
     has already collapsed the double slash, so only strings can name a store."""
     return isinstance(path, str) and "://" in path and not path.startswith("file://")

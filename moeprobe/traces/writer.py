@@ -61,6 +61,7 @@ def prepare_trace_dir(trace: Path | str, *, force: bool) -> None:
 
         prepare_remote_trace(str(trace), force=force)
         return
+    trace = Path(trace)
     try:
         if trace.exists() and not trace.is_dir():
             raise TraceExistsError(f"{trace}: exists and is not a directory")
@@ -95,7 +96,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        trace: Path,
+        trace: Path | str,
         *,
         model: dict[str, Any],
         layers: list[dict[str, Any]],

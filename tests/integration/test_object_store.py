@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 import moeprobe
-from tests.object_store import ACCESS_KEY, SECRET, ObjectStoreServer, _moto_server, s3  # noqa: F401 (fixtures)
+from tests.object_store import ACCESS_KEY, SECRET, ObjectStoreServer
 from tests.conftest import PYTHON, ROOT, run_cli_env
 
 pytest.importorskip("s3fs", reason="s3fs (the s3 extra) is needed for s3:// traces")
