@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..traces.compact import routing_select
 from ..traces.reader import TraceReader
 from ..traces.schema import TABLES, with_rank
 
@@ -55,6 +56,10 @@ def view_select(reader: TraceReader, table: str) -> str:
     by_rank: dict[int, list[str]] = {}
     for segment in segments:
         by_rank.setdefault(segment.rank, []).append(_quote_path(str(segment.path)))
+    if table == "routing" and reader.routing_encoding is not None:
+        # Format v2: one stored row per token, turned back into one row per decision.
+        encoding = reader.routing_encoding
+        return " UNION ALL ".join(routing_select(", ".join(files), encoding, rank) for rank, files in sorted(by_rank.items()))
     return " UNION ALL ".join(
         f"SELECT {columns}, CAST({rank} AS INTEGER) AS rank "
         f"FROM read_parquet([{', '.join(files)}], hive_partitioning = false, union_by_name = false)"

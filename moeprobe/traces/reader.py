@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
-from .errors import CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
+from .compact import RoutingEncoding, decode
+from .errors import CorruptManifestError, CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
 from .manifest import file_kind, read_shard_manifest, read_trace_manifest
 from .schema import TABLES, with_rank
 
@@ -62,6 +63,16 @@ class TraceReader:
         self.path = Path(path)
         self._check_path()
         self._header = read_trace_manifest(self.path / layout.MANIFEST)
+        # v1 stored every table as its logical schema; v2 stores routing compactly (see compact.py).
+        self.routing_encoding: RoutingEncoding | None = None
+        if self._header["format_version"] >= 2:
+            try:
+                self.routing_encoding = RoutingEncoding.from_manifest(self._header.get("encoding", {}).get("routing"))
+            except (ValueError, AttributeError) as exc:
+                raise CorruptManifestError(f"{self.path / layout.MANIFEST}: {exc}") from exc
+        self._stored = dict(TABLES)
+        if self.routing_encoding is not None:
+            self._stored["routing"] = self.routing_encoding.schema()
         self.shards: dict[int, dict[str, Any]] = {}
         self._segments: dict[str, list[Segment]] = {}
         self.refresh()
@@ -113,13 +124,15 @@ class TraceReader:
         self._segments = {name: self._list_segments(name) for name in TABLES}
 
     def _list_segments(self, table: str) -> list[Segment]:
-        expected = TABLES[table]
+        expected = self._stored[table]
         found: list[Segment] = []
         root = self.path.resolve()
+        # Indexed by path: a long recording has thousands of segments, and a refresh must cost one
+        # directory listing plus the footers of new segments, not a scan of the known list per file.
+        previous = {s.path: s for s in self._segments.get(table, [])}
         for rank, shard in self.shards.items():
             for path in _committed(shard, table, layout.segments(self.path, rank, table)):
-                previous = self._segments.get(table, [])
-                known = next((s for s in previous if s.path == path), None)
+                known = previous.get(path)
                 if known is not None:
                     found.append(known)
                     continue
@@ -140,7 +153,10 @@ class TraceReader:
                     _check_row_counts(path, meta)
                 except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
                     raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
-                found.append(Segment(rank, table, path, meta.num_rows, path.stat().st_size))
+                rows = meta.num_rows
+                if table == "routing" and self.routing_encoding is not None:
+                    rows = _stored_decisions(path, meta)
+                found.append(Segment(rank, table, path, rows, path.stat().st_size))
         return found
 
     def find_corrupt_segment(self) -> None:
@@ -202,9 +218,15 @@ class TraceReader:
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
         parts = []
+        wanted = [c for c in schema.names if c != "rank"]
+        compact = name == "routing" and self.routing_encoding is not None
         for segment in self.segments(name):
             try:
-                data = pq.read_table(segment.path, columns=[c for c in schema.names if c != "rank"])
+                if compact:
+                    assert self.routing_encoding is not None
+                    data = decode(pq.read_table(segment.path), self.routing_encoding, wanted)
+                else:
+                    data = pq.read_table(segment.path, columns=wanted)
             except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                 raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({exc})") from exc
             if "rank" in schema.names:
@@ -300,6 +322,21 @@ def _check_segment_file(path: Path, root: Path) -> None:
         raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment (a directory, not a file)")
     if not stat.S_ISREG(info.st_mode):
         raise CorruptSegmentError(f"{path}: segment is {file_kind(info.st_mode)}, not a regular file; refusing to read it")
+
+
+def _stored_decisions(path: Path, meta: pq.FileMetaData) -> int:
+    """Decisions in a v2 routing segment: the sum of its ``choices``, from the footer's statistics when every
+    row uses the same number of choices (the usual case), else from that one small column."""
+    index = meta.schema.to_arrow_schema().get_field_index("choices")
+    total = 0
+    for g in range(meta.num_row_groups):
+        column = meta.row_group(g).column(index)
+        stats = column.statistics
+        if stats is not None and stats.has_min_max and stats.min == stats.max:
+            total += int(stats.min) * column.num_values
+        else:
+            return int(pq.read_table(path, columns=["choices"]).column("choices").to_numpy().sum())
+    return total
 
 
 def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .._version import __version__
 from . import layout
+from .compact import DEFAULT_WEIGHTS, RoutingEncoding
 from .errors import NotATraceError, TraceExistsError, TraceWriteError
 from .locking import lock_shard
 from .manifest import write_json_atomic
@@ -66,6 +68,38 @@ def cannot_write(trace: Path, exc: OSError) -> TraceWriteError:
     return TraceWriteError(f"{trace}: cannot create the trace here: {exc.strerror or exc}{where}")
 
 
+def _decisions(batch: pa.RecordBatch) -> int:
+    return int(pc.sum(batch.column("choices")).as_py() or 0)
+
+
+def _write_options(table: str, schema: pa.Schema) -> dict[str, Any]:
+    """Parquet settings per table, chosen by bench/trace_bytes.py on DeepSeek-V3-shaped data.
+
+    Routing (format v2): expert ids and weights are high-entropy bytes, so BYTE_STREAM_SPLIT (no hashing,
+    and zstd then finds the predictable high bytes; fp16 values kept as FLOAT leave two constant low bytes)
+    beat both plain and dictionary encoding; columns whose values repeat (step, phase, layer, choices, the
+    u8 scale) take a dictionary; sequence and position run in order, so delta-encode.
+    """
+    options: dict[str, Any] = {
+        "compression": "zstd",
+        "compression_level": 1,
+        "row_group_size": 1 << 20,
+        "write_statistics": True,
+    }
+    if table == "routing" and "choices" in schema.names:
+        choice_columns = [n for n in schema.names if n.split("_")[0] in ("expert", "weight") and n.split("_")[-1].isdigit()]
+        options["use_dictionary"] = [
+            n for n in ("step", "phase", "layer", "dropped", "choices", "weight_offset", "weight_scale") if n in schema.names
+        ]
+        options["column_encoding"] = {
+            **{n: "BYTE_STREAM_SPLIT" for n in choice_columns},
+            "sequence": "DELTA_BINARY_PACKED",
+            "position": "DELTA_BINARY_PACKED",
+        }
+        options["write_statistics"] = ["step", "sequence", "layer"]
+    return options
+
+
 class ShardWriter:
     """One process's shard of a trace directory."""
 
@@ -90,6 +124,14 @@ class ShardWriter:
         self._warned: set[str] = set()
         self._pending: dict[str, list[pa.RecordBatch]] = defaultdict(list)
         self._pending_rows: dict[str, int] = defaultdict(int)
+        # Routing is stored one row per token (format v2); drops and counters are in decisions.
+        self._pending_decisions = 0
+        self.routing_encoding = RoutingEncoding.for_layers(
+            max((int(layer.get("num_experts", 0)) for layer in layers), default=0),
+            max((int(layer.get("top_k", 1)) for layer in layers), default=1),
+            str(options.get("weights", DEFAULT_WEIGHTS)),
+        )
+        self._stored_schemas = {**TABLES, "routing": self.routing_encoding.schema()}
         self._next_segment: dict[str, int] = defaultdict(int)
         self.closed = False
         self._manifest_lock = threading.RLock()
@@ -115,6 +157,7 @@ class ShardWriter:
             "model": model,
             "layers": layers,
             "options": options,
+            "encoding": {"routing": self.routing_encoding.manifest_entry()},
         }
         if source is not None:  # where an imported trace came from (engine, version, files); see moeprobe.importers
             self._header["source"] = source
@@ -157,7 +200,10 @@ class ShardWriter:
     def append(self, table: str, batch: pa.RecordBatch | pa.Table) -> None:
         if self.closed:
             raise RuntimeError("append() on a closed ShardWriter")
-        schema = TABLES[table]
+        schema = self._stored_schemas[table]
+        if table == "routing" and not batch.schema.equals(schema):
+            # Logical rows (one per decision, schema.ROUTING): stored in the compact per-token form.
+            batch = self.routing_encoding.encode_logical(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch)
         if isinstance(batch, pa.Table):
             batches = batch.cast(schema).to_batches()
         else:
@@ -166,6 +212,8 @@ class ShardWriter:
             if b.num_rows:
                 self._pending[table].append(b)
                 self._pending_rows[table] += b.num_rows
+                if table == "routing":
+                    self._pending_decisions += _decisions(b)
         if self._pending_rows[table] >= self.max_pending_rows:
             self._flush_table(table)
 
@@ -222,21 +270,16 @@ class ShardWriter:
         rows = self._pending_rows.pop(table, 0)
         if not rows:
             return
+        if table == "routing":
+            rows, self._pending_decisions = self._pending_decisions, 0
         number = self._next_segment[table]
         directory = layout.table_dir(self.trace, self.rank, table)
         tmp = directory / layout.temp_name(number)
         final = directory / layout.segment_name(number)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            data = pa.Table.from_batches(batches, schema=TABLES[table])
-            pq.write_table(
-                data,
-                tmp,
-                compression="zstd",
-                compression_level=1,
-                row_group_size=1 << 20,
-                write_statistics=True,
-            )
+            data = pa.Table.from_batches(batches, schema=self._stored_schemas[table])
+            pq.write_table(data, tmp, **_write_options(table, data.schema))
             os.replace(tmp, final)
         except OSError as exc:
             try:

@@ -1,0 +1,185 @@
+"""Format v2: routing stored one row per token, read back as the same logical routing table (pyarrow and
+DuckDB), each weight encoding within its documented bound, and v1 traces still read through the same view."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import moeprobe
+from moeprobe.traces.compact import RoutingEncoding
+from moeprobe.traces.schema import FORMAT_VERSION, ROUTING
+from tests.conftest import DATA
+from tests.support import layer_meta, write_trace
+
+COLUMNS = ROUTING.names
+
+
+def _logical(rng: np.random.Generator, tokens: int = 50, k: int = 4, experts: int = 16) -> pa.Table:
+    """Routing rows as a writer might be handed them: several steps, layers, both phases, dropped tokens,
+    weights not in rank order inside some tokens (k says the rank), a missing (NaN) weight."""
+    expert = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)])
+    weight = rng.random((tokens, k)).astype(np.float32) * 3
+    weight[3, 1] = np.nan
+    per_token = lambda values: np.repeat(values, k)  # noqa: E731
+    step = np.arange(tokens) // 10
+    return pa.table(
+        {
+            "step": per_token(step).astype(np.int32),
+            "sequence": per_token(np.arange(tokens) % 3).astype(np.int64),
+            "position": per_token(np.arange(tokens)).astype(np.int32),
+            "token_id": per_token(rng.integers(-1, 50_000, tokens)).astype(np.int32),
+            "phase": per_token(np.where(step % 2 == 0, "prefill", "decode")),
+            "layer": per_token(np.arange(tokens) % 2).astype(np.int16),
+            "k": np.tile(np.arange(k), tokens).astype(np.int8),
+            "expert": expert.reshape(-1).astype(np.int16),
+            "weight": weight.reshape(-1),
+            "dropped": per_token(np.arange(tokens) % 7 == 0),
+        },
+        schema=ROUTING,
+    )
+
+
+def _same(got: pa.Table, want: pa.Table) -> bool:
+    """Equal rows and types, a NaN weight equal to a NaN weight (Arrow's equals says NaN != NaN)."""
+    types = lambda t: [(f.name, f.type) for f in t.schema]  # noqa: E731 - nullability differs between readers
+    if types(got) != types(want) or got.num_rows != want.num_rows:
+        return False
+    for name in want.column_names:
+        a, b = got.column(name).to_numpy(), want.column(name).to_numpy()
+        if not np.array_equal(a, b, equal_nan=name == "weight"):
+            return False
+    return True
+
+
+def _half_mantissa(w: np.ndarray) -> np.ndarray:
+    """Reference rounding to 11 significant bits, half to even, by a different route than the writer's."""
+    mantissa, exponent = np.frexp(w.astype(np.float64))
+    return np.ldexp(np.round(mantissa * 2048) / 2048, exponent).astype(np.float32)
+
+
+def test_fp16_rounding_keeps_special_values_and_matches_ieee_half_in_its_range() -> None:
+    from moeprobe.traces.compact import round_to_half_mantissa
+
+    w = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, 0.1, 2.5, 1e-7, 1e6, 0.33325195, 0.33349609], np.float32)
+    got = w.copy()
+    round_to_half_mantissa(got)
+    assert np.array_equal(got[:5], w[:5], equal_nan=True)
+    assert np.array_equal(got[5:], _half_mantissa(w[5:]))
+    normal = [0.1, 2.5, 0.33325195, 0.33349609]
+    assert np.array_equal(_half_mantissa(np.array(normal, np.float32)), np.array(normal, np.float16).astype(np.float32))
+
+
+def _view(trace: moeprobe.Trace) -> pa.Table:
+    return trace.sql(f"select {', '.join(COLUMNS)} from routing order by step, layer, sequence, position, k")
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.select(COLUMNS).sort_by([(c, "ascending") for c in ("step", "layer", "sequence", "position", "k")])
+
+
+def test_fp32_round_trip_is_exact_through_pyarrow_and_duckdb(tmp_path: Path) -> None:
+    logical = _logical(np.random.default_rng(0))
+    path = write_trace(tmp_path / "t", {"routing": logical}, layers=layer_meta(2, 16, 4), options={"weights": "fp32"})
+    trace = moeprobe.open_trace(path)
+    assert trace.manifest["format_version"] == FORMAT_VERSION == 2
+    assert trace.manifest["encoding"]["routing"] == {"layout": "per_token", "expert": "uint8", "weights": "fp32", "top_k": 4}
+    # pyarrow path: same rows, same order as written
+    assert _same(trace.routing().select(COLUMNS), logical)
+    # DuckDB view: the same rows
+    assert _same(_view(trace), _sorted(logical))
+    stored = pq.read_table(next((path / "rank=0" / "routing").glob("*.parquet")))
+    assert stored.num_rows == 50  # one stored row per token, not per decision
+    assert trace.reader.segments("routing")[0].rows == 200  # segments count decisions
+    assert trace.manifest["counters"]["rows"]["routing"] == 200
+
+
+@pytest.mark.parametrize("weights", ["fp16", "u8"])
+def test_lossy_weights_stay_within_documented_bounds(tmp_path: Path, weights: str) -> None:
+    logical = _logical(np.random.default_rng(1))
+    path = write_trace(tmp_path / "t", {"routing": logical}, layers=layer_meta(2, 16, 4), options={"weights": weights})
+    trace = moeprobe.open_trace(path)
+    for got, exact in ((trace.routing().select(COLUMNS), logical), (_view(trace), _sorted(logical))):
+        assert _same(got.drop_columns(["weight"]), exact.drop_columns(["weight"]))
+        want = exact.column("weight").to_numpy()
+        have = got.column("weight").to_numpy()
+        assert np.array_equal(np.isnan(have), np.isnan(want))  # a missing weight stays missing
+        present = ~np.isnan(want)
+        error = np.abs(have[present] - want[present])
+        if weights == "fp16":
+            assert (error <= np.abs(want[present]) * 2.0**-11).all()
+            assert np.array_equal(have[present], _half_mantissa(want[present]))
+            assert error.max() > 0
+        else:
+            span = float(want[present].max() - want[present].min())
+            assert error.max() <= span / 508 * (1 + 1e-5) + 1e-6
+            assert error.max() > 0  # quantised, so not exact: the check above is not vacuous
+
+
+def test_uneven_top_k_and_unranked_input_kept_exactly(tmp_path: Path) -> None:
+    # layer 0 routes top-1, layer 1 top-3: rows of layer 0 use one of the three choice columns
+    rows = {
+        "step": [0, 0, 0, 0], "sequence": [0, 0, 0, 0], "position": [0, 0, 0, 0], "token_id": [5, 5, 5, 5],
+        "phase": ["prefill"] * 4, "layer": [0, 1, 1, 1], "k": [0, 0, 1, 2], "expert": [7, 1, 2, 3],
+        "weight": [1.0, 0.5, 0.25, 0.25], "dropped": [False] * 4,
+    }
+    logical = pa.table(rows, schema=ROUTING)
+    meta = layer_meta(1, 8, 1) + layer_meta(2, 8, 3)[1:]
+    path = write_trace(tmp_path / "a", {"routing": logical}, layers=meta)
+    trace = moeprobe.open_trace(path)
+    assert _same(trace.routing().select(COLUMNS), logical)
+    assert _same(_view(trace), _sorted(logical))
+    assert trace.reader.segments("routing")[0].rows == 4
+
+    # ranks that are not 0, 1, 2... in storage order (hand-written input): kept as given
+    unranked = pa.table({**rows, "layer": [1] * 4, "k": [1, 0, 3, 2], "position": [0, 0, 1, 1]}, schema=ROUTING)
+    path = write_trace(tmp_path / "b", {"routing": unranked}, layers=layer_meta(2, 8, 2))
+    trace = moeprobe.open_trace(path)
+    assert _same(trace.routing().select(COLUMNS), unranked)
+    assert _same(_view(trace), _sorted(unranked))
+
+    # a capacity simulation leaves gaps: token 0 keeps choices 0 and 2, token 1 only choice 1
+    gaps = pa.table({**rows, "layer": [1] * 4, "k": [0, 2, 1, 0], "position": [0, 0, 1, 2]}, schema=ROUTING)
+    path = write_trace(tmp_path / "c", {"routing": gaps}, layers=layer_meta(2, 8, 3))
+    trace = moeprobe.open_trace(path)
+    assert _same(trace.routing().select(COLUMNS), gaps)
+    assert _same(_view(trace), _sorted(gaps))
+
+
+def test_wide_expert_ids_use_uint16_and_out_of_range_ids_are_refused(tmp_path: Path) -> None:
+    assert RoutingEncoding.for_layers(256, 8).expert == "uint8"
+    assert RoutingEncoding.for_layers(257, 8).expert == "uint16"
+    logical = _logical(np.random.default_rng(2), experts=300)
+    path = write_trace(tmp_path / "t", {"routing": logical}, layers=layer_meta(2, 300, 4), options={"weights": "fp32"})
+    assert _same(moeprobe.open_trace(path).routing().select(COLUMNS), logical)
+    with pytest.raises(ValueError, match="expert id out of range"):
+        write_trace(tmp_path / "u", {"routing": logical}, layers=layer_meta(2, 16, 4))
+
+
+def test_v1_and_v2_traces_expose_the_same_routing_view(tmp_path: Path) -> None:
+    v1 = tmp_path / "v1"
+    shutil.copytree(DATA / "v1-good", v1)
+    old = moeprobe.open_trace(v1)
+    assert json.loads((v1 / "manifest.json").read_text())["format_version"] == 1
+    logical = old.routing().select(COLUMNS)
+    v2 = write_trace(tmp_path / "v2", {"routing": logical}, layers=old.layers, options={"weights": "fp32"})
+    new = moeprobe.open_trace(v2)
+    describe = "select column_name, column_type from (describe routing)"
+    assert _same(old.sql(describe), new.sql(describe))
+    assert _same(_view(old), _view(new))
+    assert _same(new.routing().select(COLUMNS), logical)
+
+
+def test_unknown_encoding_is_a_clear_error(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "t", {"routing": _logical(np.random.default_rng(3))}, layers=layer_meta(2, 16, 4))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["encoding"]["routing"]["weights"] = "fp8"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(moeprobe.TraceError, match="unknown routing encoding"):
+        moeprobe.open_trace(path)
