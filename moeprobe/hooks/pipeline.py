@@ -30,6 +30,10 @@ from .sequences import ResolvedTokens, SequenceTracker, unmatched_rows
 HEARTBEAT_S = 2.0
 # How long close() waits for the writer thread before it gives up on it and marks the trace aborted.
 CLOSE_TIMEOUT_S = 30.0
+# Routing decisions collected before they are turned into rows. Bounded: one conversion over every queued
+# step at once (tens of millions of decisions after a stall) allocates hundreds of MB of fresh temporaries,
+# and measured slower per decision than batches of a few million (bench/writer_throughput.py).
+EMIT_BATCH_DECISIONS = 1 << 22
 PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
 
 
@@ -151,6 +155,7 @@ class CapturePipeline:
         self._last_bias: dict[int, np.ndarray] = {}
         # Collected per step, turned into arrays once per batch (see _emit).
         self._pending_routing: dict[int, list[tuple[Any, ...]]] = {}
+        self._pending_decisions = 0
         self._step_rows: list[tuple[Any, ...]] = []
         self._latency_rows: list[tuple[Any, ...]] = []
         self._warned_drop = False
@@ -397,6 +402,8 @@ class CapturePipeline:
                 key=[t[1] for t in tag_rows],
                 value=[t[2] for t in tag_rows],
             )
+        if self._pending_decisions >= EMIT_BATCH_DECISIONS:
+            self._emit()
 
     def _collect_routing(self, step: StepBuffer, capture: LayerCapture, resolved: dict[int, ResolvedTokens]) -> ResolvedTokens:
         indices = _np(capture.indices)
@@ -412,6 +419,7 @@ class CapturePipeline:
             self.writer.count_anomaly("token_count_mismatch")
         weights = _np(capture.weights, np.float32)
         dropped = _np(capture.dropped)
+        self._pending_decisions += tokens * k
         self._pending_routing.setdefault(k, []).append(
             (
                 step.step,
@@ -451,6 +459,7 @@ class CapturePipeline:
             rows, self._latency_rows = self._latency_rows, []
             self._latency.add_rows(rows)
         pending, self._pending_routing = self._pending_routing, {}
+        self._pending_decisions = 0
         for k, parts in pending.items():
             self._emit_routing(k, parts)
 
