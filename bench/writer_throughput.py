@@ -68,11 +68,14 @@ def run_pipeline(path: Path, routing: Routing, batch: int, seq_len: int, steps: 
             while (now := time.perf_counter()) < due:
                 time.sleep(min(0.01, due - now))
         pipeline.submit(step)
+    # The rate actually offered: under load the submitting thread itself can fall behind its schedule.
+    submitted = time.perf_counter() - wall0
     pipeline.close("complete", timeout=600)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     counters = writer.counters
     dropped = sum(counters["dropped"].values())
-    return {"wall": wall, "cpu": cpu, "written": counters["decisions"], "dropped": dropped, "offered": per_step * steps}
+    return {"wall": wall, "cpu": cpu, "written": counters["decisions"], "dropped": dropped, "offered": per_step * steps,
+            "offered_rate": per_step * steps / submitted if submitted > 0 else float("inf")}
 
 
 def peers(routing: Routing, batch: int, seq_len: int, steps: int, out: Path) -> dict[str, tuple[float, float]]:
@@ -121,8 +124,9 @@ def main() -> int:
                   f"{cap['written'] / cap['cpu'] / 1e6:6.1f} M/s per CPU second ({cap['wall'] / args.steps:.2f} s per step)")
             sustain_steps = max(args.steps, int(args.sustain * args.rate / per_step))
             sus = run_pipeline(out / "sus", routing, batch, seq_len, sustain_steps, args.rate, 256 << 20)
-            print(f"  moeprobe sustained at {args.rate / 1e6:.0f} M/s offered, 256 MiB queue: wrote {sus['written']:,} "
-                  f"of {sus['offered']:,}, dropped {sus['dropped']:,} ({sus['wall']:.1f} s)")
+            print(f"  moeprobe sustained at {args.rate / 1e6:.0f} M/s asked ({sus['offered_rate'] / 1e6:.1f} M/s offered), "
+                  f"256 MiB queue: wrote {sus['written']:,} of {sus['offered']:,}, dropped {sus['dropped']:,} "
+                  f"({sus['wall']:.1f} s to close)")
             for peer, (wall, cpu) in peers(routing, batch, seq_len, min(args.steps, 3), out).items():
                 print(f"  {peer:42s} {per_step / wall / 1e6:8.1f} M decisions/s wall, {per_step / cpu / 1e6:8.1f} M/s per CPU second")
             for f in out.glob("*.*"):
