@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -155,7 +156,7 @@ class TraceReader:
                     raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
                 rows = meta.num_rows
                 if table == "routing" and self.routing_encoding is not None:
-                    rows = _stored_decisions(path, meta)
+                    rows = _stored_decisions(path, meta, self.routing_encoding.top_k)
                 found.append(Segment(rank, table, path, rows, path.stat().st_size))
         return found
 
@@ -324,19 +325,28 @@ def _check_segment_file(path: Path, root: Path) -> None:
         raise CorruptSegmentError(f"{path}: segment is {file_kind(info.st_mode)}, not a regular file; refusing to read it")
 
 
-def _stored_decisions(path: Path, meta: pq.FileMetaData) -> int:
+def _stored_decisions(path: Path, meta: pq.FileMetaData, top_k: int) -> int:
     """Decisions in a v2 routing segment: the sum of its ``choices``, from the footer's statistics when every
-    row uses the same number of choices (the usual case), else from that one small column."""
-    index = meta.schema.to_arrow_schema().get_field_index("choices")
+    row uses the same number of choices (the usual case), else from that one small column. A count outside
+    1..K would make the view invent or lose decisions: refused."""
+    leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == "choices")
     total = 0
     for g in range(meta.num_row_groups):
-        column = meta.row_group(g).column(index)
+        column = meta.row_group(g).column(leaf)
         stats = column.statistics
-        if stats is not None and stats.has_min_max and stats.min == stats.max:
-            total += int(stats.min) * column.num_values
-        else:
-            return int(pq.read_table(path, columns=["choices"]).column("choices").to_numpy().sum())
-    return total
+        if stats is None or not stats.has_min_max:
+            break
+        if not 1 <= int(stats.min) <= int(stats.max) <= top_k:
+            raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
+        if stats.min != stats.max:
+            break
+        total += int(stats.min) * column.num_values
+    else:
+        return total
+    choices = pq.read_table(path, columns=["choices"]).column("choices").to_numpy()
+    if choices.size and not (1 <= int(choices.min()) and int(choices.max()) <= top_k):
+        raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
+    return int(choices.sum(dtype=np.int64))
 
 
 def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:

@@ -96,7 +96,8 @@ def _write_options(table: str, schema: pa.Schema) -> dict[str, Any]:
             "sequence": "DELTA_BINARY_PACKED",
             "position": "DELTA_BINARY_PACKED",
         }
-        options["write_statistics"] = ["step", "sequence", "layer"]
+        # choices: its min and max let a reader count a segment's decisions from the footer alone.
+        options["write_statistics"] = ["step", "sequence", "layer", "choices"]
     return options
 
 

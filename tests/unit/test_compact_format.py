@@ -183,3 +183,14 @@ def test_unknown_encoding_is_a_clear_error(tmp_path: Path) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(moeprobe.TraceError, match="unknown routing encoding"):
         moeprobe.open_trace(path)
+
+
+def test_segment_with_impossible_choice_counts_is_refused(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "t", {"routing": _logical(np.random.default_rng(4))}, layers=layer_meta(2, 16, 4))
+    segment = next((path / "rank=0" / "routing").glob("*.parquet"))
+    stored = pq.read_table(segment)
+    stored = stored.set_column(stored.schema.get_field_index("choices"), stored.schema.field("choices"),
+                               pa.array(np.full(stored.num_rows, 9, np.int8)))
+    pq.write_table(stored, segment)
+    with pytest.raises(moeprobe.TraceError, match="choice counts outside 1..4"):
+        moeprobe.open_trace(path)
