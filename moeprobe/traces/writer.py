@@ -215,7 +215,9 @@ class ShardWriter:
                 self._pending_rows[table] += b.num_rows
                 if table == "routing":
                     self._pending_decisions += _decisions(b)
-        if self._pending_rows[table] >= self.max_pending_rows:
+        # Counted in logical rows (decisions for routing), whatever the stored layout.
+        pending = self._pending_decisions if table == "routing" else self._pending_rows[table]
+        if pending >= self.max_pending_rows:
             self._flush_table(table)
 
     def pending_rows(self) -> int:
