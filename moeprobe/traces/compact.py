@@ -83,7 +83,12 @@ class RoutingEncoding:
 
     @property
     def weight_type(self) -> pa.DataType:
-        return pa.uint8() if self.weights == "u8" else pa.float32()
+        return {"fp32": pa.float32(), "fp16": pa.uint32(), "u8": pa.uint8()}[self.weights]
+
+    @property
+    def delta_coded(self) -> bool:
+        """Whether weight columns hold integer codes that a row may store as differences between ranks."""
+        return self.weights != "fp32"
 
     def schema(self) -> pa.Schema:
         fields = [
@@ -101,6 +106,9 @@ class RoutingEncoding:
         fields += [pa.field(f"weight_{i}", self.weight_type) for i in range(self.top_k)]
         # null: choice i has rank i (the router's output was in rank order, as the writer makes it)
         fields.append(pa.field("k", pa.list_(pa.int8())))
+        if self.delta_coded:
+            # true: weight_i holds code_i - code_{i+1} (the last used choice its code), see _delta_code
+            fields.append(pa.field("weight_delta", pa.bool_(), nullable=False))
         if self.weights == "u8":
             fields += [
                 pa.field("weight_offset", pa.float32(), nullable=False),
@@ -151,10 +159,14 @@ class RoutingEncoding:
             w[null] = np.nan  # left out of the u8 range; stored as null below
         if self.weights == "fp16":
             round_to_half_mantissa(w)
+            w = half_codes(w)
         elif self.weights == "u8":
             w, offset, scale = _quantize_u8(w)
             columns["weight_offset"] = np.full(tokens, offset, np.float32)
             columns["weight_scale"] = np.full(tokens, scale, np.float32)
+        if self.delta_coded:
+            used = np.full(tokens, width, np.int64) if choices is None else choices.astype(np.int64)
+            w, columns["weight_delta"] = _delta_code(w, used, null)
         for i in range(self.top_k):
             if i < width:
                 columns[f"expert_{i}"] = by_rank[i]
@@ -225,6 +237,59 @@ def round_to_half_mantissa(w: np.ndarray) -> None:
     np.copyto(bits, rounded, where=finite)
 
 
+def half_codes(w: np.ndarray) -> np.ndarray:
+    """float32 values already rounded to 11 significant bits -> their 19-bit codes (sign, exponent, the 10
+    mantissa bits that are left): the float32 bit pattern shifted right by 13. Codes of non-negative values
+    rise with the value, so a row's codes in rank order never rise and their differences are small."""
+    bits = w.view(np.uint32)
+    nan = ((bits & 0x7F800000) == 0x7F800000) & ((bits & 0x007FFFFF) != 0)
+    if nan.any():  # a NaN's payload may sit in the 13 bits shifted out: make it a quiet NaN that keeps one
+        bits = np.where(nan, np.uint32(0x7FC00000), bits)
+    return (bits >> np.uint32(13)).astype(np.uint32)
+
+
+def half_values(codes: np.ndarray) -> np.ndarray:
+    """19-bit codes -> float32 values (the inverse of :func:`half_codes`)."""
+    return (codes.astype(np.uint32) << np.uint32(13)).view(np.float32)
+
+
+def _delta_code(codes: np.ndarray, used: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(choices, tokens) weight codes in rank order -> the stored codes and the per-token ``weight_delta`` flag.
+
+    A token whose used codes never rise along the ranks (the usual case: non-negative weights ranked by size)
+    stores code_i - code_{i+1} for each used choice but the last, which keeps its code; unused choices 0. The
+    differences between neighbouring ranks are small numbers that zstd codes in fewer bits than the codes
+    (bench/trace_bytes.py). Any other token (a missing, negative or NaN weight out of order) stores its codes.
+    Exact both ways: a reader adds the stored values from choice i to the last.
+    """
+    width, tokens = codes.shape
+    if width == 1:
+        return codes, np.ones(tokens, bool)
+    if null is None and bool((used == width).all()):
+        # Fast path: every row uses every column (the capture pipeline's batches).
+        ok = (codes[:-1] >= codes[1:]).all(axis=0)
+        delta = codes.copy()
+        delta[:-1] -= codes[1:]  # wraps where a code rises; those rows keep their codes below
+        return np.where(ok[None, :], delta, codes).astype(codes.dtype, copy=False), ok
+    position = np.arange(width)[:, None]
+    inside = position < used[None, :]
+    signed = codes.astype(np.int64)
+    ok = ((signed[:-1] >= signed[1:]) | ~inside[1:]).all(axis=0)
+    if null is not None:
+        ok &= ~(null & inside).any(axis=0)
+    following = np.zeros_like(signed)
+    following[:-1] = signed[1:]
+    last = position == used[None, :] - 1
+    delta = np.where(inside & ~last, signed - following, np.where(inside, signed, 0))
+    return np.where(ok[None, :], delta, signed).astype(codes.dtype), ok
+
+
+def _undelta(stored: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """(tokens, K) stored codes and the per-token flag -> the codes (sums from each choice to the last)."""
+    summed = np.cumsum(stored[:, ::-1].astype(np.int64), axis=1)[:, ::-1]
+    return np.where(delta[:, None], summed, stored)
+
+
 def _quantize_u8(w: np.ndarray) -> tuple[np.ndarray, float, float]:
     missing = np.isnan(w)
     if np.isinf(w).any():
@@ -261,8 +326,13 @@ def decode(stored: pa.Table, encoding: RoutingEncoding, columns: list[str]) -> p
             out[name] = pa.array(matrix("expert")[use].astype(np.int16))
         elif name == "weight":
             present = np.stack([stored.column(f"weight_{i}").is_valid().to_numpy(zero_copy_only=False) for i in range(K)], axis=1)[use]
-            values = np.stack([stored.column(f"weight_{i}").fill_null(0).to_numpy() for i in range(K)], axis=1)[use]
-            if encoding.weights == "u8":
+            values = np.stack([stored.column(f"weight_{i}").fill_null(0).to_numpy() for i in range(K)], axis=1)
+            if encoding.delta_coded:
+                values = _undelta(values, stored.column("weight_delta").to_numpy(zero_copy_only=False))
+            values = values[use]
+            if encoding.weights == "fp16":
+                values = half_values(values)
+            elif encoding.weights == "u8":
                 offset = np.repeat(stored.column("weight_offset").to_numpy(), choices)
                 scale = np.repeat(stored.column("weight_scale").to_numpy(), choices)
                 real = (offset + values.astype(np.float32) * scale).astype(np.float32)
@@ -289,21 +359,44 @@ def routing_select(files_sql: str, encoding: RoutingEncoding, rank: int) -> str:
 
     One branch per choice column, glued with UNION ALL: measured faster than UNNEST over lists of the K
     columns (filters and projections reach each Parquet scan), at the price of rows coming rank by rank.
+    A weight's code is computed once per branch (inner SELECT); DuckDB drops it when a query does not ask
+    for ``weight``.
     """
     phase = "CAST(CASE phase " + " ".join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(PHASES)) + " END AS VARCHAR)"
     source = f"read_parquet([{files_sql}], hive_partitioning = false, union_by_name = false)"
     branches = []
     for i in range(encoding.top_k):
-        if encoding.weights == "u8":
-            weight = (
-                f"CASE WHEN weight_{i} = {U8_MISSING} THEN CAST('nan' AS FLOAT) "
-                f"ELSE CAST(weight_offset + weight_{i} * weight_scale AS FLOAT) END"
-            )
-        else:
-            weight = f"weight_{i}"
+        rows = f"(SELECT *, {_code_sql(encoding, i)} AS weight_code_ FROM {source} WHERE choices > {i})"
         branches.append(
             f"SELECT step, sequence, position, token_id, {phase} AS phase, layer, "
             f"CAST(coalesce(k[{i + 1}], {i}) AS TINYINT) AS k, CAST(expert_{i} AS SMALLINT) AS expert, "
-            f"{weight} AS weight, dropped, CAST({rank} AS INTEGER) AS rank FROM {source} WHERE choices > {i}"
+            f"{_weight_sql(encoding)} AS weight, dropped, CAST({rank} AS INTEGER) AS rank FROM {rows}"
         )
     return " UNION ALL ".join(branches)
+
+
+def _code_sql(encoding: RoutingEncoding, i: int) -> str:
+    """SQL for choice i's stored weight code: the sum of the stored values from choice i on in delta-coded
+    rows (see _delta_code), the stored value itself otherwise. fp32 stores the weight itself."""
+    if not encoding.delta_coded:
+        return f"weight_{i}"
+    summed = " + ".join(f"CAST(weight_{j} AS BIGINT)" for j in range(i, encoding.top_k))
+    return f"CASE WHEN weight_delta THEN {summed} ELSE CAST(weight_{i} AS BIGINT) END"
+
+
+def _weight_sql(encoding: RoutingEncoding) -> str:
+    """SQL for the gate weight from ``weight_code_`` (exactly what half_values and decode compute)."""
+    c = "weight_code_"
+    if encoding.weights == "fp32":
+        return c
+    if encoding.weights == "u8":
+        return f"CASE WHEN {c} = {U8_MISSING} THEN CAST('nan' AS FLOAT) ELSE CAST(weight_offset + {c} * weight_scale AS FLOAT) END"
+    # fp16 codes: sign bit, 8 exponent bits, 10 mantissa bits of a float32 (half_codes). The product is exact
+    # in DOUBLE (11 significant bits times a power of two) and so is its cast to FLOAT.
+    sign, exponent, mantissa = f"({c} >> 18)", f"(({c} >> 10) & 255)", f"({c} & 1023)"
+    return (
+        f"CASE WHEN {exponent} = 255 THEN (CASE WHEN {mantissa} <> 0 THEN CAST('nan' AS FLOAT) "
+        f"WHEN {sign} = 1 THEN CAST('-inf' AS FLOAT) ELSE CAST('inf' AS FLOAT) END) "
+        f"ELSE CAST((1 - 2 * {sign}) * ((CASE WHEN {exponent} = 0 THEN 0 ELSE 1024 END) + {mantissa}) "
+        f"* pow(2.0, greatest({exponent}, 1) - 137) AS FLOAT) END"
+    )

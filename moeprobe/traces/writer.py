@@ -89,7 +89,7 @@ def _write_options(table: str, schema: pa.Schema) -> dict[str, Any]:
     if table == "routing" and "choices" in schema.names:
         choice_columns = [n for n in schema.names if n.split("_")[0] in ("expert", "weight") and n.split("_")[-1].isdigit()]
         options["use_dictionary"] = [
-            n for n in ("step", "phase", "layer", "dropped", "choices", "weight_offset", "weight_scale") if n in schema.names
+            n for n in ("step", "phase", "layer", "dropped", "choices", "weight_delta", "weight_offset", "weight_scale") if n in schema.names
         ]
         options["column_encoding"] = {
             **{n: "BYTE_STREAM_SPLIT" for n in choice_columns},

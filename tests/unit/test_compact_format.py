@@ -194,3 +194,51 @@ def test_segment_with_impossible_choice_counts_is_refused(tmp_path: Path) -> Non
     pq.write_table(stored, segment)
     with pytest.raises(moeprobe.TraceError, match="choice counts outside 1..4"):
         moeprobe.open_trace(path)
+
+
+@pytest.mark.parametrize("weights", ["fp16", "u8"])
+def test_ranked_weights_stored_as_differences_read_back_as_the_plain_encoding_would(tmp_path: Path, weights: str) -> None:
+    # Ranked rows (weights falling with k) are stored as differences between neighbouring ranks; rows that
+    # cannot be (a NaN, a null, a negative weight, a rising code, a row using fewer columns) store their codes.
+    rng = np.random.default_rng(7)
+    tokens, k = 40, 4
+    weight = -np.sort(-rng.random((tokens, k)).astype(np.float32), axis=1)
+    weight[1, 2] = np.nan
+    weight[2] = [-0.1, -0.2, -0.3, -0.4]  # falls, but negative codes rise
+    weight[3, 0] = 0.0  # rises after a zero: not ranked by size
+    weight[4] = [0.5, 0.5, 0.5, 0.5]  # ties: differences of zero
+    logical = _logical(rng, tokens=tokens, k=k)
+    logical = logical.set_column(logical.schema.get_field_index("weight"), "weight", pa.array(weight.reshape(-1)))
+    logical = logical.set_column(logical.schema.get_field_index("k"), "k", pa.array(np.tile(np.arange(k), tokens).astype(np.int8)))
+    with_null = pa.array([None if i == 5 * k + 1 else w for i, w in enumerate(weight.reshape(-1).tolist())], pa.float32())
+    logical = logical.set_column(logical.schema.get_field_index("weight"), "weight", with_null)
+    fewer = logical.filter(pa.array(~((np.arange(tokens * k) // k == 6) & (np.arange(tokens * k) % k == 3))))  # token 6: 3 choices
+    path = write_trace(tmp_path / "t", {"routing": fewer}, layers=layer_meta(2, 16, k), options={"weights": weights})
+    trace = moeprobe.open_trace(path)
+    stored = pq.read_table(next((path / "rank=0" / "routing").glob("*.parquet")))
+    delta = stored.column("weight_delta").to_pylist()
+    # u8 codes rise with the value whatever its sign, so falling negative weights are differences there too
+    negative_ranked = weights == "u8"
+    assert delta[:7] == [True, False, negative_ranked, False, True, False, True]
+    assert sum(delta) == tokens - 3 - (not negative_ranked)
+    # the same rows as the codes alone would give: round or quantise without differences, by hand
+    want = fewer.column("weight").to_numpy(zero_copy_only=False).astype(np.float32)
+    if weights == "fp16":
+        expected = _half_mantissa(want)
+    else:
+        present = want[~np.isnan(want)]
+        low, scale = np.float32(present.min()), np.float32((present.max() - present.min()) / 254)
+        expected = (low + np.clip(np.rint((want - low) / scale), 0, 254).astype(np.float32) * scale).astype(np.float32)
+        expected[np.isnan(want)] = np.nan
+    nulls = fewer.column("weight").is_null().to_numpy(zero_copy_only=False)
+    got = trace.routing().select(COLUMNS)
+    assert got.column("weight").is_null().to_numpy(zero_copy_only=False).tolist() == nulls.tolist()
+    assert np.array_equal(got.column("weight").to_numpy(zero_copy_only=False)[~nulls], expected[~nulls], equal_nan=True)
+    assert _same(got.drop_columns(["weight"]), fewer.drop_columns(["weight"]))
+    view = trace.sql(
+        "select weight, weight is null as missing from routing order by step, layer, sequence, position, k"
+    )
+    order = np.lexsort([fewer.column(c).to_numpy() for c in ("k", "position", "sequence", "layer", "step")])
+    assert view.column("missing").to_pylist() == nulls[order].tolist()
+    have = view.column("weight").to_numpy(zero_copy_only=False)
+    assert np.array_equal(have[~nulls[order]], expected[order][~nulls[order]], equal_nan=True)
