@@ -354,22 +354,25 @@ def decode(stored: pa.Table, encoding: RoutingEncoding, columns: list[str]) -> p
     return pa.table([out[c] for c in columns], names=columns)
 
 
-def routing_select(files_sql: str, encoding: RoutingEncoding, rank: int) -> str:
+def routing_select(files_sql: str, encoding: RoutingEncoding, rank: int, full_rank: bool = False) -> str:
     """The DuckDB SELECT that turns stored v2 rows into the logical routing view (plus ``rank``).
 
     One branch per choice column, glued with UNION ALL: measured faster than UNNEST over lists of the K
     columns (filters and projections reach each Parquet scan), at the price of rows coming rank by rank.
     A weight's code is computed once per branch (inner SELECT); DuckDB drops it when a query does not ask
-    for ``weight``.
+    for ``weight``. ``full_rank``: every row of these files uses all K columns in rank order (the reader
+    checked their footers), so no branch filters on ``choices`` or looks up an explicit rank.
     """
     phase = "CAST(CASE phase " + " ".join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(PHASES)) + " END AS VARCHAR)"
     source = f"read_parquet([{files_sql}], hive_partitioning = false, union_by_name = false)"
     branches = []
     for i in range(encoding.top_k):
-        rows = f"(SELECT *, {_code_sql(encoding, i)} AS weight_code_ FROM {source} WHERE choices > {i})"
+        where = "" if full_rank else f" WHERE choices > {i}"
+        rank_sql = f"CAST({i} AS TINYINT)" if full_rank else f"CAST(coalesce(k[{i + 1}], {i}) AS TINYINT)"
+        rows = f"(SELECT *, {_code_sql(encoding, i)} AS weight_code_ FROM {source}{where})"
         branches.append(
             f"SELECT step, sequence, position, token_id, {phase} AS phase, layer, "
-            f"CAST(coalesce(k[{i + 1}], {i}) AS TINYINT) AS k, CAST(expert_{i} AS SMALLINT) AS expert, "
+            f"{rank_sql} AS k, CAST(expert_{i} AS SMALLINT) AS expert, "
             f"{_weight_sql(encoding)} AS weight, dropped, CAST({rank} AS INTEGER) AS rank FROM {rows}"
         )
     return " UNION ALL ".join(branches)

@@ -35,6 +35,9 @@ class Segment:
     path: Path
     rows: int
     bytes: int
+    # Format 2 routing: every row uses all K choice columns in rank order (no padding, no explicit ranks), by
+    # the footer's statistics; the view then reads it without a filter or a rank lookup per decision.
+    full_rank: bool = False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -154,10 +157,11 @@ class TraceReader:
                     _check_row_counts(path, meta)
                 except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
                     raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
-                rows = meta.num_rows
+                rows, full_rank = meta.num_rows, False
                 if table == "routing" and self.routing_encoding is not None:
                     rows = _stored_decisions(path, meta, self.routing_encoding.top_k)
-                found.append(Segment(rank, table, path, rows, path.stat().st_size))
+                    full_rank = _full_rank(meta, self.routing_encoding.top_k)
+                found.append(Segment(rank, table, path, rows, path.stat().st_size, full_rank))
         return found
 
     def find_corrupt_segment(self) -> None:
@@ -347,6 +351,23 @@ def _stored_decisions(path: Path, meta: pq.FileMetaData, top_k: int) -> int:
     if choices.size and not (1 <= int(choices.min()) and int(choices.max()) <= top_k):
         raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
     return int(choices.sum(dtype=np.int64))
+
+
+def _full_rank(meta: pq.FileMetaData, top_k: int) -> bool:
+    """Whether the footer says every row of a v2 routing segment uses all K choices (``choices`` min = max =
+    K) and none has explicit ranks (every ``k`` list null). Missing statistics: False (the general view)."""
+    leaves = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
+    if "choices" not in leaves or "k.list.element" not in leaves:
+        return False
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        choices, ranks = group.column(leaves["choices"]).statistics, group.column(leaves["k.list.element"])
+        if choices is None or not choices.has_min_max or not int(choices.min) == int(choices.max) == top_k:
+            return False
+        stats = ranks.statistics
+        if stats is None or not stats.has_null_count or stats.null_count != ranks.num_values or ranks.num_values != group.num_rows:
+            return False
+    return True
 
 
 def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:

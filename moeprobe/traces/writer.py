@@ -97,7 +97,8 @@ def _write_options(table: str, schema: pa.Schema) -> dict[str, Any]:
             "position": "DELTA_BINARY_PACKED",
         }
         # choices: its min and max let a reader count a segment's decisions from the footer alone.
-        options["write_statistics"] = ["step", "sequence", "layer", "choices"]
+        # k: its null count tells a reader that no row has explicit ranks (reader._full_rank).
+        options["write_statistics"] = ["step", "sequence", "layer", "choices", "k.list.element"]
     return options
 
 

@@ -242,3 +242,20 @@ def test_ranked_weights_stored_as_differences_read_back_as_the_plain_encoding_wo
     assert view.column("missing").to_pylist() == nulls[order].tolist()
     have = view.column("weight").to_numpy(zero_copy_only=False)
     assert np.array_equal(have[~nulls[order]], expected[order][~nulls[order]], equal_nan=True)
+
+
+def test_view_reads_full_rank_segments_without_rank_lookups_and_others_in_full(tmp_path: Path) -> None:
+    full = _logical(np.random.default_rng(8))  # every token uses all 4 choices, in rank order
+    rows = {
+        "step": [9, 9, 9], "sequence": [0, 0, 0], "position": [0, 0, 1], "token_id": [5, 5, 6],
+        "phase": ["decode"] * 3, "layer": [1, 1, 1], "k": [1, 0, 0], "expert": [7, 1, 2],
+        "weight": [0.25, 0.5, 1.0], "dropped": [False] * 3,
+    }
+    uneven = pa.table(rows, schema=ROUTING)  # token 0: ranks given out of order; token 1: one choice
+    path = write_trace(tmp_path / "t", {"routing": [full, uneven]}, layers=layer_meta(2, 16, 4))
+    trace = moeprobe.open_trace(path)
+    assert [s.full_rank for s in trace.reader.segments("routing")] == [True, False]
+    both = pa.concat_tables([full, uneven])
+    got = _view(trace)
+    assert _same(got.drop_columns(["weight"]), _sorted(both).drop_columns(["weight"]))
+    assert np.array_equal(got.column("weight").to_numpy(), _half_mantissa(_sorted(both).column("weight").to_numpy()), equal_nan=True)
