@@ -26,6 +26,11 @@ from .schema import TABLES, with_rank
 
 # A writer on another host cannot be probed by pid; past this long without a heartbeat it is presumed gone.
 REMOTE_STALE_AFTER_S = 60.0
+LISTING_ATTEMPTS = 5  # listings in a row that may each lose a file to a concurrent compaction
+
+
+class _Vanished(TraceError):
+    """A listed segment was deleted before its footer was read (compaction merged it)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,15 @@ class TraceReader:
             shard = read_shard_manifest(shard_file)
             shards[rank] = shard
         self.shards = shards
-        self._segments = {name: self._list_segments(name) for name in TABLES}
+        for attempt in range(LISTING_ATTEMPTS):
+            try:
+                self._segments = {name: self._list_segments(name) for name in TABLES}
+                return
+            except _Vanished:
+                # Compaction deleted a merged segment between the listing and its footer: list again (the
+                # merged file was renamed in before the deletion, so the new listing has it).
+                if attempt == LISTING_ATTEMPTS - 1:
+                    raise
 
     def _list_segments(self, table: str) -> list[Segment]:
         expected = self._stored[table]
@@ -140,11 +153,15 @@ class TraceReader:
                 if known is not None:
                     found.append(known)
                     continue
-                _check_segment_file(path, root)
                 try:
+                    _check_segment_file(path, root)
                     meta = pq.read_metadata(path)
                     schema = meta.schema.to_arrow_schema()
-                except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
+                except (OSError, ValueError, pa.ArrowException, CorruptSegmentError) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
+                    if not os.path.lexists(path):
+                        raise _Vanished(str(path)) from exc
+                    if isinstance(exc, CorruptSegmentError):
+                        raise
                     raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment ({exc})") from exc
                 names = [f.name for f in expected]
                 if schema.names != names or any(
@@ -302,12 +319,13 @@ def _committed(shard: dict[str, Any], table: str, paths: list[Path]) -> list[Pat
     """The segments the shard's manifest counts as written. The writer renames one segment per table and then
     writes shard.json: a writer killed in between leaves segments that no manifest counts, and reading them
     would make the tables disagree (routing for steps the steps table does not have). Every table shows the
-    same flushes. A shard without per-table counts (another writer) shows every complete segment."""
+    same flushes. A shard without per-table counts (another writer) shows every complete segment. A merged
+    segment (compaction) holds only flushes the manifest already counted."""
     counts = shard.get("counters", {}).get("segments")
     count = counts.get(table) if isinstance(counts, dict) else None
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         return paths
-    return paths[:count]
+    return [p for p in paths if (span := layout.segment_span(p)) is not None and span[1] < count]
 
 
 def _check_segment_file(path: Path, root: Path) -> None:

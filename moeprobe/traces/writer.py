@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from .._version import __version__
 from . import layout
 from .compact import DEFAULT_WEIGHTS, RoutingEncoding
+from .compaction import Compactor
 from .errors import NotATraceError, TraceExistsError, TraceWriteError
 from .locking import lock_shard
 from .manifest import write_json_atomic
@@ -117,6 +118,7 @@ class ShardWriter:
         max_pending_rows: int = 2_000_000,
         on_warning: Callable[[str], None] | None = None,
         source: dict[str, Any] | None = None,
+        compact: bool = True,
     ) -> None:
         self.trace = Path(trace)
         self.rank = rank
@@ -135,6 +137,9 @@ class ShardWriter:
         )
         self._stored_schemas = {**TABLES, "routing": self.routing_encoding.schema()}
         self._next_segment: dict[str, int] = defaultdict(int)
+        # Small segments merged as the shard grows and at close (traces/compaction.py); False keeps every flush.
+        self.compactor = Compactor(self.trace, rank, self._stored_schemas, _write_options) if compact else None
+        self._counted_on_disk: dict[str, int] = {}  # segments per table in the last shard.json written
         self.closed = False
         self._manifest_lock = threading.RLock()
         self._finalized = False
@@ -229,6 +234,7 @@ class ShardWriter:
         for table in list(self._pending):
             self._flush_table(table)
         self._write_manifests()
+        self._compact(at_close=False)
 
     def close(self, status: str = "complete", error: str | None = None) -> None:
         """Flush what is pending and write the final status. The status is the last thing written."""
@@ -236,6 +242,9 @@ class ShardWriter:
             return
         for table in list(self._pending):
             self._flush_table(table)
+        if self.compactor is not None and not self._finalized:
+            self._write_manifests()  # merged segments hold only flushes shard.json counts
+            self._compact(at_close=True)
         with self._manifest_lock:
             if self._finalized:  # abandon() got there first: its status stands
                 return
@@ -304,6 +313,17 @@ class ShardWriter:
         except OSError:
             pass
 
+    def _compact(self, *, at_close: bool) -> None:
+        """Merge small segments (see compaction.py). A merge that fails (a full disk) leaves the segments it
+        would have merged as they are: nothing is lost, the trace only keeps more files."""
+        if self.compactor is None:
+            return
+        try:
+            # Only flushes that the shard.json on disk counts: readers show nothing beyond them.
+            self.compactor.run(dict(self._counted_on_disk), at_close=at_close)
+        except (OSError, pa.ArrowException) as exc:
+            self._warn_once("compaction", f"moeprobe: cannot merge segments of {self.trace} ({exc}); keeping them as they are")
+
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
             return
@@ -354,7 +374,9 @@ class ShardWriter:
         attempts = 3 if final else 1
         for attempt in range(attempts):
             try:
+                counted = dict(self.counters["segments"])
                 self._write_manifest_files(final)
+                self._counted_on_disk = counted
                 return
             except OSError as exc:
                 if attempt + 1 < attempts and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

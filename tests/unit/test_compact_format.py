@@ -252,7 +252,8 @@ def test_view_reads_full_rank_segments_without_rank_lookups_and_others_in_full(t
         "weight": [0.25, 0.5, 1.0], "dropped": [False] * 3,
     }
     uneven = pa.table(rows, schema=ROUTING)  # token 0: ranks given out of order; token 1: one choice
-    path = write_trace(tmp_path / "t", {"routing": [full, uneven]}, layers=layer_meta(2, 16, 4))
+    # left open (status None): closing would merge the two segments into one (compaction)
+    path = write_trace(tmp_path / "t", {"routing": [full, uneven]}, layers=layer_meta(2, 16, 4), status=None)
     trace = moeprobe.open_trace(path)
     assert [s.full_rank for s in trace.reader.segments("routing")] == [True, False]
     both = pa.concat_tables([full, uneven])
