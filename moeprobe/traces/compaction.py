@@ -6,13 +6,15 @@ process writes or merges here) merges them as it goes, size-tiered like a counte
 last ``FANOUT`` segments hold the same number of flushes, they become one segment (``NNNNNN-MMMMMM.parquet``, the
 flush numbers it holds), unless that would pass ``TARGET_BYTES``. Every flush is then rewritten about
 log_FANOUT(flushes per full segment) times, and a shard holds at most ``FANOUT - 1`` segments per tier plus its
-full segments. ``close`` merges the small tail once more.
+full segments.
 
 Atomic for readers: the merged file is written under a temporary name, renamed into place, and only then are
 the segments it holds deleted; a listing at any moment shows each flush once (``layout.visible`` hides what a
 merged segment holds). Deletion waits ``GRACE_S`` so that a reader's snapshot taken before the rename can still
-read the files it listed. A kill at any point leaves a readable trace without duplicates: a temporary file
-that no listing shows, or merged segments beside the ones they hold (hidden).
+read the files it listed. So ``close`` deletes only what is past its grace: a recording keeps, after close, the
+last minute or so of merged-away segments beside the merged ones (hidden by ``layout.visible``; a tool that
+globs the files must apply the same rule). A kill at any point leaves a readable trace without duplicates: a
+temporary file that no listing shows, or merged segments beside the ones they hold (hidden).
 """
 
 from __future__ import annotations
@@ -49,39 +51,33 @@ class Compactor:
     grace_s: float = GRACE_S
     merges: int = 0
     _doomed: list[tuple[float, Path]] = field(default_factory=list)
+    _planned: dict[str, int] = field(default_factory=dict)  # table -> flush count of its last plan with no merge
 
-    def run(self, committed: dict[str, int], *, at_close: bool = False) -> None:
-        """Merge what the policy says in every table, then delete merged-away segments whose grace is over
-        (all of them at close). ``committed``: flushes per table that shard.json already counts; only those
-        are merged, so a merged segment never holds a flush that readers do not show yet."""
+    def run(self, committed: dict[str, int]) -> None:
+        """Merge what the policy says in every table, then delete merged-away segments whose grace is over.
+        ``committed``: flushes per table that shard.json already counts; only those are merged, so a merged
+        segment never holds a flush that readers do not show yet."""
         for table, count in committed.items():
-            while (run := self._plan(table, count, at_close)) is not None:
+            if self._planned.get(table) == count:
+                continue  # nothing new in this table since a plan found nothing to merge: skip the listing
+            while (run := self._plan(table, count)) is not None:
                 self._merge(table, run)
-        self._delete(everything=at_close)
+            self._planned[table] = count
+        self.delete_expired()
 
     # -- policy -----------------------------------------------------------------------------------
-    def _plan(self, table: str, count: int, at_close: bool) -> list[Path] | None:
+    def _plan(self, table: str, count: int) -> list[Path] | None:
         files = [p for p in layout.segments(self.trace, self.rank, table) if _span(p)[1] < count]
-        if len(files) < 2:
+        if len(files) < self.fanout:
             return None
-        sizes = [_size(p) for p in files]
-        if at_close:
-            # The small tail, as one segment: the largest suffix under the target.
-            run: list[Path] = []
-            total = 0
-            for path, size in zip(reversed(files), reversed(sizes)):
-                if total + size > self.target_bytes:
-                    break
-                run.insert(0, path)
-                total += size
-            return run if len(run) >= 2 else None
+        sizes = [_size(p) for p in files[-self.fanout:]]
         tier = _tier(files[-1], self.fanout)
         run = []
         for path in reversed(files):
             if _tier(path, self.fanout) != tier or len(run) == self.fanout:
                 break
             run.insert(0, path)
-        if len(run) < self.fanout or sum(sizes[-len(run):]) > self.target_bytes:
+        if len(run) < self.fanout or sum(sizes) > self.target_bytes:
             return None
         return run
 
@@ -118,11 +114,14 @@ class Compactor:
         now = time.monotonic()
         self._doomed += [(now, p) for p in run]
 
-    def _delete(self, *, everything: bool) -> None:
+    def delete_expired(self) -> None:
+        """Delete the merged-away segments whose grace is over."""
+        if not self._doomed:
+            return
         now = time.monotonic()
         keep = []
         for merged_at, path in self._doomed:
-            if everything or now - merged_at >= self.grace_s:
+            if now - merged_at >= self.grace_s:
                 try:
                     path.unlink()
                 except FileNotFoundError:

@@ -241,14 +241,9 @@ class TraceReader:
             schema = pa.schema([schema.field(c) for c in columns])
         parts = []
         wanted = [c for c in schema.names if c != "rank"]
-        compact = name == "routing" and self.routing_encoding is not None
         for segment in self.segments(name):
             try:
-                if compact:
-                    assert self.routing_encoding is not None
-                    data = decode(pq.read_table(segment.path), self.routing_encoding, wanted)
-                else:
-                    data = pq.read_table(segment.path, columns=wanted)
+                data = self.read_segment_file(segment.path, name, wanted)
             except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                 raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({exc})") from exc
             if "rank" in schema.names:
@@ -257,6 +252,13 @@ class TraceReader:
         if not parts:
             return schema.empty_table()
         return pa.concat_tables(parts)
+
+    def read_segment_file(self, path: Path, table: str, columns: list[str]) -> pa.Table:
+        """The logical ``columns`` of one segment file of ``table`` (format 2 routing decoded). Raises what
+        pyarrow raises on a damaged file (OSError, ValueError, ArrowException)."""
+        if table == "routing" and self.routing_encoding is not None:
+            return decode(pq.read_table(path), self.routing_encoding, columns)
+        return pq.read_table(path, columns=columns)
 
     def routing(self) -> pa.Table:
         return self.table("routing")
@@ -325,7 +327,14 @@ def _committed(shard: dict[str, Any], table: str, paths: list[Path]) -> list[Pat
     count = counts.get(table) if isinstance(counts, dict) else None
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         return paths
-    return [p for p in paths if (span := layout.segment_span(p)) is not None and span[1] < count]
+    shown, flushes = [], 0
+    for path in paths:  # the first `count` flushes, in order; a merged segment holds several
+        span = layout.segment_span(path)
+        if span is None or flushes + span[1] - span[0] + 1 > count:
+            break
+        shown.append(path)
+        flushes += span[1] - span[0] + 1
+    return shown
 
 
 def _check_segment_file(path: Path, root: Path) -> None:

@@ -234,7 +234,7 @@ class ShardWriter:
         for table in list(self._pending):
             self._flush_table(table)
         self._write_manifests()
-        self._compact(at_close=False)
+        self._compact()
 
     def close(self, status: str = "complete", error: str | None = None) -> None:
         """Flush what is pending and write the final status. The status is the last thing written."""
@@ -242,9 +242,8 @@ class ShardWriter:
             return
         for table in list(self._pending):
             self._flush_table(table)
-        if self.compactor is not None and not self._finalized:
-            self._write_manifests()  # merged segments hold only flushes shard.json counts
-            self._compact(at_close=True)
+        if self.compactor is not None:
+            self.compactor.delete_expired()  # the rest stays, hidden: a reader may still be reading it
         with self._manifest_lock:
             if self._finalized:  # abandon() got there first: its status stands
                 return
@@ -313,14 +312,14 @@ class ShardWriter:
         except OSError:
             pass
 
-    def _compact(self, *, at_close: bool) -> None:
+    def _compact(self) -> None:
         """Merge small segments (see compaction.py). A merge that fails (a full disk) leaves the segments it
         would have merged as they are: nothing is lost, the trace only keeps more files."""
         if self.compactor is None:
             return
         try:
             # Only flushes that the shard.json on disk counts: readers show nothing beyond them.
-            self.compactor.run(dict(self._counted_on_disk), at_close=at_close)
+            self.compactor.run(dict(self._counted_on_disk))
         except (OSError, pa.ArrowException) as exc:
             self._warn_once("compaction", f"moeprobe: cannot merge segments of {self.trace} ({exc}); keeping them as they are")
 

@@ -48,7 +48,7 @@ def _each_step_once(trace: moeprobe.Trace, steps: int) -> None:
     assert trace.sql("SELECT step FROM steps ORDER BY step").column(0).to_pylist() == list(range(steps))
 
 
-def test_flushes_merge_in_tiers_and_at_close_and_every_row_is_read_once(tmp_path: Path) -> None:
+def test_flushes_merge_in_tiers_and_every_row_is_read_once(tmp_path: Path) -> None:
     path = tmp_path / "t"
     writer = _writer(path)
     most = 0
@@ -62,11 +62,27 @@ def test_flushes_merge_in_tiers_and_at_close_and_every_row_is_read_once(tmp_path
     with moeprobe.open_trace(path) as trace:
         _each_step_once(trace, 100)
     writer.close()
-    assert _files(path) == ["000000-000099.parquet"] and _files(path, "steps") == ["000000-000099.parquet"]
     with moeprobe.open_trace(path) as trace:
         _each_step_once(trace, 100)
         assert trace.status == "complete" and trace.manifest["counters"]["rows"]["routing"] == 100 * TOKENS * K
-        assert trace.reader.segments("routing")[0].rows == 100 * TOKENS * K
+        assert [s.path.name for s in trace.reader.segments("steps")] == shown
+        assert sum(s.rows for s in trace.reader.segments("routing")) == 100 * TOKENS * K
+    # merged-away files are still on disk (their grace period: a reader may be reading them), hidden
+    assert "000000.parquet" in _files(path) and len(_files(path)) > len(shown)
+
+
+def test_merged_away_segments_are_deleted_after_their_grace_period(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    writer = _writer(path)
+    assert writer.compactor is not None
+    writer.compactor.grace_s = 0.0
+    for step in range(21):
+        _flush(writer, step)
+    writer.close()
+    # 16 flushes in one file, then 000016..000019 merged and deleted on the next flush's pass, then 000020
+    assert _files(path) == ["000000-000015.parquet", "000016-000019.parquet", "000020.parquet"]
+    with moeprobe.open_trace(path) as trace:
+        _each_step_once(trace, 21)
 
 
 def test_merges_stop_at_the_target_size(tmp_path: Path) -> None:
@@ -171,3 +187,30 @@ def test_a_writer_killed_while_merging_leaves_a_trace_with_each_flush_once(tmp_p
             steps = trace.sql("SELECT count(*) FROM steps").column(0).to_pylist()[0]
             assert steps >= wait_for
             _each_step_once(trace, steps)
+
+
+def test_serve_counts_each_decision_once_while_segments_merge(tmp_path: Path) -> None:
+    # `moeprobe serve` follows new flushes; a merged file holds flushes it counted already from their own files.
+    from moeprobe.metrics.follow import TraceFollower
+    from moeprobe.metrics.options import MetricsOptions
+
+    path = tmp_path / "t"
+    writer = _writer(path)
+    _flush(writer, 0)
+    warnings: list[str] = []
+    follower = TraceFollower(path, MetricsOptions(), warn=warnings.append)
+    polls = {1, 2, 3, 5, 8, 13, 21, 34, 55, 89}  # irregular: some polls see a merge of flushes counted one by one
+    for step in range(1, 100):
+        _flush(writer, step)
+        if step in polls:
+            follower.poll()
+    writer.close()
+    (counts,) = [view.counts for view in follower.views()]
+    assert int(counts.assignments.sum()) == 100 * TOKENS * K and int(counts.tokens.sum()) == 100 * TOKENS
+    assert warnings == []
+    # a follower that starts after the merges reads the merged files
+    late = TraceFollower(path, MetricsOptions(), warn=warnings.append)
+    (counts,) = [view.counts for view in late.views()]
+    assert int(counts.assignments.sum()) == 100 * TOKENS * K and warnings == []
+    follower.close()
+    late.close()
