@@ -7,7 +7,7 @@ disk, and times what the TUI does on every tick: ``Trace.refresh()`` (re-list th
 new ones, re-create the DuckDB views) and a ``count(*)`` over the routing view. ``--no-compact`` keeps every
 flush as its own file (the behaviour before compaction); ``--root`` picks the moeprobe checkout to import:
 
-    python bench/segment_refresh.py --segments 86400
+    python bench/segment_refresh.py --segments 86400 --grace 2
     python bench/segment_refresh.py --segments 3600 --no-compact
 """
 
@@ -27,6 +27,9 @@ def main() -> int:
     parser.add_argument("--segments", type=int, default=3600)
     parser.add_argument("--checkpoints", type=int, default=6)
     parser.add_argument("--no-compact", action="store_true")
+    parser.add_argument("--grace", type=float, default=60.0, help="seconds merged-away segments stay (the writer's "
+                        "default 60 s keeps about 60 of them at a 1 s flush; this loop flushes far faster, so pass "
+                        "60 / (its flushes per second) to keep as many)")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -50,6 +53,8 @@ def main() -> int:
         "k": np.array([0, 1, 0, 1], np.int8), "expert": np.array([1, 2, 3, 4], np.int16),
         "weight": np.array([0.5, 0.25, 0.5, 0.25], np.float32), "dropped": np.zeros(4, bool),
     }, schema=ROUTING)
+    if writer.compactor is not None:
+        writer.compactor.grace_s = args.grace
     trace = None
 
     def tick(label: str) -> None:

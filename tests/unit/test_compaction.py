@@ -214,3 +214,22 @@ def test_serve_counts_each_decision_once_while_segments_merge(tmp_path: Path) ->
     assert int(counts.assignments.sum()) == 100 * TOKENS * K and warnings == []
     follower.close()
     late.close()
+
+
+def test_the_tui_source_sees_new_flushes_when_a_merge_keeps_the_segment_count(tmp_path: Path) -> None:
+    from moeprobe.tui.source import TraceSource
+
+    path = tmp_path / "t"
+    writer = _writer(path)
+    for step in range(7):
+        _flush(writer, step)
+    source = TraceSource(path)
+    assert source.poll() is not None
+    assert len(moeprobe.open_trace(path).reader.segments("routing")) == 4  # 0-3, 4, 5, 6
+    for step in range(7, 10):
+        _flush(writer, step)
+    assert len(moeprobe.open_trace(path).reader.segments("routing")) == 4  # 0-3, 4-7, 8, 9: as many files
+    assert source.poll() is not None  # the screens are told that the data moved
+    assert source.read(lambda t: t.sql("select count(*) from routing").column(0)[0].as_py()) == 10 * TOKENS * K
+    source.close()
+    writer.close()
