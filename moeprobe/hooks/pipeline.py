@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from ..metrics.counts import LiveCounts
+from ..traces.compact import decode
 from ..traces.schema import PHASES, TABLES
 from ..traces.writer import ShardWriter
 from .capture import LayerCapture, StepBuffer
@@ -332,7 +333,10 @@ class CapturePipeline:
         self._emit()
         if self._routing_parts:
             parts, self._routing_parts, self._routing_rows = self._routing_parts, [], 0
-            self.writer.append("routing", pa.concat_tables(parts))
+            stored = pa.concat_tables(parts)
+            if self.live is not None:  # the endpoint counts logical rows (one per decision)
+                self.live.add("routing", decode(stored, self.writer.routing_encoding, ["step", "layer", "k", "expert", "dropped"]))
+            self.writer.append("routing", stored)
         for name, columns in (
             ("steps", self._steps),
             ("latency", self._latency),
