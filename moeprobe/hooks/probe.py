@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from ..metrics.endpoint import MetricsEndpointError
 from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
+from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
 from .context import ContextReader, TokenContext
@@ -96,6 +97,7 @@ class Probe:
         redact_tokens: bool = False,
         live_loads: bool = False,
         name: str | None = None,
+        weights: str = DEFAULT_WEIGHTS,
         rank: int | None = None,
         world_size: int | None = None,
         check_sync: bool = False,
@@ -106,6 +108,8 @@ class Probe:
         metrics: MetricsOptions | None = None,
         metrics_optional: bool = False,
     ) -> None:
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
         self.model = model
         compat.check_transformers(model)
         self.layers = find_layers(model, routers)
@@ -164,6 +168,7 @@ class Probe:
                 "flush_interval_s": flush_interval,
                 "max_queue_mb": max_queue_mb,
                 "redact_tokens": redact_tokens,
+                "weights": weights,  # how gate weights are stored: fp16 (default), fp32 or u8 (docs/trace-format.md)
                 "clock": self.clock.name,
                 "routers": {str(getattr(k, "__name__", k)): v.describe() for k, v in (routers or {}).items()},
             }
@@ -554,6 +559,7 @@ def record(
     name: str | None = None,
     metrics_port: int | None = None,
     metrics: MetricsOptions | None = None,
+    weights: str = DEFAULT_WEIGHTS,
 ) -> Probe:
     """Attach a probe to ``model`` that records its routing into the trace directory ``path``.
 
@@ -563,6 +569,8 @@ def record(
 
     ``metrics_port`` serves Prometheus metrics on ``http://127.0.0.1:PORT/metrics`` while recording (0 picks a
     free port, see ``probe.metrics_url``); ``metrics`` sets their options (docs/prometheus.md).
+    ``weights`` is how gate weights are stored: ``"fp16"`` (default, relative error <= 4.9e-4), ``"fp32"``
+    (exact) or ``"u8"`` (8 bits, absolute error <= (max - min) / 508 per segment); see docs/trace-format.md.
     """
     return Probe(
         model,
@@ -577,4 +585,5 @@ def record(
         name=name,
         metrics_port=metrics_port,
         metrics=metrics,
+        weights=weights,
     )
