@@ -166,8 +166,17 @@ class CapturePipeline:
         self._thread.start()
 
     # -- model thread -------------------------------------------------------------------------------
-    def submit(self, step: StepBuffer) -> bool:
-        """Queue a finished step; drop and count it if the queue is over budget. Never blocks."""
+    def has_room(self, size: int) -> bool:
+        """Would a step of ``size`` bytes fit the queue's budget now? (Asked before paying its device-to-host copy.)"""
+        return self.failure is None and self._queued_bytes + size <= self.max_queue_bytes
+
+    def submit_call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the writer thread, in queue order (graph capture: unpack a drained ring there)."""
+        self._queue.append(("call", fn))
+
+    def submit(self, step: StepBuffer, move: Callable[[StepBuffer], None] | None = None) -> bool:
+        """Queue a finished step; drop and count it if the queue is over budget. Never blocks. ``move`` (the
+        device-to-host transfer) runs only for a step that is queued."""
         size = step.nbytes()
         with self._lock:
             over = self._queued_bytes + size > self.max_queue_bytes
@@ -184,6 +193,8 @@ class CapturePipeline:
                     file=sys.stderr,
                 )
             return False
+        if move is not None:
+            move(step)
         self._queue.append(("step", step, size))
         if self._queued_bytes > self._wake_bytes and not self._wake.is_set():
             self._wake.set()
@@ -250,7 +261,9 @@ class CapturePipeline:
                         finally:
                             item[1].set()
                         continue
-                    if kind == "step":
+                    if kind == "call":
+                        item[1]()
+                    elif kind == "step":
                         step, size = item[1], item[2]
                         try:
                             self._check_step(step)

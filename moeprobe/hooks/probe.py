@@ -35,6 +35,7 @@ from .adapters import transformers_version
 from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
 from .timing import CpuClock, CudaClock
+from . import detect
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -105,10 +106,27 @@ class Probe:
         metrics_port: int | None = None,
         metrics: MetricsOptions | None = None,
         metrics_optional: bool = False,
+        mode: str = "tokens",
+        capture: str = "auto",
+        sample: int | None = None,
+        ring_tokens: int | None = None,
+        drain_every: int | None = None,
+        clock: Any = None,
     ) -> None:
+        # Hook or graph-safe capture (see detect.py): decided before anything is attached or written.
+        self.capture, why = detect.choose_capture(model, capture, mode, sample)
+        self.mode = mode
+        self.sample = sample
+        self._outer = model  # what the user calls (may be an OptimizedModule); the drain hook goes there
+        model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
         self.model = model
         compat.check_transformers(model)
         self.layers = find_layers(model, routers)
+        self._traced_hooks = False  # set (by dynamo's side-effect replay) when a hook ran inside a traced graph
+        self._graph: Any = None
+        self._graph_calls = 0
+        if why:
+            print(f"moeprobe: {why}", file=sys.stderr)
         # A contract failure on a layer's first call (see _extract): capture stops, the trace is marked aborted,
         # and close() raises it unless the probe was attached to an unmodified job (moeprobe record).
         self.refusal: UnsupportedModelError | None = None
@@ -124,7 +142,8 @@ class Probe:
         self.rank = dist_rank if rank is None else rank
         self.world_size = dist_world if world_size is None else world_size
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.clock = CudaClock() if device.type == "cuda" else CpuClock()
+        self.clock = clock if clock is not None else (CudaClock() if device.type == "cuda" else CpuClock())
+        self._cuda = device.type == "cuda"
         # Debug aid (and the GPU test's proof): run every hook under torch's sync debug mode "error", so a
         # host synchronisation inside capture raises there and is counted as an anomaly.
         self._check_sync = check_sync and device.type == "cuda"
@@ -166,6 +185,9 @@ class Probe:
                 "redact_tokens": redact_tokens,
                 "clock": self.clock.name,
                 "routers": {str(getattr(k, "__name__", k)): v.describe() for k, v in (routers or {}).items()},
+                "mode": mode,
+                "capture": self.capture,
+                "sample": sample,
             }
             writer = writer_class(
                 self.path,
@@ -183,13 +205,18 @@ class Probe:
                 flush_interval=flush_interval,
                 max_queue_bytes=int(max_queue_mb * (1 << 20)),
                 redact_tokens=redact_tokens,
-                counters=lambda: dict(self.anomalies),
                 close_timeout=close_timeout,
+                counters=self._counters,
             )
         if metrics_port is not None:
             self._start_metrics(metrics_port, metrics or MetricsOptions(), optional=metrics_optional)
         try:
-            self._attach()
+            if self.capture == "graph":
+                from .graph_session import attach_graph
+
+                self._graph = attach_graph(self, device, ring_tokens=ring_tokens, drain_every=drain_every)
+            else:
+                self._attach()
         except BaseException:
             self._detach()
             if self.pipeline is not None:
@@ -232,6 +259,8 @@ class Probe:
         """Label the sequences that start from now on. A value may be a list, one entry per batch row of
         the next batch; ``None`` removes a key; ``tag()`` with no arguments clears all tags."""
         # A new dict each time: steps already queued keep the tags they started with.
+        if self._graph is not None:
+            self._graph.drain()  # graph capture: the steps run so far take the tags they ran under
         if not tags:
             self._tags = {}
             return
@@ -265,6 +294,8 @@ class Probe:
         written and readable; True when it is. A probe that records nothing to disk returns True at once."""
         if self._step is not None and self._depth == 0:
             self._finish_step()
+        if self._graph is not None:
+            self._graph.drain()
         return self.pipeline.flush(timeout) if self.pipeline is not None else True
 
     def close(self, status: str = "complete", error: str | None = None) -> None:
@@ -274,8 +305,12 @@ class Probe:
         self.closed = True
         try:
             self._detach()
+            if self._traced_hooks:
+                self._refuse_traced()
             if self._step is not None:
                 self._finish_step()
+            if self._graph is not None:
+                self._graph.drain()
         finally:
             if self.pipeline is not None:
                 self.pipeline.close(status, error)
@@ -297,9 +332,44 @@ class Probe:
     def _hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
 
+    def _counters(self) -> dict[str, int]:
+        """Anomalies for the manifest: the hooks' own, and CUDA event marks the pool could not supply."""
+        counters = dict(self.anomalies)
+        exhausted = getattr(self.clock, "exhausted", 0)
+        if exhausted:
+            counters["latency:events_exhausted"] = exhausted
+        return counters
+
+    def _refuse_traced(self) -> None:
+        """A hook ran while dynamo traced it or a CUDA graph was captured: what it saw is not recorded, so the
+        trace stops here, loudly, rather than going on short."""
+        if self.refusal is not None:
+            return
+        self.refusal = UnsupportedModelError(
+            "the model was compiled (torch.compile) or captured in a CUDA graph after record() attached its hooks; "
+            "hook capture cannot see inside a graph: call record() after compiling, or pass capture='graph'"
+        )
+        self._step = None
+        self._depth = 0
+        print(f"moeprobe: {self.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
+        if self.pipeline is not None:
+            self.pipeline.close("aborted", str(self.refusal))
+            self.pipeline = None
+
     def _checked(self, fn: Any) -> Any:
+        cuda = self._cuda
+
+        def guarded(*args: Any) -> Any:
+            # Inside a graph being traced or captured a hook must do nothing with side effects on the host (a
+            # clock read breaks fullgraph compiles); it only notes that it was there (dynamo replays the store).
+            if detect.tracing_now(cuda):
+                self._traced_hooks = True
+                return None
+            return fn(*args)
+
         if not self._check_sync:
-            return fn
+            return guarded
+        fn = guarded
 
         def checked(*args: Any) -> Any:
             previous = torch.cuda.get_sync_debug_mode()
@@ -464,6 +534,8 @@ class Probe:
             self.pipeline = None
 
     def _detach(self) -> None:
+        if self._graph is not None:
+            self._graph.capture.detach()
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
@@ -498,6 +570,9 @@ class Probe:
 
     def _entry_post(self, module: nn.Module, args: Any, output: Any) -> None:
         try:
+            if self._traced_hooks:
+                self._refuse_traced()
+                return
             self._depth = max(0, self._depth - 1)
             if self._depth == 0 and self._step is not None:
                 self._finish_step()
@@ -535,9 +610,19 @@ class Probe:
             return
         step.wall_ms = (time.perf_counter_ns() - step.t0) / 1e6
         if not step.layers and not step.contexts:
+            # A forward call that reached no MoE layer and no stack (it raised early): counted, not silent.
+            self._anomaly("empty_step", None)
+            self._release_marks(step)
             return
-        move_to_host(step)
-        self.pipeline.submit(step)
+        # The drop decision comes before the device-to-host copy: a step the queue cannot take costs no transfer.
+        if not self.pipeline.has_room(step.nbytes()) or not self.pipeline.submit(step, move=move_to_host):
+            self._release_marks(step)
+
+    def _release_marks(self, step: StepBuffer) -> None:
+        """Give a step's clock marks back to the pool: a dropped step's CUDA events would otherwise be lost."""
+        for marks in step.marks.values():
+            self.clock.release(marks)
+        step.marks = {}
 
 
 def record(
@@ -554,6 +639,11 @@ def record(
     name: str | None = None,
     metrics_port: int | None = None,
     metrics: MetricsOptions | None = None,
+    mode: str = "tokens",
+    capture: str = "auto",
+    sample: int | None = None,
+    ring_tokens: int | None = None,
+    drain_every: int | None = None,
 ) -> Probe:
     """Attach a probe to ``model`` that records its routing into the trace directory ``path``.
 
@@ -563,6 +653,13 @@ def record(
 
     ``metrics_port`` serves Prometheus metrics on ``http://127.0.0.1:PORT/metrics`` while recording (0 picks a
     free port, see ``probe.metrics_url``); ``metrics`` sets their options (docs/prometheus.md).
+    ``mode="tokens"`` records every routing decision; ``mode="counts"`` only per step x layer x expert counts
+    (the ``loads`` table), kept on the device. ``sample=N`` records the tokens of 1 step in N and the counts of
+    every step. ``capture``: ``"hooks"`` (forward hooks, with latency), ``"graph"`` (ops inside the model's own
+    graph: survives ``torch.compile(fullgraph=True)`` and CUDA graphs; no latency), or ``"auto"``: graph for a
+    compiled model, counts or sampling, hooks otherwise. Graph capture drains its device rings every
+    ``drain_every`` calls of the model (eager calls only), at :meth:`Probe.flush`, :meth:`Probe.tag` and on exit;
+    ``ring_tokens`` tokens fit between drains, what does not fit is counted and its steps dropped.
     """
     return Probe(
         model,
@@ -577,4 +674,9 @@ def record(
         name=name,
         metrics_port=metrics_port,
         metrics=metrics,
+        mode=mode,
+        capture=capture,
+        sample=sample,
+        ring_tokens=ring_tokens,
+        drain_every=drain_every,
     )

@@ -1,0 +1,144 @@
+"""The graph-safe capture as operations inside the model's own graph (``torch.library`` custom ops).
+
+Python hooks do not run in a CUDA graph replay, and hooks with host side effects break ``torch.compile``. These
+ops do only device work: each writes rows into a preallocated ring buffer at a cursor that lives on the device,
+and counts on the device what did not fit. ``torch.compile(fullgraph=True)`` traces them as opaque ops (their
+fake implementations say they return nothing and mutate their buffers); a captured CUDA graph replays them
+with the same buffers, whose addresses never change.
+
+Every op is branch-free on the host: no ``.item()``, no host-side condition on a device value, no allocation
+that depends on a device value. Rows that do not fit go to one extra "trash" row past the ring's capacity.
+
+The state vector (int64, on the device) is shared by the ops of one probe; its slots are named below.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Slots of the state vector.
+STEP = 0  # id of the step in flight (starts at -1; record_step adds 1)
+KEEP = 1  # 1 when the step in flight is sampled (its tokens and routing go to the rings), else 0
+STEP_CURSOR = 2  # rows written to the step ring since the last drain (may pass its capacity)
+TOKEN_CURSOR = 3
+ROUTING_CURSOR = 4
+STEP_TOKENS = 5  # tokens of the step in flight (batch x seq_len): routing of another size cannot use its mask
+COUNTS_BASE = 6  # first step of the counts window (set by the drain)
+COUNTS_LOST = 7  # layer calls whose step fell outside the counts window (window too small for the drain period)
+MASK_MISMATCH = 8  # counted layer calls whose token count differed from the step's (counted without the mask)
+STATE_SIZE = 9
+
+STEP_COLUMNS = 5  # step, batch, seq_len, new sequences (0/1), real tokens
+TOKEN_COLUMNS = 4  # step, token id, position, real (0/1)
+ROUTING_FIXED = 3  # step, layer, token row; then k expert ids and k gate weights (float32 bits)
+
+
+def _write(ring: Tensor, state: Tensor, cursor_slot: int, rows: Tensor, keep: Tensor) -> None:
+    """Write ``rows`` at the ring's device-side cursor when ``keep``; rows past the capacity go to the trash row.
+
+    The cursor advances past the capacity, so the drain knows how many rows were lost."""
+    n = rows.shape[0]
+    if n == 0:
+        return
+    capacity = ring.shape[0] - 1
+    cursor = state[cursor_slot]
+    pos = cursor + torch.arange(n, device=ring.device, dtype=torch.int64)
+    ok = (pos < capacity) & keep
+    ring.index_copy_(0, torch.where(ok, pos, capacity), rows.to(ring.dtype))
+    state[cursor_slot] += n * keep.to(torch.int64)
+
+
+@torch.library.custom_op("moeprobe::record_step", mutates_args=("step_ring", "token_ring", "valid_now", "state"))
+def record_step(
+    step_ring: Tensor, token_ring: Tensor, valid_now: Tensor, state: Tensor, ids: Tensor, positions: Tensor, valid: Tensor, sample: int
+) -> None:
+    """Start a step: advance the step id, decide whether it is sampled, and record the stack's token context.
+
+    ``ids``, ``positions`` and ``valid`` are (batch, seq_len): token ids (-1 when unknown), positions (-1 when
+    unknown) and 1 for a real token, 0 for padding. The real-token mask also goes to ``valid_now``, where the
+    layers of this step read it to leave padding out of the counts.
+    """
+    batch, seq_len = ids.shape
+    n = batch * seq_len
+    state[STEP] += 1
+    step = state[STEP]
+    keep = (step % sample) == 0
+    state[KEEP] = keep.to(torch.int64)
+    state[STEP_TOKENS] = n
+    real = valid.reshape(-1).to(torch.int64)
+    starts = torch.where(valid.bool(), positions.to(torch.int64), torch.iinfo(torch.int64).max).amin(dim=1)
+    new = (starts == 0).all()  # every row starts at position 0: new sequences (the writer's rule too)
+    header = torch.stack(
+        [step, torch.full_like(step, batch), torch.full_like(step, seq_len), new.to(torch.int64), real.sum()]
+    ).reshape(1, STEP_COLUMNS)
+    _write(step_ring, state, STEP_CURSOR, header, torch.ones((), dtype=torch.bool, device=state.device))
+    if n <= valid_now.shape[0]:
+        valid_now[:n].copy_(real.to(valid_now.dtype))
+    rows = torch.stack([step.expand(n), ids.reshape(-1).to(torch.int64), positions.reshape(-1).to(torch.int64), real], dim=1)
+    _write(token_ring, state, TOKEN_CURSOR, rows, keep)
+
+
+@record_step.register_fake
+def _record_step_fake(step_ring, token_ring, valid_now, state, ids, positions, valid, sample):  # type: ignore[no-untyped-def]
+    return None
+
+
+@torch.library.custom_op("moeprobe::record_routing", mutates_args=("ring", "state"))
+def record_routing(ring: Tensor, state: Tensor, indices: Tensor, weights: Tensor, layer: int) -> None:
+    """Record one MoE layer call's routing (indices and gate weights, (tokens, k)) if the step is sampled."""
+    tokens, k = indices.shape
+    if tokens == 0:
+        return
+    step = state[STEP]
+    bits = weights.reshape(tokens, k).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    rows = torch.cat(
+        [
+            step.expand(tokens, 1),
+            torch.full((tokens, 1), layer, dtype=torch.int64, device=indices.device),
+            torch.arange(tokens, device=indices.device, dtype=torch.int64).reshape(tokens, 1),
+            indices.reshape(tokens, k).to(torch.int64),
+            bits,
+        ],
+        dim=1,
+    )
+    _write(ring, state, ROUTING_CURSOR, rows, state[KEEP].bool())
+
+
+@record_routing.register_fake
+def _record_routing_fake(ring, state, indices, weights, layer):  # type: ignore[no-untyped-def]
+    return None
+
+
+@torch.library.custom_op("moeprobe::count_routing", mutates_args=("counts", "state"))
+def count_routing(counts: Tensor, state: Tensor, valid_now: Tensor, indices: Tensor, layer: int) -> None:
+    """Add one MoE layer call's choices to ``counts[step - base, layer]`` (int32 scatter-add), padding left out.
+
+    ``counts`` is (window + 1, layers, experts); a step outside the window lands in the trash slot and is counted
+    in COUNTS_LOST, never mixed into another step.
+    """
+    tokens, k = indices.shape
+    if tokens == 0:
+        return
+    window = counts.shape[0] - 1
+    slot = state[STEP] - state[COUNTS_BASE]
+    inside = (slot >= 0) & (slot < window)
+    state[COUNTS_LOST] += (~inside).to(torch.int64)
+    slot = torch.where(inside, slot, window)
+    if tokens <= valid_now.shape[0]:
+        same = state[STEP_TOKENS] == tokens
+        real = torch.where(same, valid_now[:tokens].to(torch.int32), 1)
+        state[MASK_MISMATCH] += (~same).to(torch.int64)
+    else:
+        real = torch.ones(tokens, dtype=torch.int32, device=indices.device)
+        state[MASK_MISMATCH] += 1
+    ones = real.reshape(tokens, 1).expand(tokens, k).reshape(-1)
+    layers, experts = counts.shape[1], counts.shape[2]
+    # One flat scatter-add: indexing counts[slot] with a device tensor would copy, not view.
+    base = (slot * layers + layer) * experts
+    counts.view(-1).index_add_(0, base + indices.reshape(-1).to(torch.int64), ones)
+
+
+@count_routing.register_fake
+def _count_routing_fake(counts, state, valid_now, indices, layer):  # type: ignore[no-untyped-def]
+    return None

@@ -1,0 +1,125 @@
+"""A probe's graph-safe capture: attaching it, draining it from the model's thread, writing it on the writer's.
+
+The only hook left in graph mode is a forward post-hook on the model the user calls, which drains the rings
+every ``drain_every`` calls when it runs eagerly (inside a traced or captured graph it does nothing). A drain
+is queued to the writer thread as a call, so the rows go through the same sequence and phase rules as hook
+capture (:meth:`CapturePipeline._convert`); steps that only have counts get their ``steps`` row here.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from ..traces.schema import TABLES
+from . import detect
+from .context import ContextReader
+from .graph_capture import DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
+from .spec import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .probe import Probe
+
+
+class GraphSession:
+    def __init__(self, probe: Probe, capture: GraphCapture, drain_every: int) -> None:
+        self.probe = probe
+        self.capture = capture
+        self.drain_every = drain_every
+
+    def after_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        if detect.tracing_now(self.probe._cuda):
+            return
+        self.probe._graph_calls += 1
+        if self.probe._graph_calls % self.drain_every == 0:
+            self.drain()
+
+    def drain(self) -> None:
+        """Model thread: check the wrappers' contract notes, take the rings off the device, queue the rows."""
+        probe = self.probe
+        if probe.refusal is None and self.capture.contract_failures:
+            index, reason = next(iter(self.capture.contract_failures.items()))
+            layer = probe.layers[index]
+            probe.refusal = UnsupportedModelError(f"cannot capture MoE layer {index} from {layer.source_name!r}: {reason}")
+            print(f"moeprobe: {probe.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
+            if probe.pipeline is not None:
+                probe.pipeline.close("aborted", str(probe.refusal))
+                probe.pipeline = None
+        pipeline = probe.pipeline
+        if pipeline is None or probe.refusal is not None:
+            return
+        snapshot = self.capture.drain()
+        tags = probe._tags
+        layers = probe.layers
+        pipeline.submit_call(lambda: write_snapshot(pipeline, snapshot, layers, tags))
+
+
+def attach_graph(probe: Probe, device: torch.device, *, ring_tokens: int | None, drain_every: int | None) -> GraphSession:
+    stacks = {id(layer.stack): layer.stack for layer in probe.layers if layer.stack is not None}
+    if len(stacks) != 1:
+        raise UnsupportedModelError(
+            f"graph-safe capture handles models with one token stack (a causal LM); {type(probe.model).__name__} has {len(stacks)}"
+        )
+    if probe.logits:
+        raise ValueError("graph-safe capture does not record router scores yet; drop logits=True or use capture='hooks'")
+    stack = next(iter(stacks.values()))
+    tokens = next((layer.tokens for layer in probe.layers if layer.tokens is not None), None)
+    sample = probe.sample or 1
+    capture = GraphCapture(
+        probe.layers,
+        stack,
+        ContextReader(stack, 0, tokens),
+        device=device,
+        tokens=probe.mode == "tokens",
+        counts=probe.mode == "counts" or probe.sample is not None,
+        sample=sample,
+        ring_tokens=ring_tokens or DEFAULT_RING_TOKENS,
+    )
+    # Draining copies used rows on the host (cheap: every call) and whole rings from a GPU (every 16 calls).
+    session = GraphSession(probe, capture, drain_every or (16 if device.type == "cuda" else 1))
+    capture.attach()
+    probe._hook(probe._outer.register_forward_hook(session.after_call, always_call=True))
+    return session
+
+
+def write_snapshot(pipeline: Any, snapshot: Snapshot, layers: list[Any], tags: Any) -> None:
+    """Writer thread: the drained rows -> steps, routing (through the hook path's conversion), loads."""
+    wait_ready(snapshot)
+    writer = pipeline.writer
+    drained = unpack(snapshot, layers, 0, tags, phase_of)
+    for kind, n in drained.lost.items():
+        writer.count_anomaly(kind, n)
+    if drained.dropped_decisions:
+        writer.count_dropped("ring_overflow", drained.dropped_decisions)
+    converted = set()
+    for step in drained.steps:
+        pipeline._convert(step)
+        converted.add(step.step)
+    rows = [h for h in drained.headers if h[0] not in converted]
+    if rows:
+        counters = writer.counters
+        counters["steps"] += len(rows)
+        counters["tokens"] += sum(h[4] for h in rows)
+        writer.append(
+            "steps",
+            pa.table(
+                {
+                    "step": pa.array(np.array([h[0] for h in rows], np.int32)),
+                    "phase": pa.array([phase_of(h[1], h[2], h[3]) for h in rows], pa.string()),
+                    "batch": pa.array(np.array([h[1] for h in rows], np.int32)),
+                    "tokens": pa.array(np.array([h[4] for h in rows], np.int32)),
+                    "started_at": pa.array(np.full(len(rows), snapshot.drained_at)),
+                    "wall_ms": pa.array(np.full(len(rows), np.nan)),
+                },
+                schema=TABLES["steps"],
+            ),
+        )
+    if drained.loads is not None:
+        writer.append("loads", drained.loads)
+
+
