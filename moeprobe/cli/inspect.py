@@ -120,6 +120,14 @@ def _render(summary: dict[str, Any]) -> None:
         f"captured  {_count(counters.get('steps', 0))} steps, {_count(counters.get('tokens', 0))} tokens, "
         f"{_count(counters.get('decisions', 0))} routing decisions"
     )
+    options = m.get("options") or {}
+    if options.get("capture") or options.get("mode"):
+        # Which capture recorded: hook capture has latency, graph capture survives compiled models; counts have no tokens.
+        sample = options.get("sample")
+        console.print(
+            f"recorded  mode {plain(options.get('mode') or 'tokens')}, capture {plain(options.get('capture') or 'hooks')}"
+            + (f", tokens of 1 step in {plain(sample)} (counts of every step)" if sample else "")
+        )
     for shard in m["shards"]:
         console.print(f"rank {shard['rank']}    pid {shard['pid']} on {plain(shard['host'])}, started {_when(shard.get('started_at'))}, "
                       f"last heartbeat {_when(shard.get('heartbeat_at'))}" + (f", error: {plain(shard['error'])}" if shard.get("error") else ""))

@@ -49,26 +49,61 @@ class Snapshot:
     drained_at: float
 
 
+def _from_mask_4d(mask: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real-token mask, positions) from a 4-D mask, on the device: the writer's rule (sequences._from_mask_4d).
+
+    The last query of a batch row is a real token and attends to its own cache slot last, which locates every
+    query's slot; a query is real when it attends to its own slot and is not a padding row "unmasked" to attend
+    everywhere. Where the writer's version would give up (no slot found), the query is marked padding."""
+    if mask.dtype == torch.bool:
+        attend = mask[:, 0]
+    elif mask.is_floating_point():
+        attend = mask[:, 0] == 0
+    else:
+        attend = mask[:, 0] != 0
+    kv = attend.shape[-1]
+    last = attend[:, -1, :]  # (batch, kv)
+    last_slot = kv - 1 - torch.argmax(torch.flip(last, dims=[1]).to(torch.int8), dim=1)
+    back = seq_len - 1 - torch.arange(seq_len, device=mask.device)
+    slots = last_slot[:, None] - back[None, :]  # (batch, seq_len)
+    inside = (slots >= 0) & last.any(dim=1, keepdim=True)
+    at = slots.clamp(min=0)
+    own = attend.gather(2, at[..., None]).squeeze(-1)
+    unmasked_everywhere = attend.all(dim=2) & (slots < kv - 1)
+    valid = own & ~unmasked_everywhere & inside
+    positions = torch.cumsum(last.to(torch.int64), dim=1).gather(1, at) - 1
+    return valid, torch.where(inside, positions, -1)
+
+
 def _positions_and_valid(ctx: TokenContext, past: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions, real-token mask), both (batch, seq_len), computed on the device from what the stack was given.
 
-    The same sources as the writer's rules (:mod:`.sequences`), in the same order, restricted to what needs no
-    host sync: ``position_ids``; a 2-D mask covering the whole sequence; the cache length (an int, or the device
-    tensor of a static cache); ``0..seq_len-1`` without a cache; else -1 (counted by the writer)."""
+    The writer's sources (:mod:`.sequences`), in its order, restricted to what needs no host sync:
+    ``position_ids``; a 2-D mask covering the whole sequence; the cache length when it is an int; a 4-D mask; the
+    cache length as a device tensor (static caches); ``0..seq_len-1`` without a cache; else -1 (the writer counts
+    unknown positions)."""
     batch, seq_len = ctx.batch, ctx.seq_len
-    device = (ctx.input_ids if ctx.input_ids is not None else ctx.position_ids if ctx.position_ids is not None else ctx.attention_mask)
-    dev = device.device if device is not None else torch.device("cpu")
+    known = next((t for t in (ctx.input_ids, ctx.position_ids, ctx.attention_mask, ctx.mask_4d) if t is not None), None)
+    dev = known.device if known is not None else torch.device("cpu")
     mask = ctx.attention_mask
-    valid = (mask[:, -seq_len:] != 0) if mask is not None else torch.ones((batch, seq_len), dtype=torch.bool, device=dev)
+    from_4d = _from_mask_4d(ctx.mask_4d, seq_len) if ctx.mask_4d is not None and mask is None else None
+    if mask is not None:
+        valid = mask[:, -seq_len:] != 0
+    elif from_4d is not None:
+        valid = from_4d[0]
+    else:
+        valid = torch.ones((batch, seq_len), dtype=torch.bool, device=dev)
     arange = torch.arange(seq_len, device=dev, dtype=torch.int64)
     if ctx.position_ids is not None:
         positions = ctx.position_ids.to(torch.int64).expand(batch, seq_len)
-    elif mask is not None and (isinstance(past, int) and mask.shape[1] == past + seq_len or past is None):
+    elif mask is not None and (past is None or isinstance(past, torch.Tensor) or mask.shape[1] == past + seq_len):
         positions = (torch.cumsum((mask != 0).to(torch.int64), dim=1) - 1)[:, -seq_len:]
-    elif isinstance(past, torch.Tensor):
-        positions = (past.to(torch.int64).reshape(()) + arange).expand(batch, seq_len)
     elif isinstance(past, int):
         positions = (past + arange).expand(batch, seq_len)
+    elif from_4d is not None:
+        positions = from_4d[1]
+    elif isinstance(past, torch.Tensor):
+        positions = (past.to(torch.int64).reshape(()) + arange).expand(batch, seq_len)
     elif ctx.continuity == NEW:
         positions = arange.expand(batch, seq_len)
     else:
