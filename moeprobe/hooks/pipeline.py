@@ -166,10 +166,6 @@ class CapturePipeline:
         self._thread.start()
 
     # -- model thread -------------------------------------------------------------------------------
-    def has_room(self, size: int) -> bool:
-        """Would a step of ``size`` bytes fit the queue's budget now? (Asked before paying its device-to-host copy.)"""
-        return self.failure is None and self._queued_bytes + size <= self.max_queue_bytes
-
     def submit_call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the writer thread, in queue order (graph capture: unpack a drained ring there)."""
         self._queue.append(("call", fn))

@@ -615,7 +615,7 @@ class Probe:
             self._release_marks(step)
             return
         # The drop decision comes before the device-to-host copy: a step the queue cannot take costs no transfer.
-        if not self.pipeline.has_room(step.nbytes()) or not self.pipeline.submit(step, move=move_to_host):
+        if not self.pipeline.submit(step, move=move_to_host):
             self._release_marks(step)
 
     def _release_marks(self, step: StepBuffer) -> None:

@@ -29,6 +29,15 @@ ROUTING = "select step, sequence, position, phase, layer, k, expert, weight from
 STEPS = "select step, phase, batch, tokens from steps order by step"
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Any:
+    """Each test compiles new model objects: dynamo's per-code-object recompile limit (8) would otherwise be
+    reached across tests, and fullgraph=True turns that into an error."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
