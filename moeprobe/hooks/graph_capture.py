@@ -31,8 +31,9 @@ from .capture import LayerCapture, StepBuffer
 from .context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
 from .discovery import LayerBinding
 
+DEFAULT_DRAIN_EVERY = 32  # model calls between automatic drains
 DEFAULT_RING_TOKENS = 1 << 16  # token rows per drain period; routing rows are this x MoE layers
-DEFAULT_COUNTS_WINDOW = 64  # steps the counts buffer holds between drains
+DEFAULT_COUNTS_WINDOW = 64  # steps the counts buffer holds between drains (drains come every 32 calls by default)
 MAX_STEP_TOKENS = 1 << 16  # largest batch x seq_len whose padding mask the counts can use
 
 
@@ -185,6 +186,9 @@ class GraphCapture:
 
     def _stack_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         reader, sample = self.reader, self.sample
+        counts = self.counts_buf
+        window = counts.shape[0] - 1 if counts is not None else 0
+        row = counts.shape[1] * counts.shape[2] if counts is not None else 0
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             ctx = reader.read(args, kwargs)
@@ -193,7 +197,7 @@ class GraphCapture:
                 ids = ctx.input_ids if ctx.input_ids is not None else torch.full_like(positions, -1)
                 torch.ops.moeprobe.record_step(
                     self.step_ring, self.token_ring, self.valid_now, self.state,
-                    ids.expand(ctx.batch, ctx.seq_len), positions, valid.to(torch.int64), sample,
+                    ids.expand(ctx.batch, ctx.seq_len), positions, valid.to(torch.int64), sample, window, row,
                 )
             return original(*args, **kwargs)
 

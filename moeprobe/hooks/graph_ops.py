@@ -27,7 +27,8 @@ STEP_TOKENS = 5  # tokens of the step in flight (batch x seq_len): routing of an
 COUNTS_BASE = 6  # first step of the counts window (set by the drain)
 COUNTS_LOST = 7  # layer calls whose step fell outside the counts window (window too small for the drain period)
 MASK_MISMATCH = 8  # counted layer calls whose token count differed from the step's (counted without the mask)
-STATE_SIZE = 9
+COUNTS_OFFSET = 9  # flat offset of the step's slot in the counts buffer (the trash slot when outside the window)
+STATE_SIZE = 10
 
 STEP_COLUMNS = 5  # step, batch, seq_len, new sequences (0/1), real tokens
 TOKEN_COLUMNS = 4  # step, token id, position, real (0/1)
@@ -51,13 +52,23 @@ def _write(ring: Tensor, state: Tensor, cursor_slot: int, rows: Tensor, keep: Te
 
 @torch.library.custom_op("moeprobe::record_step", mutates_args=("step_ring", "token_ring", "valid_now", "state"))
 def record_step(
-    step_ring: Tensor, token_ring: Tensor, valid_now: Tensor, state: Tensor, ids: Tensor, positions: Tensor, valid: Tensor, sample: int
+    step_ring: Tensor,
+    token_ring: Tensor,
+    valid_now: Tensor,
+    state: Tensor,
+    ids: Tensor,
+    positions: Tensor,
+    valid: Tensor,
+    sample: int,
+    counts_window: int,
+    counts_row: int,
 ) -> None:
     """Start a step: advance the step id, decide whether it is sampled, and record the stack's token context.
 
     ``ids``, ``positions`` and ``valid`` are (batch, seq_len): token ids (-1 when unknown), positions (-1 when
     unknown) and 1 for a real token, 0 for padding. The real-token mask also goes to ``valid_now``, where the
-    layers of this step read it to leave padding out of the counts.
+    layers of this step read it to leave padding out of the counts. ``counts_window`` steps of ``counts_row``
+    (layers x experts) counts fit the counts buffer; the step's slot there is decided once, here.
     """
     batch, seq_len = ids.shape
     n = batch * seq_len
@@ -75,12 +86,17 @@ def record_step(
     _write(step_ring, state, STEP_CURSOR, header, torch.ones((), dtype=torch.bool, device=state.device))
     if n <= valid_now.shape[0]:
         valid_now[:n].copy_(real.to(valid_now.dtype))
+    if counts_window:
+        slot = step - state[COUNTS_BASE]
+        inside = (slot >= 0) & (slot < counts_window)
+        state[COUNTS_LOST] += (~inside).to(torch.int64)
+        state[COUNTS_OFFSET] = torch.where(inside, slot, counts_window) * counts_row
     rows = torch.stack([step.expand(n), ids.reshape(-1).to(torch.int64), positions.reshape(-1).to(torch.int64), real], dim=1)
     _write(token_ring, state, TOKEN_CURSOR, rows, keep)
 
 
 @record_step.register_fake
-def _record_step_fake(step_ring, token_ring, valid_now, state, ids, positions, valid, sample):  # type: ignore[no-untyped-def]
+def _record_step_fake(step_ring, token_ring, valid_now, state, ids, positions, valid, sample, counts_window, counts_row):  # type: ignore[no-untyped-def]
     return None
 
 
@@ -112,31 +128,23 @@ def _record_routing_fake(ring, state, indices, weights, layer):  # type: ignore[
 
 @torch.library.custom_op("moeprobe::count_routing", mutates_args=("counts", "state"))
 def count_routing(counts: Tensor, state: Tensor, valid_now: Tensor, indices: Tensor, layer: int) -> None:
-    """Add one MoE layer call's choices to ``counts[step - base, layer]`` (int32 scatter-add), padding left out.
-
-    ``counts`` is (window + 1, layers, experts); a step outside the window lands in the trash slot and is counted
-    in COUNTS_LOST, never mixed into another step.
-    """
+    """Add one MoE layer call's choices to the step's slot of ``counts`` (window + 1, layers, experts), int32
+    scatter-add, padding left out. A step outside the window lands in the trash slot (counted by record_step in
+    COUNTS_LOST), never in another step's counts."""
     tokens, k = indices.shape
     if tokens == 0:
         return
-    window = counts.shape[0] - 1
-    slot = state[STEP] - state[COUNTS_BASE]
-    inside = (slot >= 0) & (slot < window)
-    state[COUNTS_LOST] += (~inside).to(torch.int64)
-    slot = torch.where(inside, slot, window)
+    offset = state[COUNTS_OFFSET] + layer * counts.shape[2]
+    flat = indices.reshape(-1).to(torch.int64) + offset
     if tokens <= valid_now.shape[0]:
         same = state[STEP_TOKENS] == tokens
-        real = torch.where(same, valid_now[:tokens].to(torch.int32), 1)
         state[MASK_MISMATCH] += (~same).to(torch.int64)
+        # A layer that sees another number of tokens than the stack (counted) is counted without the mask.
+        real = torch.where(same, valid_now[:tokens], 1)
+        counts.view(-1).index_add_(0, flat, real.repeat_interleave(k))
     else:
-        real = torch.ones(tokens, dtype=torch.int32, device=indices.device)
         state[MASK_MISMATCH] += 1
-    ones = real.reshape(tokens, 1).expand(tokens, k).reshape(-1)
-    layers, experts = counts.shape[1], counts.shape[2]
-    # One flat scatter-add: indexing counts[slot] with a device tensor would copy, not view.
-    base = (slot * layers + layer) * experts
-    counts.view(-1).index_add_(0, base + indices.reshape(-1).to(torch.int64), ones)
+        counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
 @count_routing.register_fake

@@ -19,7 +19,7 @@ from torch import nn
 from ..traces.schema import TABLES
 from . import detect
 from .context import ContextReader
-from .graph_capture import DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
+from .graph_capture import DEFAULT_DRAIN_EVERY, DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
 from .spec import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -80,8 +80,9 @@ def attach_graph(probe: Probe, device: torch.device, *, ring_tokens: int | None,
         sample=sample,
         ring_tokens=ring_tokens or DEFAULT_RING_TOKENS,
     )
-    # Draining copies used rows on the host (cheap: every call) and whole rings from a GPU (every 16 calls).
-    session = GraphSession(probe, capture, drain_every or (16 if device.type == "cuda" else 1))
+    # Each drain costs a copy (of the used rows on the host, of whole rings from a GPU) and Python work on both
+    # threads; every 32 calls keeps that off the decode loop's critical path. Rings hold what 32 calls produce.
+    session = GraphSession(probe, capture, drain_every or DEFAULT_DRAIN_EVERY)
     capture.attach()
     probe._hook(probe._outer.register_forward_hook(session.after_call, always_call=True))
     return session

@@ -103,7 +103,7 @@ def test_sampling_keeps_exactly_the_steps_it_says(tmp_path: Path) -> None:
 def test_a_ring_too_small_drops_whole_steps_and_counts_them(tmp_path: Path) -> None:
     model = build("mixtral").eval()
     # 8 token rows between drains: the 15-token prefill does not fit, the 3-token decode steps do.
-    with moeprobe.record(model, tmp_path / "t", capture="graph", ring_tokens=8) as probe:
+    with moeprobe.record(model, tmp_path / "t", capture="graph", ring_tokens=8, drain_every=1) as probe:
         _generate(model, new_tokens=3)
     assert probe.capture == "graph"
     manifest = moeprobe.open_trace(tmp_path / "t").manifest
