@@ -195,7 +195,8 @@ class GraphCapture:
             if ctx is not None:
                 positions, valid = _positions_and_valid(ctx, _cache_length(args, kwargs))
                 ids = ctx.input_ids if ctx.input_ids is not None else torch.full_like(positions, -1)
-                torch.ops.moeprobe.record_step(
+                record = torch.ops.moeprobe.record_step if torch.compiler.is_compiling() else ops.record_step_impl
+                record(
                     self.step_ring, self.token_ring, self.valid_now, self.state,
                     ids.expand(ctx.batch, ctx.seq_len), positions, valid.to(torch.int64), sample, window, row,
                 )
@@ -218,11 +219,14 @@ class GraphCapture:
                 self.contract_failures[index] = f"expected integer indices with last dimension {k}, got {contracts.describe(output)}"
                 return output
             flat = indices.reshape(-1, k)
+            traced = torch.compiler.is_compiling()  # in a graph: the ops; eagerly: their implementations
             if tokens:
                 w = weights if weights is not None else torch.full(flat.shape, float("nan"), device=flat.device)
-                torch.ops.moeprobe.record_routing(ring, self.state, flat, w.reshape(flat.shape), index)
+                record = torch.ops.moeprobe.record_routing if traced else ops.record_routing_impl
+                record(ring, self.state, flat, w.reshape(flat.shape), index)
             if counts:
-                torch.ops.moeprobe.count_routing(self.counts_buf, self.state, self.valid_now, flat, index)
+                count = torch.ops.moeprobe.count_routing if traced else ops.count_routing_impl
+                count(self.counts_buf, self.state, self.valid_now, flat, index)
             return output
 
         return forward

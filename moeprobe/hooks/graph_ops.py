@@ -6,6 +6,10 @@ and counts on the device what did not fit. ``torch.compile(fullgraph=True)`` tra
 fake implementations say they return nothing and mutate their buffers); a captured CUDA graph replays them
 with the same buffers, whose addresses never change.
 
+Eagerly (not inside a graph being traced) the wrappers call the implementations directly: the same kernels,
+without the dispatcher's per-call cost (about 50x that of a small kernel on CPU). In a traced graph they are the
+ops.
+
 Every op is branch-free on the host: no ``.item()``, no host-side condition on a device value, no allocation
 that depends on a device value. Rows that do not fit go to one extra "trash" row past the ring's capacity.
 
@@ -28,7 +32,26 @@ COUNTS_BASE = 6  # first step of the counts window (set by the drain)
 COUNTS_LOST = 7  # layer calls whose step fell outside the counts window (window too small for the drain period)
 MASK_MISMATCH = 8  # counted layer calls whose token count differed from the step's (counted without the mask)
 COUNTS_OFFSET = 9  # flat offset of the step's slot in the counts buffer (the trash slot when outside the window)
-STATE_SIZE = 10
+STEP_PADDED = 10  # 1 when the step in flight has padding tokens
+STATE_SIZE = 11
+
+# Buffers in host memory can be read without a sync, so on CPU the implementations take a shorter path (Python
+# integers for cursors and flags, slices instead of masked scatters): the same rows, the same counts, far fewer
+# kernel launches. The unit tests run both paths on the same inputs; this switch forces the device path.
+FORCE_DEVICE_PATH = False
+
+
+def _host(state: Tensor) -> bool:
+    return state.device.type == "cpu" and not FORCE_DEVICE_PATH
+
+
+def _write_host(ring: Tensor, state: Tensor, cursor_slot: int, rows: Tensor) -> None:
+    n = rows.shape[0]
+    cursor = int(state[cursor_slot])
+    fit = max(0, min(n, ring.shape[0] - 1 - cursor))
+    if fit:
+        ring[cursor : cursor + fit] = rows[:fit]
+    state[cursor_slot] = cursor + n
 
 STEP_COLUMNS = 5  # step, batch, seq_len, new sequences (0/1), real tokens
 TOKEN_COLUMNS = 4  # step, token id, position, real (0/1)
@@ -50,8 +73,7 @@ def _write(ring: Tensor, state: Tensor, cursor_slot: int, rows: Tensor, keep: Te
     state[cursor_slot] += n * keep.to(torch.int64)
 
 
-@torch.library.custom_op("moeprobe::record_step", mutates_args=("step_ring", "token_ring", "valid_now", "state"))
-def record_step(
+def record_step_impl(
     step_ring: Tensor,
     token_ring: Tensor,
     valid_now: Tensor,
@@ -72,12 +94,16 @@ def record_step(
     """
     batch, seq_len = ids.shape
     n = batch * seq_len
+    if _host(state):
+        _record_step_host(step_ring, token_ring, valid_now, state, ids, positions, valid, sample, counts_window, counts_row)
+        return
     state[STEP] += 1
     step = state[STEP]
     keep = (step % sample) == 0
     state[KEEP] = keep.to(torch.int64)
     state[STEP_TOKENS] = n
     real = valid.reshape(-1).to(torch.int64)
+    state[STEP_PADDED] = (real == 0).any().to(torch.int64)
     starts = torch.where(valid.bool(), positions.to(torch.int64), torch.iinfo(torch.int64).max).amin(dim=1)
     new = (starts == 0).all()  # every row starts at position 0: new sequences (the writer's rule too)
     header = torch.stack(
@@ -95,16 +121,52 @@ def record_step(
     _write(token_ring, state, TOKEN_CURSOR, rows, keep)
 
 
-@record_step.register_fake
+def _record_step_host(
+    step_ring: Tensor, token_ring: Tensor, valid_now: Tensor, state: Tensor, ids: Tensor, positions: Tensor, valid: Tensor,
+    sample: int, counts_window: int, counts_row: int,
+) -> None:
+    batch, seq_len = ids.shape
+    n = batch * seq_len
+    step = int(state[STEP]) + 1
+    keep = step % sample == 0
+    real = valid.reshape(-1).to(torch.int64)
+    real_count = int(real.sum())
+    padded = real_count != n
+    positions = positions.to(torch.int64)
+    if padded:
+        new = bool((torch.where(valid.bool(), positions, torch.iinfo(torch.int64).max).amin(dim=1) == 0).all())
+    else:
+        new = bool((positions.amin(dim=1) == 0).all()) if seq_len else False
+    state[STEP], state[KEEP], state[STEP_TOKENS], state[STEP_PADDED] = step, int(keep), n, int(padded)
+    _write_host(step_ring, state, STEP_CURSOR, torch.tensor([[step, batch, seq_len, int(new), real_count]], dtype=step_ring.dtype))
+    if padded and n <= valid_now.shape[0]:
+        valid_now[:n].copy_(real)
+    if counts_window:
+        slot = step - int(state[COUNTS_BASE])
+        inside = 0 <= slot < counts_window
+        if not inside:
+            state[COUNTS_LOST] += 1
+        state[COUNTS_OFFSET] = (slot if inside else counts_window) * counts_row
+    if keep:
+        rows = torch.stack([torch.full((n,), step, dtype=torch.int64), ids.reshape(-1).to(torch.int64), positions.reshape(-1), real], dim=1)
+        _write_host(token_ring, state, TOKEN_CURSOR, rows.to(token_ring.dtype))
+
+
+RECORD_STEP = torch.library.custom_op("moeprobe::record_step", record_step_impl, mutates_args=("step_ring", "token_ring", "valid_now", "state"))
+
+
+@RECORD_STEP.register_fake
 def _record_step_fake(step_ring, token_ring, valid_now, state, ids, positions, valid, sample, counts_window, counts_row):  # type: ignore[no-untyped-def]
     return None
 
 
-@torch.library.custom_op("moeprobe::record_routing", mutates_args=("ring", "state"))
-def record_routing(ring: Tensor, state: Tensor, indices: Tensor, weights: Tensor, layer: int) -> None:
+def record_routing_impl(ring: Tensor, state: Tensor, indices: Tensor, weights: Tensor, layer: int) -> None:
     """Record one MoE layer call's routing (indices and gate weights, (tokens, k)) if the step is sampled."""
     tokens, k = indices.shape
     if tokens == 0:
+        return
+    host = _host(state)
+    if host and not int(state[KEEP]):
         return
     step = state[STEP]
     bits = weights.reshape(tokens, k).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
@@ -118,21 +180,36 @@ def record_routing(ring: Tensor, state: Tensor, indices: Tensor, weights: Tensor
         ],
         dim=1,
     )
-    _write(ring, state, ROUTING_CURSOR, rows, state[KEEP].bool())
+    if host:
+        _write_host(ring, state, ROUTING_CURSOR, rows.to(ring.dtype))
+    else:
+        _write(ring, state, ROUTING_CURSOR, rows, state[KEEP].bool())
 
 
-@record_routing.register_fake
+RECORD_ROUTING = torch.library.custom_op("moeprobe::record_routing", record_routing_impl, mutates_args=("ring", "state"))
+
+
+@RECORD_ROUTING.register_fake
 def _record_routing_fake(ring, state, indices, weights, layer):  # type: ignore[no-untyped-def]
     return None
 
 
-@torch.library.custom_op("moeprobe::count_routing", mutates_args=("counts", "state"))
-def count_routing(counts: Tensor, state: Tensor, valid_now: Tensor, indices: Tensor, layer: int) -> None:
+def count_routing_impl(counts: Tensor, state: Tensor, valid_now: Tensor, indices: Tensor, layer: int) -> None:
     """Add one MoE layer call's choices to the step's slot of ``counts`` (window + 1, layers, experts), int32
     scatter-add, padding left out. A step outside the window lands in the trash slot (counted by record_step in
     COUNTS_LOST), never in another step's counts."""
     tokens, k = indices.shape
     if tokens == 0:
+        return
+    if _host(state):
+        flat = indices.reshape(-1).to(torch.int64) + (int(state[COUNTS_OFFSET]) + layer * counts.shape[2])
+        mismatch = tokens > valid_now.shape[0] or int(state[STEP_TOKENS]) != tokens
+        if mismatch:
+            state[MASK_MISMATCH] += 1
+        if mismatch or not int(state[STEP_PADDED]):
+            counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
+        else:
+            counts.view(-1).index_add_(0, flat, valid_now[:tokens].repeat_interleave(k))
         return
     offset = state[COUNTS_OFFSET] + layer * counts.shape[2]
     flat = indices.reshape(-1).to(torch.int64) + offset
@@ -147,6 +224,9 @@ def count_routing(counts: Tensor, state: Tensor, valid_now: Tensor, indices: Ten
         counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
-@count_routing.register_fake
+COUNT_ROUTING = torch.library.custom_op("moeprobe::count_routing", count_routing_impl, mutates_args=("counts", "state"))
+
+
+@COUNT_ROUTING.register_fake
 def _count_routing_fake(counts, state, valid_now, indices, layer):  # type: ignore[no-untyped-def]
     return None

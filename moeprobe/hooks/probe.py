@@ -357,12 +357,11 @@ class Probe:
             self.pipeline = None
 
     def _checked(self, fn: Any) -> Any:
-        cuda = self._cuda
-
         def guarded(*args: Any) -> Any:
-            # Inside a graph being traced or captured a hook must do nothing with side effects on the host (a
-            # clock read breaks fullgraph compiles); it only notes that it was there (dynamo replays the store).
-            if detect.tracing_now(cuda):
+            # Inside a graph being traced a hook must do nothing with side effects on the host (a clock read breaks
+            # fullgraph compiles); it only notes that it was there (dynamo replays the store). CUDA graph capture
+            # is checked once per step, in the entry hook (a driver call per layer hook would cost the model).
+            if torch.compiler.is_compiling():
                 self._traced_hooks = True
                 return None
             return fn(*args)
@@ -551,6 +550,9 @@ class Probe:
     def _entry_pre(self, reader: ContextReader | None) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             if self.refusal is not None:
+                return
+            if self._cuda and torch.cuda.is_current_stream_capturing():
+                self._traced_hooks = True  # hooks will not run in the graph's replays: refused at the step's end
                 return
             try:
                 if self._depth == 0:

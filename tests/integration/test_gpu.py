@@ -150,3 +150,27 @@ def test_cuda_event_latency_is_sane_against_wall_time(tmp_path: Path) -> None:
     for row in rows:
         assert row["lo"] > 0 and row["rlo"] > 0
         assert row["blocks"] <= row["wall_ms"] * 1.05 + 0.05
+
+
+def test_hook_capture_refuses_a_cuda_graph_capture(tmp_path: Path) -> None:
+    """Hooks do not run in a CUDA graph's replays: hook capture stops loudly at the captured step, never a trace
+    that silently lacks the replayed steps."""
+    from moeprobe.hooks.spec import UnsupportedModelError
+
+    model = build("mixtral").cuda().eval()
+    model.set_experts_implementation("batched_mm")
+    ids = torch.randint(3, 96, (2, 4), device="cuda")
+    probe = moeprobe.record(model, tmp_path / "t")
+    assert probe.capture == "hooks"
+    with torch.no_grad():
+        model(ids)  # recorded
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            model(ids)
+        torch.cuda.current_stream().wait_stream(side)
+        graph.replay()
+    with pytest.raises(UnsupportedModelError, match="CUDA graph"):
+        probe.close()
+    assert moeprobe.open_trace(tmp_path / "t").manifest["status"] == "aborted"
