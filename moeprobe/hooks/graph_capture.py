@@ -210,10 +210,23 @@ class GraphCapture:
         tokens, counts = self.tokens, self.counts
         from_router = layer.source == "router"
 
+        slots: list[tuple[int, int]] = []  # where in the router's output tuple the last call found indices, weights
+
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
-            parts = layer.extract(output, args[0] if args else None) if from_router else layer.extract(args, kwargs)
-            indices, weights = parts[0], parts[1]
+            indices = weights = None
+            if slots and isinstance(output, tuple) and len(output) > max(slots[0]):
+                # Same places as last time, re-checked by dtype and shape (cheaper than identifying every part).
+                i, w = output[slots[0][0]], output[slots[0][1]]
+                if isinstance(i, torch.Tensor) and contracts.is_integer(i) and isinstance(w, torch.Tensor) and w.is_floating_point() and w.shape == i.shape:
+                    indices, weights = i, w
+            if indices is None:
+                parts = layer.extract(output, args[0] if args else None) if from_router else layer.extract(args, kwargs)
+                indices, weights = parts[0], parts[1]
+                if from_router and isinstance(output, tuple) and not slots:
+                    found = [next((n for n, t in enumerate(output) if t is part), -1) for part in (indices, weights)]
+                    if min(found) >= 0:
+                        slots.append((found[0], found[1]))
             if not isinstance(indices, torch.Tensor) or not contracts.is_integer(indices) or indices.shape[-1] != k:
                 # Read at trace time (shapes and dtypes only): the host sees it at the next drain and refuses.
                 self.contract_failures[index] = f"expected integer indices with last dimension {k}, got {contracts.describe(output)}"
