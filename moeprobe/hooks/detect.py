@@ -26,7 +26,7 @@ def compiled_parts(model: nn.Module) -> list[str]:
     """Which parts of ``model`` run compiled: the module itself, its forward, or submodules compiled in place."""
     found: list[str] = []
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        found.append("the model (torch.compile(model))")
+        return ["the model (torch.compile(model))"]
     if _compiled_callable(model.__dict__.get("forward")):
         found.append("model.forward")
     for name, module in model.named_modules():

@@ -192,7 +192,11 @@ class GraphCapture:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             ctx = reader.read(args, kwargs)
-            if ctx is not None:
+            if ctx is None:
+                # Without token ids or embeddings there is no step to file this call's routing under: refused at
+                # the next drain rather than mixed into the previous step.
+                self.contract_failures[-1] = "the token stack was called without token ids or embeddings moeprobe can read"
+            else:
                 positions, valid = _positions_and_valid(ctx, _cache_length(args, kwargs))
                 ids = ctx.input_ids if ctx.input_ids is not None else torch.full_like(positions, -1)
                 record = torch.ops.moeprobe.record_step if torch.compiler.is_compiling() else ops.record_step_impl

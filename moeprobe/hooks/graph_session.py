@@ -44,8 +44,8 @@ class GraphSession:
         probe = self.probe
         if probe.refusal is None and self.capture.contract_failures:
             index, reason = next(iter(self.capture.contract_failures.items()))
-            layer = probe.layers[index]
-            probe.refusal = UnsupportedModelError(f"cannot capture MoE layer {index} from {layer.source_name!r}: {reason}")
+            where = f"MoE layer {index} from {probe.layers[index].source_name!r}" if index >= 0 else "the token context"
+            probe.refusal = UnsupportedModelError(f"cannot capture {where}: {reason}")
             print(f"moeprobe: {probe.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
             if probe.pipeline is not None:
                 probe.pipeline.close("aborted", str(probe.refusal))
@@ -65,6 +65,8 @@ def attach_graph(probe: Probe, device: torch.device, *, ring_tokens: int | None,
         raise UnsupportedModelError(
             f"graph-safe capture handles models with one token stack (a causal LM); {type(probe.model).__name__} has {len(stacks)}"
         )
+    if probe._loads is not None:
+        raise ValueError("live_loads=True needs hook capture; graph capture counts on the device with mode='counts'")
     if probe.logits:
         raise ValueError("graph-safe capture does not record router scores yet; drop logits=True or use capture='hooks'")
     stack = next(iter(stacks.values()))

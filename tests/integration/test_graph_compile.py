@@ -129,6 +129,26 @@ def test_no_graph_break_from_the_capture(tmp_path: Path) -> None:
     assert ops.count("moeprobe.record_routing") == 2
 
 
+def test_a_compiled_module_is_recorded_through_its_wrapper(tmp_path: Path) -> None:
+    """torch.compile(model) returns a wrapper module: moeprobe finds the layers inside it and drains on its calls."""
+    model = build("qwen3_moe").eval()
+    ids, mask = _inputs()
+
+    def calls(fn: Callable[..., Any]) -> None:
+        with torch.no_grad():
+            for _ in range(3):
+                fn(input_ids=ids, attention_mask=mask)
+
+    with moeprobe.record(model, tmp_path / "truth"):
+        calls(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with moeprobe.record(compiled, tmp_path / "graph", drain_every=1) as probe:
+        calls(compiled)
+        assert probe._graph_calls == 3  # the drain hook ran eagerly on each call of the wrapper
+    assert probe.capture == "graph"
+    _assert_same_trace(tmp_path / "truth", tmp_path / "graph")
+
+
 def test_hook_capture_on_a_compiled_model_refuses_in_one_line(tmp_path: Path) -> None:
     model = build("mixtral").eval()
     model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
