@@ -185,7 +185,8 @@ class GraphCapture:
                 module.forward = had  # type: ignore[method-assign]
 
     def _stack_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        reader, sample = self.reader, self.sample
+        reader = self.reader
+        sample = self.sample if self.tokens else 0  # counts mode: no token rows to build
         counts = self.counts_buf
         window = counts.shape[0] - 1 if counts is not None else 0
         row = counts.shape[1] * counts.shape[2] if counts is not None else 0

@@ -87,6 +87,7 @@ def record_step_impl(
 ) -> None:
     """Start a step: advance the step id, decide whether it is sampled, and record the stack's token context.
 
+    ``sample``: the step's tokens go to the ring for 1 step in ``sample`` (0: never, counts mode).
     ``ids``, ``positions`` and ``valid`` are (batch, seq_len): token ids (-1 when unknown), positions (-1 when
     unknown) and 1 for a real token, 0 for padding. The real-token mask also goes to ``valid_now``, where the
     layers of this step read it to leave padding out of the counts. ``counts_window`` steps of ``counts_row``
@@ -99,7 +100,7 @@ def record_step_impl(
         return
     state[STEP] += 1
     step = state[STEP]
-    keep = (step % sample) == 0
+    keep = ((step % max(sample, 1)) == 0) & (sample > 0)  # sample 0: no token rows at all (counts mode)
     state[KEEP] = keep.to(torch.int64)
     state[STEP_TOKENS] = n
     real = valid.reshape(-1).to(torch.int64)
@@ -128,7 +129,7 @@ def _record_step_host(
     batch, seq_len = ids.shape
     n = batch * seq_len
     step = int(state[STEP]) + 1
-    keep = step % sample == 0
+    keep = sample > 0 and step % sample == 0
     real = valid.reshape(-1).to(torch.int64)
     real_count = int(real.sum())
     padded = real_count != n

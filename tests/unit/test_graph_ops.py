@@ -56,7 +56,7 @@ def _used(ring: torch.Tensor, cursor: int) -> torch.Tensor:
     return ring[: min(cursor, ring.shape[0] - 1)]
 
 
-@pytest.mark.parametrize(("ring_tokens", "window", "sample"), [(64, 16, 1), (64, 16, 3), (8, 4, 2)])
+@pytest.mark.parametrize(("ring_tokens", "window", "sample"), [(64, 16, 1), (64, 16, 3), (8, 4, 2), (64, 16, 0)])
 def test_host_and_device_paths_agree(ring_tokens: int, window: int, sample: int) -> None:
     host, device = _run(False, 1, ring_tokens, window, sample), _run(True, 1, ring_tokens, window, sample)
     assert torch.equal(host["state"][: ops.STEP_PADDED], device["state"][: ops.STEP_PADDED])
@@ -70,4 +70,6 @@ def test_host_and_device_paths_agree(ring_tokens: int, window: int, sample: int)
         assert int(s[ops.COUNTS_LOST]) == 9 - 4  # steps past the window, never mixed into another step's slot
         assert int(s[ops.TOKEN_CURSOR]) > ring_tokens  # the ring overflowed: the cursor says by how much
     kept = {int(r[0]) for r in _used(host["tokens"], int(s[ops.TOKEN_CURSOR]))}
-    assert kept <= {step for step in range(9) if step % sample == 0}
+    assert kept <= {step for step in range(9) if sample and step % sample == 0}
+    if sample == 0:  # counts mode: no token or routing rows, every step's counts
+        assert int(s[ops.TOKEN_CURSOR]) == int(s[ops.ROUTING_CURSOR]) == 0 and int(host["counts"].sum()) > 0
