@@ -121,12 +121,15 @@ def _render(summary: dict[str, Any]) -> None:
         f"{_count(counters.get('decisions', 0))} routing decisions"
     )
     options = m.get("options") or {}
-    if options.get("capture") or options.get("mode"):
-        # Which capture recorded: hook capture has latency, graph capture survives compiled models; counts have no tokens.
+    if options.get("capture"):
+        # Which capture recorded (the mode has its own line): hook capture has latency, graph capture survives
+        # compiled models and CUDA graphs but times nothing; a sampled trace has tokens for some steps only.
+        capture = options["capture"]
         sample = options.get("sample")
         console.print(
-            f"recorded  mode {plain(options.get('mode') or 'tokens')}, capture {plain(options.get('capture') or 'hooks')}"
-            + (f", tokens of 1 step in {plain(sample)} (counts of every step)" if sample else "")
+            f"capture   {plain(capture)} "
+            + ("(forward hooks, with latency)" if capture == "hooks" else "(ops in the model's graph, no latency)")
+            + (f"; tokens of 1 step in {plain(sample)}, counts of every step" if sample else "")
         )
     for shard in m["shards"]:
         console.print(f"rank {shard['rank']}    pid {shard['pid']} on {plain(shard['host'])}, started {_when(shard.get('started_at'))}, "

@@ -136,7 +136,7 @@ def test_inspect_names_the_capture(tmp_path: Path) -> None:
         _generate(model, new_tokens=2)
     out = subprocess.run([PYTHON, "-m", "moeprobe", "inspect", str(tmp_path / "t")], capture_output=True, text=True, env=run_cli_env(), cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert "mode tokens, capture graph, tokens of 1 step in 2" in out.stdout
+    assert "capture   graph (ops in the model's graph, no latency); tokens of 1 step in 2, counts of every step" in out.stdout
     summary = json.loads(subprocess.run([PYTHON, "-m", "moeprobe", "inspect", "--json", str(tmp_path / "t")], capture_output=True, text=True, env=run_cli_env(), cwd=ROOT).stdout)
     assert summary["tables"]["loads"]["rows"] > 0
 
