@@ -59,17 +59,26 @@ class GraphSession:
         pipeline.submit_call(lambda: write_snapshot(pipeline, snapshot, layers, tags))
 
 
-def attach_graph(probe: Probe, device: torch.device, *, ring_tokens: int | None, drain_every: int | None) -> GraphSession:
-    stacks = {id(layer.stack): layer.stack for layer in probe.layers if layer.stack is not None}
+def check_graph(model: nn.Module, layers: list[Any], *, logits: bool, live_loads: bool) -> None:
+    """Refuse, in one line and before a trace directory exists, what graph capture cannot record."""
+    stacks = {id(layer.stack) for layer in layers if layer.stack is not None}
     if len(stacks) != 1:
         raise UnsupportedModelError(
-            f"graph-safe capture handles models with one token stack (a causal LM); {type(probe.model).__name__} has {len(stacks)}"
+            f"graph-safe capture handles models with one token stack (a causal LM, not an encoder-decoder); "
+            f"{type(model).__name__} has {len(stacks)}: use capture='hooks' on an uncompiled model"
         )
-    if probe._loads is not None:
+    if live_loads:
         raise ValueError("live_loads=True needs hook capture; graph capture counts on the device with mode='counts'")
-    if probe.logits:
-        raise ValueError("graph-safe capture does not record router scores yet; drop logits=True or use capture='hooks'")
-    stack = next(iter(stacks.values()))
+    if logits:
+        raise ValueError("graph-safe capture does not record router scores; drop logits=True or use capture='hooks'")
+    top_ks = {int(layer.meta["top_k"]) for layer in layers}
+    if len(top_ks) != 1:
+        raise UnsupportedModelError(f"graph-safe capture needs one top-k for all MoE layers, found {sorted(top_ks)}")
+
+
+def attach_graph(probe: Probe, device: torch.device, *, ring_tokens: int | None, drain_every: int | None) -> GraphSession:
+    check_graph(probe.model, probe.layers, logits=probe.logits, live_loads=probe._loads is not None)
+    stack = next(layer.stack for layer in probe.layers if layer.stack is not None)
     tokens = next((layer.tokens for layer in probe.layers if layer.tokens is not None), None)
     sample = probe.sample or 1
     capture = GraphCapture(
@@ -101,7 +110,7 @@ def write_snapshot(pipeline: Any, snapshot: Snapshot, layers: list[Any], tags: A
         writer.count_dropped("ring_overflow", drained.dropped_decisions)
     converted = set()
     for step in drained.steps:
-        pipeline._convert(step)
+        pipeline.take_step(step)  # checked like a hook step: a malformed one is dropped and counted alone
         converted.add(step.step)
     rows = [h for h in drained.headers if h[0] not in converted]
     if rows:

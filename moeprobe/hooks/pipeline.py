@@ -258,14 +258,14 @@ class CapturePipeline:
                             item[1].set()
                         continue
                     if kind == "call":
-                        item[1]()
+                        try:
+                            item[1]()
+                        except Exception as exc:  # noqa: BLE001 - one bad drain must not end the recording
+                            self._bad_call(exc)
                     elif kind == "step":
                         step, size = item[1], item[2]
                         try:
-                            self._check_step(step)
-                            self._convert(step)
-                        except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
-                            self._drop_bad_step(step, exc)
+                            self.take_step(step)
                         finally:
                             with self._lock:
                                 self._queued_bytes -= size
@@ -314,6 +314,23 @@ class CapturePipeline:
                 raise ValueError(f"layer {capture.layer}: router scores of shape {tuple(capture.scores.shape)} for {tokens} tokens")
             if k > 127:
                 raise ValueError(f"layer {capture.layer}: top-{k} is more choices than the routing table stores")
+
+    def take_step(self, step: StepBuffer) -> None:
+        """Writer thread: check and collect one step; a malformed step is dropped and counted alone. (Graph
+        capture's drains call this too, so its steps obey the same contract as hook capture's.)"""
+        try:
+            self._check_step(step)
+            self._convert(step)
+        except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
+            self._drop_bad_step(step, exc)
+
+    def _bad_call(self, exc: BaseException) -> None:
+        """A queued call (a graph capture drain) failed: counted where the user sees it; later ones still run."""
+        self.writer.count_anomaly(f"bad_drain:{type(exc).__name__}")
+        if not self._warned_bad_step:
+            self._warned_bad_step = True
+            print(f"moeprobe: could not write a drained batch of steps ({type(exc).__name__}: {exc}); later steps are "
+                  "still recorded, the failure is counted in the manifest", file=sys.stderr)
 
     def _drop_bad_step(self, step: StepBuffer, exc: BaseException) -> None:
         self.writer.count_dropped("bad_step", step.decisions)

@@ -135,6 +135,13 @@ class Probe:
         self._pending_scores: dict[int, Any] = {}
         if metrics_port is not None and path is None:
             raise ValueError("metrics_port needs a trace path: the endpoint counts the rows the trace writer writes")
+        if metrics_port is not None and (mode == "counts" or sample is not None):
+            # The endpoint counts per-token routing rows: with counts only, or 1 step in N, it would show too little.
+            raise ValueError("metrics_port counts per-token routing rows; it cannot be combined with mode='counts' or sample=")
+        if self.capture == "graph":
+            from .graph_session import check_graph
+
+            check_graph(model, self.layers, logits=logits, live_loads=live_loads)
         self.logits = logits
         self.redact_tokens = redact_tokens
         self.path = Path(path) if path is not None else None

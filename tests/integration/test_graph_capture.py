@@ -147,3 +147,22 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             moeprobe.record(model, tmp_path / "t", **kwargs)
         assert not (tmp_path / "t").exists()
+
+
+def test_what_graph_capture_cannot_record_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Router scores, live loads, encoder-decoder models, and the metrics endpoint with counts or sampling:
+    refused in one line, and no trace directory is left behind."""
+    from moeprobe.hooks.spec import UnsupportedModelError
+
+    cases: list[tuple[str, dict[str, Any], type[Exception], str]] = [
+        ("mixtral", {"capture": "graph", "logits": True}, ValueError, "router scores"),
+        ("mixtral", {"mode": "counts", "live_loads": True}, ValueError, "live_loads"),
+        ("switch_transformers", {"capture": "graph"}, UnsupportedModelError, "encoder-decoder"),
+        ("mixtral", {"mode": "counts", "metrics_port": 0}, ValueError, "metrics_port"),
+        ("mixtral", {"sample": 2, "metrics_port": 0}, ValueError, "metrics_port"),
+    ]
+    for family, kwargs, error, words in cases:
+        with pytest.raises(error) as raised:
+            moeprobe.record(build(family), tmp_path / "t", **kwargs)
+        assert words in str(raised.value) and "\n" not in str(raised.value), (family, kwargs)
+        assert not (tmp_path / "t").exists(), (family, kwargs)
