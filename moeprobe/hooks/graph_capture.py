@@ -157,7 +157,8 @@ class GraphCapture:
         self.routing_ring = torch.zeros((rows * len(layers) + 1, ops.ROUTING_FIXED + 2 * k), dtype=torch.int32, device=device)
         self.valid_now = torch.zeros(MAX_STEP_TOKENS, dtype=torch.int32, device=device)
         self.counts_buf = (
-            torch.zeros((counts_window + 1, len(layers), experts), dtype=torch.int32, device=device) if counts else None
+            # +1 slot: the trash slot of steps outside the window; +1 column: expert ids outside 0..experts-1.
+            torch.zeros((counts_window + 1, len(layers), experts + 1), dtype=torch.int32, device=device) if counts else None
         )
         self.contract_failures: dict[int, str] = {}  # layer -> why its wrapper could not read the routing
         self._restore: list[tuple[nn.Module, Any]] = []
@@ -336,6 +337,10 @@ def unpack(snapshot: Snapshot, layers: list[LayerBinding], stack_id: int, tags: 
     if snapshot.counts is not None:
         base = int(state[ops.COUNTS_BASE])
         counts = snapshot.counts.numpy()[:-1]
+        invalid = int(counts[:, :, -1].sum())
+        if invalid:
+            lost["graph_counts_invalid_expert"] = invalid  # choices of an expert id the layer does not have
+        counts = counts[:, :, :-1]
         if int(state[ops.COUNTS_LOST]):
             lost["graph_counts_window_overflow"] = int(state[ops.COUNTS_LOST])
         loads = _loads_table(counts, base, headers, phase_of)

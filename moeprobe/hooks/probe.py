@@ -75,6 +75,11 @@ def _tokenizer_name(model: nn.Module, config: Any) -> str | None:
     return None
 
 
+def _detached(t: Any) -> Any:
+    """``t`` cut from autograd; as is when it has no autograd history (inference: no new tensor per call)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 class Probe:
     """Captures routing from a model. Use :func:`record` to create one.
 
@@ -364,11 +369,13 @@ class Probe:
             self.pipeline = None
 
     def _checked(self, fn: Any) -> Any:
+        compiling = torch.compiler.is_compiling  # bound once: the guard runs on every hook call
+
         def guarded(*args: Any) -> Any:
             # Inside a graph being traced a hook must do nothing with side effects on the host (a clock read breaks
             # fullgraph compiles); it only notes that it was there (dynamo replays the store). CUDA graph capture
             # is checked once per step, in the entry hook (a driver call per layer hook would cost the model).
-            if torch.compiler.is_compiling():
+            if compiling():
                 self._traced_hooks = True
                 return None
             return fn(*args)
@@ -594,10 +601,10 @@ class Probe:
         capture = LayerCapture(
             layer=layer.index,
             context=ctx,
-            indices=indices.detach(),
-            weights=weights.detach() if weights is not None else None,
-            scores=scores.detach() if (scores is not None and self.logits) else None,
-            dropped=dropped.detach() if dropped is not None else None,
+            indices=_detached(indices),
+            weights=_detached(weights),
+            scores=_detached(scores) if self.logits else None,
+            dropped=_detached(dropped),
         )
         step.layers.append(capture)
         if self._loads is not None:

@@ -22,7 +22,7 @@ def _buffers(ring_tokens: int, window: int) -> dict[str, torch.Tensor]:
         "tokens": torch.zeros((ring_tokens + 1, ops.TOKEN_COLUMNS), dtype=torch.int32),
         "routing": torch.zeros((ring_tokens * LAYERS + 1, ops.ROUTING_FIXED + 2 * K), dtype=torch.int32),
         "valid": torch.zeros(64, dtype=torch.int32),
-        "counts": torch.zeros((window + 1, LAYERS, EXPERTS), dtype=torch.int32),
+        "counts": torch.zeros((window + 1, LAYERS, EXPERTS + 1), dtype=torch.int32),
     }
 
 
@@ -40,10 +40,12 @@ def _run(device_path: bool, seed: int, ring_tokens: int, window: int, sample: in
             valid[1, : 2 if step == 0 else 0] = 0  # a left-padded row
             positions = (torch.cumsum(valid, 1) - 1).clamp(min=0) + past if step else (torch.cumsum(valid, 1) - 1).clamp(min=0)
             past += seq_len
-            ops.record_step_impl(b["steps"], b["tokens"], b["valid"], b["state"], ids, positions, valid, sample, window, LAYERS * EXPERTS)
+            ops.record_step_impl(b["steps"], b["tokens"], b["valid"], b["state"], ids, positions, valid, sample, window, LAYERS * (EXPERTS + 1))
             for layer in range(LAYERS):
                 tokens = batch * seq_len if not (step == 4 and layer == 1) else batch * seq_len + 1  # one mismatch
                 indices = torch.stack([torch.randperm(EXPERTS, generator=g)[:K] for _ in range(tokens)])
+                if step == 6 and layer == 2:
+                    indices[0, 0], indices[1, 0] = -1, EXPERTS  # ids the layer does not have: the last column
                 weights = torch.rand(tokens, K, generator=g)
                 ops.record_routing_impl(b["routing"], b["state"], indices, weights, layer)
                 ops.count_routing_impl(b["counts"], b["state"], b["valid"], indices, layer)
@@ -66,6 +68,8 @@ def test_host_and_device_paths_agree(ring_tokens: int, window: int, sample: int)
     assert torch.equal(_used(host["routing"], int(s[ops.ROUTING_CURSOR])), _used(device["routing"], int(s[ops.ROUTING_CURSOR])))
     assert torch.equal(host["counts"][:-1], device["counts"][:-1])  # the trash slot may differ, nothing else
     assert int(s[ops.MASK_MISMATCH]) == 1
+    if window == 16:  # step 6 inside the window: both bad ids counted apart, in layer 2's last column only
+        assert int(host["counts"][:-1, :, -1].sum()) == int(host["counts"][6, 2, -1]) == 2
     if window == 4:
         assert int(s[ops.COUNTS_LOST]) == 9 - 4  # steps past the window, never mixed into another step's slot
         assert int(s[ops.TOKEN_CURSOR]) > ring_tokens  # the ring overflowed: the cursor says by how much
