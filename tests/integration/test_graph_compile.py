@@ -4,14 +4,21 @@ static-cache decode loop and in ``generate(cache_implementation="static")``.
 
 ``fullgraph=True`` makes any graph break an error, so a compile that runs through proves there is none;
 ``torch._dynamo.explain`` counts them once more for the record. Most cases compile with the ``aot_eager``
-backend (dynamo + AOTAutograd functionalization: everything that decides whether the capture ops fit in a graph)
-because inductor's C++ compile takes minutes on the shared CPU runners; one case runs through inductor.
-These are the slowest capture tests (about 4 minutes on the 2-core runner), so there are few of them.
+backend (dynamo + AOTAutograd functionalization: everything that decides whether the capture ops fit in a graph);
+one case runs one forward call through inductor (its C++ compile is the slowest part of this module).
+
+Cost: compiling is the slowest thing the suite does (2 cores in CI), so the default run covers each compile path
+once with the cheapest family and each family at least once: decode loop with Qwen3-MoE and DeepSeek-V3,
+static-cache generate with Mixtral, one inductor forward with Qwen3-MoE. The other family x path combinations
+and inductor over a whole generate are marked ``compile_matrix`` and run on demand:
+
+    MOEPROBE_COMPILE_MATRIX=1 python -m pytest tests/integration/test_graph_compile.py
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +31,11 @@ from moeprobe.hooks.spec import UnsupportedModelError
 from tests.tiny_models import build
 
 pytestmark = pytest.mark.slow
+
+# The full family x compile-path matrix runs on demand (see the module docstring).
+compile_matrix = pytest.mark.skipif(
+    os.environ.get("MOEPROBE_COMPILE_MATRIX") != "1", reason="compile matrix: set MOEPROBE_COMPILE_MATRIX=1 to run"
+)
 
 FAMILIES = ["mixtral", "deepseek_v3", "qwen3_moe"]
 ROUTING = "select step, sequence, position, phase, layer, k, expert, weight from routing order by step, layer, sequence, position, k"
@@ -100,17 +112,54 @@ def _compiled_matches_eager(family: str, run: Callable[[torch.nn.Module], None],
     return probe
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Default run: each compile path with its cheapest family, every family at least once; the rest on demand.
+DECODE_LOOP = [
+    "qwen3_moe",
+    "deepseek_v3",
+    pytest.param("mixtral", marks=[pytest.mark.compile_matrix, compile_matrix]),
+]
+GENERATE_STATIC = [
+    "mixtral",
+    pytest.param("deepseek_v3", marks=[pytest.mark.compile_matrix, compile_matrix]),
+    pytest.param("qwen3_moe", marks=[pytest.mark.compile_matrix, compile_matrix]),
+]
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler (CI installs g++)"
+)
+
+
+def one_forward(model: torch.nn.Module) -> None:
+    """One prefill call (left padding, a static cache): a single graph for inductor to compile."""
+    from transformers import StaticCache
+
+    ids, mask = _inputs()
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 1)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("family", DECODE_LOOP)
 def test_compiled_decode_loop_equals_eager(family: str, tmp_path: Path) -> None:
     _compiled_matches_eager(family, decode_loop, "aot_eager", tmp_path)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GENERATE_STATIC)
 def test_compiled_generate_static_cache_equals_eager(family: str, tmp_path: Path) -> None:
     _compiled_matches_eager(family, generate_static, "aot_eager", tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler (CI installs g++)")
+@needs_compiler
+def test_inductor_forward_equals_eager(tmp_path: Path) -> None:
+    # One graph: inductor lowers the capture ops next to the model's kernels and compiles them with the C++ compiler.
+    # In this process (no pool of compile workers to start: on CI's 2 cores, shared with another test worker,
+    # the pool costs more than it saves).
+    with torch._inductor.config.patch(compile_threads=1):
+        _compiled_matches_eager("qwen3_moe", one_forward, "inductor", tmp_path)
+
+
+@needs_compiler
+@pytest.mark.compile_matrix
+@compile_matrix
 def test_inductor_generate_static_cache_equals_eager(tmp_path: Path) -> None:
     # Two steps (a prefill graph and a decode graph): inductor compiles each with the C++ compiler.
     _compiled_matches_eager("qwen3_moe", lambda model: generate_static(model, new_tokens=2), "inductor", tmp_path)
