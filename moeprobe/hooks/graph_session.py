@@ -18,6 +18,7 @@ from torch import nn
 
 from ..traces.schema import TABLES
 from . import detect
+from . import graph_ops as ops
 from .context import ContextReader
 from .graph_capture import DEFAULT_DRAIN_EVERY, DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
 from .spec import UnsupportedModelError
@@ -31,6 +32,42 @@ class GraphSession:
         self.probe = probe
         self.capture = capture
         self.drain_every = drain_every
+        # Router correction biases (DeepSeek-V3): no op can see them change, so they are read between steps, at
+        # attach and at each drain, and take effect from the step after the last one drained (exact at
+        # drain_every=1 and for a bias that does not change, as in inference; otherwise up to drain_every late).
+        self._bias_versions: dict[int, tuple[int, int]] = {}
+        self._bias_layers = [layer for layer in probe.layers if layer.meta.get("has_bias")]
+        self._bias_pending: list[tuple[int | None, dict[int, torch.Tensor]]] = []  # writer thread only
+        self._initial_bias = self._changed_bias()
+
+    def _changed_bias(self) -> dict[int, torch.Tensor]:
+        """Model thread, between steps: copies of the biases whose version changed since the last read."""
+        changed: dict[int, torch.Tensor] = {}
+        for layer in self._bias_layers:
+            bias = layer.bias()
+            if bias is None:
+                continue
+            version = (id(bias), bias._version)
+            if self._bias_versions.get(layer.index) != version:
+                self._bias_versions[layer.index] = version
+                changed[layer.index] = bias.detach().clone()
+        return changed
+
+    def write_bias(self, pipeline: Any, last_step: int, drained: list[int], changed: dict[int, torch.Tensor]) -> None:
+        """Writer thread: write the biases whose first step has now been drained; hold the rest."""
+        if self._initial_bias:
+            self._bias_pending.append((0, self._initial_bias))
+            self._initial_bias = {}
+        if changed:
+            self._bias_pending.append((last_step + 1, changed))
+        newest = max(drained, default=-1)
+        keep = []
+        for step, bias in self._bias_pending:
+            if step is not None and step <= newest:
+                pipeline.add_bias(step, bias)
+            else:
+                keep.append((step, bias))
+        self._bias_pending = keep
 
     def after_call(self, module: nn.Module, args: Any, output: Any) -> None:
         if detect.tracing_now(self.probe._cuda):
@@ -54,9 +91,10 @@ class GraphSession:
         if pipeline is None or probe.refusal is not None:
             return
         snapshot = self.capture.drain()
+        bias = self._changed_bias() if self._bias_layers else {}
         tags = probe._tags
         layers = probe.layers
-        pipeline.submit_call(lambda: write_snapshot(pipeline, snapshot, layers, tags))
+        pipeline.submit_call(lambda: write_snapshot(pipeline, snapshot, layers, tags, self, bias))
 
 
 def check_graph(model: nn.Module, layers: list[Any], *, logits: bool, live_loads: bool) -> None:
@@ -99,7 +137,9 @@ def attach_graph(probe: Probe, device: torch.device, *, ring_tokens: int | None,
     return session
 
 
-def write_snapshot(pipeline: Any, snapshot: Snapshot, layers: list[Any], tags: Any) -> None:
+def write_snapshot(
+    pipeline: Any, snapshot: Snapshot, layers: list[Any], tags: Any, session: GraphSession | None = None, bias: dict[int, Any] | None = None
+) -> None:
     """Writer thread: the drained rows -> steps, routing (through the hook path's conversion), loads."""
     wait_ready(snapshot)
     writer = pipeline.writer
@@ -133,5 +173,7 @@ def write_snapshot(pipeline: Any, snapshot: Snapshot, layers: list[Any], tags: A
         )
     if drained.loads is not None:
         writer.append("loads", drained.loads)
+    if session is not None and session._bias_layers:
+        session.write_bias(pipeline, int(snapshot.state[ops.STEP]), [h[0] for h in drained.headers], bias or {})
 
 

@@ -399,8 +399,18 @@ class CapturePipeline:
             self._latency_rows.append(
                 (step.step, layer, np.nan if router is None else router, np.nan if block is None else block, self.clock.name)
             )
-        # Bias vectors, written only when they change.
-        for layer, tensor in step.bias.items():
+        self.add_bias(step.step, step.bias)
+        if tag_rows:
+            self._tags.add(
+                len(tag_rows),
+                sequence=np.array([t[0] for t in tag_rows], np.int64),
+                key=[t[1] for t in tag_rows],
+                value=[t[2] for t in tag_rows],
+            )
+
+    def add_bias(self, step: int, bias: dict[int, Any]) -> None:
+        """Writer thread: bias vectors (layer -> tensor) in effect from ``step`` on, written only when they change."""
+        for layer, tensor in bias.items():
             values = _np(tensor, np.float32)
             previous = self._last_bias.get(layer)
             if previous is not None and previous.shape == values.shape and np.array_equal(previous, values):
@@ -408,16 +418,9 @@ class CapturePipeline:
             self._last_bias[layer] = values.copy()
             self._bias.add(
                 1,
-                step=np.array([step.step], np.int32),
+                step=np.array([step], np.int32),
                 layer=np.array([layer], np.int16),
                 bias=pa.array([values], type=pa.list_(pa.float32())),
-            )
-        if tag_rows:
-            self._tags.add(
-                len(tag_rows),
-                sequence=np.array([t[0] for t in tag_rows], np.int64),
-                key=[t[1] for t in tag_rows],
-                value=[t[2] for t in tag_rows],
             )
 
     def _collect_routing(self, step: StepBuffer, capture: LayerCapture, resolved: dict[int, ResolvedTokens]) -> ResolvedTokens:

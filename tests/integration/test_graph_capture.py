@@ -166,3 +166,34 @@ def test_what_graph_capture_cannot_record_is_refused_before_anything_is_written(
             moeprobe.record(build(family), tmp_path / "t", **kwargs)
         assert words in str(raised.value) and "\n" not in str(raised.value), (family, kwargs)
         assert not (tmp_path / "t").exists(), (family, kwargs)
+
+
+def test_correction_bias_is_recorded_like_hook_capture(tmp_path: Path) -> None:
+    """DeepSeek-V3's router bias: graph capture reads it between steps (at attach and at each drain) and it takes
+    effect from the step after the last one drained. With a flush (a drain) after the update, the bias table
+    equals hook capture's, the change included."""
+    model = build("deepseek_v3").eval()
+    ids, mask = _inputs()
+    biases = [m.e_score_correction_bias for m in model.modules() if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor)]
+    assert biases
+    saved = [bias.clone() for bias in biases]
+
+    def run(probe: moeprobe.Probe) -> None:
+        with torch.no_grad():
+            for call in range(4):
+                if call == 2:
+                    for bias in biases:
+                        bias.add_(0.25)  # a balancing update between steps 1 and 2
+                    probe.flush()
+                model(input_ids=ids, attention_mask=mask)
+        for bias, value in zip(biases, saved, strict=True):
+            bias.copy_(value)
+
+    with moeprobe.record(model, tmp_path / "hooks") as probe:
+        run(probe)
+    with moeprobe.record(model, tmp_path / "graph", capture="graph") as probe:
+        run(probe)
+    query = "select step, layer, bias from bias order by step, layer"
+    want = _rows(tmp_path / "hooks", query)
+    assert [row["step"] for row in want] == [0] * len(biases) + [2] * len(biases)
+    assert _rows(tmp_path / "graph", query) == want
