@@ -3,15 +3,18 @@
     python bench/capture_modes.py [--rounds 15] [--steps 96]
 
 The demo model's greedy KV-cached decode loop (bench/capture_overhead.py's), variants interleaved in rotating
-order. Besides wall time it reports the CPU time of the thread that runs the model (``time.thread_time``): what
-capture adds to the job's critical path, and far less disturbed by other processes on a shared machine than wall
-time (the writer thread's work is left out: it runs beside the model, and capture_overhead.py's process CPU
-figure counts it). Ratios are medians within this one run.
+order (ABCD, BCDA, ...), many rounds in one process. Besides wall time it reports the CPU time of the thread that
+runs the model (``time.thread_time``): what capture adds to the job's critical path, and less disturbed by other
+processes on a shared machine than wall time (the writer thread's work is left out: it runs beside the model,
+and capture_overhead.py's process CPU figure counts it). The ratio is the median over rounds of each round's
+ratio to that round's no-probe run (neighbours in time share the machine's load); the load average is printed
+before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -59,6 +62,7 @@ def main() -> None:
     runs: Callable[[str], tuple[float, float]] = measure
     for name in options:  # warm-up
         runs(name)
+    start_load = os.getloadavg()
     wall: dict[str, list[float]] = {n: [] for n in options}
     cpu: dict[str, list[float]] = {n: [] for n in options}
     names = list(options)
@@ -67,11 +71,14 @@ def main() -> None:
             w, c = runs(name)
             wall[name].append(w)
             cpu[name].append(c)
+    load = os.getloadavg()
     print(f"{label}; batch {list(ids.shape)}, {args.steps} decode steps, {args.rounds} rounds, 1 torch thread")
-    print(f"  {'variant':<8} {'wall s':>8} {'ratio':>7}   {'model-thread CPU s':>18} {'ratio':>7}")
+    print(f"load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in start_load)}, after: {' '.join(f'{x:.2f}' for x in load)}")
+    print(f"  {'variant':<8} {'wall s':>8} {'ratio':>7}   {'model-thread CPU s':>18} {'ratio':>7}   (ratio: median of per-round ratios)")
     for name in names:
-        mw, mc = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"  {name:<8} {mw:8.4f} {mw / statistics.median(wall['none']):7.3f}   {mc:18.4f} {mc / statistics.median(cpu['none']):7.3f}")
+        wall_ratio = statistics.median(w / b for w, b in zip(wall[name], wall["none"], strict=True))
+        cpu_ratio = statistics.median(c / b for c, b in zip(cpu[name], cpu["none"], strict=True))
+        print(f"  {name:<8} {statistics.median(wall[name]):8.4f} {wall_ratio:7.3f}   {statistics.median(cpu[name]):18.4f} {cpu_ratio:7.3f}")
 
 
 if __name__ == "__main__":
