@@ -112,6 +112,14 @@ def _positions_and_valid(ctx: TokenContext, past: Any) -> tuple[torch.Tensor, to
     return positions, valid
 
 
+def _plain(ctx: TokenContext, past: Any) -> bool:
+    """Does _positions_and_valid reduce to integers here: every token real, positions past + 0..seq_len-1 (an int
+    cache length, or no cache and a new sequence)? Then a step starts new sequences exactly when past is 0."""
+    if ctx.attention_mask is not None or ctx.mask_4d is not None or ctx.position_ids is not None:
+        return False
+    return isinstance(past, int) or (past is None and ctx.continuity == NEW)
+
+
 def _cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The KV cache's length as the model sees it: an int, a device tensor (static caches), or None (no cache)."""
     for value in (*kwargs.values(), *args):
@@ -192,12 +200,17 @@ class GraphCapture:
         window = counts.shape[0] - 1 if counts is not None else 0
         row = counts.shape[1] * counts.shape[2] if counts is not None else 0
 
+        plain_ok = sample == 0 and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
+
         def forward(*args: Any, **kwargs: Any) -> Any:
             ctx = reader.read(args, kwargs)
             if ctx is None:
                 # Without token ids or embeddings there is no step to file this call's routing under: refused at
                 # the next drain rather than mixed into the previous step.
                 self.contract_failures[-1] = "the token stack was called without token ids or embeddings moeprobe can read"
+            elif plain_ok and not torch.compiler.is_compiling() and _plain(ctx, past := _cache_length(args, kwargs)):
+                # Counts mode, eager on the host, no mask and no positions given: all the step needs is integers.
+                ops.record_plain_step_host(self.step_ring, self.state, ctx.batch, ctx.seq_len, past == 0 if past is not None else ctx.continuity == NEW, window, row)
             else:
                 positions, valid = _positions_and_valid(ctx, _cache_length(args, kwargs))
                 ids = ctx.input_ids if ctx.input_ids is not None else torch.full_like(positions, -1)

@@ -184,6 +184,27 @@ def _record_step_host(
         _write_host(token_ring, s, TOKEN_CURSOR, rows.astype(np.int32))
 
 
+def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len: int, new: bool, counts_window: int, counts_row: int) -> None:
+    """record_step for counts mode on the host when the stack got no mask and no positions (every token real,
+    positions from the cache length): the same state and step row, from Python integers, without building the
+    position and mask tensors that only token rows and padding would need. Eager calls only."""
+    n = batch * seq_len
+    s = _view(state)
+    step = int(s[STEP]) + 1
+    s[STEP], s[KEEP], s[STEP_TOKENS], s[STEP_PADDED] = step, 0, n, 0
+    cursor = int(s[STEP_CURSOR])
+    ring = _view(step_ring)
+    if cursor < ring.shape[0] - 1:
+        ring[cursor] = (step, batch, seq_len, int(new), n)
+    s[STEP_CURSOR] = cursor + 1
+    if counts_window:
+        slot = step - int(s[COUNTS_BASE])
+        inside = 0 <= slot < counts_window
+        if not inside:
+            s[COUNTS_LOST] += 1
+        s[COUNTS_OFFSET] = (slot if inside else counts_window) * counts_row
+
+
 RECORD_STEP = torch.library.custom_op("moeprobe::record_step", record_step_impl, mutates_args=("step_ring", "token_ring", "valid_now", "state"))
 
 

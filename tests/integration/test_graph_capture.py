@@ -197,3 +197,28 @@ def test_correction_bias_is_recorded_like_hook_capture(tmp_path: Path) -> None:
     want = _rows(tmp_path / "hooks", query)
     assert [row["step"] for row in want] == [0] * len(biases) + [2] * len(biases)
     assert _rows(tmp_path / "graph", query) == want
+
+
+def test_counts_of_a_maskless_decode_loop_equal_the_token_trace(tmp_path: Path) -> None:
+    """Counts mode's integer-only step path (no mask, no positions, a dynamic cache) against hook capture."""
+    from transformers import DynamicCache
+
+    model = build("qwen3_moe").eval()
+    ids, _ = _inputs()
+
+    def loop() -> None:
+        cache = DynamicCache()
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for _ in range(3):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+
+    with moeprobe.record(model, tmp_path / "hooks"):
+        loop()
+    with moeprobe.record(model, tmp_path / "counts", mode="counts") as probe:
+        loop()
+    assert probe.anomalies == {}
+    assert _rows(tmp_path / "counts", LOADS) == _rows(tmp_path / "hooks", TOKEN_COUNTS) != []
+    assert _rows(tmp_path / "counts", STEPS) == _rows(tmp_path / "hooks", STEPS)
+    assert [row["phase"] for row in _rows(tmp_path / "counts", STEPS)] == ["prefill"] + ["decode"] * 3
+    assert moeprobe.open_trace(tmp_path / "counts").manifest["counters"]["anomalies"] == {}
