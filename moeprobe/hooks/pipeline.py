@@ -174,8 +174,13 @@ class CapturePipeline:
         self._thread.start()
 
     # -- model thread -------------------------------------------------------------------------------
-    def submit(self, step: StepBuffer) -> bool:
-        """Queue a finished step; drop and count it if the queue is over budget. Never blocks."""
+    def submit_call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the writer thread, in queue order (graph capture: unpack a drained ring there)."""
+        self._queue.append(("call", fn))
+
+    def submit(self, step: StepBuffer, move: Callable[[StepBuffer], None] | None = None) -> bool:
+        """Queue a finished step; drop and count it if the queue is over budget. Never blocks. ``move`` (the
+        device-to-host transfer) runs only for a step that is queued."""
         size = step.nbytes()
         with self._lock:
             over = self._queued_bytes + size > self.max_queue_bytes
@@ -192,6 +197,8 @@ class CapturePipeline:
                     file=sys.stderr,
                 )
             return False
+        if move is not None:
+            move(step)
         self._queue.append(("step", step, size))
         if self._queued_bytes > self._wake_bytes and not self._wake.is_set():
             self._wake.set()
@@ -258,13 +265,15 @@ class CapturePipeline:
                         finally:
                             item[1].set()
                         continue
-                    if kind == "step":
+                    if kind == "call":
+                        try:
+                            item[1]()
+                        except Exception as exc:  # noqa: BLE001 - one bad drain must not end the recording
+                            self._bad_call(exc)
+                    elif kind == "step":
                         step, size = item[1], item[2]
                         try:
-                            self._check_step(step)
-                            self._convert(step)
-                        except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
-                            self._drop_bad_step(step, exc)
+                            self.take_step(step)
                         finally:
                             with self._lock:
                                 self._queued_bytes -= size
@@ -313,6 +322,23 @@ class CapturePipeline:
                 raise ValueError(f"layer {capture.layer}: router scores of shape {tuple(capture.scores.shape)} for {tokens} tokens")
             if k > 127:
                 raise ValueError(f"layer {capture.layer}: top-{k} is more choices than the routing table stores")
+
+    def take_step(self, step: StepBuffer) -> None:
+        """Writer thread: check and collect one step; a malformed step is dropped and counted alone. (Graph
+        capture's drains call this too, so its steps obey the same contract as hook capture's.)"""
+        try:
+            self._check_step(step)
+            self._convert(step)
+        except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
+            self._drop_bad_step(step, exc)
+
+    def _bad_call(self, exc: BaseException) -> None:
+        """A queued call (a graph capture drain) failed: counted where the user sees it; later ones still run."""
+        self.writer.count_anomaly(f"bad_drain:{type(exc).__name__}")
+        if not self._warned_bad_step:
+            self._warned_bad_step = True
+            print(f"moeprobe: could not write a drained batch of steps ({type(exc).__name__}: {exc}); later steps are "
+                  "still recorded, the failure is counted in the manifest", file=sys.stderr)
 
     def _drop_bad_step(self, step: StepBuffer, exc: BaseException) -> None:
         self.writer.count_dropped("bad_step", step.decisions)
@@ -386,19 +412,7 @@ class CapturePipeline:
             self._latency_rows.append(
                 (step.step, layer, np.nan if router is None else router, np.nan if block is None else block, self.clock.name)
             )
-        # Bias vectors, written only when they change.
-        for layer, tensor in step.bias.items():
-            values = _np(tensor, np.float32)
-            previous = self._last_bias.get(layer)
-            if previous is not None and previous.shape == values.shape and np.array_equal(previous, values):
-                continue
-            self._last_bias[layer] = values.copy()
-            self._bias.add(
-                1,
-                step=np.array([step.step], np.int32),
-                layer=np.array([layer], np.int16),
-                bias=pa.array([values], type=pa.list_(pa.float32())),
-            )
+        self.add_bias(step.step, step.bias)
         if tag_rows:
             self._tags.add(
                 len(tag_rows),
@@ -408,6 +422,21 @@ class CapturePipeline:
             )
         if self._pending_decisions >= EMIT_BATCH_DECISIONS:
             self._emit()
+
+    def add_bias(self, step: int, bias: dict[int, Any]) -> None:
+        """Writer thread: bias vectors (layer -> tensor) in effect from ``step`` on, written only when they change."""
+        for layer, tensor in bias.items():
+            values = _np(tensor, np.float32)
+            previous = self._last_bias.get(layer)
+            if previous is not None and previous.shape == values.shape and np.array_equal(previous, values):
+                continue
+            self._last_bias[layer] = values.copy()
+            self._bias.add(
+                1,
+                step=np.array([step], np.int32),
+                layer=np.array([layer], np.int16),
+                bias=pa.array([values], type=pa.list_(pa.float32())),
+            )
 
     def _collect_routing(self, step: StepBuffer, capture: LayerCapture, resolved: dict[int, ResolvedTokens]) -> ResolvedTokens:
         indices = _np(capture.indices)
