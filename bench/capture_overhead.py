@@ -9,6 +9,8 @@ Variants, all on the same greedy KV-cached decode loop over the bundled prompts:
   hf_router_logits   transformers' own output_router_logits=True, kept for every step
   moeprobe_metrics   moeprobe.record(model, DIR, metrics_port=0) while another process scrapes /metrics every
                      --scrape-interval seconds (the endpoint's cost to the model, docs/prometheus.md)
+  moeprobe_graph     moeprobe.record(..., capture="graph"): the graph-safe capture ops, drained every step
+  moeprobe_counts    moeprobe.record(..., mode="counts"): per step x layer x expert counts on the device
 plus model.generate() with and without moeprobe. Rounds interleave the variants (rotating their order) so
 machine noise hits all of them alike; the ratio is median(variant) / median(baseline) within this one run.
 On CUDA the naive hook synchronises the host in every layer; moeprobe must not.
@@ -161,6 +163,16 @@ def main() -> None:
             scrapes["n"] += int(scraper.communicate()[0].count("\n")) + 1
         times["moeprobe_metrics_inner"].append(t)
 
+    def probe_variant(name: str, **options: Any) -> Callable[[], None]:
+        # Graph capture and counts mode, timed inside the `with` block like the hook capture above.
+        def run() -> None:
+            loop = lambda: decode_loop(model, ids, args.steps)  # noqa: E731
+            with moeprobe.record(model, workdir / name, force=True, **options):
+                t = timed(loop, device)
+            times[f"{name}_inner"].append(t)
+
+        return run
+
     def naive_hook() -> None:
         sink: list[Any] = []
 
@@ -196,6 +208,8 @@ def main() -> None:
         "hf_router_logits": hf_router_logits,
         "generate": generate_plain,
         "generate_moeprobe": generate_probe,
+        "moeprobe_graph": probe_variant("moeprobe_graph", capture="graph"),
+        "moeprobe_counts": probe_variant("moeprobe_counts", mode="counts"),
     }
     if args.variants:
         wanted = args.variants.split(",")
@@ -205,6 +219,8 @@ def main() -> None:
         variants = {name: fn for name, fn in variants.items() if name in wanted}
     times: dict[str, list[float]] = {name: [] for name in variants}
     times["moeprobe_inner"] = []
+    times["moeprobe_graph_inner"] = []
+    times["moeprobe_counts_inner"] = []
     times["generate_moeprobe_inner"] = []
     times["moeprobe_metrics_inner"] = []
     cpu: dict[str, list[float]] = {name: [] for name in times}
@@ -242,6 +258,8 @@ def main() -> None:
             "naive_hook (.cpu().tolist())": _r(med, "naive_hook", "baseline"),
             "hf output_router_logits": _r(med, "hf_router_logits", "baseline"),
             "generate + moeprobe": _r(med, "generate_moeprobe_inner", "generate"),
+            "moeprobe graph capture": _r(med, "moeprobe_graph_inner", "baseline"),
+            "moeprobe counts mode": _r(med, "moeprobe_counts_inner", "baseline"),
         },
         # The fastest of the interleaved rounds is the run least disturbed by the rest of the machine.
         "best_ratio": {
@@ -251,6 +269,8 @@ def main() -> None:
             "naive_hook (.cpu().tolist())": _r(best, "naive_hook", "baseline"),
             "hf output_router_logits": _r(best, "hf_router_logits", "baseline"),
             "generate + moeprobe": _r(best, "generate_moeprobe_inner", "generate"),
+            "moeprobe graph capture": _r(best, "moeprobe_graph_inner", "baseline"),
+            "moeprobe counts mode": _r(best, "moeprobe_counts_inner", "baseline"),
         },
         "cpu_ratio": {
             # whole `with` block incl. attach, close and the writer thread's final flush

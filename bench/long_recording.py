@@ -1,5 +1,6 @@
 """A long CPU recording (>= 10 M routing decisions): resident memory over time, writer throughput over time, bytes
-per decision on disk, and the same routing written as SGLang-style pickled int64 tensors and Megatron-style JSONL.
+per decision on disk, and the same routing written by the peers in the same run: pyarrow with format 1's schema
+and settings (one row per decision, fp32 weights), SGLang-style pickled int64 tensors and Megatron-style JSONL.
 
     .venv/bin/python bench/long_recording.py --steps 48 --out /tmp/long
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +55,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--weights", choices=("fp16", "fp32", "u8"), default="fp16")
     parser.add_argument("--out", type=Path, default=Path("/tmp/moeprobe-long"))
     args = parser.parse_args()
     if args.out.exists():
@@ -67,7 +71,7 @@ def main() -> int:
     samples: list[tuple[float, int, int]] = []  # (seconds, rss bytes, routing rows written)
     stop = threading.Event()
 
-    with torch.no_grad(), moeprobe.record(model, trace_dir, flush_interval=1.0) as probe:
+    with torch.no_grad(), moeprobe.record(model, trace_dir, flush_interval=1.0, weights=args.weights) as probe:
         writer = probe.pipeline.writer
         began = time.monotonic()
 
@@ -111,6 +115,11 @@ def main() -> int:
             for layer in range(args.layers):
                 out.write(json.dumps({"step": step, "layer": layer, "topk_ids": experts[layer].tolist()}) + "\n")
     sglang_bytes = dir_bytes(sglang_dir)
+    # pyarrow, same data: the logical routing table written as format 1 stored it.
+    v1 = args.out / "v1.parquet"
+    pq.write_table(trace.sql("select * exclude (rank) from routing order by step, layer, sequence, position, k"), v1,
+                   compression="zstd", compression_level=1, row_group_size=1 << 20)
+    v1_bytes = v1.stat().st_size
     jsonl_bytes = jsonl.stat().st_size
 
     rss = np.array([s[1] for s in samples]) / 2**20
@@ -123,6 +132,7 @@ def main() -> int:
         inside = (t >= lo) & (t < hi)
         if inside.sum() >= 2:
             windows.append((rows[inside][-1] - rows[inside][0]) / (t[inside][-1] - t[inside][0]))
+    print("load average (1, 5, 15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"model: Mixtral, {args.layers} MoE layers x {args.experts} experts, top-{args.top_k}; "
           f"{args.steps} steps of {args.batch}x{args.seq} tokens = {per_step:,} decisions per step")
     print(f"recorded {decisions:,} routing decisions ({written:,} rows written, dropped {counters['dropped'] or 'none'}) "
@@ -135,6 +145,8 @@ def main() -> int:
           + ", ".join(f"{w / 1e6:.2f}M" for w in windows))
     print(f"on disk: trace {trace_bytes:,} B ({trace_bytes / decisions:.2f} B/decision, routing segments "
           f"{routing_bytes / decisions:.2f} B/decision, with weights, positions, token ids)")
+    print(f"pyarrow, format 1 schema and settings (same columns, fp32 weights): {v1_bytes:,} B "
+          f"({v1_bytes / decisions:.2f} B/decision, {v1_bytes / routing_bytes:.1f}x the routing segments)")
     print(f"SGLang-style torch.save int64 topk_ids: {sglang_bytes:,} B ({sglang_bytes / decisions:.2f} B/decision, "
           f"{sglang_bytes / trace_bytes:.1f}x the trace)")
     print(f"Megatron-style JSONL: {jsonl_bytes:,} B ({jsonl_bytes / decisions:.2f} B/decision, "

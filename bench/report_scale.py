@@ -82,7 +82,23 @@ def pandas_load(trace_path: str) -> dict[str, Any]:
 
     started = time.perf_counter()
     files = sorted(Path(trace_path).glob("rank=*/routing/*.parquet"))
-    df = pd.concat([pd.read_parquet(f, columns=["step", "layer", "expert"]) for f in files], ignore_index=True)
+    def read(f: Path) -> pd.DataFrame:
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(f).names
+        if "expert" in names:  # format 1: one row per decision
+            return pd.read_parquet(f, columns=["step", "layer", "expert"])
+        # format 2: one row per token, choice i in expert_i, the first `choices` of them used
+        choice = [n for n in names if n.startswith("expert_")]
+        t = pd.read_parquet(f, columns=["step", "layer", "choices", *choice])
+        used = np.arange(len(choice))[None, :] < t["choices"].to_numpy()[:, None]
+        return pd.DataFrame({
+            "step": np.repeat(t["step"].to_numpy(), t["choices"].to_numpy().astype(np.int64)),
+            "layer": np.repeat(t["layer"].to_numpy(), t["choices"].to_numpy().astype(np.int64)),
+            "expert": t[choice].to_numpy()[used].astype(np.int16),
+        })
+
+    df = pd.concat([read(f) for f in files], ignore_index=True)
     layers = json.loads((Path(trace_path) / "manifest.json").read_text())["layers"]
     experts = {layer["index"]: layer["num_experts"] for layer in layers}
     top_k = {layer["index"]: layer["top_k"] for layer in layers}

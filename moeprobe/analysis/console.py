@@ -72,6 +72,9 @@ def sandboxed_connection(reader: TraceReader) -> duckdb.DuckDBPyConnection:
             files += [str(segment.path) for segment in reader.segments(table)]
         # Order matters: the temp directory must go before external access is turned off (DuckDB otherwise
         # allows the temp directory, by default ./.tmp in the working directory), and the lock comes last.
+        # No progress bar: DuckDB draws it on stdout, over the console's (and the TUI's) output.
+        con.execute("SET enable_progress_bar = false")
+        con.execute("SET enable_progress_bar_print = false")
         con.execute("SET temp_directory = ''")
         con.execute("SET allowed_paths = " + _sql_list(files))
         con.execute("SET allowed_directories = []")

@@ -113,7 +113,10 @@ class Trace:
 
             from .views import create_views
 
+            # DuckDB draws its own progress bar on stdout for long queries: it would corrupt `report --json`.
             con = duckdb.connect(database=":memory:")
+            con.execute("SET enable_progress_bar = false")
+            con.execute("SET enable_progress_bar_print = false")  # also if a user turns the bar on
             create_views(con, self.reader)
             self._con = con
         return self._con

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..traces.compact import routing_select
 from ..traces.reader import TraceReader
 from ..traces.schema import TABLES, with_rank
 
@@ -55,6 +56,16 @@ def view_select(reader: TraceReader, table: str) -> str:
     by_rank: dict[int, list[str]] = {}
     for segment in segments:
         by_rank.setdefault(segment.rank, []).append(_quote_path(str(segment.path)))
+    if table == "routing" and reader.routing_encoding is not None:
+        # Format v2: one stored row per token, turned back into one row per decision; segments whose rows all
+        # use every choice column in rank order (the footer says so) get the cheaper select.
+        encoding = reader.routing_encoding
+        groups: dict[tuple[int, bool], list[str]] = {}
+        for segment in segments:
+            groups.setdefault((segment.rank, segment.full_rank), []).append(_quote_path(str(segment.path)))
+        return " UNION ALL ".join(
+            routing_select(", ".join(files), encoding, rank, full_rank) for (rank, full_rank), files in sorted(groups.items())
+        )
     return " UNION ALL ".join(
         f"SELECT {columns}, CAST({rank} AS INTEGER) AS rank "
         f"FROM read_parquet([{', '.join(files)}], hive_partitioning = false, union_by_name = false)"

@@ -173,6 +173,17 @@ def _render(summary: dict[str, Any]) -> None:
         f"captured  {_count(counters.get('steps', 0))} steps, {_count(counters.get('tokens', 0))} tokens, "
         f"{_count(counters.get('decisions', 0))} routing decisions"
     )
+    options = m.get("options") or {}
+    if options.get("capture"):
+        # Which capture recorded (the mode has its own line): hook capture has latency, graph capture survives
+        # compiled models and CUDA graphs but times nothing; a sampled trace has tokens for some steps only.
+        capture = options["capture"]
+        sample = options.get("sample")
+        console.print(
+            f"capture   {plain(capture)} "
+            + ("(forward hooks, with latency)" if capture == "hooks" else "(ops in the model's graph, no latency)")
+            + (f"; tokens of 1 step in {plain(sample)}, counts of every step" if sample else "")
+        )
     for shard in m["shards"]:
         console.print(f"rank {shard['rank']}    pid {shard['pid']} on {plain(shard['host'])}, started {_when(shard.get('started_at'))}, "
                       f"last heartbeat {_when(shard.get('heartbeat_at'))}" + (f", error: {plain(shard['error'])}" if shard.get("error") else ""))

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                         "seconds: the most a killed job can lose (default: 1)")
     parser.add_argument("--max-queue-mb", type=float, default=256, metavar="MB", help="memory the capture queue may hold; "
                         "beyond it steps are dropped and counted, never blocking the model (default: 256)")
+    parser.add_argument("--weights", choices=("fp16", "fp32", "u8"), default="fp16", help="how gate weights are "
+                        "stored (default fp16; fp32 exact, u8 smallest; error bounds in docs/trace-format.md)")
     parser.add_argument("--redact-tokens", action="store_true", help="store no token ids, only their routing")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="label every sequence of the "
                         "job (repeatable), as probe.tag(KEY=VALUE) would; filter with report --tag KEY=VALUE")
@@ -242,6 +244,7 @@ def main(argv: list[str]) -> int:
             "python": sys.executable,
             "status_file": status_file,
             "metrics": metrics,
+            "weights": args.weights,
         }
     )
     forwarded: list[int] = []

@@ -167,12 +167,17 @@ def _build(
     path: str, filters: Any, options: Any, *, timeline: bool = False, engine: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from ..analysis.session import open_trace
+    from .progress import Progress
 
-    with open_trace(path) as trace:
+    with open_trace(path) as trace, Progress(sys.stderr, f"report {path}") as progress:
         if engine is not None:  # the shards' full passes run on Dask; the report is then built as usual
             from ..distributed import prepare
 
             prepare(trace, filters, workers=engine["workers"], scheduler=engine["scheduler"])
+        if progress.enabled:  # stderr is a terminal: show how far the running query is (its bar is never printed)
+            con = trace.connection
+            con.execute("SET enable_progress_bar = true")
+            progress.watch(lambda: con.query_progress() / 100)
         return trace.summary(filters, options), (trace.timeline(filters).to_json() if timeline else None)
 
 

@@ -9,7 +9,7 @@ is reported on stderr and left alone, and a probe that refuses a model on its fi
 check failed) marks its trace aborted: the job always runs.
 
 Options come from the JSON in ``MOEPROBE_RECORD`` (written by ``moeprobe record``): the trace path, ``logits``,
-``force``, ``flush_interval``, ``max_queue_mb``, ``redact_tokens``, ``tags`` (applied to every sequence) and
+``force``, ``flush_interval``, ``max_queue_mb``, ``redact_tokens``, ``weights``, ``tags`` (applied to every sequence) and
 ``routers``, a Python file or importable module that defines ``ROUTERS``, a dict of :class:`RouterSpec`. With
 ``routers``, plain PyTorch models are found too: the outermost module whose first forward call contains a
 declared router is recorded (a global forward pre-hook, removed once that model is attached; a second plain
@@ -139,6 +139,7 @@ class _Recorder:
                 flush_interval=float(self.config.get("flush_interval", 1.0)),
                 max_queue_mb=float(self.config.get("max_queue_mb", 256)),
                 redact_tokens=bool(self.config.get("redact_tokens")),
+                weights=str(self.config.get("weights", "fp16")),
                 # A contract failure stops capture and marks the trace aborted; the job runs on.
                 raise_on_refusal=False,
                 **_metrics_settings(self.config.get("metrics")),

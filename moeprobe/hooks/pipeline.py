@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from ..metrics.counts import LiveCounts
+from ..traces.compact import decode
 from ..traces.schema import PHASES, TABLES
 from ..traces.writer import ShardWriter
 from .capture import LayerCapture, StepBuffer
@@ -30,6 +31,10 @@ from .sequences import ResolvedTokens, SequenceTracker, unmatched_rows
 HEARTBEAT_S = 2.0
 # How long close() waits for the writer thread before it gives up on it and marks the trace aborted.
 CLOSE_TIMEOUT_S = 30.0
+# Routing decisions collected before they are turned into rows. Bounded: one conversion over every queued
+# step at once (tens of millions of decisions after a stall) allocates hundreds of MB of fresh temporaries,
+# and measured slower per decision than batches of a few million (bench/writer_throughput.py).
+EMIT_BATCH_DECISIONS = 1 << 22
 PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
 
 
@@ -140,7 +145,9 @@ class CapturePipeline:
         self._wake_bytes = max_queue_bytes // 4
         self._queued_bytes = 0
         self._lock = threading.Lock()
-        self._routing = _Columns("routing")
+        # Routing rows are encoded per batch in the trace's compact form (format v2, traces/compact.py).
+        self._routing_parts: list[pa.Table] = []
+        self._routing_rows = 0
         self._steps = _Columns("steps")
         self._latency = _Columns("latency")
         self._tags = _Columns("tags")
@@ -149,6 +156,7 @@ class CapturePipeline:
         self._last_bias: dict[int, np.ndarray] = {}
         # Collected per step, turned into arrays once per batch (see _emit).
         self._pending_routing: dict[int, list[tuple[Any, ...]]] = {}
+        self._pending_decisions = 0
         self._step_rows: list[tuple[Any, ...]] = []
         self._latency_rows: list[tuple[Any, ...]] = []
         self._warned_drop = False
@@ -166,8 +174,13 @@ class CapturePipeline:
         self._thread.start()
 
     # -- model thread -------------------------------------------------------------------------------
-    def submit(self, step: StepBuffer) -> bool:
-        """Queue a finished step; drop and count it if the queue is over budget. Never blocks."""
+    def submit_call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the writer thread, in queue order (graph capture: unpack a drained ring there)."""
+        self._queue.append(("call", fn))
+
+    def submit(self, step: StepBuffer, move: Callable[[StepBuffer], None] | None = None) -> bool:
+        """Queue a finished step; drop and count it if the queue is over budget. Never blocks. ``move`` (the
+        device-to-host transfer) runs only for a step that is queued."""
         size = step.nbytes()
         with self._lock:
             over = self._queued_bytes + size > self.max_queue_bytes
@@ -184,6 +197,8 @@ class CapturePipeline:
                     file=sys.stderr,
                 )
             return False
+        if move is not None:
+            move(step)
         self._queue.append(("step", step, size))
         if self._queued_bytes > self._wake_bytes and not self._wake.is_set():
             self._wake.set()
@@ -250,13 +265,15 @@ class CapturePipeline:
                         finally:
                             item[1].set()
                         continue
-                    if kind == "step":
+                    if kind == "call":
+                        try:
+                            item[1]()
+                        except Exception as exc:  # noqa: BLE001 - one bad drain must not end the recording
+                            self._bad_call(exc)
+                    elif kind == "step":
                         step, size = item[1], item[2]
                         try:
-                            self._check_step(step)
-                            self._convert(step)
-                        except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
-                            self._drop_bad_step(step, exc)
+                            self.take_step(step)
                         finally:
                             with self._lock:
                                 self._queued_bytes -= size
@@ -306,6 +323,23 @@ class CapturePipeline:
             if k > 127:
                 raise ValueError(f"layer {capture.layer}: top-{k} is more choices than the routing table stores")
 
+    def take_step(self, step: StepBuffer) -> None:
+        """Writer thread: check and collect one step; a malformed step is dropped and counted alone. (Graph
+        capture's drains call this too, so its steps obey the same contract as hook capture's.)"""
+        try:
+            self._check_step(step)
+            self._convert(step)
+        except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
+            self._drop_bad_step(step, exc)
+
+    def _bad_call(self, exc: BaseException) -> None:
+        """A queued call (a graph capture drain) failed: counted where the user sees it; later ones still run."""
+        self.writer.count_anomaly(f"bad_drain:{type(exc).__name__}")
+        if not self._warned_bad_step:
+            self._warned_bad_step = True
+            print(f"moeprobe: could not write a drained batch of steps ({type(exc).__name__}: {exc}); later steps are "
+                  "still recorded, the failure is counted in the manifest", file=sys.stderr)
+
     def _drop_bad_step(self, step: StepBuffer, exc: BaseException) -> None:
         self.writer.count_dropped("bad_step", step.decisions)
         self.writer.count_anomaly(f"bad_step:{type(exc).__name__}")
@@ -315,7 +349,7 @@ class CapturePipeline:
                   "still recorded, drops are counted in the manifest", file=sys.stderr)
 
     def _has_rows(self) -> bool:
-        return any(c.rows for c in (self._routing, self._steps, self._latency, self._tags, self._scores, self._bias))
+        return bool(self._routing_rows) or any(c.rows for c in (self._steps, self._latency, self._tags, self._scores, self._bias))
 
     def _sync_counters(self) -> None:
         for kind, n in self._anomalies().items():
@@ -323,8 +357,13 @@ class CapturePipeline:
 
     def _flush(self) -> None:
         self._emit()
+        if self._routing_parts:
+            parts, self._routing_parts, self._routing_rows = self._routing_parts, [], 0
+            stored = pa.concat_tables(parts)
+            if self.live is not None:  # the endpoint counts logical rows (one per decision)
+                self.live.add("routing", decode(stored, self.writer.routing_encoding, ["step", "layer", "k", "expert", "dropped"]))
+            self.writer.append("routing", stored)
         for name, columns in (
-            ("routing", self._routing),
             ("steps", self._steps),
             ("latency", self._latency),
             ("tags", self._tags),
@@ -373,8 +412,20 @@ class CapturePipeline:
             self._latency_rows.append(
                 (step.step, layer, np.nan if router is None else router, np.nan if block is None else block, self.clock.name)
             )
-        # Bias vectors, written only when they change.
-        for layer, tensor in step.bias.items():
+        self.add_bias(step.step, step.bias)
+        if tag_rows:
+            self._tags.add(
+                len(tag_rows),
+                sequence=np.array([t[0] for t in tag_rows], np.int64),
+                key=[t[1] for t in tag_rows],
+                value=[t[2] for t in tag_rows],
+            )
+        if self._pending_decisions >= EMIT_BATCH_DECISIONS:
+            self._emit()
+
+    def add_bias(self, step: int, bias: dict[int, Any]) -> None:
+        """Writer thread: bias vectors (layer -> tensor) in effect from ``step`` on, written only when they change."""
+        for layer, tensor in bias.items():
             values = _np(tensor, np.float32)
             previous = self._last_bias.get(layer)
             if previous is not None and previous.shape == values.shape and np.array_equal(previous, values):
@@ -382,16 +433,9 @@ class CapturePipeline:
             self._last_bias[layer] = values.copy()
             self._bias.add(
                 1,
-                step=np.array([step.step], np.int32),
+                step=np.array([step], np.int32),
                 layer=np.array([layer], np.int16),
                 bias=pa.array([values], type=pa.list_(pa.float32())),
-            )
-        if tag_rows:
-            self._tags.add(
-                len(tag_rows),
-                sequence=np.array([t[0] for t in tag_rows], np.int64),
-                key=[t[1] for t in tag_rows],
-                value=[t[2] for t in tag_rows],
             )
 
     def _collect_routing(self, step: StepBuffer, capture: LayerCapture, resolved: dict[int, ResolvedTokens]) -> ResolvedTokens:
@@ -408,6 +452,7 @@ class CapturePipeline:
             self.writer.count_anomaly("token_count_mismatch")
         weights = _np(capture.weights, np.float32)
         dropped = _np(capture.dropped)
+        self._pending_decisions += tokens * k
         self._pending_routing.setdefault(k, []).append(
             (
                 step.step,
@@ -447,6 +492,7 @@ class CapturePipeline:
             rows, self._latency_rows = self._latency_rows, []
             self._latency.add_rows(rows)
         pending, self._pending_routing = self._pending_routing, {}
+        self._pending_decisions = 0
         for k, parts in pending.items():
             self._emit_routing(k, parts)
 
@@ -454,51 +500,68 @@ class CapturePipeline:
         counts = np.array([p[3].shape[0] for p in parts])
         indices = np.concatenate([p[3] for p in parts])
         weights = np.concatenate([p[4] if p[4] is not None else np.full((len(p[3]), k), np.nan, np.float32) for p in parts])
-        if k > 1:
+        if k > 1 and not bool((weights[:, :-1] >= weights[:, 1:]).all()):
             # `k` ranks the choices by gate weight (0 = largest): some routers (DeepSeek-V3's
             # topk(sorted=False)) hand their choices over in no particular order. Stable, so equal weights
             # (and missing weights) keep the model's order.
+            # Sorting only when needed: most routers already return their top-k in rank order.
             order = np.argsort(-weights, axis=1, kind="stable")
             indices = np.take_along_axis(indices, order, axis=1)
             weights = np.take_along_axis(weights, order, axis=1)
-        sequence = np.concatenate([p[5].sequence for p in parts])
-        position = np.concatenate([p[5].position for p in parts])
-        token_id = np.concatenate([p[5].token_id for p in parts])
-        dropped = np.concatenate([p[6] if p[6] is not None else np.zeros(len(p[3]), bool) for p in parts])
-        keep = None
+        valid = None
         if any(p[5].valid is not None for p in parts):
             valid = np.concatenate([p[5].valid if p[5].valid is not None else np.ones(len(p[3]), bool) for p in parts])
-            keep = np.repeat(valid, k)
-        tokens = int(counts.sum())
-
-        def per_token(values: np.ndarray) -> np.ndarray:
-            out = np.repeat(values, k)
-            return out[keep] if keep is not None else out
-
-        def per_choice(values: np.ndarray) -> np.ndarray:
-            out = values.reshape(-1)
-            return out[keep] if keep is not None else out
-
-        # Expert ids must be 0..num_experts-1 of their layer: stored as int16, -1 or 300 of 8 would be wrong rows
-        # and 40000 would wrap to another expert. Such choices are left out and counted, never written.
-        limit = np.repeat(np.array([self._num_experts.get(int(p[1]), 1 << 15) for p in parts], np.int64), counts)
+        encoding = self.writer.routing_encoding
+        if k > encoding.top_k:
+            # More choices than the layers' declared top-k: the trace has no columns for them.
+            lost = int(valid.sum()) if valid is not None else len(indices)
+            self.writer.count_anomaly("top_k_mismatch", lost)
+            self.writer.count_dropped("top_k_mismatch", lost * k)
+            return
+        # Expert ids must be 0..num_experts-1 of their layer (and fit the trace's expert type): -1 or 300 of 8
+        # would be wrong rows and 40000 would wrap to another expert. Such choices are left out and counted,
+        # never written; the token keeps its other choices (with their ranks), a token with none is left out.
+        limit = np.repeat(
+            np.array([min(self._num_experts.get(int(p[1]), 1 << 15), 1 << encoding.expert_type.bit_width) for p in parts], np.int64),
+            counts,
+        )
         bad = (indices < 0) | (indices >= limit[:, None])
+        choices = ranks = None
         if bad.any():
             self.writer.count_anomaly("expert_out_of_range", int(bad.sum()))
-            ok = ~bad.reshape(-1)
-            keep = ok if keep is None else keep & ok
-        n = int(keep.sum()) if keep is not None else tokens * k
-        self._routing.add(
-            n,
-            step=per_token(np.repeat(np.array([p[0] for p in parts], np.int32), counts)),
-            sequence=per_token(sequence),
-            position=per_token(position),
-            token_id=per_token(token_id),
-            phase=per_token(np.repeat(np.array([p[2] for p in parts], np.int8), counts)),
-            layer=per_token(np.repeat(np.array([p[1] for p in parts], np.int16), counts)),
-            k=per_choice(np.broadcast_to(np.arange(k, dtype=np.int8), (tokens, k))),
-            expert=per_choice(indices.astype(np.int16, copy=False)),
-            weight=per_choice(weights),
-            dropped=per_token(dropped),
-        )
+            good = ~bad
+            # Good choices first, in rank order; `choices` says how many a row uses, explicit ranks say which.
+            order = np.argsort(bad, axis=1, kind="stable")
+            indices = np.take_along_axis(np.where(good, indices, 0), order, axis=1)
+            weights = np.take_along_axis(weights, order, axis=1)
+            ranks = order.astype(np.int8)
+            choices = good.sum(axis=1)
+            valid = choices > 0 if valid is None else valid & (choices > 0)
+
+        def per_token(values: np.ndarray) -> np.ndarray:
+            return values[valid] if valid is not None else values
+
+        token_columns = {
+            "step": per_token(np.repeat(np.array([p[0] for p in parts], np.int32), counts)),
+            "sequence": per_token(np.concatenate([p[5].sequence for p in parts])),
+            "position": per_token(np.concatenate([p[5].position for p in parts])),
+            "token_id": per_token(np.concatenate([p[5].token_id for p in parts])),
+            "phase": per_token(np.repeat(np.array([p[2] for p in parts], np.int8), counts)),
+            "layer": per_token(np.repeat(np.array([p[1] for p in parts], np.int16), counts)),
+            "dropped": per_token(np.concatenate([p[6] if p[6] is not None else np.zeros(len(p[3]), bool) for p in parts])),
+        }
+        kept = len(token_columns["step"])
+        n = kept * k if choices is None else int(per_token(choices).sum())
+        if kept:
+            self._routing_parts.append(
+                encoding.encode_tokens(
+                    token_columns,
+                    per_token(indices),
+                    per_token(weights),
+                    per_token(choices) if choices is not None else None,
+                    per_token(ranks) if ranks is not None else None,
+                    checked=True,
+                )
+            )
+            self._routing_rows += kept
         self.writer.counters["decisions"] += n

@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from ..metrics.endpoint import MetricsEndpointError
 from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
+from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
 from ..traces.storage import is_remote
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
@@ -36,6 +37,7 @@ from .adapters import transformers_version
 from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
 from .timing import CpuClock, CudaClock
+from . import detect
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -75,6 +77,11 @@ def _tokenizer_name(model: nn.Module, config: Any) -> str | None:
     return None
 
 
+def _detached(t: Any) -> Any:
+    """``t`` cut from autograd; as is when it has no autograd history (inference: no new tensor per call)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 class Probe:
     """Captures routing from a model. Use :func:`record` to create one.
 
@@ -97,6 +104,7 @@ class Probe:
         redact_tokens: bool = False,
         live_loads: bool = False,
         name: str | None = None,
+        weights: str = DEFAULT_WEIGHTS,
         rank: int | None = None,
         world_size: int | None = None,
         check_sync: bool = False,
@@ -106,10 +114,29 @@ class Probe:
         metrics_port: int | None = None,
         metrics: MetricsOptions | None = None,
         metrics_optional: bool = False,
+        mode: str = "tokens",
+        capture: str = "auto",
+        sample: int | None = None,
+        ring_tokens: int | None = None,
+        drain_every: int | None = None,
+        clock: Any = None,
     ) -> None:
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+        # Hook or graph-safe capture (see detect.py): decided before anything is attached or written.
+        self.capture, why = detect.choose_capture(model, capture, mode, sample)
+        self.mode = mode
+        self.sample = sample
+        self._outer = model  # what the user calls (may be an OptimizedModule); the drain hook goes there
+        model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
         self.model = model
         compat.check_transformers(model)
         self.layers = find_layers(model, routers)
+        self._traced_hooks = False  # set (by dynamo's side-effect replay) when a hook ran inside a traced graph
+        self._graph: Any = None
+        self._graph_calls = 0
+        if why:
+            print(f"moeprobe: {why}", file=sys.stderr)
         # A contract failure on a layer's first call (see _extract): capture stops, the trace is marked aborted,
         # and close() raises it unless the probe was attached to an unmodified job (moeprobe record).
         self.refusal: UnsupportedModelError | None = None
@@ -118,6 +145,13 @@ class Probe:
         self._pending_scores: dict[int, Any] = {}
         if metrics_port is not None and path is None:
             raise ValueError("metrics_port needs a trace path: the endpoint counts the rows the trace writer writes")
+        if metrics_port is not None and (mode == "counts" or sample is not None):
+            # The endpoint counts per-token routing rows: with counts only, or 1 step in N, it would show too little.
+            raise ValueError("metrics_port counts per-token routing rows; it cannot be combined with mode='counts' or sample=")
+        if self.capture == "graph":
+            from .graph_session import check_graph
+
+            check_graph(model, self.layers, logits=logits, live_loads=live_loads)
         self.logits = logits
         self.redact_tokens = redact_tokens
         # An object-store URL (s3://bucket/prefix) stays a string: Path would collapse its double slash.
@@ -126,7 +160,8 @@ class Probe:
         self.rank = dist_rank if rank is None else rank
         self.world_size = dist_world if world_size is None else world_size
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.clock = CudaClock() if device.type == "cuda" else CpuClock()
+        self.clock = clock if clock is not None else (CudaClock() if device.type == "cuda" else CpuClock())
+        self._cuda = device.type == "cuda"
         # Debug aid (and the GPU test's proof): run every hook under torch's sync debug mode "error", so a
         # host synchronisation inside capture raises there and is counted as an anomaly.
         self._check_sync = check_sync and device.type == "cuda"
@@ -170,8 +205,12 @@ class Probe:
                 "flush_interval_s": flush_interval,
                 "max_queue_mb": max_queue_mb,
                 "redact_tokens": redact_tokens,
+                "weights": weights,  # how gate weights are stored: fp16 (default), fp32 or u8 (docs/trace-format.md)
                 "clock": self.clock.name,
                 "routers": {str(getattr(k, "__name__", k)): v.describe() for k, v in (routers or {}).items()},
+                "mode": mode,
+                "capture": self.capture,
+                "sample": sample,
             }
             writer = writer_class(
                 self.path,
@@ -189,13 +228,18 @@ class Probe:
                 flush_interval=flush_interval,
                 max_queue_bytes=int(max_queue_mb * (1 << 20)),
                 redact_tokens=redact_tokens,
-                counters=lambda: dict(self.anomalies),
                 close_timeout=close_timeout,
+                counters=self._counters,
             )
         if metrics_port is not None:
             self._start_metrics(metrics_port, metrics or MetricsOptions(), optional=metrics_optional)
         try:
-            self._attach()
+            if self.capture == "graph":
+                from .graph_session import attach_graph
+
+                self._graph = attach_graph(self, device, ring_tokens=ring_tokens, drain_every=drain_every)
+            else:
+                self._attach()
         except BaseException:
             self._detach()
             if self.pipeline is not None:
@@ -243,6 +287,8 @@ class Probe:
         """Label the sequences that start from now on. A value may be a list, one entry per batch row of
         the next batch; ``None`` removes a key; ``tag()`` with no arguments clears all tags."""
         # A new dict each time: steps already queued keep the tags they started with.
+        if self._graph is not None:
+            self._graph.drain()  # graph capture: the steps run so far take the tags they ran under
         if not tags:
             self._tags = {}
             return
@@ -276,6 +322,8 @@ class Probe:
         written and readable; True when it is. A probe that records nothing to disk returns True at once."""
         if self._step is not None and self._depth == 0:
             self._finish_step()
+        if self._graph is not None:
+            self._graph.drain()
         return self.pipeline.flush(timeout) if self.pipeline is not None else True
 
     def close(self, status: str = "complete", error: str | None = None) -> None:
@@ -285,8 +333,12 @@ class Probe:
         self.closed = True
         try:
             self._detach()
+            if self._traced_hooks:
+                self._refuse_traced()
             if self._step is not None:
                 self._finish_step()
+            if self._graph is not None:
+                self._graph.drain()
         finally:
             if self.pipeline is not None:
                 self.pipeline.close(status, error)
@@ -308,9 +360,45 @@ class Probe:
     def _hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
 
+    def _counters(self) -> dict[str, int]:
+        """Anomalies for the manifest: the hooks' own, and CUDA event marks the pool could not supply."""
+        counters = dict(self.anomalies)
+        exhausted = getattr(self.clock, "exhausted", 0)
+        if exhausted:
+            counters["latency:events_exhausted"] = exhausted
+        return counters
+
+    def _refuse_traced(self) -> None:
+        """A hook ran while dynamo traced it or a CUDA graph was captured: what it saw is not recorded, so the
+        trace stops here, loudly, rather than going on short."""
+        if self.refusal is not None:
+            return
+        self.refusal = UnsupportedModelError(
+            "the model was compiled (torch.compile) or captured in a CUDA graph after record() attached its hooks; "
+            "hook capture cannot see inside a graph: call record() after compiling, or pass capture='graph'"
+        )
+        self._step = None
+        self._depth = 0
+        print(f"moeprobe: {self.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
+        if self.pipeline is not None:
+            self.pipeline.close("aborted", str(self.refusal))
+            self.pipeline = None
+
     def _checked(self, fn: Any) -> Any:
+        compiling = torch.compiler.is_compiling  # bound once: the guard runs on every hook call
+
+        def guarded(*args: Any) -> Any:
+            # Inside a graph being traced a hook must do nothing with side effects on the host (a clock read breaks
+            # fullgraph compiles); it only notes that it was there (dynamo replays the store). CUDA graph capture
+            # is checked once per step, in the entry hook (a driver call per layer hook would cost the model).
+            if compiling():
+                self._traced_hooks = True
+                return None
+            return fn(*args)
+
         if not self._check_sync:
-            return fn
+            return guarded
+        fn = guarded
 
         def checked(*args: Any) -> Any:
             previous = torch.cuda.get_sync_debug_mode()
@@ -475,6 +563,8 @@ class Probe:
             self.pipeline = None
 
     def _detach(self) -> None:
+        if self._graph is not None:
+            self._graph.capture.detach()
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
@@ -490,6 +580,9 @@ class Probe:
     def _entry_pre(self, reader: ContextReader | None) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             if self.refusal is not None:
+                return
+            if self._cuda and torch.cuda.is_current_stream_capturing():
+                self._traced_hooks = True  # hooks will not run in the graph's replays: refused at the step's end
                 return
             try:
                 if self._depth == 0:
@@ -509,6 +602,9 @@ class Probe:
 
     def _entry_post(self, module: nn.Module, args: Any, output: Any) -> None:
         try:
+            if self._traced_hooks:
+                self._refuse_traced()
+                return
             self._depth = max(0, self._depth - 1)
             if self._depth == 0 and self._step is not None:
                 self._finish_step()
@@ -521,10 +617,10 @@ class Probe:
         capture = LayerCapture(
             layer=layer.index,
             context=ctx,
-            indices=indices.detach(),
-            weights=weights.detach() if weights is not None else None,
-            scores=scores.detach() if (scores is not None and self.logits) else None,
-            dropped=dropped.detach() if dropped is not None else None,
+            indices=_detached(indices),
+            weights=_detached(weights),
+            scores=_detached(scores) if self.logits else None,
+            dropped=_detached(dropped),
         )
         step.layers.append(capture)
         if self._loads is not None:
@@ -546,9 +642,19 @@ class Probe:
             return
         step.wall_ms = (time.perf_counter_ns() - step.t0) / 1e6
         if not step.layers and not step.contexts:
+            # A forward call that reached no MoE layer and no stack (it raised early): counted, not silent.
+            self._anomaly("empty_step", None)
+            self._release_marks(step)
             return
-        move_to_host(step)
-        self.pipeline.submit(step)
+        # The drop decision comes before the device-to-host copy: a step the queue cannot take costs no transfer.
+        if not self.pipeline.submit(step, move=move_to_host):
+            self._release_marks(step)
+
+    def _release_marks(self, step: StepBuffer) -> None:
+        """Give a step's clock marks back to the pool: a dropped step's CUDA events would otherwise be lost."""
+        for marks in step.marks.values():
+            self.clock.release(marks)
+        step.marks = {}
 
 
 def record(
@@ -565,6 +671,12 @@ def record(
     name: str | None = None,
     metrics_port: int | None = None,
     metrics: MetricsOptions | None = None,
+    weights: str = DEFAULT_WEIGHTS,
+    mode: str = "tokens",
+    capture: str = "auto",
+    sample: int | None = None,
+    ring_tokens: int | None = None,
+    drain_every: int | None = None,
 ) -> Probe:
     """Attach a probe to ``model`` that records its routing into the trace directory ``path``.
 
@@ -574,6 +686,15 @@ def record(
 
     ``metrics_port`` serves Prometheus metrics on ``http://127.0.0.1:PORT/metrics`` while recording (0 picks a
     free port, see ``probe.metrics_url``); ``metrics`` sets their options (docs/prometheus.md).
+    ``weights`` is how gate weights are stored: ``"fp16"`` (default, relative error <= 4.9e-4), ``"fp32"``
+    (exact) or ``"u8"`` (8 bits, absolute error <= (max - min) / 508 per segment); see docs/trace-format.md.
+    ``mode="tokens"`` records every routing decision; ``mode="counts"`` only per step x layer x expert counts
+    (the ``loads`` table), kept on the device. ``sample=N`` records the tokens of 1 step in N and the counts of
+    every step. ``capture``: ``"hooks"`` (forward hooks, with latency), ``"graph"`` (ops inside the model's own
+    graph: survives ``torch.compile(fullgraph=True)`` and CUDA graphs; no latency), or ``"auto"``: graph for a
+    compiled model, counts or sampling, hooks otherwise. Graph capture drains its device rings every
+    ``drain_every`` calls of the model (eager calls only), at :meth:`Probe.flush`, :meth:`Probe.tag` and on exit;
+    ``ring_tokens`` tokens fit between drains, what does not fit is counted and its steps dropped.
     """
     return Probe(
         model,
@@ -588,4 +709,10 @@ def record(
         name=name,
         metrics_port=metrics_port,
         metrics=metrics,
+        weights=weights,
+        mode=mode,
+        capture=capture,
+        sample=sample,
+        ring_tokens=ring_tokens,
+        drain_every=drain_every,
     )

@@ -32,17 +32,25 @@ class CpuClock:
 class CudaClock:
     name = "cuda_event"
 
-    def __init__(self, pool_size: int = 8192) -> None:
-        self._free: list[torch.cuda.Event] = [torch.cuda.Event(enable_timing=True) for _ in range(min(pool_size, 512))]
+    def __init__(self, pool_size: int = 8192, event_factory: Any = None) -> None:
+        # event_factory: how an event is made (torch.cuda.Event); the pool's accounting is tested on CPU with
+        # host events that record, query and time the same way.
+        self._new = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self._free: list[Any] = [self._new() for _ in range(min(pool_size, 512))]
         self._created = len(self._free)
         self._limit = pool_size
-        self.exhausted = 0
+        self.exhausted = 0  # marks the pool could not supply: reported as an anomaly in the manifest
 
-    def mark(self) -> torch.cuda.Event | None:
+    @property
+    def outstanding(self) -> int:
+        """Events handed out and not yet released."""
+        return self._created - len(self._free)
+
+    def mark(self) -> Any:
         if self._free:
             event = self._free.pop()
         elif self._created < self._limit:
-            event = torch.cuda.Event(enable_timing=True)
+            event = self._new()
             self._created += 1
         else:
             self.exhausted += 1

@@ -392,7 +392,10 @@ def write_simulated_trace(
             "steps": window_text(data.window),
             "layers": sorted(top_k),
             "created_at": time.time(),
-        }
+        },
+        # Simulated weights are computed, not captured: keep them exact (the source's rounding is already in
+        # the scores they came from), so that a simulated trace reads back what the simulator produced.
+        "weights": "fp32",
     }
     prepare_trace_dir(out, force=force)
     ranks = sorted({int(r) for layer in data.layers for r in np.unique(layer.rank)})

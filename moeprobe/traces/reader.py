@@ -14,17 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
-from .errors import CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
+from .compact import RoutingEncoding, decode
+from .errors import CorruptManifestError, CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
 from .manifest import file_kind, read_shard_manifest, read_trace_manifest
 from .schema import TABLES, with_rank
 from .storage import is_remote
 
 # A writer on another host cannot be probed by pid; past this long without a heartbeat it is presumed gone.
 REMOTE_STALE_AFTER_S = 60.0
+LISTING_ATTEMPTS = 5  # listings in a row that may each lose a file to a concurrent compaction
+
+
+class _Vanished(TraceError):
+    """A listed segment was deleted before its footer was read (compaction merged it)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class Segment:
     path: Path
     rows: int
     bytes: int
+    # Format 2 routing: every row uses all K choice columns in rank order (no padding, no explicit ranks), by
+    # the footer's statistics; the view then reads it without a filter or a rank lookup per decision.
+    full_rank: bool = False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -75,9 +85,23 @@ class TraceReader:
         self.path = Path(path)
         self._check_path()
         self._header = read_trace_manifest(self.path / layout.MANIFEST)
+        self._read_encoding(self.path / layout.MANIFEST)
         self.shards: dict[int, dict[str, Any]] = {}
         self._segments: dict[str, list[Segment]] = {}
         self.refresh()
+
+    def _read_encoding(self, manifest: Any) -> None:
+        """The stored schema of every table, from the trace manifest (``manifest``: its location, for messages)."""
+        # v1 stored every table as its logical schema; v2 stores routing compactly (see compact.py).
+        self.routing_encoding: RoutingEncoding | None = None
+        if self._header["format_version"] >= 2:
+            try:
+                self.routing_encoding = RoutingEncoding.from_manifest(self._header.get("encoding", {}).get("routing"))
+            except (ValueError, AttributeError) as exc:
+                raise CorruptManifestError(f"{manifest}: {exc}") from exc
+        self._stored = dict(TABLES)
+        if self.routing_encoding is not None:
+            self._stored["routing"] = self.routing_encoding.schema()
 
     def _check_path(self) -> None:
         path = self.path
@@ -123,21 +147,47 @@ class TraceReader:
             shard = read_shard_manifest(shard_file)
             shards[rank] = shard
         self.shards = shards
-        self._segments = {name: self._list_segments(name) for name in TABLES}
+        for attempt in range(LISTING_ATTEMPTS):
+            try:
+                self._segments = {name: self._list_segments(name) for name in TABLES}
+                return
+            except _Vanished:
+                # Compaction deleted a merged segment between the listing and its footer: list again (the
+                # merged file was renamed in before the deletion, so the new listing has it).
+                if attempt == LISTING_ATTEMPTS - 1:
+                    raise
+
+    def _checked_segment(self, rank: int, table: str, path: Any, size: int) -> Segment:
+        """A new segment's entry from its checked footer; local and object-store listings share it, so both count
+        format-2 decisions and judge full-rank routing the same way."""
+        meta = check_segment_metadata(path, table, self._stored[table], filesystem=self.filesystem)
+        rows, full_rank = meta.num_rows, False
+        if table == "routing" and self.routing_encoding is not None:
+            rows = _stored_decisions(path, meta, self.routing_encoding.top_k, self.filesystem)
+            full_rank = _full_rank(meta, self.routing_encoding.top_k)
+        return Segment(rank, table, path, rows, size, full_rank)
 
     def _list_segments(self, table: str) -> list[Segment]:
         found: list[Segment] = []
         root = self.path.resolve()
+        # Indexed by path: a long recording has thousands of segments, and a refresh must cost one
+        # directory listing plus the footers of new segments, not a scan of the known list per file.
+        previous = {s.path: s for s in self._segments.get(table, [])}
         for rank, shard in self.shards.items():
             for path in _committed(shard, table, layout.segments(self.path, rank, table)):
-                previous = self._segments.get(table, [])
-                known = next((s for s in previous if s.path == path), None)
+                known = previous.get(path)
                 if known is not None:
                     found.append(known)
                     continue
-                _check_segment_file(path, root)
-                meta = check_segment_metadata(path, table)
-                found.append(Segment(rank, table, path, meta.num_rows, path.stat().st_size))
+                try:
+                    _check_segment_file(path, root)
+                    found.append(self._checked_segment(rank, table, path, path.stat().st_size))
+                except (OSError, CorruptSegmentError) as exc:
+                    if not os.path.lexists(path):
+                        raise _Vanished(str(path)) from exc
+                    if isinstance(exc, CorruptSegmentError):
+                        raise
+                    raise CorruptSegmentError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
         return found
 
     def find_corrupt_segment(self) -> None:
@@ -210,11 +260,10 @@ class TraceReader:
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
         parts = []
+        wanted = [c for c in schema.names if c != "rank"]
         for segment in self.segments(name):
             try:
-                data = pq.read_table(
-                    segment.path, columns=[c for c in schema.names if c != "rank"], filesystem=self.filesystem
-                )
+                data = self.read_segment_file(segment.path, name, wanted)
             except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                 raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({exc})") from exc
             if "rank" in schema.names:
@@ -223,6 +272,13 @@ class TraceReader:
         if not parts:
             return schema.empty_table()
         return pa.concat_tables(parts)
+
+    def read_segment_file(self, path: Path, table: str, columns: list[str]) -> pa.Table:
+        """The logical ``columns`` of one segment file of ``table`` (format 2 routing decoded). Raises what
+        pyarrow raises on a damaged file (OSError, ValueError, ArrowException)."""
+        if table == "routing" and self.routing_encoding is not None:
+            return decode(pq.read_table(path, filesystem=self.filesystem), self.routing_encoding, columns)
+        return pq.read_table(path, columns=columns, filesystem=self.filesystem)
 
     def routing(self) -> pa.Table:
         return self.table("routing")
@@ -259,9 +315,9 @@ class TraceReader:
         return "counts" if has_loads and not has_routing else "tokens"
 
 
-def check_segment_metadata(path: Path | str, table: str, filesystem: Any = None) -> pq.FileMetaData:
-    """A segment's Parquet footer, checked: it must parse, have the table's schema and consistent row counts."""
-    expected = TABLES[table]
+def check_segment_metadata(path: Path | str, table: str, expected: pa.Schema, filesystem: Any = None) -> pq.FileMetaData:
+    """A segment's Parquet footer, checked: it must parse, have the stored schema ``expected`` of ``table`` (format
+    2 routing: the trace's encoding) and consistent row counts."""
     try:
         meta = pq.read_metadata(path, filesystem=filesystem)
         schema = meta.schema.to_arrow_schema()
@@ -303,12 +359,20 @@ def _committed(shard: dict[str, Any], table: str, paths: list[Any]) -> list[Any]
     """The segments the shard's manifest counts as written. The writer renames one segment per table and then
     writes shard.json: a writer killed in between leaves segments that no manifest counts, and reading them
     would make the tables disagree (routing for steps the steps table does not have). Every table shows the
-    same flushes. A shard without per-table counts (another writer) shows every complete segment."""
+    same flushes. A shard without per-table counts (another writer) shows every complete segment. A merged
+    segment (compaction) holds only flushes the manifest already counted."""
     counts = shard.get("counters", {}).get("segments")
     count = counts.get(table) if isinstance(counts, dict) else None
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         return paths
-    return paths[:count]
+    shown, flushes = [], 0
+    for path in paths:  # the first `count` flushes, in order; a merged segment holds several
+        span = layout.segment_span(path)
+        if span is None or flushes + span[1] - span[0] + 1 > count:
+            break
+        shown.append(path)
+        flushes += span[1] - span[0] + 1
+    return shown
 
 
 def _check_segment_file(path: Path, root: Path) -> None:
@@ -328,6 +392,47 @@ def _check_segment_file(path: Path, root: Path) -> None:
         raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment (a directory, not a file)")
     if not stat.S_ISREG(info.st_mode):
         raise CorruptSegmentError(f"{path}: segment is {file_kind(info.st_mode)}, not a regular file; refusing to read it")
+
+
+def _stored_decisions(path: Path | str, meta: pq.FileMetaData, top_k: int, filesystem: Any = None) -> int:
+    """Decisions in a v2 routing segment: the sum of its ``choices``, from the footer's statistics when every
+    row uses the same number of choices (the usual case), else from that one small column. A count outside
+    1..K would make the view invent or lose decisions: refused."""
+    leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == "choices")
+    total = 0
+    for g in range(meta.num_row_groups):
+        column = meta.row_group(g).column(leaf)
+        stats = column.statistics
+        if stats is None or not stats.has_min_max:
+            break
+        if not 1 <= int(stats.min) <= int(stats.max) <= top_k:
+            raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
+        if stats.min != stats.max:
+            break
+        total += int(stats.min) * column.num_values
+    else:
+        return total
+    choices = pq.read_table(path, columns=["choices"], filesystem=filesystem).column("choices").to_numpy()
+    if choices.size and not (1 <= int(choices.min()) and int(choices.max()) <= top_k):
+        raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
+    return int(choices.sum(dtype=np.int64))
+
+
+def _full_rank(meta: pq.FileMetaData, top_k: int) -> bool:
+    """Whether the footer says every row of a v2 routing segment uses all K choices (``choices`` min = max =
+    K) and none has explicit ranks (every ``k`` list null). Missing statistics: False (the general view)."""
+    leaves = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
+    if "choices" not in leaves or "k.list.element" not in leaves:
+        return False
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        choices, ranks = group.column(leaves["choices"]).statistics, group.column(leaves["k.list.element"])
+        if choices is None or not choices.has_min_max or not int(choices.min) == int(choices.max) == top_k:
+            return False
+        stats = ranks.statistics
+        if stats is None or not stats.has_null_count or stats.null_count != ranks.num_values or ranks.num_values != group.num_rows:
+            return False
+    return True
 
 
 def _sum_counters(all_counters: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,17 +11,19 @@ in a bucket, and a segment URL is always inside the trace's prefix by constructi
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 from . import layout
 from .errors import CorruptManifestError, NotATraceError, TraceNotFoundError
 from .manifest import MAX_MANIFEST_BYTES, read_shard_manifest, read_trace_manifest
-from .reader import Segment, TraceReader, _committed, check_segment_metadata
+from .reader import Segment, TraceReader, _committed
 from .schema import TABLES
 from .storage import ObjectStore, StoredObject, error_text, open_store
 
 _SHARD_MANIFEST = re.compile(r"^rank=(\d+)/shard\.json$")
-_SEGMENT = re.compile(r"^rank=(\d+)/([a-z_]+)/(\d{6,})\.parquet$")
+# NNNNNN.parquet, or NNNNNN-MMMMMM.parquet: a merged segment (compaction.py) in a trace copied from a disk.
+_SEGMENT = re.compile(r"^rank=(\d+)/([a-z_]+)/\d{6,}(?:-\d{6,})?\.parquet$")
 
 
 class RemoteTraceReader(TraceReader):
@@ -40,6 +42,7 @@ class RemoteTraceReader(TraceReader):
         if layout.MANIFEST not in names:
             raise NotATraceError(f"{self.path}: not a moeprobe trace (objects without manifest.json)")
         self._header = read_trace_manifest(self._store.url_of(layout.MANIFEST), self._fetch_manifest(layout.MANIFEST))
+        self._read_encoding(self._store.url_of(layout.MANIFEST))
         self.shards = {}
         self._segments = {}
         # shard.json by (name, ETag): a TUI polling a trace of many ranks re-fetches only the manifests that changed
@@ -75,23 +78,25 @@ class RemoteTraceReader(TraceReader):
         """Re-list the prefix: shard manifests first, then the segments they count."""
         objects = listing if listing is not None else self._list()
         shards: dict[int, dict[str, Any]] = {}
-        by_table: dict[tuple[int, str], list[tuple[int, StoredObject]]] = {}
+        by_table: dict[tuple[int, str], dict[PurePosixPath, StoredObject]] = {}
         for obj in objects:
             if match := _SHARD_MANIFEST.match(obj.relative):
                 shards[int(match.group(1))] = self._shard_manifest(obj)
             elif match := _SEGMENT.match(obj.relative):
-                rank, table, number = int(match.group(1)), match.group(2), int(match.group(3))
-                by_table.setdefault((rank, table), []).append((number, obj))
+                rank, table = int(match.group(1)), match.group(2)
+                by_table.setdefault((rank, table), {})[PurePosixPath(obj.relative)] = obj
         self.shards = dict(sorted(shards.items()))
-        previous = {s.path: s for table in self._segments.values() for s in table}
+        previous: dict[Any, Segment] = {s.path: s for table in self._segments.values() for s in table}
         segments: dict[str, list[Segment]] = {name: [] for name in TABLES}
         for table in TABLES:
             for rank, shard in self.shards.items():
-                ordered = [obj for _, obj in sorted(by_table.get((rank, table), []), key=lambda item: item[0])]
-                for obj in _committed(shard, table, ordered):
+                # The listing rules of a disk trace, by name: flush order, a merged segment hides the flushes it
+                # holds, and only the flushes shard.json counts.
+                named = by_table.get((rank, table), {})
+                for name in _committed(shard, table, layout.visible(list(named))):
+                    obj = named[name]
                     known = previous.get(obj.url)
                     if known is None:
-                        meta = check_segment_metadata(obj.url, table, filesystem=self.filesystem)
-                        known = Segment(rank, table, obj.url, meta.num_rows, obj.size)  # type: ignore[arg-type]
+                        known = self._checked_segment(rank, table, obj.url, obj.size)
                     segments[table].append(known)
         self._segments = segments

@@ -9,6 +9,12 @@ Same layout, counters and manifests as ``ShardWriter`` (it is one; only where th
 * no lock: one writer per ``rank=R/`` prefix by construction, and a writer refuses a prefix that already holds
   a shard (see ``storage`` for what is not detected).
 
+No compaction (``compaction.py``): every flush stays one object. Merging in a store means a GET of every
+merged-away object, a PUT of the merge and deletes after a grace period, from the writer's thread, per shard: a
+lot of request traffic and latency inside the capture pipeline for what a disk does with local reads and a
+rename. A long recording into a store keeps one object per table per flush (``flush_interval`` sets how many);
+readers still apply the merged-name rules, so a compacted disk trace copied into a store reads the same.
+
 The space reserve of the disk writer has no meaning here (a store does not fill up like a disk); a failed PUT is
 counted like a failed disk write (``write_error``), never raised out of ``flush``.
 """
@@ -25,16 +31,17 @@ from . import layout
 from .errors import NotATraceError, TraceBusyError, TraceError, TraceExistsError, TraceWriteError
 from .manifest import manifest_bytes, read_shard_manifest
 from .storage import ObjectStore, StoredObject, error_text, open_store
-from .writer import SEGMENT_OPTIONS, ShardWriter, _utc_now
+from .writer import ShardWriter, _utc_now, _write_options
 
 # Names moeprobe writes into a trace prefix; ``force`` deletes nothing if anything else is there.
-_OWNED = re.compile(r"^(manifest\.json|rank=\d+/(shard\.json|[a-z_]+/\d{6,}\.parquet))$")
+_OWNED = re.compile(r"^(manifest\.json|rank=\d+/(shard\.json|[a-z_]+/\d{6,}(-\d{6,})?\.parquet))$")
 
 
 class RemoteShardWriter(ShardWriter):
     """One process's shard of a trace in an object store."""
 
     trace: Any  # the s3:// URL (a str): Path would collapse its double slash
+    compacts = False  # see the module docstring: segments are kept as flushed
 
     def _location(self, trace: Any) -> str:
         self._store: ObjectStore = open_store(str(trace))
@@ -55,7 +62,7 @@ class RemoteShardWriter(ShardWriter):
 
     def _write_segment(self, table: str, number: int, data: pa.Table) -> int:
         sink = pa.BufferOutputStream()
-        pq.write_table(data, sink, **SEGMENT_OPTIONS)
+        pq.write_table(data, sink, **_write_options(table, data.schema))
         payload = sink.getvalue().to_pybytes()
         self._store.put_atomic(f"rank={self.rank}/{table}/{layout.segment_name(number)}", payload)
         return len(payload)

@@ -7,6 +7,9 @@ A trace is a directory::
     rank=R/shard.json             one per process: status, pid, host, heartbeat, counters
     rank=R/<table>/NNNNNN.parquet segments, each written as .NNNNNN.parquet.tmp and renamed when complete
 
+The schemas below are the logical tables every reader sees. Format v2 stores ``routing`` one row per
+(step, layer, token) with the k choices side by side (``compact.RoutingEncoding``); v1 stored it as below.
+
 The ``rank=R`` directories use Hive-style names so that DuckDB and pyarrow both recover ``rank`` as a column.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 MAGIC = "moeprobe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 PHASES = ("prefill", "decode")
 

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .._version import __version__
 from . import layout
+from .compact import DEFAULT_WEIGHTS, RoutingEncoding
+from .compaction import Compactor
 from .errors import NotATraceError, TraceExistsError, TraceWriteError
 from .locking import lock_shard
 from .manifest import write_json_atomic
@@ -35,14 +38,6 @@ from .storage import is_remote
 # Room held back for the final manifests (see ShardWriter._reserve_space): a manifest is a few KiB, with one
 # entry per MoE layer; this covers both files many times over.
 RESERVE_BYTES = 256 << 10
-
-# How every segment is encoded, on disk and in an object store alike.
-SEGMENT_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "compression_level": 1,
-    "row_group_size": 1 << 20,
-    "write_statistics": True,
-}
 
 
 def _utc_now() -> str:
@@ -82,8 +77,46 @@ def cannot_write(trace: Path, exc: OSError) -> TraceWriteError:
     return TraceWriteError(f"{trace}: cannot create the trace here: {exc.strerror or exc}{where}")
 
 
+def _decisions(batch: pa.RecordBatch) -> int:
+    return int(pc.sum(batch.column("choices")).as_py() or 0)
+
+
+def _write_options(table: str, schema: pa.Schema) -> dict[str, Any]:
+    """Parquet settings per table, chosen by bench/trace_bytes.py on DeepSeek-V3-shaped data; every segment is
+    encoded with them, on disk and in an object store alike.
+
+    Routing (format v2): expert ids and weights are high-entropy bytes, so BYTE_STREAM_SPLIT (no hashing,
+    and zstd then finds the predictable high bytes; fp16 values kept as FLOAT leave two constant low bytes)
+    beat both plain and dictionary encoding; columns whose values repeat (step, phase, layer, choices, the
+    u8 scale) take a dictionary; sequence and position run in order, so delta-encode.
+    """
+    options: dict[str, Any] = {
+        "compression": "zstd",
+        "compression_level": 1,
+        "row_group_size": 1 << 20,
+        "write_statistics": True,
+    }
+    if table == "routing" and "choices" in schema.names:
+        choice_columns = [n for n in schema.names if n.split("_")[0] in ("expert", "weight") and n.split("_")[-1].isdigit()]
+        options["use_dictionary"] = [
+            n for n in ("step", "phase", "layer", "dropped", "choices", "weight_delta", "weight_offset", "weight_scale") if n in schema.names
+        ]
+        options["column_encoding"] = {
+            **{n: "BYTE_STREAM_SPLIT" for n in choice_columns},
+            "sequence": "DELTA_BINARY_PACKED",
+            "position": "DELTA_BINARY_PACKED",
+        }
+        # choices: its min and max let a reader count a segment's decisions from the footer alone.
+        # k: its null count tells a reader that no row has explicit ranks (reader._full_rank).
+        options["write_statistics"] = ["step", "sequence", "layer", "choices", "k.list.element"]
+    return options
+
+
 class ShardWriter:
     """One process's shard of a trace directory (or, for an ``s3://`` URL, of a trace in an object store)."""
+
+    # Whether this writer merges small segments (compaction.py); the object-store writer does not (see its module).
+    compacts = True
 
     def __new__(cls, trace: Path | str, *args: Any, **kwargs: Any) -> ShardWriter:
         # The object-store writer differs only in where bytes go (see remote_writer); every caller that builds a
@@ -106,6 +139,7 @@ class ShardWriter:
         max_pending_rows: int = 2_000_000,
         on_warning: Callable[[str], None] | None = None,
         source: dict[str, Any] | None = None,
+        compact: bool = True,
     ) -> None:
         self.trace = self._location(trace)
         self.rank = rank
@@ -115,7 +149,20 @@ class ShardWriter:
         self._warned: set[str] = set()
         self._pending: dict[str, list[pa.RecordBatch]] = defaultdict(list)
         self._pending_rows: dict[str, int] = defaultdict(int)
+        # Routing is stored one row per token (format v2); drops and counters are in decisions.
+        self._pending_decisions = 0
+        self.routing_encoding = RoutingEncoding.for_layers(
+            max((int(layer.get("num_experts", 0)) for layer in layers), default=0),
+            max((int(layer.get("top_k", 1)) for layer in layers), default=1),
+            str(options.get("weights", DEFAULT_WEIGHTS)),
+        )
+        self._stored_schemas = {**TABLES, "routing": self.routing_encoding.schema()}
         self._next_segment: dict[str, int] = defaultdict(int)
+        # Small segments merged as the shard grows and at close (traces/compaction.py); False keeps every flush.
+        self.compactor = (
+            Compactor(self.trace, rank, self._stored_schemas, _write_options) if compact and self.compacts else None
+        )
+        self._counted_on_disk: dict[str, int] = {}  # segments per table in the last shard.json written
         self.closed = False
         self._manifest_lock = threading.RLock()
         self._finalized = False
@@ -140,6 +187,7 @@ class ShardWriter:
             "model": model,
             "layers": layers,
             "options": options,
+            "encoding": {"routing": self.routing_encoding.manifest_entry()},
         }
         if source is not None:  # where an imported trace came from (engine, version, files); see moeprobe.importers
             self._header["source"] = source
@@ -188,7 +236,10 @@ class ShardWriter:
     def append(self, table: str, batch: pa.RecordBatch | pa.Table) -> None:
         if self.closed:
             raise RuntimeError("append() on a closed ShardWriter")
-        schema = TABLES[table]
+        schema = self._stored_schemas[table]
+        if table == "routing" and not batch.schema.equals(schema):
+            # Logical rows (one per decision, schema.ROUTING): stored in the compact per-token form.
+            batch = self.routing_encoding.encode_logical(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch)
         if isinstance(batch, pa.Table):
             batches = batch.cast(schema).to_batches()
         else:
@@ -197,7 +248,11 @@ class ShardWriter:
             if b.num_rows:
                 self._pending[table].append(b)
                 self._pending_rows[table] += b.num_rows
-        if self._pending_rows[table] >= self.max_pending_rows:
+                if table == "routing":
+                    self._pending_decisions += _decisions(b)
+        # Counted in logical rows (decisions for routing), whatever the stored layout.
+        pending = self._pending_decisions if table == "routing" else self._pending_rows[table]
+        if pending >= self.max_pending_rows:
             self._flush_table(table)
 
     def pending_rows(self) -> int:
@@ -208,6 +263,7 @@ class ShardWriter:
         for table in list(self._pending):
             self._flush_table(table)
         self._write_manifests()
+        self._compact()
 
     def close(self, status: str = "complete", error: str | None = None) -> None:
         """Flush what is pending and write the final status. The status is the last thing written."""
@@ -215,6 +271,8 @@ class ShardWriter:
             return
         for table in list(self._pending):
             self._flush_table(table)
+        if self.compactor is not None:
+            self.compactor.delete_expired()  # the rest stays, hidden: a reader may still be reading it
         with self._manifest_lock:
             if self._finalized:  # abandon() got there first: its status stands
                 return
@@ -253,8 +311,10 @@ class ShardWriter:
         rows = self._pending_rows.pop(table, 0)
         if not rows:
             return
+        if table == "routing":
+            rows, self._pending_decisions = self._pending_decisions, 0
         number = self._next_segment[table]
-        data = pa.Table.from_batches(batches, schema=TABLES[table])
+        data = pa.Table.from_batches(batches, schema=self._stored_schemas[table])
         try:
             written = self._write_segment(table, number, data)
         except OSError as exc:
@@ -281,7 +341,7 @@ class ShardWriter:
         final = directory / layout.segment_name(number)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            pq.write_table(data, tmp, **SEGMENT_OPTIONS)
+            pq.write_table(data, tmp, **_write_options(table, data.schema))
             os.replace(tmp, final)
         except OSError:
             try:
@@ -293,6 +353,17 @@ class ShardWriter:
             return final.stat().st_size
         except OSError:
             return 0
+
+    def _compact(self) -> None:
+        """Merge small segments (see compaction.py). A merge that fails (a full disk) leaves the segments it
+        would have merged as they are: nothing is lost, the trace only keeps more files."""
+        if self.compactor is None:
+            return
+        try:
+            # Only flushes that the shard.json on disk counts: readers show nothing beyond them.
+            self.compactor.run(dict(self._counted_on_disk))
+        except (OSError, pa.ArrowException) as exc:
+            self._warn_once("compaction", f"moeprobe: cannot merge segments of {self.trace} ({exc}); keeping them as they are")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -344,7 +415,9 @@ class ShardWriter:
         attempts = 3 if final else 1
         for attempt in range(attempts):
             try:
+                counted = dict(self.counters["segments"])
                 self._write_manifest_files(final)
+                self._counted_on_disk = counted
                 return
             except OSError as exc:
                 if attempt + 1 < attempts and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -126,7 +126,10 @@ class TraceSource:
                 # reader.refresh() only lists files and reads new footers; the views and the cached per-filter
                 # tables are rebuilt only when the segment list moved, so an idle trace costs nothing.
                 self.trace.reader.refresh()
-            signature = tuple(len(self.trace.reader.segments(table)) for table in TABLES)
+            # The segment list itself, not its length: compaction merges 16 segments into one, so after
+            # 15 flushes and a merge a table has as many segments as before, with more rows. str(): a local Path
+            # or an s3:// URL.
+            signature = tuple(tuple(str(s.path) for s in self.trace.reader.segments(table)) for table in TABLES)
             if signature != self._signature:
                 if self._signature is not None:
                     self.trace.refresh()

@@ -4,6 +4,7 @@ captured routing still equals the model's. Skipped where there is no CUDA device
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,3 +47,130 @@ def test_cuda_capture_equals_cpu_capture(tmp_path: Path) -> None:
         model(ids.cuda())
     q = "select list(expert order by layer, sequence, position, k) from routing"
     assert moeprobe.open_trace(tmp_path / "cpu").sql(q).to_pylist() == moeprobe.open_trace(tmp_path / "gpu").sql(q).to_pylist()
+
+
+# -- graph-safe capture on CUDA (issue 12) ----------------------------------------------------------------
+
+
+def _static_decode_inputs(model: torch.nn.Module, batch: int, prompt: int, steps: int) -> tuple[Any, torch.Tensor]:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 1)
+    ids = torch.randint(3, 96, (batch, prompt), generator=torch.Generator().manual_seed(5)).cuda()
+    return cache, ids
+
+
+@torch.no_grad()
+def _eager_decode(model: torch.nn.Module, steps: int) -> list[torch.Tensor]:
+    """Greedy static-cache decoding, eagerly: the truth the CUDA graph run must reproduce."""
+    cache, ids = _static_decode_inputs(model, 2, 5, steps)
+    out = model(input_ids=ids, position_ids=torch.arange(5, device="cuda").expand(2, 5), past_key_values=cache, use_cache=True)
+    tokens = []
+    for i in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+        pos = torch.full((2, 1), 5 + i, device="cuda")
+        out = model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True)
+    return tokens
+
+
+@torch.no_grad()
+def _graph_decode(model: torch.nn.Module, steps: int) -> None:
+    """The same decoding with every decode step replayed from one captured CUDA graph (static input buffers)."""
+    cache, ids = _static_decode_inputs(model, 2, 5, steps)
+    out = model(input_ids=ids, position_ids=torch.arange(5, device="cuda").expand(2, 5), past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    static_ids = token.clone()
+    static_pos = torch.full((2, 1), 5, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        # No warm-up call: it would write one more step into the cache and the trace. The capture does not run
+        # the ops, it records them.
+        with torch.cuda.graph(graph, stream=side):
+            static_out = model(input_ids=static_ids, position_ids=static_pos, past_key_values=cache, use_cache=True)
+    torch.cuda.current_stream().wait_stream(side)
+    for i in range(steps):
+        static_ids.copy_(token)
+        static_pos.fill_(5 + i)
+        graph.replay()
+        token = static_out.logits[:, -1:].argmax(-1)
+
+
+def test_cuda_graph_replay_with_graph_capture_equals_eager(tmp_path: Path) -> None:
+    """A CUDA graph captured over a decode step replays the capture ops: the trace equals the eager one."""
+    model = build("mixtral").cuda().eval()
+    # The default experts loop picks experts with a data-dependent host loop, which no CUDA graph can capture.
+    model.set_experts_implementation("batched_mm")
+    steps = 4
+    with moeprobe.record(model, tmp_path / "eager", capture="graph"):
+        _eager_decode(model, steps)
+    with moeprobe.record(model, tmp_path / "graph", capture="graph") as probe:
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")  # neither the ops nor the drain may synchronise the host
+        try:
+            _graph_decode(model, steps)
+            probe._graph.drain()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    q = "select step, sequence, position, phase, layer, k, expert, round(weight, 4) w from routing order by all"
+    want = moeprobe.open_trace(tmp_path / "eager").sql(q).to_pylist()
+    got = moeprobe.open_trace(tmp_path / "graph").sql(q).to_pylist()
+    assert got == want and {r["step"] for r in got} == set(range(steps + 1))
+    assert moeprobe.open_trace(tmp_path / "graph").manifest["counters"]["anomalies"] == {}
+
+
+def test_counts_mode_on_cuda_equals_token_counts(tmp_path: Path) -> None:
+    model = build("deepseek_v3").cuda().eval()
+    ids = torch.randint(3, 96, (4, 7), device="cuda")
+    with moeprobe.record(model, tmp_path / "t", sample=1), torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    trace = moeprobe.open_trace(tmp_path / "t")
+    loads = trace.sql("select step, layer, expert, tokens from loads order by all").to_pylist()
+    counted = trace.sql("select step, layer, expert, count(*)::bigint tokens from routing group by all order by all").to_pylist()
+    assert loads == counted and loads
+
+
+def test_cuda_event_latency_is_sane_against_wall_time(tmp_path: Path) -> None:
+    """Per-layer block latency from CUDA events is positive and, summed over a step's layers, no more than the
+    step's wall time (the events time GPU work inside the forward call)."""
+    model = build("mixtral").cuda().eval()
+    ids = torch.randint(3, 96, (8, 16), device="cuda")
+    with moeprobe.record(model, tmp_path / "t"), torch.no_grad():
+        for _ in range(5):
+            model(ids)
+            torch.cuda.synchronize()
+    trace = moeprobe.open_trace(tmp_path / "t")
+    rows = trace.sql(
+        "select s.step, s.wall_ms, sum(l.block_ms) blocks, min(l.block_ms) lo, min(l.router_ms) rlo from steps s "
+        "join latency l using (step) group by all order by step"
+    ).to_pylist()
+    assert len(rows) == 5
+    for row in rows:
+        assert row["lo"] > 0 and row["rlo"] > 0
+        assert row["blocks"] <= row["wall_ms"] * 1.05 + 0.05
+
+
+def test_hook_capture_refuses_a_cuda_graph_capture(tmp_path: Path) -> None:
+    """Hooks do not run in a CUDA graph's replays: hook capture stops loudly at the captured step, never a trace
+    that silently lacks the replayed steps."""
+    from moeprobe.hooks.spec import UnsupportedModelError
+
+    model = build("mixtral").cuda().eval()
+    model.set_experts_implementation("batched_mm")
+    ids = torch.randint(3, 96, (2, 4), device="cuda")
+    probe = moeprobe.record(model, tmp_path / "t")
+    assert probe.capture == "hooks"
+    with torch.no_grad():
+        model(ids)  # recorded
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            model(ids)
+        torch.cuda.current_stream().wait_stream(side)
+        graph.replay()
+    with pytest.raises(UnsupportedModelError, match="CUDA graph"):
+        probe.close()
+    assert moeprobe.open_trace(tmp_path / "t").manifest["status"] == "aborted"

@@ -22,7 +22,7 @@ from moeprobe.traces import ShardWriter
 from tests.tiny_models import build
 
 SINK_DELAY_S = 3.0
-MAX_QUEUE_MB = 2.0
+MAX_QUEUE_MB = 0.5  # about 7 steps: a 3 s stall of the sink always overflows it, however fast the writer converts
 STEPS = 120
 BATCH, SEQ = 16, 64  # 1024 tokens x 2 MoE layers x top-2 = 4096 decisions per step
 

@@ -199,7 +199,9 @@ def test_console_after_refresh_reads_new_segments_and_analyses_stay_unrestricted
     assert trace.sql(f"select count(*) from '{other}'").column(0).to_pylist() == [3]
     # A segment written since the console's connection was made, as a live writer adds one (and counts it in
     # shard.json): the refreshed console reads it, though the old connection's allowed_paths did not list it.
-    pq.write_table(routing_table(np.array([[0, 1]])), path / "rank=0" / "routing" / "000001.parquet")
+    encoding = trace.reader.routing_encoding  # stored as the trace's writer stores routing (format 2)
+    assert encoding is not None
+    pq.write_table(encoding.encode_logical(routing_table(np.array([[0, 1]]))), path / "rank=0" / "routing" / "000001.parquet")
     shard = path / "rank=0" / "shard.json"
     data = json.loads(shard.read_text())
     data["counters"]["segments"]["routing"] += 1

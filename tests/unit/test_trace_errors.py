@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import moeprobe
+from moeprobe.traces.schema import FORMAT_VERSION
 from moeprobe.traces.errors import (
     CorruptManifestError,
     CorruptSegmentError,
@@ -147,7 +148,7 @@ def test_inspect_cli_one_line_and_exit_1(good_trace: Path, damage: str, message:
     elif damage == "file":
         target = good_trace / "manifest.json"
     elif damage == "future":
-        _edit_manifest(good_trace, format_version=2)
+        _edit_manifest(good_trace, format_version=FORMAT_VERSION + 1)
     elif damage == "truncated":
         _segment(good_trace).write_bytes(b"PAR1garbage")
     result = subprocess.run([PYTHON, "-m", "moeprobe", "inspect", str(target)], capture_output=True, text=True, env=run_cli_env(), timeout=60)

@@ -73,6 +73,8 @@ def test_vllm_responses_row_by_row(tmp_path: Path, layers: int, top_k: int, expe
         assert t.sql("SELECT count(*) AS n FROM routing WHERE weight IS NOT NULL").to_pylist() == [{"n": 0}]
         m = t.manifest
         assert m["source"]["engine"] == "vllm" and m["source"]["files"] == [str(source)]
+        # Imports write the current format (routing one row per token); their null weights stay null.
+        assert m["format_version"] == 2 and m["encoding"]["routing"]["layout"] == "per_token"
         assert m["model"]["name"] == "tiny-moe" and m["options"]["mode"] == "tokens" and t.mode == "tokens"
         assert [(layer["num_experts"], layer["top_k"]) for layer in m["layers"]] == [(experts, top_k)] * layers
         assert m["status"] == "complete"

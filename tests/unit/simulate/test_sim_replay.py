@@ -87,7 +87,8 @@ def test_reroute_with_recorded_bias_reproduces_the_capture(tmp_path: Path) -> No
         for layer in data.layers:
             sim = replay.run(parse_strategy("reroute"), replay.ReplayInput(trace, [layer], (None, None)))[0]
             assert np.array_equal(np.sort(sim.experts, 1), np.sort(layer.experts, 1))
-            np.testing.assert_allclose(np.sort(sim.weights, 1), np.sort(layer.weights, 1), rtol=2e-6)
+            # The trace keeps weights to half precision's 11 significant bits (format v2's default): the bound.
+            np.testing.assert_allclose(np.sort(sim.weights, 1), np.sort(layer.weights, 1), rtol=2.0**-11)
             # Zero bias: what transformers' router gives without balancing.
             zero = replay.run(parse_strategy("reroute:bias=zero"), replay.ReplayInput(trace, [layer], (None, None)))[0]
             assert layer.scores is not None
