@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -322,3 +323,132 @@ def test_a_reader_follows_a_growing_trace_in_the_store(s3: ObjectStoreServer) ->
     writer.close()
     reader.refresh()
     assert reader.status == "complete"
+
+
+def test_counts_mode_writes_the_loads_table_into_s3(s3: ObjectStoreServer, tmp_path: Path) -> None:
+    from tests.integration.test_graph_capture import LOADS, STEPS, _generate
+    from tests.tiny_models import build
+
+    model = build("deepseek_v3").eval()
+    url = s3.url("runs/counts")
+    with moeprobe.record(model, url, mode="counts"):
+        _generate(model)
+    with moeprobe.record(model, tmp_path / "counts", mode="counts"):
+        _generate(model)
+    _assert_store_clean(s3, "runs/counts")
+    remote, local = moeprobe.open_trace(url), moeprobe.open_trace(tmp_path / "counts")
+    assert remote.manifest["options"]["mode"] == "counts" and remote.status == "complete"
+    assert remote.sql(LOADS).to_pylist() == local.sql(LOADS).to_pylist() != []
+    assert remote.sql(STEPS).to_pylist() == local.sql(STEPS).to_pylist()
+    assert remote.sql("select count(*) n from routing").to_pylist() == [{"n": 0}]
+    assert any(key.split("/")[-2] == "loads" for key in s3.objects("runs/counts"))
+
+
+@pytest.mark.parametrize("weights", ["fp16", "u8"])
+def test_the_store_gets_format_2_encoded_like_disk(s3: ObjectStoreServer, tmp_path: Path, weights: str) -> None:
+    from tests.tiny_models import build
+
+    model = build("deepseek_v3").eval()
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    for path in (s3.url("runs/fmt"), tmp_path / "fmt"):
+        with moeprobe.record(model, path, weights=weights):
+            model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    remote, local = moeprobe.open_trace(s3.url("runs/fmt")), moeprobe.open_trace(tmp_path / "fmt")
+    assert remote.manifest["format_version"] == local.manifest["format_version"] == 2
+    assert remote.manifest["encoding"] == local.manifest["encoding"]
+    assert remote.manifest["options"]["weights"] == weights
+    rows = "select step, sequence, position, layer, k, expert, weight from routing order by step, sequence, position, layer, k"
+    got, want = remote.sql(rows).to_pylist(), local.sql(rows).to_pylist()
+    assert want != [] and [{**r, "weight": None} for r in got] == [{**r, "weight": None} for r in want]
+    if weights == "fp16":
+        assert got == want
+    else:  # u8 quantises per segment, and flush timing decides which rows share a segment: each within its step
+        weights_seen = [r["weight"] for r in want]
+        bound = (max(weights_seen) - min(weights_seen)) / 254 + 1e-6
+        assert max(abs(a["weight"] - b["weight"]) for a, b in zip(got, want)) <= bound
+    # Stored per token with the k choices side by side (the object holds the compact schema, not the logical one).
+    import pyarrow.parquet as pq
+
+    key, body = next((k, b) for k, b in s3.objects("runs/fmt").items() if "/routing/" in k)
+    stored = pq.read_schema(pa.BufferReader(body))
+    assert stored.equals(moeprobe.open_trace(tmp_path / "fmt").reader.routing_encoding.schema()), key
+
+
+def _steps(trace: moeprobe.Trace) -> dict[int, int]:
+    got = trace.sql("select step, count(*)::bigint n from routing group by step order by step").to_pydict()
+    return dict(zip(got["step"], got["n"]))
+
+
+def test_a_shard_in_the_store_keeps_every_flush_and_counts_each_once(s3: ObjectStoreServer) -> None:
+    from moeprobe.traces import ShardWriter, prepare_trace_dir
+    from tests.support import layer_meta
+
+    url = s3.url("runs/flushes")
+    prepare_trace_dir(url, force=False)
+    writer = ShardWriter(url, model={"name": "m"}, layers=layer_meta(1, 8, 2), options={})
+    assert writer.compactor is None  # no compaction in a store (docs/scale.md)
+    for step in range(20):  # more than a compaction tier (16 flushes) holds
+        _flush_step(writer, step)
+    writer.close()
+    names = sorted(k.rsplit("/", 1)[-1] for k in s3.objects("runs/flushes") if "/routing/" in k)
+    assert names == [f"{n:06d}.parquet" for n in range(20)]
+    with moeprobe.open_trace(url) as trace:
+        assert _steps(trace) == {step: 6 for step in range(20)}
+
+
+def _flush_step(writer: Any, step: int) -> None:
+    import numpy as np
+
+    from moeprobe.traces.schema import TABLES
+    from tests.support import routing_table
+
+    writer.append("routing", routing_table(np.array([[step % 8, (step + 1) % 8]] * 3), step=np.full(3, step)))
+    writer.append("steps", pa.table({"step": [step], "phase": ["prefill"], "batch": [1], "tokens": [3],
+                                     "started_at": [1.0], "wall_ms": [1.0]}, schema=TABLES["steps"]))
+    writer.flush()
+
+
+def test_a_compacted_disk_trace_copied_into_the_store_reads_each_flush_once(s3: ObjectStoreServer, tmp_path: Path) -> None:
+    """The store reader applies the disk's listing rules by name: merged segments hide the flushes they hold, at
+    every point of a copy that follows a merge (merged object PUT first, merged-away objects deleted after)."""
+    import boto3
+
+    from moeprobe.traces import ShardWriter, prepare_trace_dir
+    from tests.support import layer_meta
+
+    local = tmp_path / "t"
+    prepare_trace_dir(local, force=False)
+    writer = ShardWriter(local, model={"name": "m"}, layers=layer_meta(1, 8, 2), options={})
+    assert writer.compactor is not None
+    writer.compactor.fanout = 4
+    for step in range(8):
+        _flush_step(writer, step)
+    writer.close()
+    routing = local / "rank=0" / "routing"
+    merged = {p.name for p in routing.glob("*-*.parquet")}
+    assert "000000-000003.parquet" in merged and (routing / "000000.parquet").exists()  # still in its grace period
+
+    client = boto3.client("s3")
+    url, prefix = s3.url("runs/copied"), "runs/copied"
+    files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "writer.lock")
+
+    def put(path: Path) -> None:
+        client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{path.relative_to(local).as_posix()}", Body=path.read_bytes())
+
+    for path in files:  # the flushes as written, before any merge
+        if path.name not in merged:
+            put(path)
+    expected = {step: 6 for step in range(8)}
+    with moeprobe.open_trace(url) as trace:
+        assert _steps(trace) == expected
+    for name in sorted(merged):  # the merges land beside what they hold
+        put(routing / name)
+    with moeprobe.open_trace(url) as trace:
+        assert _steps(trace) == expected
+        names = [str(s.path).rsplit("/", 1)[-1] for s in trace.reader.segments("routing")]
+        assert names == [str(s.path.name) for s in moeprobe.open_trace(local).reader.segments("routing")]
+    client.delete_object(Bucket=s3.bucket, Key=f"{prefix}/rank=0/routing/000001.parquet")  # deletion under way
+    with moeprobe.open_trace(url) as trace:
+        assert _steps(trace) == expected
+        full = [(s.rows, s.full_rank) for s in trace.reader.segments("routing")]
+        assert full == [(s.rows, s.full_rank) for s in moeprobe.open_trace(local).reader.segments("routing")]
