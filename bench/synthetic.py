@@ -60,18 +60,24 @@ def _route(logits: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
-def build_trace(path: Path, decisions: int, *, seed: int = 0, shape: Shape | None = None) -> dict[str, float]:
-    """Write a complete trace of about ``decisions`` routing decisions (whole batches) to ``path``."""
+def build_trace(
+    path: Path, decisions: int, *, seed: int = 0, shape: Shape | None = None, rank: int = 0, world_size: int = 1
+) -> dict[str, float]:
+    """Write a complete trace of about ``decisions`` routing decisions (whole batches) to ``path``; with
+    ``world_size`` > 1, only the shard of ``rank`` (rank 0 prepares the directory: write it first)."""
     shape = shape or Shape()
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
-    prepare_trace_dir(path, force=True)
+    if rank == 0:
+        prepare_trace_dir(path, force=True)
     writer = ShardWriter(
         path,
         model={"name": "synthetic-olmoe-like", "family": "synthetic"},
         layers=_layer_meta(shape),
         options={"bench": True},
         max_pending_rows=4_000_000,
+        rank=rank,
+        world_size=world_size,
     )
     L, E, k = shape.layers, shape.experts, shape.top_k
     popularity = rng.normal(0.0, 0.6, size=(L, 1, E)).astype(np.float32)
@@ -169,3 +175,14 @@ def build_trace(path: Path, decisions: int, *, seed: int = 0, shape: Shape | Non
         step += steps_in_batch
     writer.close("complete")
     return {"seconds": time.perf_counter() - started, "decisions": float(writer.counters["decisions"])}
+
+
+def build_sharded_trace(path: Path, decisions: int, shards: int, *, seed: int = 0, shape: Shape | None = None) -> dict[str, float]:
+    """A trace of ``shards`` ranks (``rank=R/``), about ``decisions / shards`` decisions each, as a job of that
+    many ranks writes it: every rank runs its own steps 0, 1, ... over its own sequences and routing."""
+    total = {"seconds": 0.0, "decisions": 0.0}
+    for rank in range(shards):
+        got = build_trace(path, decisions // shards, seed=seed * 1000 + rank, shape=shape, rank=rank, world_size=shards)
+        total["seconds"] += got["seconds"]
+        total["decisions"] += got["decisions"]
+    return total

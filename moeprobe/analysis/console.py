@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..traces.reader import TraceReader
 from ..traces.schema import TABLES
-from .views import view_select
+from .views import register_storage, view_select
 
 if TYPE_CHECKING:
     import duckdb
@@ -65,6 +65,7 @@ def sandboxed_connection(reader: TraceReader) -> duckdb.DuckDBPyConnection:
         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False},
     )
     try:
+        register_storage(con, reader)  # an s3:// trace: its segments are read through the reader's filesystem
         files: list[str] = []
         for table in TABLES:
             con.execute(f"CREATE VIEW {table} AS {view_select(reader, table)}")

@@ -223,12 +223,38 @@ class Context:
     def sequences(self) -> str:
         """(rank, sequence, decisions) of every kept sequence, created once. Sizes come from one layer times
         the number of kept layers (every MoE layer routes every token), which keeps this pass cheap."""
+        return self.materialize("sequences", self.sequences_sql())
+
+    def sequences_sql(self) -> str:
+        """The SQL behind ``sequences``: one row per (rank, sequence), so a sequence never spans two shards."""
         layer = next(iter(self.layers))
-        return self.materialize(
-            "sequences",
+        return (
             f"SELECT rank, sequence, count(*) * {len(self.layers)} AS n "
-            f"FROM {self.sources()['routing']} AS r WHERE layer = {layer} GROUP BY ALL",
+            f"FROM {self.sources()['routing']} AS r WHERE layer = {layer} GROUP BY ALL"
         )
+
+    # -- results computed elsewhere (moeprobe.distributed) ------------------------------------------
+    def count_invalid(self) -> int:
+        """Routing rows kept by the filters that break the contract (``valid_routing``), counted now."""
+        got = self.run(f"SELECT count(*)::BIGINT AS n FROM {self.filters.routing()} v WHERE NOT {self.valid_routing('v')}")
+        return int(got["n"][0])
+
+    def seed_invalid_total(self, total: int) -> None:
+        """Take the whole trace's invalid-row count from elsewhere (the sum over its shards), instead of a pass."""
+        self.trace._invalid_total = int(total)
+
+    def seed(self, name: str, table: Any) -> str:
+        """Install ``table`` (pyarrow) as the intermediate table ``materialize(name, ...)`` would have created for
+        these filters, so that every analysis reads it instead of scanning the trace. The caller guarantees it
+        holds exactly what that SQL would return (up to row order)."""
+        target = f"_mp_{name}_{self.filters.key}"
+        self.con.register("_mp_seed", table)
+        try:
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT * FROM _mp_seed")
+        finally:
+            self.con.unregister("_mp_seed")
+        self.trace._temp_tables.add(target)
+        return target
 
     def sample(self, budget: int, *, materialize: bool = True) -> Sample:
         """The filtered routing of a deterministic subset of whole sequences, about ``budget`` decisions.

@@ -103,8 +103,14 @@ def aggregate(ctx: Context) -> str:
     A counts trace has no routing rows; its ``loads`` table holds the same aggregate, so every load metric
     (MaxVio, windows, EP placement) reads from there unchanged.
     """
+    return ctx.materialize("load", aggregate_sql(ctx))
+
+
+def aggregate_sql(ctx: Context) -> str:
+    """The SQL behind ``aggregate``: a sum of counts per (step, layer, expert), so that the same query over each
+    shard, summed per key, gives the same table (moeprobe.distributed computes it where the shards are)."""
     name = "load_agg_counts" if ctx.mode == "counts" else "load_agg"
-    return ctx.materialize("load", render_sql(sql_text(name), ctx.sources()))
+    return render_sql(sql_text(name), ctx.sources())
 
 
 def steps_load(ctx: Context) -> str:

@@ -73,7 +73,20 @@ def view_select(reader: TraceReader, table: str) -> str:
     )
 
 
+def register_storage(con: duckdb.DuckDBPyConnection, reader: TraceReader) -> None:
+    """Let ``con`` read the segments of a trace in an object store through the reader's fsspec filesystem (no
+    httpfs extension, nothing downloaded at run time); nothing to do for a local trace."""
+    fs = reader.filesystem
+    if fs is None:
+        return
+    protocol = fs.protocol
+    name = protocol[0] if isinstance(protocol, (tuple, list)) else protocol  # what DuckDB registers it under
+    if name not in con.list_filesystems():
+        con.register_filesystem(fs)
+
+
 def create_views(con: duckdb.DuckDBPyConnection, reader: TraceReader) -> None:
     """(Re)create one view per table on ``con``."""
+    register_storage(con, reader)
     for table in TABLES:
         con.execute(f"CREATE OR REPLACE VIEW {table} AS {view_select(reader, table)}")

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engine", choices=("vllm", "sglang", "megatron"), help="which engine wrote the files")
     parser.add_argument("files", nargs="+", type=Path, help="response or dump files (a directory for megatron)")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="trace directory to write")
+    parser.add_argument("-o", "--output", required=True, type=_location, help="trace directory (or s3://bucket/prefix) to write")
     parser.add_argument("--force", action="store_true", help="overwrite an existing trace")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag every imported sequence")
     parser.add_argument("--num-experts", type=int, metavar="E", help="routed experts per MoE layer (logical)")
@@ -72,7 +72,9 @@ def main(argv: list[str]) -> int:
     from ..importers.sink import TraceSink
 
     plan = _plan(args, limit)
-    existed = args.output.exists()
+    from ..traces.remote_writer import remote_has_objects
+
+    existed = remote_has_objects(args.output) if isinstance(args.output, str) else args.output.exists()
     sink = TraceSink(
         args.output, engine=args.engine, version=args.engine_version, files=[str(f) for f in args.files],
         model_name=args.model or plan["model"], mode=plan["mode"], force=args.force,
@@ -83,7 +85,7 @@ def main(argv: list[str]) -> int:
     except ImportInputError as exc:
         if sink.empty:
             if not existed or args.force:
-                shutil.rmtree(args.output, ignore_errors=True)  # nothing written: leave no half-made trace
+                _remove(args.output)  # nothing written: leave no half-made trace
         else:
             sink.close("aborted", str(exc))
         raise
@@ -92,13 +94,29 @@ def main(argv: list[str]) -> int:
             sink.close("aborted", f"{type(exc).__name__}: {exc}")
         raise
     if sink.empty:
-        shutil.rmtree(args.output, ignore_errors=True)
+        _remove(args.output)
         raise ImportInputError(f"{args.files[0]}: no routing found in the input")
     sink.close("complete")
     layers = sink.layers or []
     shape = f"{len(layers)} layer(s), {layers[0]['num_experts']} experts, top-{layers[0]['top_k']}" if layers else "no layers"
     print(f"moeprobe import: {summary} ({shape}, mode {sink.mode}) -> {args.output}")
     return 0
+
+
+def _location(value: str) -> Path | str:
+    from ..traces.storage import location
+
+    return location(value)  # type: ignore[no-any-return]
+
+
+def _remove(output: Path | str) -> None:
+    """Delete a trace this command created and wrote nothing into (a directory, or objects under an s3:// URL)."""
+    if isinstance(output, str):
+        from ..traces.remote_writer import remove_remote
+
+        remove_remote(output, None)
+    else:
+        shutil.rmtree(output, ignore_errors=True)
 
 
 def _plan(args: argparse.Namespace, limit: int) -> dict[str, Any]:

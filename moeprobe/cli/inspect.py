@@ -22,7 +22,7 @@ _STATE_NOTE = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="moeprobe inspect", description="Show what a trace holds.")
-    parser.add_argument("trace", help="trace directory")
+    parser.add_argument("trace", help="trace directory or s3://bucket/prefix")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -40,10 +40,62 @@ def summarize(reader: Any) -> dict[str, Any]:
             "bytes": sum(s.bytes for s in segments),
         }
     return {"path": str(reader.path), "manifest": manifest, "mode": reader.mode, "tables": tables,
-            "dropped_choices": dropped_choices(reader.segments("routing"))}
+            "dropped_choices": dropped_choices(reader.segments("routing"), reader.filesystem),
+            **ranks_and_hosts(reader)}
 
 
-def dropped_choices(segments: list[Any]) -> int | None:
+def ranks_and_hosts(reader: Any) -> dict[str, Any]:
+    """Per-rank and per-host counts, and which ranks of ``world_size`` have no shard (missing) or a writer that
+    vanished (stale): what a many-host job needs to see first. Counts are the shards' own counters; segments and
+    rows are what is readable (committed segments)."""
+    from ..traces.reader import shard_state
+
+    readable: dict[int, dict[str, int]] = {}
+    for segment in reader.segments("routing"):
+        counts = readable.setdefault(segment.rank, {"segments": 0, "rows": 0, "bytes": 0})
+        counts["segments"] += 1
+        counts["rows"] += segment.rows
+        counts["bytes"] += segment.bytes
+    ranks = []
+    hosts: dict[str, dict[str, Any]] = {}
+    for rank, shard in sorted(reader.shards.items()):
+        counters = shard.get("counters", {})
+        state = shard_state(shard)
+        routing = readable.get(rank, {"segments": 0, "rows": 0, "bytes": 0})
+        dropped = counters.get("dropped", {})
+        entry: dict[str, Any] = {
+            "rank": rank,
+            "host": shard["host"],
+            "state": state,
+            "steps": counters.get("steps", 0),
+            "tokens": counters.get("tokens", 0),
+            "decisions": counters.get("decisions", 0),
+            "dropped": sum(dropped.values()) if isinstance(dropped, dict) else 0,
+            "routing_segments": routing["segments"],
+            "routing_rows": routing["rows"],
+            "bytes": counters.get("bytes", 0),
+            "heartbeat_at": shard.get("heartbeat_at"),
+        }
+        ranks.append(entry)
+        host = hosts.setdefault(shard["host"], {"host": shard["host"], "ranks": [], "tokens": 0, "decisions": 0,
+                                                "routing_rows": 0, "stale_ranks": []})
+        host["ranks"].append(rank)
+        host["tokens"] += entry["tokens"]
+        host["decisions"] += entry["decisions"]
+        host["routing_rows"] += entry["routing_rows"]
+        if state == "stale":
+            host["stale_ranks"].append(rank)
+    world_size = reader.manifest.get("world_size", 1)
+    expected = set(range(world_size)) if isinstance(world_size, int) else set()
+    return {
+        "ranks": ranks,
+        "hosts": sorted(hosts.values(), key=lambda h: h["host"]),
+        "missing_ranks": sorted(expected - set(reader.shards)),
+        "stale_ranks": [r["rank"] for r in ranks if r["state"] == "stale"],
+    }
+
+
+def dropped_choices(segments: list[Any], filesystem: Any = None) -> int | None:
     """Routing choices marked ``dropped`` (over expert capacity): read from the one boolean column, and from
     Parquet statistics alone for the row groups that have no drop. None when a segment cannot be read."""
     import pyarrow.compute as pc
@@ -52,7 +104,7 @@ def dropped_choices(segments: list[Any]) -> int | None:
     total = 0
     for segment in segments:
         try:
-            handle = pq.ParquetFile(segment.path)
+            handle = pq.ParquetFile(segment.path, filesystem=filesystem)
             column = handle.schema_arrow.get_field_index("dropped")
             if column < 0:
                 continue
@@ -115,6 +167,7 @@ def _render(summary: dict[str, Any]) -> None:
         console.print(f"source    {plain(source.get('engine'))} {plain(source.get('version') or 'version unknown')}"
                       f" ({plain(source.get('kind', 'import'))}): {shown or 'no files'}")
     console.print(f"ranks     {m['world_size']} (shards: {', '.join(str(s['rank']) + ':' + s['state'] for s in m['shards']) or 'none yet'})")
+    _render_ranks(console, summary)
     counters = m.get("counters", {})
     console.print(
         f"captured  {_count(counters.get('steps', 0))} steps, {_count(counters.get('tokens', 0))} tokens, "
@@ -169,6 +222,36 @@ def _render(summary: dict[str, Any]) -> None:
         console.print("[yellow]anomalies[/] " + ", ".join(f"{plain(k)}: {plain(v)}" for k, v in anomalies.items()))
     else:
         console.print("anomalies none")
+
+
+def _render_ranks(console: Any, summary: dict[str, Any]) -> None:
+    """Missing and stale ranks first (they mean partial data), then per-host and per-rank counts."""
+    from rich.table import Table
+
+    from ..safe_text import plain
+
+    missing, stale = summary.get("missing_ranks", []), summary.get("stale_ranks", [])
+    if missing:
+        console.print(f"[bold yellow]missing[/]   ranks {', '.join(map(str, missing))}: no shard written (yet); their routing is not in this trace")
+    if stale:
+        console.print(f"[bold yellow]stale[/]     ranks {', '.join(map(str, stale))}: writer gone without closing (killed?); their committed segments are readable")
+    hosts = summary.get("hosts", [])
+    if len(hosts) > 1 or len(summary.get("ranks", [])) > 1:
+        table = Table(title="Hosts", title_justify="left")
+        for col in ("host", "ranks", "stale", "tokens", "decisions", "routing rows"):
+            table.add_column(col, justify="left" if col in ("host", "ranks", "stale") else "right")
+        for host in hosts:
+            table.add_row(plain(host["host"]), ", ".join(map(str, host["ranks"])),
+                          ", ".join(map(str, host["stale_ranks"])) or "-", _count(host["tokens"]),
+                          _count(host["decisions"]), _count(host["routing_rows"]))
+        console.print(table)
+        ranks = Table(title="Ranks", title_justify="left")
+        for col in ("rank", "host", "state", "steps", "tokens", "decisions", "dropped", "segments", "routing rows"):
+            ranks.add_column(col, justify="left" if col in ("host", "state") else "right")
+        for r in summary["ranks"]:
+            ranks.add_row(str(r["rank"]), plain(r["host"]), plain(r["state"]), _count(r["steps"]), _count(r["tokens"]),
+                          _count(r["decisions"]), _count(r["dropped"]), _count(r["routing_segments"]), _count(r["routing_rows"]))
+        console.print(ranks)
 
 
 def main(argv: list[str]) -> int:

@@ -68,12 +68,20 @@ def _bootstrap_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "hooks" / "bootstrap")
 
 
-def _written(base: Path) -> list[Path]:
-    found = []
+def _written(base: Path | str) -> list[Path | str]:
+    from ..traces.remote_writer import remote_trace_exists
+    from ..traces.storage import is_remote
+
+    found: list[Path | str] = []
     n = 1
     while True:
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        if not (path / "manifest.json").exists():
+        if isinstance(base, str):  # an s3:// URL: the job names a second model's trace URL-2 (autoattach.path_for)
+            path: Path | str = base if n == 1 else f"{base}-{n}"
+            exists = is_remote(path) and remote_trace_exists(path)
+        else:
+            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            exists = (path / "manifest.json").exists()
+        if not exists:
             break
         found.append(path)
         n += 1
@@ -112,11 +120,12 @@ def _read_status(path: str) -> str | None:
 
 
 def _run_live(
-    command: list[str], env: dict[str, str], output: Path, preexec: Callable[[], None] | None = None
+    command: list[str], env: dict[str, str], output: Path | str, preexec: Callable[[], None] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start the job with its output in OUTPUT.log (the terminal belongs to the TUI), then run the TUI on the
     trace it writes. Returns once the TUI is closed; the job may still be running."""
-    log_path = output.with_name(output.name + ".log")
+    # An s3:// trace has no directory beside it: the log goes to the working directory, named after the prefix.
+    log_path = output.with_name(output.name + ".log") if isinstance(output, Path) else Path(output.rsplit("/", 1)[-1] + ".log")
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         # No stdin: a job that reads the terminal would fight the TUI for keystrokes.
         process = subprocess.Popen(
@@ -147,7 +156,7 @@ def _signal_name(number: int) -> str:
 
 
 def _run_forwarding_signals(
-    command: list[str], env: dict[str, str], output: Path, *, live: bool, forwarded: list[int]
+    command: list[str], env: dict[str, str], output: Path | str, *, live: bool, forwarded: list[int]
 ) -> int:
     """Run the job and wait for it, passing SIGINT, SIGTERM and SIGHUP sent to us on to it.
 
@@ -210,9 +219,12 @@ def main(argv: list[str]) -> int:
             print(f"moeprobe record: {problem}", file=sys.stderr)
             return 1
         metrics = {"port": args.metrics_port, **options.__dict__}
-    output = Path(args.output)
+    from ..traces.storage import location
+
+    output = location(args.output)  # a directory, or an s3:// URL the job's ranks write into
     prepare_trace_dir(output, force=args.force)  # refuse early, before the job spends any time
-    output.rmdir()  # the job's probe creates it; an empty directory left behind would look like a failed trace
+    if isinstance(output, Path):
+        output.rmdir()  # the job's probe creates it; an empty directory left behind would look like a failed trace
 
     # The job's start-up hook writes here when it cannot import moeprobe, so that we can say why nothing was recorded.
     status_fd, status_file = tempfile.mkstemp(prefix="moeprobe-record-", suffix=".txt")
@@ -221,7 +233,7 @@ def main(argv: list[str]) -> int:
     env["PYTHONPATH"] = os.pathsep.join([_bootstrap_dir(), *filter(None, [env.get("PYTHONPATH")])])
     env["MOEPROBE_RECORD"] = json.dumps(
         {
-            "path": str(output.resolve()),
+            "path": str(output.resolve()) if isinstance(output, Path) else output,
             "logits": args.logits,
             "force": args.force,
             "flush_interval": args.flush_interval,
@@ -273,7 +285,12 @@ def main(argv: list[str]) -> int:
         return rc
     for trace in traces:
         reason = f"the recording process ended without closing the trace ({how})"
-        mark_abandoned(trace, reason)
+        if isinstance(trace, Path):
+            mark_abandoned(trace, reason)
+        else:
+            from ..traces.remote_writer import mark_remote_abandoned
+
+            mark_remote_abandoned(trace, reason)
         try:
             reader = TraceReader(trace)
         except TraceError as exc:

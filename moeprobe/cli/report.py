@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--count-sample", type=_count, metavar="DECISIONS", help="budget of the tag and vocabulary counts (0: everything)")
     opt.add_argument("--full", action="store_true", help="JSON: add per-value count tables and co-activation matrices")
     opt.add_argument("--limit", type=_count, default=16, help="rows per table in text and Markdown (0: all)")
+    eng = parser.add_argument_group("engine (docs/scale.md)")
+    eng.add_argument("--engine", choices=("duckdb", "dask"), default="duckdb",
+                     help="duckdb: this process (default); dask: per-shard aggregates on Dask workers, same report")
+    eng.add_argument("--workers", type=_positive, help="--engine dask: local worker processes (4)")
+    eng.add_argument("--scheduler", metavar="ADDRESS", help="--engine dask: a running Dask scheduler instead of local workers")
     pic = parser.add_argument_group(
         "pictures (need moeprobe[html]; they replace the text tables unless --json or --markdown is given, and "
         "imply --full)")
@@ -119,7 +124,12 @@ def main(argv: list[str]) -> int:
             from ..charts.render import prefetch_bundle
 
             prefetch_bundle()  # builds or reads the page's JavaScript while the analysis runs
-    built = [_build(path, filters, options, timeline=pictures) for path in args.traces]
+    if args.engine == "duckdb" and (args.scheduler is not None or args.workers is not None):
+        raise UsageError("--workers and --scheduler need --engine dask")
+    if args.scheduler is not None and args.workers is not None:
+        raise UsageError("--workers starts local workers; a --scheduler brings its own: give one of them")
+    engine = {"workers": args.workers or 4, "scheduler": args.scheduler} if args.engine == "dask" else None
+    built = [_build(path, filters, options, timeline=pictures, engine=engine) for path in args.traces]
     reports = [report for report, _ in built]
     timelines = [timeline for _, timeline in built if timeline is not None]  # one per trace with pictures
     out = sys.stdout
@@ -153,11 +163,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _build(path: str, filters: Any, options: Any, *, timeline: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _build(
+    path: str, filters: Any, options: Any, *, timeline: bool = False, engine: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from ..analysis.session import open_trace
     from .progress import Progress
 
     with open_trace(path) as trace, Progress(sys.stderr, f"report {path}") as progress:
+        if engine is not None:  # the shards' full passes run on Dask; the report is then built as usual
+            from ..distributed import prepare
+
+            prepare(trace, filters, workers=engine["workers"], scheduler=engine["scheduler"])
         if progress.enabled:  # stderr is a terminal: show how far the running query is (its bar is never printed)
             con = trace.connection
             con.execute("SET enable_progress_bar = true")

@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_path(path: Path) -> None:
+def check_path(path: Path | str) -> None:
     """Raise the trace's one-line ``TraceError`` before the app starts, unless the trace may still appear.
 
     A missing path or an empty directory is waited for (a job is about to write it); a file, a foreign directory
@@ -37,7 +37,7 @@ def check_path(path: Path) -> None:
     except TraceNotFoundError:
         return
     except NotATraceError:
-        if path.is_dir() and not any(path.iterdir()):
+        if isinstance(path, Path) and path.is_dir() and not any(path.iterdir()):
             return
         raise
 
@@ -48,7 +48,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.poll <= 0:
         raise UsageError("--poll must be positive")
-    paths = [Path(args.trace)] + ([Path(args.other)] if args.other else [])
+    from ..traces.storage import location
+
+    paths = [location(args.trace)] + ([location(args.other)] if args.other else [])
     for path in paths:
         check_path(path)
     from ..tui.app import MoeprobeApp

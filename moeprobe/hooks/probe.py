@@ -27,6 +27,7 @@ from ..metrics.endpoint import MetricsEndpointError
 from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
 from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
+from ..traces.storage import is_remote
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
 from .context import ContextReader, TokenContext
@@ -153,7 +154,8 @@ class Probe:
             check_graph(model, self.layers, logits=logits, live_loads=live_loads)
         self.logits = logits
         self.redact_tokens = redact_tokens
-        self.path = Path(path) if path is not None else None
+        # An object-store URL (s3://bucket/prefix) stays a string: Path would collapse its double slash.
+        self.path: Path | str | None = None if path is None else path if is_remote(path) else Path(path)
         dist_rank, dist_world = _dist_rank_world()
         self.rank = dist_rank if rank is None else rank
         self.world_size = dist_world if world_size is None else world_size
@@ -183,6 +185,10 @@ class Probe:
         if self.path is not None:
             if self.world_size == 1:
                 prepare_trace_dir(self.path, force=force)
+            elif isinstance(self.path, str):  # an s3:// URL: no directory to make; the writer refuses an existing shard
+                from ..traces.remote_writer import prepare_remote_shard
+
+                prepare_remote_shard(self.path, self.rank, force=force)
             else:
                 from ..traces.removal import remove_shard
                 from ..traces.writer import cannot_write
@@ -267,6 +273,11 @@ class Probe:
         """Close and remove the trace this probe created a moment ago (it holds no record yet)."""
         assert self.pipeline is not None and self.path is not None
         self.pipeline.close("aborted", "the metrics endpoint could not start")
+        if isinstance(self.path, str):  # an s3:// URL
+            from ..traces.remote_writer import remove_remote
+
+            remove_remote(self.path, None if self.world_size == 1 else self.rank)
+            return
         import shutil
 
         shutil.rmtree(self.path if self.world_size == 1 else self.path / f"rank={self.rank}", ignore_errors=True)

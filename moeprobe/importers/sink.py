@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..traces.schema import PHASES, TABLES
+from ..traces.storage import location
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .errors import ImportInputError
 
@@ -38,7 +39,7 @@ class TraceSink:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         *,
         engine: str,
         version: str | None,
@@ -53,7 +54,7 @@ class TraceSink:
     ) -> None:
         if mode not in ("tokens", "counts"):
             raise ValueError(f"mode {mode!r}")
-        self.path = Path(path)
+        self.path: Any = location(path)  # a directory, or an s3:// URL (a str)
         self.engine = engine
         self.mode = mode
         self.world_size = world_size

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import TypeVar
+
+P = TypeVar("P", bound=PurePath)  # a local Path, or a PurePosixPath naming an object in a store
 
 MANIFEST = "manifest.json"
 SHARD_MANIFEST = "shard.json"
@@ -53,9 +56,10 @@ def segment_number(path: Path) -> int | None:
     return span[0] if span else None
 
 
-def segment_span(path: Path) -> tuple[int, int] | None:
-    """The flush numbers a segment holds: (N, N) for NNNNNN.parquet, (N, M) for a merged NNNNNN-MMMMMM.parquet."""
-    match = _SEGMENT_RE.match(path.name)
+def segment_span(path: PurePath | str) -> tuple[int, int] | None:
+    """The flush numbers a segment holds: (N, N) for NNNNNN.parquet, (N, M) for a merged NNNNNN-MMMMMM.parquet.
+    ``path``: a local path, or an object's URL (a str) in an ``s3://`` trace."""
+    match = _SEGMENT_RE.match(path.name if isinstance(path, PurePath) else path.rsplit("/", 1)[-1])
     if not match:
         return None
     first = int(match.group(1))
@@ -71,7 +75,7 @@ def segments(trace: Path, rank: int, table: str) -> list[Path]:
     return visible([p for p in directory.iterdir() if segment_span(p) is not None])
 
 
-def visible(paths: list[Path]) -> list[Path]:
+def visible(paths: list[P]) -> list[P]:
     """The segments to read, in flush order: a merged segment hides the segments whose flushes it holds.
 
     Compaction renames the merged file into place and only then deletes what it merged, so a listing taken at
@@ -79,7 +83,7 @@ def visible(paths: list[Path]) -> list[Path]:
     holding the other are never written; if found, the earlier-listed wider span wins and the other is hidden.
     """
     spans = sorted(((span, p) for p in paths if (span := segment_span(p)) is not None), key=lambda t: (t[0][0], -t[0][1]))
-    out: list[Path] = []
+    out: list[P] = []
     covered = -1  # the last flush number already shown
     for (first, last), path in spans:
         if first > covered:

@@ -64,6 +64,11 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def manifest_bytes(payload: dict[str, Any]) -> bytes:
+    """A manifest as written to an object store: the same JSON ``write_json_atomic`` writes to disk."""
+    return (json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n").encode("utf-8")
+
+
 def _read_small_regular_file(path: Path, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; ``CorruptManifestError`` otherwise.
 
@@ -112,8 +117,11 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _load_json(path: Path) -> dict[str, Any]:
-    data = _read_small_regular_file(path, MAX_MANIFEST_BYTES)
+def _load_json(path: Path | str, data: bytes | None = None) -> dict[str, Any]:
+    """Parse a manifest read from ``path``, or given as ``data`` (read from an object store; ``path`` is its URL)."""
+    if data is None:
+        assert isinstance(path, Path)
+        data = _read_small_regular_file(path, MAX_MANIFEST_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -131,7 +139,12 @@ def _load_json(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _check_types(path: Path, payload: dict[str, Any], fields: dict[str, tuple[type, ...]], where: str = "") -> None:
+def _parent(path: Path | str) -> str:
+    """The trace a manifest belongs to, for messages (a URL's parent is cut at its last slash)."""
+    return str(path.parent) if isinstance(path, Path) else str(path).rsplit("/", 1)[0]
+
+
+def _check_types(path: Path | str, payload: dict[str, Any], fields: dict[str, tuple[type, ...]], where: str = "") -> None:
     for name, types in fields.items():
         if name not in payload:
             raise CorruptManifestError(f"{path}: missing field {where}{name!r}")
@@ -144,18 +157,18 @@ def _check_types(path: Path, payload: dict[str, Any], fields: dict[str, tuple[ty
             )
 
 
-def read_trace_manifest(path: Path) -> dict[str, Any]:
-    """Load and validate a trace's top-level manifest.json."""
-    payload = _load_json(path)
+def read_trace_manifest(path: Path | str, data: bytes | None = None) -> dict[str, Any]:
+    """Load and validate a trace's top-level manifest.json (``data``: its bytes, already fetched from a store)."""
+    payload = _load_json(path, data)
     magic = payload.get("magic")
     if magic != MAGIC:
-        raise NotATraceError(f"{path.parent}: not a moeprobe trace (manifest magic is {magic!r})")
+        raise NotATraceError(f"{_parent(path)}: not a moeprobe trace (manifest magic is {magic!r})")
     version = payload.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise CorruptManifestError(f"{path}: field 'format_version' should be int, found {type(version).__name__}")
     if version > FORMAT_VERSION or version < 1:
         raise IncompatibleVersionError(
-            f"{path.parent}: trace format version {version} is not supported by this moeprobe "
+            f"{_parent(path)}: trace format version {version} is not supported by this moeprobe "
             f"(reads version {FORMAT_VERSION}); upgrade moeprobe"
         )
     _check_types(path, payload, _TRACE_FIELDS)
@@ -180,9 +193,9 @@ def read_trace_manifest(path: Path) -> dict[str, Any]:
     return payload
 
 
-def read_shard_manifest(path: Path) -> dict[str, Any]:
-    """Load and validate one shard's shard.json."""
-    payload = _load_json(path)
+def read_shard_manifest(path: Path | str, data: bytes | None = None) -> dict[str, Any]:
+    """Load and validate one shard's shard.json (``data``: its bytes, already fetched from a store)."""
+    payload = _load_json(path, data)
     _check_types(path, payload, _SHARD_FIELDS)
     # shard_state() probes the writer with os.kill(pid, 0): 0 or a negative pid would address a process group
     # (and look alive), a huge one overflows. A damaged pid must fail here, not there.
@@ -213,7 +226,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_counters(path: Path, counters: dict[str, Any]) -> None:
+def _check_counters(path: Path | str, counters: dict[str, Any]) -> None:
     for name in _COUNTER_TOTALS:
         if name in counters and not _is_number(counters[name]):
             raise CorruptManifestError(f"{path}: counter {name!r} should be a number, found {_short(counters[name])}")

@@ -23,6 +23,7 @@ from .compact import RoutingEncoding, decode
 from .errors import CorruptManifestError, CorruptSegmentError, NotATraceError, TraceError, TraceNotFoundError
 from .manifest import file_kind, read_shard_manifest, read_trace_manifest
 from .schema import TABLES, with_rank
+from .storage import is_remote
 
 # A writer on another host cannot be probed by pid; past this long without a heartbeat it is presumed gone.
 REMOTE_STALE_AFTER_S = 60.0
@@ -66,25 +67,41 @@ def shard_state(shard: dict[str, Any]) -> str:
 
 
 class TraceReader:
-    """A validated view of one trace directory (all shards)."""
+    """A validated view of one trace directory (all shards), or of a trace in an object store (``s3://``)."""
+
+    # Set by the object-store reader: the fsspec filesystem its segment URLs are read through (DuckDB and
+    # pyarrow take it); None for a local trace.
+    filesystem: Any = None
+
+    def __new__(cls, path: str | os.PathLike[str]) -> TraceReader:
+        # Every caller (open_trace, inspect, the TUI) gets the object-store reader for an s3:// URL.
+        if cls is TraceReader and is_remote(path):
+            from .remote_reader import RemoteTraceReader
+
+            return super().__new__(RemoteTraceReader)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._check_path()
         self._header = read_trace_manifest(self.path / layout.MANIFEST)
+        self._read_encoding(self.path / layout.MANIFEST)
+        self.shards: dict[int, dict[str, Any]] = {}
+        self._segments: dict[str, list[Segment]] = {}
+        self.refresh()
+
+    def _read_encoding(self, manifest: Any) -> None:
+        """The stored schema of every table, from the trace manifest (``manifest``: its location, for messages)."""
         # v1 stored every table as its logical schema; v2 stores routing compactly (see compact.py).
         self.routing_encoding: RoutingEncoding | None = None
         if self._header["format_version"] >= 2:
             try:
                 self.routing_encoding = RoutingEncoding.from_manifest(self._header.get("encoding", {}).get("routing"))
             except (ValueError, AttributeError) as exc:
-                raise CorruptManifestError(f"{self.path / layout.MANIFEST}: {exc}") from exc
+                raise CorruptManifestError(f"{manifest}: {exc}") from exc
         self._stored = dict(TABLES)
         if self.routing_encoding is not None:
             self._stored["routing"] = self.routing_encoding.schema()
-        self.shards: dict[int, dict[str, Any]] = {}
-        self._segments: dict[str, list[Segment]] = {}
-        self.refresh()
 
     def _check_path(self) -> None:
         path = self.path
@@ -140,8 +157,17 @@ class TraceReader:
                 if attempt == LISTING_ATTEMPTS - 1:
                     raise
 
+    def _checked_segment(self, rank: int, table: str, path: Any, size: int) -> Segment:
+        """A new segment's entry from its checked footer; local and object-store listings share it, so both count
+        format-2 decisions and judge full-rank routing the same way."""
+        meta = check_segment_metadata(path, table, self._stored[table], filesystem=self.filesystem)
+        rows, full_rank = meta.num_rows, False
+        if table == "routing" and self.routing_encoding is not None:
+            rows = _stored_decisions(path, meta, self.routing_encoding.top_k, self.filesystem)
+            full_rank = _full_rank(meta, self.routing_encoding.top_k)
+        return Segment(rank, table, path, rows, size, full_rank)
+
     def _list_segments(self, table: str) -> list[Segment]:
-        expected = self._stored[table]
         found: list[Segment] = []
         root = self.path.resolve()
         # Indexed by path: a long recording has thousands of segments, and a refresh must cost one
@@ -155,30 +181,13 @@ class TraceReader:
                     continue
                 try:
                     _check_segment_file(path, root)
-                    meta = pq.read_metadata(path)
-                    schema = meta.schema.to_arrow_schema()
-                except (OSError, ValueError, pa.ArrowException, CorruptSegmentError) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
+                    found.append(self._checked_segment(rank, table, path, path.stat().st_size))
+                except (OSError, CorruptSegmentError) as exc:
                     if not os.path.lexists(path):
                         raise _Vanished(str(path)) from exc
                     if isinstance(exc, CorruptSegmentError):
                         raise
-                    raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment ({exc})") from exc
-                names = [f.name for f in expected]
-                if schema.names != names or any(
-                    not schema.field(n).type.equals(expected.field(n).type) for n in names
-                ):
-                    raise CorruptSegmentError(
-                        f"{path}: segment does not have the {table} schema (columns {', '.join(schema.names)})"
-                    )
-                try:
-                    _check_row_counts(path, meta)
-                except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
-                    raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
-                rows, full_rank = meta.num_rows, False
-                if table == "routing" and self.routing_encoding is not None:
-                    rows = _stored_decisions(path, meta, self.routing_encoding.top_k)
-                    full_rank = _full_rank(meta, self.routing_encoding.top_k)
-                found.append(Segment(rank, table, path, rows, path.stat().st_size, full_rank))
+                    raise CorruptSegmentError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
         return found
 
     def find_corrupt_segment(self) -> None:
@@ -191,7 +200,7 @@ class TraceReader:
         for table in TABLES:
             for segment in self._segments.get(table, []):
                 try:
-                    pq.read_table(segment.path)
+                    pq.read_table(segment.path, filesystem=self.filesystem)
                 except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise CorruptSegmentError(f"{segment.path}: corrupt Parquet segment ({first})") from exc
@@ -228,6 +237,17 @@ class TraceReader:
     def model(self) -> dict[str, Any]:
         return dict(self._header["model"])
 
+    def keep_only(self, paths: set[str]) -> None:
+        """Narrow this snapshot to the segments named in ``paths`` (``str(segment.path)``): the snapshot another
+        process took of the same trace (moeprobe.distributed), so that both read exactly the same rows even while
+        the trace grows. A named segment that this listing lacks is an error: segments never go away once
+        committed, so the trace was replaced in between."""
+        listed = {str(s.path) for table in self._segments.values() for s in table}
+        missing = sorted(paths - listed)
+        if missing:
+            raise TraceError(f"{self.path}: segment {missing[0]} is gone (was the trace replaced meanwhile?)")
+        self._segments = {name: [s for s in found if str(s.path) in paths] for name, found in self._segments.items()}
+
     def segments(self, table: str) -> list[Segment]:
         if table not in TABLES:
             raise KeyError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
@@ -257,8 +277,8 @@ class TraceReader:
         """The logical ``columns`` of one segment file of ``table`` (format 2 routing decoded). Raises what
         pyarrow raises on a damaged file (OSError, ValueError, ArrowException)."""
         if table == "routing" and self.routing_encoding is not None:
-            return decode(pq.read_table(path), self.routing_encoding, columns)
-        return pq.read_table(path, columns=columns)
+            return decode(pq.read_table(path, filesystem=self.filesystem), self.routing_encoding, columns)
+        return pq.read_table(path, columns=columns, filesystem=self.filesystem)
 
     def routing(self) -> pa.Table:
         return self.table("routing")
@@ -295,7 +315,25 @@ class TraceReader:
         return "counts" if has_loads and not has_routing else "tokens"
 
 
-def _check_row_counts(path: Path, meta: pq.FileMetaData) -> None:
+def check_segment_metadata(path: Path | str, table: str, expected: pa.Schema, filesystem: Any = None) -> pq.FileMetaData:
+    """A segment's Parquet footer, checked: it must parse, have the stored schema ``expected`` of ``table`` (format
+    2 routing: the trace's encoding) and consistent row counts."""
+    try:
+        meta = pq.read_metadata(path, filesystem=filesystem)
+        schema = meta.schema.to_arrow_schema()
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: pyarrow decodes damaged names as UTF-8
+        raise CorruptSegmentError(f"{path}: corrupt or truncated Parquet segment ({exc})") from exc
+    names = [f.name for f in expected]
+    if schema.names != names or any(not schema.field(n).type.equals(expected.field(n).type) for n in names):
+        raise CorruptSegmentError(f"{path}: segment does not have the {table} schema (columns {', '.join(schema.names)})")
+    try:
+        _check_row_counts(path, meta)
+    except (ValueError, pa.ArrowException) as exc:  # damaged column paths decode as bad UTF-8
+        raise CorruptSegmentError(f"{path}: corrupt Parquet footer ({exc})") from exc
+    return meta
+
+
+def _check_row_counts(path: Path | str, meta: pq.FileMetaData) -> None:
     """The footer's row counts must agree with each other: the file's total with its row groups', and each row
     group's with the values of its flat columns. ``inspect`` shows these counts without reading the data, so a
     footer that claims 10^8 rows over 32 must be refused here, not believed. (A footer that lies consistently
@@ -317,7 +355,7 @@ def _check_row_counts(path: Path, meta: pq.FileMetaData) -> None:
                 )
 
 
-def _committed(shard: dict[str, Any], table: str, paths: list[Path]) -> list[Path]:
+def _committed(shard: dict[str, Any], table: str, paths: list[Any]) -> list[Any]:
     """The segments the shard's manifest counts as written. The writer renames one segment per table and then
     writes shard.json: a writer killed in between leaves segments that no manifest counts, and reading them
     would make the tables disagree (routing for steps the steps table does not have). Every table shows the
@@ -356,7 +394,7 @@ def _check_segment_file(path: Path, root: Path) -> None:
         raise CorruptSegmentError(f"{path}: segment is {file_kind(info.st_mode)}, not a regular file; refusing to read it")
 
 
-def _stored_decisions(path: Path, meta: pq.FileMetaData, top_k: int) -> int:
+def _stored_decisions(path: Path | str, meta: pq.FileMetaData, top_k: int, filesystem: Any = None) -> int:
     """Decisions in a v2 routing segment: the sum of its ``choices``, from the footer's statistics when every
     row uses the same number of choices (the usual case), else from that one small column. A count outside
     1..K would make the view invent or lose decisions: refused."""
@@ -374,7 +412,7 @@ def _stored_decisions(path: Path, meta: pq.FileMetaData, top_k: int) -> int:
         total += int(stats.min) * column.num_values
     else:
         return total
-    choices = pq.read_table(path, columns=["choices"]).column("choices").to_numpy()
+    choices = pq.read_table(path, columns=["choices"], filesystem=filesystem).column("choices").to_numpy()
     if choices.size and not (1 <= int(choices.min()) and int(choices.max()) <= top_k):
         raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
     return int(choices.sum(dtype=np.int64))

@@ -32,6 +32,7 @@ from .locking import lock_shard
 from .manifest import write_json_atomic
 from .removal import remove_trace
 from .schema import FORMAT_VERSION, MAGIC, TABLES
+from .storage import is_remote
 
 
 # Room held back for the final manifests (see ShardWriter._reserve_space): a manifest is a few KiB, with one
@@ -43,12 +44,19 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def prepare_trace_dir(trace: Path, *, force: bool) -> None:
+def prepare_trace_dir(trace: Path | str, *, force: bool) -> None:
     """Make ``trace`` ready for a new recording, refusing to clobber anything that is not ours.
 
     ``force`` deletes an existing trace only if every file in it is one moeprobe writes and no writer is still
-    writing it (see ``removal``); anything else is refused in one line with nothing deleted.
+    writing it (see ``removal``); anything else is refused in one line with nothing deleted. An ``s3://`` URL
+    is prepared in the object store (``remote_writer``).
     """
+    if is_remote(trace):
+        from .remote_writer import prepare_remote_trace
+
+        prepare_remote_trace(str(trace), force=force)
+        return
+    trace = Path(trace)
     try:
         if trace.exists() and not trace.is_dir():
             raise TraceExistsError(f"{trace}: exists and is not a directory")
@@ -74,7 +82,8 @@ def _decisions(batch: pa.RecordBatch) -> int:
 
 
 def _write_options(table: str, schema: pa.Schema) -> dict[str, Any]:
-    """Parquet settings per table, chosen by bench/trace_bytes.py on DeepSeek-V3-shaped data.
+    """Parquet settings per table, chosen by bench/trace_bytes.py on DeepSeek-V3-shaped data; every segment is
+    encoded with them, on disk and in an object store alike.
 
     Routing (format v2): expert ids and weights are high-entropy bytes, so BYTE_STREAM_SPLIT (no hashing,
     and zstd then finds the predictable high bytes; fp16 values kept as FLOAT leave two constant low bytes)
@@ -104,11 +113,23 @@ def _write_options(table: str, schema: pa.Schema) -> dict[str, Any]:
 
 
 class ShardWriter:
-    """One process's shard of a trace directory."""
+    """One process's shard of a trace directory (or, for an ``s3://`` URL, of a trace in an object store)."""
+
+    # Whether this writer merges small segments (compaction.py); the object-store writer does not (see its module).
+    compacts = True
+
+    def __new__(cls, trace: Path | str, *args: Any, **kwargs: Any) -> ShardWriter:
+        # The object-store writer differs only in where bytes go (see remote_writer); every caller that builds a
+        # ShardWriter (capture, importers, replay) gets it for an s3:// URL without knowing about it.
+        if cls is ShardWriter and is_remote(trace):
+            from .remote_writer import RemoteShardWriter
+
+            return super().__new__(RemoteShardWriter)
+        return super().__new__(cls)
 
     def __init__(
         self,
-        trace: Path,
+        trace: Path | str,
         *,
         model: dict[str, Any],
         layers: list[dict[str, Any]],
@@ -120,7 +141,7 @@ class ShardWriter:
         source: dict[str, Any] | None = None,
         compact: bool = True,
     ) -> None:
-        self.trace = Path(trace)
+        self.trace = self._location(trace)
         self.rank = rank
         self.world_size = world_size
         self.max_pending_rows = max_pending_rows
@@ -138,7 +159,9 @@ class ShardWriter:
         self._stored_schemas = {**TABLES, "routing": self.routing_encoding.schema()}
         self._next_segment: dict[str, int] = defaultdict(int)
         # Small segments merged as the shard grows and at close (traces/compaction.py); False keeps every flush.
-        self.compactor = Compactor(self.trace, rank, self._stored_schemas, _write_options) if compact else None
+        self.compactor = (
+            Compactor(self.trace, rank, self._stored_schemas, _write_options) if compact and self.compacts else None
+        )
         self._counted_on_disk: dict[str, int] = {}  # segments per table in the last shard.json written
         self.closed = False
         self._manifest_lock = threading.RLock()
@@ -179,11 +202,19 @@ class ShardWriter:
             "counters": self.counters,
             "error": None,
         }
-        shard = layout.shard_dir(self.trace, rank)
         self._lock_fd: int | None = None
+        self._create_shard()
+        self._reserve_space()
+        self._write_manifests()
+
+    def _location(self, trace: Path | str) -> Any:
+        return Path(trace)
+
+    def _create_shard(self) -> None:
+        shard = layout.shard_dir(self.trace, self.rank)
         try:
             if shard.exists() or shard.is_symlink():
-                raise TraceExistsError(f"{shard}: a shard for rank {rank} already exists")
+                raise TraceExistsError(f"{shard}: a shard for rank {self.rank} already exists")
             shard.mkdir(parents=True)
             # Held until close(): a second writer on this shard (another probe with force, a second run) is
             # refused in one line instead of mixing its rows into this trace.
@@ -191,8 +222,6 @@ class ShardWriter:
         except OSError as exc:
             raise cannot_write(self.trace, exc) from exc
         self._reserve = shard / layout.SPACE_RESERVE
-        self._reserve_space()
-        self._write_manifests()
 
     # -- counters kept by the capture side -------------------------------------------------------
     def count_dropped(self, reason: str, decisions: int) -> None:
@@ -285,32 +314,45 @@ class ShardWriter:
         if table == "routing":
             rows, self._pending_decisions = self._pending_decisions, 0
         number = self._next_segment[table]
-        directory = layout.table_dir(self.trace, self.rank, table)
-        tmp = directory / layout.temp_name(number)
-        final = directory / layout.segment_name(number)
+        data = pa.Table.from_batches(batches, schema=self._stored_schemas[table])
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            data = pa.Table.from_batches(batches, schema=self._stored_schemas[table])
-            pq.write_table(data, tmp, **_write_options(table, data.schema))
-            os.replace(tmp, final)
+            written = self._write_segment(table, number, data)
         except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             # EFBIG: a file-size limit (ulimit -f, quota) is a full disk as far as the trace is concerned.
             reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "write_error"
             if table == "routing":
                 self.count_dropped(reason, rows)
+            directory = self._table_location(table)
             self._warn_once(reason, f"moeprobe: cannot write {table} segment to {directory} ({exc.strerror or exc}); dropping records and counting them")
             return
         self._next_segment[table] = number + 1
         self.counters["rows"][table] += rows
         self.counters["segments"][table] += 1
+        self.counters["bytes"] += written
+
+    def _table_location(self, table: str) -> Any:
+        """Where this shard's segments of ``table`` go, for messages."""
+        return layout.table_dir(self.trace, self.rank, table)
+
+    def _write_segment(self, table: str, number: int, data: pa.Table) -> int:
+        """Write one complete segment under a temporary name and rename it; its size in bytes (0 if unknown)."""
+        directory = layout.table_dir(self.trace, self.rank, table)
+        tmp = directory / layout.temp_name(number)
+        final = directory / layout.segment_name(number)
         try:
-            self.counters["bytes"] += final.stat().st_size
+            directory.mkdir(parents=True, exist_ok=True)
+            pq.write_table(data, tmp, **_write_options(table, data.schema))
+            os.replace(tmp, final)
         except OSError:
-            pass
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        try:
+            return final.stat().st_size
+        except OSError:
+            return 0
 
     def _compact(self) -> None:
         """Merge small segments (see compaction.py). A merge that fails (a full disk) leaves the segments it

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from ..analysis.session import Trace, open_trace
 from ..traces.errors import NotATraceError, TraceError, TraceNotFoundError
 from ..traces.schema import TABLES
+from ..traces.storage import location
 
 T = TypeVar("T")
 
@@ -91,7 +92,7 @@ def run_info(trace: Trace) -> RunInfo:
 
 def _is_empty_dir(path: Path) -> bool:
     try:
-        return path.is_dir() and not any(path.iterdir())
+        return isinstance(path, Path) and path.is_dir() and not any(path.iterdir())
     except OSError:
         return False
 
@@ -100,7 +101,7 @@ class TraceSource:
     """A trace path that may not exist yet, may be growing, and may turn out to be bad."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path: Any = location(path)  # a Path, or an s3:// URL (a str)
         self.trace: Trace | None = None
         self._lock = threading.Lock()
         self._signature: tuple[Any, ...] | None = None
@@ -126,8 +127,9 @@ class TraceSource:
                 # tables are rebuilt only when the segment list moved, so an idle trace costs nothing.
                 self.trace.reader.refresh()
             # The segment list itself, not its length: compaction merges 16 segments into one, so after
-            # 15 flushes and a merge a table has as many segments as before, with more rows.
-            signature = tuple(tuple(s.path.name for s in self.trace.reader.segments(table)) for table in TABLES)
+            # 15 flushes and a merge a table has as many segments as before, with more rows. str(): a local Path
+            # or an s3:// URL.
+            signature = tuple(tuple(str(s.path) for s in self.trace.reader.segments(table)) for table in TABLES)
             if signature != self._signature:
                 if self._signature is not None:
                     self.trace.refresh()

@@ -29,7 +29,7 @@ class RunHeader(Static):
             text.append(f"{label} ", style="bold")
         if run is None:
             # Names come from the trace and its path: printable() keeps terminal control codes out of the screen.
-            text.append(printable(snapshot.path.name or snapshot.path), style="bold")
+            text.append(printable(getattr(snapshot.path, "name", "") or str(snapshot.path)), style="bold")
             text.append("  no trace yet", style="dim")
             self.update(text)
             return
