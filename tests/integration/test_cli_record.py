@@ -23,6 +23,15 @@ print("job generated", tuple(out.shape))
 {tail}
 """
 
+# A job's tail that waits until the recorder's writer has written everything generated so far, then dies by
+# SIGKILL: waiting on the writer (Probe.flush), not on a sleep that a loaded machine can outrun.
+FLUSH_THEN_KILL = """
+from moeprobe.hooks import autoattach
+for probe in autoattach._recorder.probes:
+    probe.flush(60)
+os.kill(os.getpid(), 9)
+"""
+
 
 def _job(tmp_path: Path, tail: str = "") -> Path:
     path = tmp_path / "job.py"
@@ -69,7 +78,7 @@ def test_job_that_raises_leaves_an_aborted_readable_trace(tmp_path: Path) -> Non
 
 
 def test_killed_job_keeps_its_flushed_data_and_is_marked_aborted(tmp_path: Path) -> None:
-    tail = "time.sleep(1.5)\nos.kill(os.getpid(), 9)"
+    tail = FLUSH_THEN_KILL
     result = _record(tmp_path, _job(tmp_path, tail), "--flush-interval", "0.2")
     assert result.returncode == 128 + 9
     trace = moeprobe.open_trace(tmp_path / "trace")

@@ -264,11 +264,11 @@ def test_reader_commands_refuse_a_missing_or_foreign_prefix_in_one_line(s3: Obje
 
 
 def test_record_command_writes_to_s3_and_marks_a_killed_job_aborted(s3: ObjectStoreServer, tmp_path: Path) -> None:
-    from tests.integration.test_cli_record import _job
+    from tests.integration.test_cli_record import FLUSH_THEN_KILL, _job
 
     url = s3.url("runs/cli")
     # the job flushes, then kills itself: `record` marks the stale shard aborted in the store
-    job = _job(tmp_path, "time.sleep(1.0)\nos.kill(os.getpid(), 9)")
+    job = _job(tmp_path, FLUSH_THEN_KILL)
     result = _cli("record", "-o", url, "--flush-interval", "0.2", "--", PYTHON, str(job))
     assert result.returncode == 128 + 9, result.stderr
     _assert_no_credentials(result.stdout + result.stderr)
