@@ -32,11 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-
-def _size(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}.get(text[-1:], 1)
-    return int(float(text.rstrip("KMG")) * scale)
+from synthetic import parse_count as _size  # noqa: E402 - bench/ is put on the path just above
 
 
 def _run(cmd: list[str]) -> tuple[float, float, float, str]:

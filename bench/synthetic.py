@@ -36,6 +36,13 @@ class Shape:
         return self.batch * (self.prefill + self.decode) * self.layers * self.top_k
 
 
+def parse_count(text: str) -> int:
+    """A decision count as the bench scripts take it on their command line: 200M, 10k, 1.5G or a plain number."""
+    text = text.strip().upper()
+    scale = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * scale)
+
+
 def _layer_meta(shape: Shape) -> list[dict[str, object]]:
     return [
         {

@@ -31,7 +31,7 @@ from . import layout
 from .errors import NotATraceError, TraceBusyError, TraceError, TraceExistsError, TraceWriteError
 from .manifest import manifest_bytes, read_shard_manifest
 from .storage import ObjectStore, StoredObject, error_text, open_store
-from .writer import ShardWriter, _utc_now, _write_options
+from .writer import ShardWriter, _write_options
 
 # Names moeprobe writes into a trace prefix; ``force`` deletes nothing if anything else is there.
 _OWNED = re.compile(r"^(manifest\.json|rank=\d+/(shard\.json|[a-z_]+/\d{6,}(-\d{6,})?\.parquet))$")
@@ -81,17 +81,7 @@ class RemoteShardWriter(ShardWriter):
         if self.rank != 0 and not self._top_manifest_seen:
             self._top_manifest_seen = self._store.exists(layout.MANIFEST)
         if self.rank == 0 or not self._top_manifest_seen:
-            payload = dict(self._header)
-            payload.update(
-                {
-                    "status": self.status,
-                    "rank": self.rank,
-                    "ended_at": _utc_now() if final else None,
-                    "counters": self.counters,
-                    "error": self.error,
-                }
-            )
-            self._store.put_atomic(layout.MANIFEST, manifest_bytes(payload))
+            self._store.put_atomic(layout.MANIFEST, manifest_bytes(self._top_manifest(final)))
 
 
 def _refuse_foreign(url: str, objects: list[StoredObject]) -> None:

@@ -432,14 +432,18 @@ class ShardWriter:
         # Rank 0 owns the top-level manifest and mirrors its own status there, so a single-process
         # trace reads completely from manifest.json. Other ranks only create it if rank 0 has not yet.
         if self.rank == 0 or not top.exists():
-            payload = dict(self._header)
-            payload.update(
-                {
-                    "status": self.status,
-                    "rank": self.rank,
-                    "ended_at": _utc_now() if final else None,
-                    "counters": self.counters,
-                    "error": self.error,
-                }
-            )
-            write_json_atomic(top, payload)
+            write_json_atomic(top, self._top_manifest(final))
+
+    def _top_manifest(self, final: bool) -> dict[str, Any]:
+        """manifest.json's content: the trace's header with this shard's status mirrored into it."""
+        payload = dict(self._header)
+        payload.update(
+            {
+                "status": self.status,
+                "rank": self.rank,
+                "ended_at": _utc_now() if final else None,
+                "counters": self.counters,
+                "error": self.error,
+            }
+        )
+        return payload
