@@ -37,7 +37,13 @@ class Family:
             return lambda output, router_input: contracts.switch_parts(output, num_experts, router, router_input)
         if self.kind == "llama4":
             return lambda output, router_input: contracts.llama4_parts(output, k, num_experts)
-        return lambda output, router_input: contracts.topk_parts(output, k, num_experts)
+        def topk(output: Any, router_input: Any) -> Extracted:
+            return contracts.topk_parts(output, k, num_experts)
+
+        # The parts are the output's own tensors, identified by dtype and shape only: hook capture may take them
+        # from the same places on later calls, re-checked (probe._at_slots). A user's selector is always called.
+        topk.by_structure = True  # type: ignore[attr-defined]
+        return topk
 
 
 def transformers_version() -> str:

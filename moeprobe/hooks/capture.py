@@ -55,14 +55,14 @@ class StepBuffer:
 
     def nbytes(self) -> int:
         """Host memory this step will hold once converted: what the queue's byte budget counts."""
+        # Runs on the model's thread at every step's end: plain attribute reads, one numel() per tensor.
         total = 0
         for c in self.layers:
-            total += c.decisions * 16  # int64 index + float32 weight + row columns, roughly
+            total += c.indices.numel() * 16  # decisions (= the indices' elements) x (int64 index + float32 weight + row columns), roughly
             if c.scores is not None:
                 total += c.scores.numel() * 4
         for ctx in self.contexts:  # token context tensors travel to the host too (a decode mask can be MBs)
-            for attr in CONTEXT_TENSORS:
-                t = getattr(ctx, attr)
+            for t in (ctx.input_ids, ctx.position_ids, ctx.attention_mask, ctx.mask_4d):  # CONTEXT_TENSORS
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total

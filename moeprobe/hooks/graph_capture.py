@@ -120,6 +120,29 @@ def _plain(ctx: TokenContext, past: Any) -> bool:
     return isinstance(past, int) or (past is None and ctx.continuity == NEW)
 
 
+def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool] | None:
+    """(batch, seq_len, new sequences) of a stack call given 2-D integer token ids, no mask, no positions, and no
+    cache or one whose length is an int: the calls where ContextReader.read and _plain would reduce the step to
+    integers, decided without building the context (counts mode's per-step cost). None for every other call, which
+    takes the general path (same result there: this is a strict subset of it)."""
+    if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
+        return None
+    ids = reader._token_ids(args, kwargs)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not contracts.is_integer(ids):
+        return None
+    batch, seq_len = ids.shape
+    for value in (*kwargs.values(), *args):
+        if is_cache(value):
+            try:
+                past = value.get_seq_length()
+            except Exception:  # noqa: BLE001 - the general path reads it the same way and decides
+                return None
+            if not isinstance(past, int) or isinstance(past, bool):
+                return None  # a device tensor (static caches): positions from it on the general path
+            return int(batch), int(seq_len), past == 0
+    return int(batch), int(seq_len), True  # no cache: the call sees whole, new sequences
+
+
 def _cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The KV cache's length as the model sees it: an int, a device tensor (static caches), or None (no cache)."""
     for value in (*kwargs.values(), *args):
@@ -201,8 +224,15 @@ class GraphCapture:
         row = counts.shape[1] * counts.shape[2] if counts is not None else 0
 
         plain_ok = sample == 0 and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
+        compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if plain_ok and not ops.FORCE_DEVICE_PATH and not compiling():
+                plain = _plain_call(reader, args, kwargs)
+                if plain is not None:
+                    # Counts mode, eager on the host, no mask and no positions given: all the step needs is integers.
+                    ops.record_plain_step_host(self.step_ring, self.state, plain[0], plain[1], plain[2], window, row)
+                    return original(*args, **kwargs)
             ctx = reader.read(args, kwargs)
             if ctx is None:
                 # Without token ids or embeddings there is no step to file this call's routing under: refused at
@@ -228,13 +258,20 @@ class GraphCapture:
         ring = self.routing_ring
         tokens, counts = self.tokens, self.counts
         from_router = layer.source == "router"
+        # Counts on the host, eagerly: straight to the count's host path (graph_ops.count_host) with the buffer's
+        # row view and the state's numpy view bound here, not looked up per call.
+        host_counts = counts and self.device.type == "cpu"
+        rows = ops._rows(self.counts_buf) if host_counts and self.counts_buf is not None else None
+        state_view = ops._view(self.state) if host_counts else None
+        valid_now = self.valid_now
+        compiling = torch.compiler.is_compiling
 
-        slots: list[tuple[int, int]] = []  # where in the router's output tuple the last call found indices, weights
+        slots: list[tuple[int, int, int]] = []  # where in the router's output tuple the last call found indices, weights; and the tuple length they need
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
             indices = weights = None
-            if slots and isinstance(output, tuple) and len(output) > max(slots[0]):
+            if slots and isinstance(output, tuple) and len(output) > slots[0][2]:
                 # Same places as last time, re-checked by dtype and shape (cheaper than identifying every part).
                 i, w = output[slots[0][0]], output[slots[0][1]]
                 if isinstance(i, torch.Tensor) and contracts.is_integer(i) and isinstance(w, torch.Tensor) and w.is_floating_point() and w.shape == i.shape:
@@ -245,20 +282,25 @@ class GraphCapture:
                 if from_router and isinstance(output, tuple) and not slots:
                     found = [next((n for n, t in enumerate(output) if t is part), -1) for part in (indices, weights)]
                     if min(found) >= 0:
-                        slots.append((found[0], found[1]))
+                        slots.append((found[0], found[1], max(found)))
             if not isinstance(indices, torch.Tensor) or not contracts.is_integer(indices) or indices.shape[-1] != k:
                 # Read at trace time (shapes and dtypes only): the host sees it at the next drain and refuses.
                 self.contract_failures[index] = f"expected integer indices with last dimension {k}, got {contracts.describe(output)}"
                 return output
+            traced = compiling()  # in a graph: the ops; eagerly: their implementations
+            if rows is not None and not traced and not ops.FORCE_DEVICE_PATH and not tokens:
+                n = indices.numel()
+                if n:
+                    ops.count_host(rows, state_view, valid_now, indices, n // k, k, index)  # type: ignore[arg-type]
+                return output
             flat = indices.reshape(-1, k)
-            traced = torch.compiler.is_compiling()  # in a graph: the ops; eagerly: their implementations
             if tokens:
                 w = weights if weights is not None else torch.full(flat.shape, float("nan"), device=flat.device)
                 record = torch.ops.moeprobe.record_routing if traced else ops.record_routing_impl
                 record(ring, self.state, flat, w.reshape(flat.shape), index)
             if counts:
                 count = torch.ops.moeprobe.count_routing if traced else ops.count_routing_impl
-                count(self.counts_buf, self.state, self.valid_now, flat, index)
+                count(self.counts_buf, self.state, valid_now, flat, index)
             return output
 
         return forward

@@ -18,6 +18,8 @@ The state vector (int64, on the device) is shared by the ops of one probe; its s
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -57,13 +59,22 @@ def _view(t: Tensor) -> np.ndarray:
 
 
 _ONES: list[Tensor] = []
+_ONES_BY_LENGTH: dict[Any, Tensor] = {}  # views of _ONES[0] by length or shape: a decode loop asks for the same few
 
 
 def _ones(n: int) -> Tensor:
-    """n int32 ones on the host (a view of one buffer grown as needed): the counts' source without an allocation."""
+    """n int32 ones on the host (a view of one buffer grown as needed): the counts' source without an allocation,
+    and without a slicing op when the length was asked for before."""
+    view = _ONES_BY_LENGTH.get(n)
+    if view is not None:
+        return view
     if not _ONES or _ONES[0].shape[0] < n:
         _ONES[:] = [torch.ones(max(n, 1 << 12), dtype=torch.int32)]
-    return _ONES[0][:n]
+        _ONES_BY_LENGTH.clear()
+    if len(_ONES_BY_LENGTH) >= 256:  # prefill lengths vary: a bounded cache
+        _ONES_BY_LENGTH.clear()
+    view = _ONES_BY_LENGTH[n] = _ONES[0][:n]
+    return view
 
 
 def _write_host(ring: Tensor, s: np.ndarray, cursor_slot: int, rows: np.ndarray) -> None:
@@ -205,6 +216,51 @@ def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len
         s[COUNTS_OFFSET] = (slot if inside else counts_window) * counts_row
 
 
+def _rows(counts: Tensor) -> list[Tensor]:
+    """``counts`` as a list of its (experts + 1) rows, slot-major then layer (row ``offset // width + layer``), made
+    once per buffer and kept on it (like :func:`_view`): picking a row is then a list index, not a tensor op."""
+    rows = getattr(counts, "_moeprobe_rows", None)
+    if rows is None:
+        rows = list(counts.view(-1, counts.shape[-1]).unbind(0))
+        counts._moeprobe_rows = rows  # type: ignore[attr-defined]
+    return rows
+
+
+def _ones_shaped(shape: torch.Size) -> Tensor:
+    """int32 ones of ``shape`` on the host: a view of the shared ones buffer, kept per shape."""
+    view = _ONES_BY_LENGTH.get(shape)  # type: ignore[call-overload]
+    if view is None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        view = _ones(n).view(shape)
+        if len(_ONES_BY_LENGTH) >= 256:
+            _ONES_BY_LENGTH.clear()
+        _ONES_BY_LENGTH[shape] = view  # type: ignore[index]
+    return view
+
+
+def count_host(rows: list[Tensor], s: np.ndarray, valid_now: Tensor, indices: Tensor, tokens: int, k: int, layer: int) -> None:
+    """count_routing's host path: ``rows`` from :func:`_rows`, ``s`` the state's numpy view, ``indices`` the call's
+    ``tokens`` x ``k`` expert ids (any shape whose last dimension is k, tokens > 0).
+
+    Two torch ops (clamp, one accumulating index_put_ with ids of the indices' own shape), no numpy on the tensors:
+    inside a decode loop (caches cold after the model's own work) each op costs a few microseconds, the torch ops
+    the model also runs the least (a numpy bincount path cost 110 us per call, seven torch ops about 40)."""
+    row = rows[int(s[COUNTS_OFFSET]) // rows[0].shape[0] + layer]  # the offset is slot x layers x width
+    width = row.shape[0]  # experts + 1
+    # Ids the layer does not have go to the last column: clamped to -1..experts, and index_put_ wraps -1 to the
+    # last column (index_add_ would refuse it).
+    ids = indices.clamp(-1, width - 1)
+    mismatch = tokens > valid_now.shape[0] or int(s[STEP_TOKENS]) != tokens
+    if mismatch:
+        s[MASK_MISMATCH] += 1
+    if not mismatch and s[STEP_PADDED]:
+        row.index_put_((ids.reshape(-1),), valid_now[:tokens].repeat_interleave(k), accumulate=True)
+    else:
+        row.index_put_((ids,), _ones_shaped(ids.shape), accumulate=True)
+
+
 RECORD_STEP = torch.library.custom_op("moeprobe::record_step", record_step_impl, mutates_args=("step_ring", "token_ring", "valid_now", "state"))
 
 
@@ -263,20 +319,7 @@ def count_routing_impl(counts: Tensor, state: Tensor, valid_now: Tensor, indices
         return
     width = counts.shape[2]  # experts + 1
     if _host(state):
-        # A few torch ops, no numpy: measured inside a decode loop (cold caches after the model's own work), the
-        # torch ops the model also runs cost 14 us per call here where a numpy bincount path cost 110 us.
-        s = _view(state)
-        start = int(s[COUNTS_OFFSET]) + layer * width
-        row = counts.view(-1)[start : start + width]
-        # Ids the layer does not have go to the last column: clamp to -1..experts, then -1 wraps to experts.
-        ids = indices.reshape(-1).clamp(-1, width - 1).remainder_(width)
-        mismatch = tokens > valid_now.shape[0] or s[STEP_TOKENS] != tokens
-        if mismatch:
-            s[MASK_MISMATCH] += 1
-        if not mismatch and s[STEP_PADDED]:
-            row.index_add_(0, ids, valid_now[:tokens].repeat_interleave(k))
-        else:
-            row.index_add_(0, ids, _ones(ids.shape[0]))
+        count_host(_rows(counts), _view(state), valid_now, indices, tokens, k, layer)
         return
     offset = state[COUNTS_OFFSET] + layer * width
     ids = indices.reshape(-1).to(torch.int64)

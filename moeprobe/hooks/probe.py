@@ -82,6 +82,43 @@ def _detached(t: Any) -> Any:
     return t.detach() if t is not None and t.requires_grad else t
 
 
+def _slots_of(output: Any, parts: Any) -> tuple[int, int, int, int] | None:
+    """(indices, weights, scores or -1, tuple length): where the extracted parts sit in a router's output tuple,
+    by identity; None when the extractor computed a part (Switch, Llama 4) or reported dropped tokens."""
+    indices, weights, scores, dropped = parts
+    if type(output) is not tuple or dropped is not None or weights is None:
+        return None
+    where = [next((n for n, t in enumerate(output) if t is part), -1) for part in (indices, weights, scores)]
+    if where[0] < 0 or where[1] < 0 or (scores is not None and where[2] < 0):
+        return None
+    return where[0], where[1], where[2], len(output)
+
+
+def _at_slots(output: Any, slots: tuple[int, int, int, int], k: int, num_experts: int) -> Any:
+    """The parts at the remembered places of the router's output, if that output still has the remembered form:
+    a tuple of the same length, integer indices of width k, floating weights of their shape, floating scores of
+    width E (what topk_parts identifies them by). None otherwise: the caller identifies the parts anew."""
+    if type(output) is not tuple or len(output) != slots[3]:
+        return None
+    indices, weights = output[slots[0]], output[slots[1]]
+    if (
+        not isinstance(indices, torch.Tensor)
+        or indices.dtype not in contracts._INTEGER
+        or indices.dim() < 1
+        or indices.shape[-1] != k
+        or not isinstance(weights, torch.Tensor)
+        or not weights.is_floating_point()
+        or weights.shape != indices.shape
+    ):
+        return None
+    scores = None
+    if slots[2] >= 0:
+        scores = output[slots[2]]
+        if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.shape[-1] != num_experts:
+            return None
+    return indices, weights, scores, None
+
+
 class Probe:
     """Captures routing from a model. Use :func:`record` to create one.
 
@@ -162,6 +199,9 @@ class Probe:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.clock = clock if clock is not None else (CudaClock() if device.type == "cuda" else CpuClock())
         self._cuda = device.type == "cuda"
+        # No CUDA in this process: no captured tensor can be on a GPU, so a finished step skips move_to_host's
+        # per-tensor device checks (a CPU model on a CUDA machine still goes through them).
+        self._may_cuda = torch.cuda.is_available()
         # Debug aid (and the GPU test's proof): run every hook under torch's sync debug mode "error", so a
         # host synchronisation inside capture raises there and is counted as an anomaly.
         self._check_sync = check_sync and device.type == "cuda"
@@ -434,13 +474,19 @@ class Probe:
 
     def _attach_layer(self, layer: LayerBinding, stack_id: int | None) -> None:
         i = layer.index
-        clock = self.clock
+        mark = self.clock.mark  # bound once: these hooks run at every layer call
+        k, num_experts = int(layer.meta["top_k"]), int(layer.meta["num_experts"])
+        check_parts = contracts.check_parts
+        capture = self._capture
+        # Where in the router's output tuple the extractor found its parts (when it returned them as they are):
+        # later calls take them from there, re-checked (see _at_slots), instead of identifying every part again.
+        slots: list[tuple[int, int, int, int]] = []
 
         def block_pre(module: nn.Module, args: Any) -> None:
             step = self._step
             if step is not None:
                 try:
-                    step.marks[i] = [None, None, clock.mark(), None]
+                    step.marks[i] = [None, None, mark(), None]
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("block_pre", exc)
 
@@ -450,7 +496,7 @@ class Probe:
                 try:
                     marks = step.marks.get(i)
                     if marks is not None:
-                        marks[3] = clock.mark()
+                        marks[3] = mark()
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("block_post", exc)
 
@@ -460,7 +506,7 @@ class Probe:
                 try:
                     marks = step.marks.get(i)
                     if marks is not None:
-                        marks[0] = clock.mark()
+                        marks[0] = mark()
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("router_pre", exc)
 
@@ -474,14 +520,31 @@ class Probe:
             try:
                 marks = step.marks.get(i)
                 if marks is not None:
-                    marks[1] = clock.mark()
+                    marks[1] = mark()
+                if layer.validated and layer.source == "router":
+                    # Every call after the first: the same reading and checks as _extract, without its closure; a
+                    # failure now is counted, the call's routing left out (the first call refuses, see _extract).
+                    parts = _at_slots(output, slots[0], k, num_experts) if slots and getattr(layer.extract, "by_structure", False) else None
+                    if parts is None:
+                        try:
+                            parts = layer.extract(output, args[0] if args else None)
+                            check_parts(parts, k, num_experts)
+                        except Exception:  # noqa: BLE001 - a selector may fail in any way; each is a contract failure
+                            self._anomaly(f"contract:layer{i}", None)
+                            return
+                        if not slots and getattr(layer.extract, "by_structure", False):
+                            found = _slots_of(output, parts)
+                            if found is not None:
+                                slots.append(found)
+                    capture(step, layer, stack_id, parts)
+                    return
                 if not layer.validated and layer.source == "router" and layer.experts_fallback is not None:
                     if contracts.logits_only(output, layer.meta["num_experts"]) is not None:
                         self._route_through_experts(layer, stack_id)
                 if layer.source == "router":
                     parts = self._extract(layer, lambda: layer.extract(output, args[0] if args else None), output)
                     if parts is not None:
-                        self._capture(step, layer, stack_id, parts)
+                        capture(step, layer, stack_id, parts)
                 elif self.logits:
                     self._pending_scores[i] = contracts.logits_only(output, layer.meta["num_experts"])
             except Exception as exc:  # noqa: BLE001
@@ -614,10 +677,12 @@ class Probe:
     def _capture(self, step: StepBuffer, layer: LayerBinding, stack_id: int | None, extracted: Any) -> None:
         indices, weights, scores, dropped = extracted
         ctx = self._current.get(stack_id) if stack_id is not None else None
+        # Inference tensors have no autograd history: kept as they are (no new tensor per call); training ones
+        # are cut from autograd (_detached).
         capture = LayerCapture(
             layer=layer.index,
             context=ctx,
-            indices=_detached(indices),
+            indices=indices.detach() if indices.requires_grad else indices,
             weights=_detached(weights),
             scores=_detached(scores) if self.logits else None,
             dropped=_detached(dropped),
@@ -647,7 +712,7 @@ class Probe:
             self._release_marks(step)
             return
         # The drop decision comes before the device-to-host copy: a step the queue cannot take costs no transfer.
-        if not self.pipeline.submit(step, move=move_to_host):
+        if not self.pipeline.submit(step, move=move_to_host if self._may_cuda else None):
             self._release_marks(step)
 
     def _release_marks(self, step: StepBuffer) -> None:

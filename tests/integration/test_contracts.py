@@ -228,3 +228,24 @@ def test_record_cli_survives_a_refused_model(tmp_path: Path) -> None:
     refusals = [line for line in result.stderr.splitlines() if "cannot capture MoE layer" in line]
     assert len(refusals) == 1
     assert moeprobe.open_trace(tmp_path / "t").status == "aborted"
+
+
+def test_a_malformed_call_after_the_parts_places_are_known_is_counted(tmp_path: Path) -> None:
+    """From a layer's third call hook capture takes the parts from where it found them before (probe._at_slots):
+    an output whose indices turn floating there falls back to identifying the parts, and is counted, not recorded."""
+    model = build("mixtral")
+    router = _router(model, "MixtralTopKRouter")
+    calls = {"n": 0}
+
+    def change(out: Any) -> Any:
+        calls["n"] += 1
+        return (out[0], out[1], out[2].float()) if calls["n"] == 4 else out
+
+    _replace_forward(router, change)
+    with moeprobe.record(model, tmp_path / "t") as probe, torch.no_grad():
+        for _ in range(5):
+            model(_ids())
+    assert probe.anomalies == {"contract:layer0": 1}
+    trace = moeprobe.open_trace(tmp_path / "t")
+    per_step = trace.sql("select step, count(distinct layer) n from routing group by step order by step").to_pylist()
+    assert per_step == [{"step": s, "n": 1 if s == 3 else 2} for s in range(5)]

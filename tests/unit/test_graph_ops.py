@@ -45,7 +45,8 @@ def _run(device_path: bool, seed: int, ring_tokens: int, window: int, sample: in
                 tokens = batch * seq_len if not (step == 4 and layer == 1) else batch * seq_len + 1  # one mismatch
                 indices = torch.stack([torch.randperm(EXPERTS, generator=g)[:K] for _ in range(tokens)])
                 if step == 6 and layer == 2:
-                    indices[0, 0], indices[1, 0] = -1, EXPERTS  # ids the layer does not have: the last column
+                    # ids the layer does not have, just and far out of range: the last column
+                    indices[0, 0], indices[1, 0], indices[2, 0] = -1, EXPERTS + 7, -4
                 weights = torch.rand(tokens, K, generator=g)
                 ops.record_routing_impl(b["routing"], b["state"], indices, weights, layer)
                 ops.count_routing_impl(b["counts"], b["state"], b["valid"], indices, layer)
@@ -68,8 +69,8 @@ def test_host_and_device_paths_agree(ring_tokens: int, window: int, sample: int)
     assert torch.equal(_used(host["routing"], int(s[ops.ROUTING_CURSOR])), _used(device["routing"], int(s[ops.ROUTING_CURSOR])))
     assert torch.equal(host["counts"][:-1], device["counts"][:-1])  # the trash slot may differ, nothing else
     assert int(s[ops.MASK_MISMATCH]) == 1
-    if window == 16:  # step 6 inside the window: both bad ids counted apart, in layer 2's last column only
-        assert int(host["counts"][:-1, :, -1].sum()) == int(host["counts"][6, 2, -1]) == 2
+    if window == 16:  # step 6 inside the window: the three bad ids counted apart, in layer 2's last column only
+        assert int(host["counts"][:-1, :, -1].sum()) == int(host["counts"][6, 2, -1]) == 3
     if window == 4:
         assert int(s[ops.COUNTS_LOST]) == 9 - 4  # steps past the window, never mixed into another step's slot
         assert int(s[ops.TOKEN_CURSOR]) > ring_tokens  # the ring overflowed: the cursor says by how much
@@ -77,3 +78,27 @@ def test_host_and_device_paths_agree(ring_tokens: int, window: int, sample: int)
     assert kept <= {step for step in range(9) if sample and step % sample == 0}
     if sample == 0:  # counts mode: no token or routing rows, every step's counts
         assert int(s[ops.TOKEN_CURSOR]) == int(s[ops.ROUTING_CURSOR]) == 0 and int(host["counts"].sum()) > 0
+
+
+def test_host_count_takes_indices_of_any_leading_shape() -> None:
+    """Counts mode's wrapper hands the router's indices to count_host as they are ((batch, seq, k) here, no reshape):
+    the same counts as the device path on the flattened (tokens, k), bad ids in the last column."""
+    results = []
+    for device_path in (False, True):
+        b = _buffers(64, 16)
+        previous = ops.FORCE_DEVICE_PATH
+        ops.FORCE_DEVICE_PATH = device_path
+        try:
+            ids = torch.randint(3, 90, (2, 3))
+            ops.record_step_impl(b["steps"], b["tokens"], b["valid"], b["state"], ids, torch.arange(3).expand(2, 3), torch.ones(2, 3, dtype=torch.int64), 0, 16, LAYERS * (EXPERTS + 1))
+            indices = torch.randint(0, EXPERTS, (2, 3, K), generator=torch.Generator().manual_seed(5))
+            indices[1, 2, 1] = EXPERTS + 2
+            if device_path:
+                ops.count_routing_impl(b["counts"], b["state"], b["valid"], indices.reshape(-1, K), 1)
+            else:
+                ops.count_host(ops._rows(b["counts"]), ops._view(b["state"]), b["valid"], indices, 6, K, 1)
+        finally:
+            ops.FORCE_DEVICE_PATH = previous
+        results.append(b["counts"])
+    assert torch.equal(results[0], results[1])
+    assert int(results[0][0, 1].sum()) == 2 * 3 * K and int(results[0][0, 1, -1]) == 1 and int(results[0].sum()) == 2 * 3 * K
