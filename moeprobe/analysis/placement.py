@@ -82,7 +82,7 @@ def compute(ctx: Context, load: Load, *, ep_size: int = 8, placement: Sequence[i
     )
     per_step = ctx.materialize(f"ep_{name}_{ep_size}_{zlib.crc32(expr.encode())}", sql)
     batch = ctx.run(f"SELECT layer, avg(mean / top) AS b FROM {per_step} GROUP BY layer")
-    batch_of = {int(layer): float(b) for layer, b in zip(batch["layer"], batch["b"])}
+    batch_of = {int(layer): float(b) for layer, b in zip(batch["layer"], batch["b"], strict=True)}
     overall = ctx.run(
         f"SELECT avg(s) AS sglang, avg(v) AS vllm FROM ("
         f"SELECT step, avg(mean / top) AS s, sum(mean) / sum(top) AS v FROM {per_step} GROUP BY step)"

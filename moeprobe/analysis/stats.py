@@ -27,7 +27,7 @@ def maxvio_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
     ``empty`` where a row has no load. The one definition both the report and the simulator use."""
     load = np.asarray(load, dtype=np.float64)
     mean = load.mean(axis=-1)
-    return np.divide(load.max(axis=-1) - mean, mean, out=np.full_like(mean, empty), where=mean > 0)
+    return np.asarray(np.divide(load.max(axis=-1) - mean, mean, out=np.full_like(mean, empty), where=mean > 0))
 
 
 def cv_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
@@ -35,14 +35,14 @@ def cv_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
     use its square); ``empty`` where a row has no load."""
     load = np.asarray(load, dtype=np.float64)
     mean = load.mean(axis=-1)
-    return np.divide(load.std(axis=-1), mean, out=np.full_like(mean, empty), where=mean > 0)
+    return np.asarray(np.divide(load.std(axis=-1), mean, out=np.full_like(mean, empty), where=mean > 0))
 
 
 def balancedness_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
     """Serving systems' balancedness, mean / max over the last axis (EP ranks, GPUs or experts); 1 is even."""
     load = np.asarray(load, dtype=np.float64)
     peak = load.max(axis=-1)
-    return np.divide(load.mean(axis=-1), peak, out=np.full_like(peak, empty), where=peak > 0)
+    return np.asarray(np.divide(load.mean(axis=-1), peak, out=np.full_like(peak, empty), where=peak > 0))
 
 
 def maxvio(counts: np.ndarray) -> float:

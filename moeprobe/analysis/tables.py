@@ -8,6 +8,7 @@ balance is MaxVio 0, CV 0, Gini 0, entropy 1, balancedness 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +167,7 @@ def load_overall(report: dict[str, Any]) -> Table:
     for name, (label, ideal) in labels.items():
         m = overall["metrics"][name]
         worst = m["min"] if name == "entropy_norm" else m["max"]
-        fmt = pct if name == "top_n_coverage" else (lambda v: num(v, 1)) if name == "dead_experts" else num
+        fmt: Callable[[Any], str] = pct if name == "top_n_coverage" else (lambda v: num(v, 1)) if name == "dead_experts" else num
         values = [fmt(m["mean"]), fmt(m["p50"]), fmt(m["p90"]), fmt(worst)]
         if drops and name in ("maxvio_global", "cv"):
             label += " (routed)"

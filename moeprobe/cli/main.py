@@ -10,7 +10,7 @@ malformed value), 128+N for a recorded job killed by signal N, 130 when interrup
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import sys
 

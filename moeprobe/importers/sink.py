@@ -103,7 +103,7 @@ class TraceSink:
             )
             self.writers[rank] = found
             self._steps[rank] = set()
-            for early_rank, kind in [a for a in self._early_anomalies if a[0] == rank]:
+            for _, kind in [a for a in self._early_anomalies if a[0] == rank]:
                 found.count_anomaly(kind)
             self._early_anomalies = [a for a in self._early_anomalies if a[0] != rank]
         return found
@@ -146,7 +146,10 @@ class TraceSink:
         if (ids < -1).any():
             raise ImportInputError(f"{where}: negative expert id {int(ids.min())} (only -1 marks padding)")
         t_idx, l_idx, k_idx = np.nonzero(valid)
-        per_token = lambda values: np.broadcast_to(np.asarray(values), (tokens,))[t_idx]  # noqa: E731
+
+        def per_token(values: Any) -> np.ndarray:
+            return np.broadcast_to(np.asarray(values), (tokens,))[t_idx]
+
         weight_col = pa.nulls(len(t_idx), pa.float32()) if weights is None else pa.array(
             np.asarray(weights, np.float32)[t_idx, l_idx, k_idx], pa.float32()
         )

@@ -48,7 +48,7 @@ class Histogram:
 
     @property
     def count(self) -> np.ndarray:
-        return self.buckets.sum(axis=1)
+        return np.asarray(self.buckets.sum(axis=1))
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class LiveCounts:
         width = self._ring.shape[1]
         per_step = np.bincount(offset * width + cell[recent], minlength=w * width).reshape(w, width)
         present = np.flatnonzero(np.bincount(offset, minlength=w))
-        for s, counts in zip((present + oldest).tolist(), per_step[present]):
+        for s, counts in zip((present + oldest).tolist(), per_step[present], strict=True):
             slot = s % w
             if self._ring_step[slot] != s:
                 if self._ring_step[slot] > s:

@@ -223,7 +223,7 @@ async def test_every_screen_paints_at_80x24(known_trace: Path) -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         for key, screen_type in (("2", LayerScreen), ("3", SpecializationScreen), ("4", TokensScreen)):
             await pilot.press(key)
-            await wait_for(pilot, lambda: loaded(app, screen_type), what=screen_type.__name__)
+            await wait_for(pilot, lambda screen_type=screen_type: loaded(app, screen_type), what=screen_type.__name__)
         await pilot.press("5")
         await wait_for(pilot, lambda: isinstance(app.screen, SqlScreen), what="sql")
         await pilot.press("escape", "1")
