@@ -8,7 +8,7 @@ import json
 import sys
 from typing import IO, Any
 
-from .args import Parser
+from .args import Parser, add_selection_options, selection_filters
 
 HELP = "load imbalance, specialization and latency of a trace (text, --json, --markdown, --compare)"
 
@@ -21,10 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="one JSON object (schema: docs/report-json.md)")
     fmt.add_argument("--markdown", action="store_true", help="Markdown tables, for an issue or a PR")
     sel = parser.add_argument_group("filters")
-    sel.add_argument("--steps", metavar="A:B", help="steps A (included) to B (excluded); A: or :B for open ends")
+    add_selection_options(sel)
     sel.add_argument("--phase", choices=("prefill", "decode"))
     sel.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="sequences with this tag (repeatable)")
-    sel.add_argument("--layer", action="append", default=[], metavar="N[,N...]", help="MoE layer index (repeatable)")
     sel.add_argument("--rank", action="append", default=[], metavar="R[,R...]", help="shard rank (repeatable)")
     opt = parser.add_argument_group("analysis")
     opt.add_argument("--ep-size", type=_positive, default=8, help="expert-parallel ranks, contiguous placement (8)")
@@ -63,23 +62,7 @@ def _count(text: str) -> int:
     return value
 
 
-def _ints(values: list[str], flag: str) -> tuple[int, ...] | None:
-    from .main import UsageError
-
-    if not values:
-        return None
-    out: list[int] = []
-    for value in values:
-        for part in value.split(","):
-            try:
-                out.append(int(part))
-            except ValueError:
-                raise UsageError(f"{flag} {value!r}: expected whole numbers separated by commas") from None
-    return tuple(sorted(set(out)))
-
-
 def main(argv: list[str]) -> int:
-    from ..analysis.filters import FilterError, Filters, parse_steps, parse_tag
     from ..analysis.report_json import ReportOptions
     from .main import UsageError
 
@@ -88,16 +71,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--compare takes exactly two traces, got {len(args.traces)}")
     if not args.compare and len(args.traces) != 1:
         raise UsageError("give one trace, or two with --compare")
-    try:
-        filters = Filters(
-            steps=parse_steps(args.steps) if args.steps else None,
-            phase=args.phase,
-            tags=tuple(parse_tag(t) for t in args.tag),
-            layers=_ints(args.layer, "--layer"),
-            ranks=_ints(args.rank, "--rank"),
-        )
-    except FilterError as exc:  # a malformed value is a usage error (2); one the trace lacks is bad input (1)
-        raise UsageError(str(exc)) from None
+    filters = selection_filters(args)
     defaults = ReportOptions()
     options = ReportOptions(
         ep_size=args.ep_size,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._version import __version__
-from .args import Parser
+from .args import Parser, add_selection_options, selection_filters
 from .main import UsageError
 
 HELP = "replay recorded routing under other balancing strategies (re-routing, bias, capacity, EPLB)"
@@ -50,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("trace", help="trace directory")
     parser.add_argument("--strategy", "-s", action="append", default=[], metavar="SPEC", help="strategy to replay")
-    parser.add_argument("--steps", metavar="A:B", help="only steps A (inclusive) to B (exclusive)")
-    parser.add_argument("--layers", metavar="L,L,...", help="only these MoE layer indices")
+    add_selection_options(parser)
     parser.add_argument("--eplb", metavar="KEY=VALUE,...", help="expert placement to evaluate (see below)")
     parser.add_argument("--ep-size", type=int, default=8, metavar="GPUS", help="expert-parallel GPUs for the EP balance "
                         "column, experts placed contiguously (default: 8, or the --eplb gpus)")
@@ -68,34 +67,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise UsageError(f"--layers: {text!r} should be comma-separated layer indices like 0,3,5") from None
-    if not values:
-        raise UsageError("--layers: no layer given")
-    return values
-
-
 def main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
-    from ..simulate.deployment import EplbOptions, parse_window
+    from ..simulate.deployment import EplbOptions
     from ..simulate.strategies import parse_strategy
 
     try:
         strategies = [parse_strategy(text) for text in args.strategy]
-        window = parse_window(args.steps, "--steps") if args.steps else (None, None)
         eplb = EplbOptions.parse(args.eplb) if args.eplb else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    layers = _parse_layers(args.layers)
+    selection = selection_filters(args)  # the report's parser: the same --steps and --layers
+    window = selection.steps or (None, None)
+    layers = list(selection.layers) if selection.layers is not None else None
     if args.ep_size < 1:
         raise UsageError("--ep-size must be at least 1")
     if args.output is not None and len(strategies) != 1:

@@ -148,7 +148,7 @@ def test_export_refusals_are_one_line(traces: dict[str, Path], tmp_path: Path, c
 
 
 def test_token_level_api_on_a_counts_trace_says_why(traces: dict[str, Path]) -> None:
-    from moeprobe.analysis.session import QueryError
+    from moeprobe.traces.errors import QueryError
 
     with open_trace(traces["sglang_stat"]) as t:
         assert t.load().decisions > 0

@@ -156,7 +156,7 @@ def test_steps_window_and_eplb_text(deepseek_trace: Path) -> None:
         ("softmax_trace", ["-s", "reroute:bias=recorded"], 1, "needs the recorded router bias"),
         ("softmax_trace", ["--steps", "100:"], 1, "no routing recorded in steps 100:"),
         ("softmax_trace", ["-s", "magic"], 2, "unknown strategy 'magic'"),
-        ("softmax_trace", ["--steps", "5:2"], 2, "empty range"),
+        ("softmax_trace", ["--steps", "5:2"], 2, "the range is empty"),
         ("softmax_trace", ["-s", "reroute", "-s", "topk:k=2", "-o", "x"], 2, "exactly one --strategy"),
         ("softmax_trace", ["--eplb", "gpus=3"], 2, "4 physical experts do not divide evenly over 3 GPUs"),
         ("softmax_trace", ["--eplb", "replicas=2,gpus=2"], 2, "must be >= 4"),
