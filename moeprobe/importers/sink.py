@@ -11,7 +11,7 @@ use; every later payload must agree with them.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ import pyarrow as pa
 from ..traces.schema import PHASES, TABLES
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .errors import ImportInputError
+
+log = logging.getLogger(__name__)
 
 _PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 
@@ -98,7 +100,7 @@ class TraceSink:
                 options=options,
                 rank=rank,
                 world_size=self.world_size,
-                on_warning=lambda message: print(message, file=sys.stderr),
+                on_warning=log.warning,
                 source=self.source,
             )
             self.writers[rank] = found

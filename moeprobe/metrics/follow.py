@@ -10,7 +10,7 @@ were counted already from their own files, so flushes are followed by number, pr
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +26,8 @@ from ..traces.reader import shard_state
 from .counts import LiveCounts
 from .options import Health, MetricsOptions, ShardView, heartbeat_age
 
+log = logging.getLogger(__name__)
+
 COLUMNS = {
     "routing": ["step", "layer", "k", "expert", "dropped"],
     "latency": ["layer", "router_ms", "block_ms"],
@@ -38,7 +40,7 @@ class TraceFollower:
     def __init__(self, path: str | Path, options: MetricsOptions, *, warn: Callable[[str], None] | None = None) -> None:
         self.options = options
         self.trace: Trace = open_trace(path)
-        self._warn = warn or (lambda message: print(message, file=sys.stderr))
+        self._warn = warn or log.warning
         self._lock = threading.Lock()
         self._counts: dict[int, LiveCounts] = {}
         self._next_flush: dict[tuple[int, str], int] = {}  # (rank, table) -> first flush number not counted
