@@ -69,7 +69,10 @@ def test_job_that_raises_leaves_an_aborted_readable_trace(tmp_path: Path) -> Non
 
 
 def test_killed_job_keeps_its_flushed_data_and_is_marked_aborted(tmp_path: Path) -> None:
-    tail = "time.sleep(1.5)\nos.kill(os.getpid(), 9)"
+    # Wait on the writer (every record attached in this job), not on a guessed time, then die without cleanup.
+    tail = ("from moeprobe.hooks import autoattach\n"
+            "assert all(p.flush(timeout=60) for p in autoattach._recorder.probes)\n"
+            "os.kill(os.getpid(), 9)")
     result = _record(tmp_path, _job(tmp_path, tail), "--flush-interval", "0.2")
     assert result.returncode == 128 + 9
     trace = moeprobe.open_trace(tmp_path / "trace")
