@@ -1,6 +1,6 @@
 """Load per expert-parallel rank for a placement of experts on ranks, and its balancedness.
 
-Balancedness is mean load / max load over EP ranks, per layer (METRICS.md). Two systems aggregate it over
+Balancedness is mean load / max load over EP ranks, per layer (docs/metrics.md). Two systems aggregate it over
 layers differently and both are reported: SGLang averages the per-layer ratios, vLLM divides the sums
 (sum_l mean_l / sum_l max_l), which weights busy layers more. Each comes in a whole-window form (the loads over
 all kept steps, what a static rebalancer such as EPLB sees) and a per-step form (the mean over steps of each

@@ -1,5 +1,5 @@
 """Which experts which inputs go to: expert distribution per tag value (e.g. domain) in the three normalisations
-of METRICS.md, mutual information between expert and tag, and vocabulary specialization.
+of docs/metrics.md, mutual information between expert and tag, and vocabulary specialization.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Load metrics of one layer's routing, recorded or simulated (definitions in METRICS.md).
+"""Load metrics of one layer's routing, recorded or simulated (definitions in docs/metrics.md).
 
 A routing here is ``experts`` (T, k) int with -1 for a missing choice, and ``dropped`` (T, k) bool. The load
 c_e of an expert counts the assignments it processes (dropped ones excluded), so a capacity limit shows up

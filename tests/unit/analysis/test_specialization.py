@@ -32,7 +32,7 @@ def _tags(domains: list[str]) -> pa.Table:
 
 
 def test_uniform_random_routing_reproduces_the_repetition_baselines(tmp_path: Path) -> None:
-    # Mixtral §5 / METRICS.md: 1/E = 12.5 % and 1 - C(6,2)/C(8,2) = 46.4 % for E=8, k=2.
+    # Mixtral §5 / docs/metrics.md: 1/E = 12.5 % and 1 - C(6,2)/C(8,2) = 46.4 % for E=8, k=2.
     rng = np.random.default_rng(1234)
     seq, pos = _sequences(20, 1000)
     experts = _random_topk(rng, 20_000, 8, 2)
