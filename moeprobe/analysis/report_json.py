@@ -1,7 +1,9 @@
 """The report as one JSON-ready object (schema in docs/report-json.md) and the comparison of two reports.
 
-Text and Markdown output are rendered from this object too (``tables.py``), so every format shows the same
-numbers. Bump ``FORMAT_VERSION`` when a field changes meaning or goes away; adding fields does not bump it.
+``build`` assembles it and rounds every float once (``clean``); ``build_report`` and ``compare_reports`` give
+it its types (``report_model``), which every output renders from (``moeprobe.cli.render``: JSON, text,
+Markdown, HTML), so every format shows the same numbers. Bump ``FORMAT_VERSION`` when a field changes meaning
+or goes away; adding fields does not bump it (add them to ``report_model`` too: reading is strict).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .filters import Filters
 from .stats import spread
 
 if TYPE_CHECKING:
+    from .report_model import Comparison, Report
     from .session import Trace
 
 FORMAT_VERSION = 1
@@ -400,6 +403,13 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
     return cleaned
 
 
+def build_report(trace: Trace, filters: Filters | None = None, options: ReportOptions | None = None) -> Report:
+    """The whole report for one trace, typed."""
+    from .report_model import Report
+
+    return Report.from_json(build(trace, filters, options))
+
+
 def _empty_overall(load: load_mod.Load, ep: placement_mod.EPLoad) -> dict[str, Any]:
     empty = {"mean": None, "p50": None, "p90": None, "min": None, "max": None, "worst_layer": None, "random": None}
     return {
@@ -513,3 +523,10 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         }
     )
     return cleaned
+
+
+def compare_reports(a: Report, b: Report) -> Comparison:
+    """``compare`` of two typed reports, typed."""
+    from .report_model import Comparison
+
+    return Comparison.from_json(compare(a.to_json(), b.to_json()))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .load import Load
     from .placement import EPLoad
     from .report_json import ReportOptions
+    from .report_model import Report
     from .router import RouterLayer
     from .specialization import Specialization
     from .timeline import Timeline
@@ -230,6 +231,12 @@ class Trace:
         from . import report_json
 
         return report_json.build(self, filters, options)
+
+    def report(self, filters: Filters | None = None, options: ReportOptions | None = None) -> Report:
+        """The full report as typed records (``analysis.report_model``); ``summary()`` is its JSON form."""
+        from . import report_json
+
+        return report_json.build_report(self, filters, options)
 
     def close(self) -> None:
         self._close_console()
