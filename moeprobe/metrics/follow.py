@@ -92,8 +92,8 @@ class TraceFollower:
                     listed = (
                         (s, p) for p in layout.table_dir(reader.path, rank, table).iterdir() if (s := layout.segment_span(p)) is not None
                     )
-                    for (f, l), p in sorted(listed, key=lambda t: (t[0][0], -t[0][1])):
-                        single[f] = (l, p)
+                    for (span_first, span_last), p in sorted(listed, key=lambda t: (t[0][0], -t[0][1])):
+                        single[span_first] = (span_last, p)
                 n = start
                 while n <= last and n in single and single[n][0] <= last:
                     self._read(reader, rank, table, columns, single[n][1])

@@ -375,7 +375,7 @@ def _stored_decisions(path: Path, meta: pq.FileMetaData, top_k: int) -> int:
     else:
         return total
     choices = pq.read_table(path, columns=["choices"]).column("choices").to_numpy()
-    if choices.size and not (1 <= int(choices.min()) and int(choices.max()) <= top_k):
+    if choices.size and not (int(choices.min()) >= 1 and int(choices.max()) <= top_k):
         raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
     return int(choices.sum(dtype=np.int64))
 
