@@ -57,7 +57,7 @@ def _pid_alive(pid: int) -> bool:
 
 def shard_state(shard: dict[str, Any]) -> str:
     """running / complete / aborted, or ``stale`` when the status says running but its writer is gone."""
-    status = shard["status"]
+    status: str = shard["status"]
     if status != "running":
         return status
     if shard.get("host") == socket.gethostname():
