@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .context import TokenContext
+from .token_context import TokenContext
 
 
 CONTEXT_TENSORS = ("input_ids", "position_ids", "attention_mask", "mask_4d")

@@ -232,7 +232,7 @@ def record_routing_impl(ring: Tensor, state: Tensor, indices: Tensor, weights: T
         return
     step = state[STEP]
     bits = weights.reshape(tokens, k).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    rows = torch.cat(
+    device_rows = torch.cat(
         [
             step.expand(tokens, 1),
             torch.full((tokens, 1), layer, dtype=torch.int64, device=indices.device),
@@ -242,7 +242,7 @@ def record_routing_impl(ring: Tensor, state: Tensor, indices: Tensor, weights: T
         ],
         dim=1,
     )
-    _write(ring, state, ROUTING_CURSOR, rows, state[KEEP].bool())
+    _write(ring, state, ROUTING_CURSOR, device_rows, state[KEEP].bool())
 
 
 RECORD_ROUTING = torch.library.custom_op("moeprobe::record_routing", record_routing_impl, mutates_args=("ring", "state"))

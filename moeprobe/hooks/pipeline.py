@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,12 @@ EMIT_BATCH_DECISIONS = 1 << 22
 PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
 
 
+@overload
+def _np(t: torch.Tensor, dtype: Any = None) -> np.ndarray: ...
+@overload
+def _np(t: None, dtype: Any = None) -> None: ...
+@overload
+def _np(t: torch.Tensor | None, dtype: Any = None) -> np.ndarray | None: ...
 def _np(t: torch.Tensor | None, dtype: Any = None) -> np.ndarray | None:
     if t is None:
         return None
@@ -167,7 +173,8 @@ class CapturePipeline:
         # without bound when the writer was stuck).
         self._dropped: dict[str, int] = {}
         # Expert ids each layer may name (the routing table stores them as int16).
-        self._num_experts = {int(m["index"]): int(m["num_experts"]) for m in writer._header.get("layers", [])}
+        layers: list[dict[str, Any]] = writer._header.get("layers", [])  # type: ignore[assignment]  # the writer's JSON header
+        self._num_experts = {int(m["index"]): int(m["num_experts"]) for m in layers}
         self.failure: BaseException | None = None
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="moeprobe-writer", daemon=True)

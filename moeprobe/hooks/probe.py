@@ -29,7 +29,7 @@ from ..metrics.options import MetricsOptions
 from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .capture import LayerCapture, StepBuffer, move_to_host
-from .context import ContextReader, TokenContext
+from .token_context import ContextReader, TokenContext
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
 from .adapters import transformers_version
@@ -414,8 +414,8 @@ class Probe:
         for layer in self.layers:
             if layer.stack is not None:
                 entries[id(layer.stack)] = (layer.stack, stacks[id(layer.stack)])
-        for module, stack_id in entries.values():
-            reader = readers.get(stack_id) if stack_id is not None else None
+        for module, entry_stack in entries.values():
+            reader = readers.get(entry_stack) if entry_stack is not None else None
             self._hook(module.register_forward_pre_hook(self._checked(self._entry_pre(reader)), with_kwargs=True))
             self._hook(module.register_forward_hook(self._checked(self._entry_post), always_call=True))
         for layer in self.layers:

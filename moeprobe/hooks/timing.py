@@ -23,7 +23,7 @@ class CpuClock:
     def elapsed_ms(start: Any, end: Any) -> float | None:
         if start is None or end is None:
             return None
-        return (end - start) / 1e6
+        return float((end - start) / 1e6)
 
     def release(self, marks: list[Any]) -> None:
         pass
