@@ -28,7 +28,7 @@ from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
 from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
 from ..traces.writer import ShardWriter, prepare_trace_dir
-from .capture import LayerCapture, StepBuffer, move_to_host
+from .capture import LayerCapture, LayerMarks, StepBuffer, move_to_host
 from .token_context import ContextReader, TokenContext
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
@@ -429,7 +429,7 @@ class Probe:
             step = self._step
             if step is not None:
                 try:
-                    step.marks[i] = [None, None, clock.mark(), None]
+                    step.marks[i] = LayerMarks(clock.mark())
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("block_pre", exc)
 
@@ -439,7 +439,7 @@ class Probe:
                 try:
                     marks = step.marks.get(i)
                     if marks is not None:
-                        marks[3] = clock.mark()
+                        marks.block_end = clock.mark()
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("block_post", exc)
 
@@ -449,7 +449,7 @@ class Probe:
                 try:
                     marks = step.marks.get(i)
                     if marks is not None:
-                        marks[0] = clock.mark()
+                        marks.router_start = clock.mark()
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("router_pre", exc)
 
@@ -463,7 +463,7 @@ class Probe:
             try:
                 marks = step.marks.get(i)
                 if marks is not None:
-                    marks[1] = clock.mark()
+                    marks.router_end = clock.mark()
                 if not layer.validated and layer.source == "router" and layer.experts_fallback is not None:
                     if contracts.logits_only(output, layer.meta["num_experts"]) is not None:
                         self._route_through_experts(layer, stack_id)
@@ -642,7 +642,7 @@ class Probe:
     def _release_marks(self, step: StepBuffer) -> None:
         """Give a step's clock marks back to the pool: a dropped step's CUDA events would otherwise be lost."""
         for marks in step.marks.values():
-            self.clock.release(marks)
+            self.clock.release(marks.all())
         step.marks = {}
 
 
