@@ -27,27 +27,17 @@ from ..metrics.endpoint import MetricsEndpointError
 from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
 from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
-from ..traces.writer import ShardWriter, prepare_trace_dir
+from ..traces.writer import ShardWriter
 from .capture import LayerCapture, LayerMarks, StepBuffer, move_to_host
 from .token_context import ContextReader, TokenContext
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
 from .adapters import transformers_version
+from .destination import TraceDestination, job_rank
 from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
 from .timing import CpuClock, CudaClock
 from . import detect
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except Exception:  # noqa: BLE001
-        pass
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _model_info(model: nn.Module, layers: list[LayerBinding], name: str | None) -> dict[str, Any]:
@@ -154,9 +144,7 @@ class Probe:
         self.logits = logits
         self.redact_tokens = redact_tokens
         self.path = Path(path) if path is not None else None
-        dist_rank, dist_world = _dist_rank_world()
-        self.rank = dist_rank if rank is None else rank
-        self.world_size = dist_world if world_size is None else world_size
+        self.rank, self.world_size = job_rank(rank, world_size)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.clock = clock if clock is not None else (CudaClock() if device.type == "cuda" else CpuClock())
         self._cuda = device.type == "cuda"
@@ -181,19 +169,7 @@ class Probe:
         self.metrics_url: str | None = None
         self._metrics: _MetricsLink | None = None
         if self.path is not None:
-            if self.world_size == 1:
-                prepare_trace_dir(self.path, force=force)
-            else:
-                from ..traces.removal import remove_shard
-                from ..traces.writer import cannot_write
-
-                try:
-                    self.path.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise cannot_write(self.path, exc) from exc
-                shard = self.path / f"rank={self.rank}"
-                if (shard.exists() or shard.is_symlink()) and force:
-                    remove_shard(shard)  # only what moeprobe wrote, and not while its writer runs
+            TraceDestination(self.path, self.rank, self.world_size).prepare(force=force)
             options = {
                 "logits": logits,
                 "flush_interval_s": flush_interval,
@@ -267,9 +243,7 @@ class Probe:
         """Close and remove the trace this probe created a moment ago (it holds no record yet)."""
         assert self.pipeline is not None and self.path is not None
         self.pipeline.close("aborted", "the metrics endpoint could not start")
-        import shutil
-
-        shutil.rmtree(self.path if self.world_size == 1 else self.path / f"rank={self.rank}", ignore_errors=True)
+        TraceDestination(self.path, self.rank, self.world_size).abandon()
 
     # -- public -------------------------------------------------------------------------------------
     def tag(self, **tags: Any) -> None:
