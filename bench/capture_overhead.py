@@ -224,7 +224,7 @@ def main() -> None:
     times["generate_moeprobe_inner"] = []
     times["moeprobe_metrics_inner"] = []
     cpu: dict[str, list[float]] = {name: [] for name in times}
-    for name, fn in variants.items():  # warm-up: allocator, kernels, lazy imports
+    for fn in variants.values():  # warm-up: allocator, kernels, lazy imports
         fn()
     for name in times:
         times[name].clear()

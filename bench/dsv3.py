@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moeprobe.hooks.capture import LayerCapture, StepBuffer
-from moeprobe.hooks.context import NEW, TokenContext
+from moeprobe.hooks.token_context import NEW, TokenContext
 
 LAYERS = 58
 EXPERTS = 256

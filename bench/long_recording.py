@@ -128,7 +128,7 @@ def main() -> int:
     # Throughput per ~2 s window of the recording (the flush interval is 1 s, so shorter windows are jumpy).
     windows = []
     edges = np.arange(0.0, model_done + 2.0, 2.0)
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         inside = (t >= lo) & (t < hi)
         if inside.sum() >= 2:
             windows.append((rows[inside][-1] - rows[inside][0]) / (t[inside][-1] - t[inside][0]))

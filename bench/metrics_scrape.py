@@ -94,7 +94,7 @@ def main() -> None:
         registry.register(MoeCollector(lambda: [ShardView("m", 0, counts.snapshot(), Health(steps=1))], options))
         text = generate_latest(registry)
         series = sum(1 for line in text.decode().splitlines() if line and not line.startswith("#"))
-        wall, cpu = fastest(lambda: generate_latest(registry), args.repeat)
+        wall, cpu = fastest(lambda registry=registry: generate_latest(registry), args.repeat)
         print(f"  scrape, {label:<10} ({series:>6,} series): {wall:7.1f} ms wall, {cpu:7.1f} ms CPU, {len(text) / 1024:,.0f} KiB")
 
 

@@ -99,9 +99,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if stand_in.barrier is not None:
                 stand_in.barrier.wait(timeout=stand_in.wait_s)
-            if stand_in.hold_after is not None and arrival > stand_in.hold_after:
-                if not stand_in.release.wait(timeout=stand_in.wait_s):
-                    raise TimeoutError("held request never released")
+            held = stand_in.hold_after is not None and arrival > stand_in.hold_after
+            if held and not stand_in.release.wait(timeout=stand_in.wait_s):
+                raise TimeoutError("held request never released")
             kind, payload = stand_in.answer(self.path, body)
         except (KeyError, threading.BrokenBarrierError, TimeoutError) as exc:
             with stand_in.lock:

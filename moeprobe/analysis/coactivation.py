@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import stats
-from .context import Context, Sample
+from .context import Context
+from .sampling import Sample
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class CoactivationLayer:
         """The n strongest (i, j, P(j | i)) pairs, among experts chosen at least once."""
         flat = np.argsort(self.matrix, axis=None)[::-1][:n]
         rows, cols = np.unravel_index(flat, self.matrix.shape)
-        return [(int(i), int(j), float(self.matrix[i, j])) for i, j in zip(rows, cols) if self.matrix[i, j] > 0]
+        return [(int(i), int(j), float(self.matrix[i, j])) for i, j in zip(rows, cols, strict=True) if self.matrix[i, j] > 0]
 
 
 def compute(ctx: Context, sample: Sample) -> list[CoactivationLayer]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..traces.reader import TraceReader
 from ..traces.schema import TABLES
+from .quoting import sql_string_list
 from .views import register_storage, view_select
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def sandboxed_connection(reader: TraceReader) -> duckdb.DuckDBPyConnection:
         con.execute("SET enable_progress_bar = false")
         con.execute("SET enable_progress_bar_print = false")
         con.execute("SET temp_directory = ''")
-        con.execute("SET allowed_paths = " + _sql_list(files))
+        con.execute("SET allowed_paths = " + sql_string_list(files))
         con.execute("SET allowed_directories = []")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
@@ -84,7 +85,3 @@ def sandboxed_connection(reader: TraceReader) -> duckdb.DuckDBPyConnection:
         con.close()
         raise
     return con
-
-
-def _sql_list(items: list[str]) -> str:
-    return "[" + ", ".join("'" + item.replace("'", "''") + "'" for item in items) + "]"

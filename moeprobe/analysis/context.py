@@ -1,5 +1,6 @@
 """What every analysis works with: the trace's DuckDB connection, the filters, the layer metadata, the SQL files
-and a small cache of per-filter intermediate tables.
+and the per-snapshot cache of per-filter intermediate tables (``analysis.snapshot``, owned by the ``Trace``).
+Sampling for the estimates lives in ``analysis.sampling``.
 
 Heavy lifting happens in SQL; results come back as column dicts of numpy arrays that are small (per layer x
 expert, per step x layer) and are finished in numpy.
@@ -8,8 +9,6 @@ expert, per step x layer) and are finished in numpy.
 from __future__ import annotations
 
 import re
-import zlib
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -17,22 +16,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..traces.schema import ROUTING
-from .filters import Filters
+from .duckdb_errors import duckdb_errors
+from .filters import FilterError, Filters
+from .quoting import sql_literal
 
 if TYPE_CHECKING:
     from .session import Trace
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
-
-# Analyses that are estimates look at about this many routing decisions at most (see Context.sample): count
-# tables (per tag, per token id) and, much smaller, the token-level ones that join the routing with itself
-# (repetition, co-activation, router scores). Load metrics always use every decision.
-DEFAULT_COUNT_BUDGET = 8_000_000
-DEFAULT_SAMPLE_BUDGET = 2_000_000
-# A sample is this many runs of consecutive sequences, one in the middle of each quarter of the trace. More runs
-# spread it further but touch more Parquet row groups: at 100 M decisions, 16 runs cost three times the CPU.
-_SAMPLE_RUNS = 4
-
 
 @cache
 def sql_text(name: str) -> str:
@@ -50,26 +41,6 @@ def render_sql(text: str, sources: dict[str, str]) -> str:
         return sources[name]
 
     return _PLACEHOLDER.sub(sub, text)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A deterministic subset of whole sequences that an estimate looked at (see ``Context.sample``)."""
-
-    table: str
-    predicate: str  # SQL over columns rank and sequence that keeps the sampled sequences
-    fraction: float
-    decisions: int
-    sequences: int
-    budget: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "fraction": self.fraction,
-            "decisions": self.decisions,
-            "sequences": self.sequences,
-            "budget": self.budget,
-        }
 
 
 _NON_NULL = tuple(f.name for f in ROUTING if not f.nullable)
@@ -93,15 +64,13 @@ class Context:
     def _check_tags_and_phase(self) -> None:
         """A tag key or value, or a phase, that the trace does not have is a FilterError naming what it has
         (not an empty report that looks like a bug)."""
-        from .filters import FilterError, sql_literal
-
         for key, value in self.filters.tags:
             got = self.run(
                 f"SELECT value, count(*) AS n FROM tags WHERE key = {sql_literal(key)} GROUP BY value ORDER BY n DESC, value"
             )
             if len(got.get("value", [])) == 0:
-                keys = self.run("SELECT DISTINCT key FROM tags ORDER BY key").get("key", [])
-                have = f"tag keys: {_listing([str(k) for k in keys])}" if len(keys) else "this trace has no tags"
+                keys = [str(k) for k in self.run("SELECT DISTINCT key FROM tags ORDER BY key").get("key", [])]
+                have = f"tag keys: {_listing(keys)}" if keys else "this trace has no tags"
                 raise FilterError(f"--tag {key}={value}: no sequence has the tag key {key!r} ({have})")
             values = [str(v) for v in got["value"]]
             if value not in values:
@@ -155,11 +124,12 @@ class Context:
         """Whether any routing row of this snapshot breaks the contract: one counting pass per snapshot (cached on
         the Trace, dropped by refresh), so that a clean trace, the usual case, pays no per-query predicate (it
         cost about two thirds more CPU on a 10 M decision report)."""
-        if self.trace._invalid_total is None:
+        cache = self.trace.snapshot_cache
+        if cache.invalid_total is None:
             whole = self if self.filters.key == Filters().key else Context(self.trace)
             got = whole.run(f"SELECT count(*)::BIGINT AS n FROM routing v WHERE NOT {whole.valid_routing('v')}")
-            self.trace._invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
-        return self.trace._invalid_total > 0
+            cache.invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
+        return cache.invalid_total > 0
 
     def invalid_decisions(self) -> dict[int, int]:
         """Routing rows (kept by the filters) that ``valid_routing`` leaves out, per layer (-1: layer NULL)."""
@@ -169,31 +139,18 @@ class Context:
             f"SELECT coalesce(v.layer, -1)::INTEGER AS layer, count(*)::BIGINT AS n FROM {self.filters.routing()} v "
             f"WHERE NOT {self.valid_routing('v')} GROUP BY ALL ORDER BY 1"
         )
-        return {int(layer): int(n) for layer, n in zip(got.get("layer", []), got.get("n", []))}
+        return {int(layer): int(n) for layer, n in zip(got.get("layer", []), got.get("n", []), strict=True)}
 
     def query(self, name: str, **extra: str) -> dict[str, np.ndarray]:
         """Run the SQL file ``name`` with the filtered tables in place; columns as numpy arrays."""
         return self.run(render_sql(sql_text(name), {**self.sources(), **extra}))
 
     def run(self, sql: str) -> dict[str, np.ndarray]:
-        import duckdb
-
-        from ..traces.errors import CorruptSegmentError
-        from .session import QueryError
-
-        try:
+        with duckdb_errors(self.trace.reader):
             result = self.con.sql(sql)
             if result is None:
                 return {}
             columns = result.fetchnumpy()
-        except duckdb.IOException as exc:
-            raise CorruptSegmentError(f"{self.trace.path}: {str(exc).splitlines()[0]}") from exc
-        except duckdb.Error as exc:
-            # A decoding error in a segment's column data reaches us as a bare duckdb.Error; name the file.
-            # A query the user got wrong (syntax, unknown name) is not worth a full read of every segment.
-            if not isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)):
-                self.trace.reader.find_corrupt_segment()
-            raise QueryError(str(exc).splitlines()[0]) from exc
         # Masked arrays (NULLs) become float arrays with NaN, so that numpy code downstream sees one kind.
         out: dict[str, np.ndarray] = {}
         for key, col in columns.items():
@@ -205,28 +162,16 @@ class Context:
 
     def materialize(self, name: str, sql: str) -> str:
         """Create (once per filters) a temporary table from ``sql`` and return its name."""
-        table = f"_mp_{name}_{self.filters.key}"
-        cache = self.trace._temp_tables  # owned by the Trace: refresh() drops them with the old snapshot
-        if table not in cache:
-            self.run(f"CREATE OR REPLACE TEMP TABLE {table} AS {sql}")
-            cache.add(table)
-        return table
+        # The cache is the Trace's: refresh() drops these tables with the old snapshot.
+        return self.trace.snapshot_cache.table(
+            f"_mp_{name}_{self.filters.key}", lambda table: self.run(f"CREATE OR REPLACE TEMP TABLE {table} AS {sql}")
+        )
 
-    # -- sampling for token-level analyses -----------------------------------------------------------
-    def decisions(self) -> int:
-        """Routing decisions kept by the filters (from the load aggregate, which every report builds anyway)."""
-        from .load import aggregate
-
-        got = self.run(f"SELECT coalesce(sum(n), 0)::BIGINT AS n FROM {aggregate(self)}")
-        return int(got["n"][0])
-
-    def sequences(self) -> str:
-        """(rank, sequence, decisions) of every kept sequence, created once. Sizes come from one layer times
-        the number of kept layers (every MoE layer routes every token), which keeps this pass cheap."""
-        return self.materialize("sequences", self.sequences_sql())
 
     def sequences_sql(self) -> str:
-        """The SQL behind ``sequences``: one row per (rank, sequence), so a sequence never spans two shards."""
+        """(rank, sequence, decisions) of every kept sequence (``sampling.sequences`` materializes it): one row per
+        (rank, sequence), so a sequence never spans two shards. Sizes come from one layer times the number of kept
+        layers (every MoE layer routes every token), which keeps this pass cheap."""
         layer = next(iter(self.layers))
         return (
             f"SELECT rank, sequence, count(*) * {len(self.layers)} AS n "
@@ -241,7 +186,7 @@ class Context:
 
     def seed_invalid_total(self, total: int) -> None:
         """Take the whole trace's invalid-row count from elsewhere (the sum over its shards), instead of a pass."""
-        self.trace._invalid_total = int(total)
+        self.trace.snapshot_cache.invalid_total = int(total)
 
     def seed(self, name: str, table: Any) -> str:
         """Install ``table`` (pyarrow) as the intermediate table ``materialize(name, ...)`` would have created for
@@ -253,79 +198,8 @@ class Context:
             self.con.execute(f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT * FROM _mp_seed")
         finally:
             self.con.unregister("_mp_seed")
-        self.trace._temp_tables.add(target)
+        self.trace.snapshot_cache.adopt(target)
         return target
-
-    def sample(self, budget: int, *, materialize: bool = True) -> Sample:
-        """The filtered routing of a deterministic subset of whole sequences, about ``budget`` decisions.
-
-        Whole sequences are kept so that consecutive tokens stay together, in runs spread evenly over the
-        trace (see ``_choose``). ``budget <= 0`` means everything. With ``materialize`` the rows are copied into
-        a temporary table (for analyses that join it with itself); otherwise ``table`` is a subquery over the
-        Parquet files.
-        """
-        if self.mode == "counts":
-            from .session import QueryError
-
-            raise QueryError(
-                f"{self.trace.path}: this analysis needs per-token routing; the trace holds only expert counts "
-                "(the loads table): load, EP placement and simulate --eplb work on it"
-            )
-        total = self.decisions()
-        predicate, decisions, sequences = "true", total, 0
-        if self.layers:
-            seqs = self.sequences()
-            if budget <= 0 or total <= budget:
-                sequences = int(self.run(f"SELECT count(*) AS s FROM {seqs}")["s"][0])
-            else:
-                predicate, decisions, sequences = self._choose(seqs, budget)
-        source = f"(SELECT * FROM {self.sources()['routing']} AS r WHERE {predicate})"
-        table = source
-        if materialize:
-            table = self.materialize(
-                f"sample_{zlib.crc32(predicate.encode())}",
-                f"SELECT rank, step, sequence, position, token_id, layer, k, expert FROM {source} AS s",
-            )
-        return Sample(
-            table=table,
-            predicate=predicate,
-            fraction=decisions / total if total else 1.0,
-            decisions=decisions,
-            sequences=sequences,
-            budget=budget,
-        )
-
-    def _choose(self, seqs: str, budget: int) -> tuple[str, int, int]:
-        """Evenly spaced runs of consecutive sequences (in (rank, sequence) order) worth ``budget`` decisions.
-
-        Runs rather than scattered sequences: a range predicate lets the Parquet scan skip whole row groups
-        (a capture writes a sequence's tokens close together) and costs two comparisons a row, where a long IN
-        list is a hash probe for each of 100 M rows. Spreading the runs over the trace samples its whole
-        duration, not its beginning.
-        """
-        got = self.run(f"SELECT rank, sequence, n FROM {seqs} ORDER BY rank, sequence")
-        ranks, ids, sizes = got["rank"], got["sequence"], got["n"].astype(np.float64)
-        cum = np.cumsum(sizes)
-        # no more runs than sequences that fit, so that "at least one sequence a run" stays within budget
-        runs = max(1, min(_SAMPLE_RUNS, int(budget * len(sizes) // cum[-1])))
-        per_run = budget / runs
-        keep = np.zeros(len(ids), dtype=bool)
-        for stripe in range(runs):
-            start = (stripe + 0.5) * cum[-1] / runs - per_run / 2
-            first = min(int(np.searchsorted(cum, start, side="right")), len(cum) - 1)
-            before = cum[first - 1] if first else 0.0
-            last = int(np.searchsorted(cum, before + per_run, side="right")) - 1
-            keep[first : max(first, last) + 1] = True
-        parts: list[str] = []
-        index = np.flatnonzero(keep)
-        # consecutive kept positions of one rank form one run
-        breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(ranks[index]) != 0)) + 1
-        for run in np.split(index, breaks):
-            if len(run):
-                a, b = run[0], run[-1]
-                parts.append(f"(rank = {int(ranks[a])} AND sequence BETWEEN {int(ids[a])} AND {int(ids[b])})")
-        predicate = "(" + " OR ".join(parts) + ")" if parts else "false"
-        return predicate, int(sizes[keep].sum()), int(keep.sum())
 
     # -- layer metadata ---------------------------------------------------------------------------
     def meta_sql(self) -> str:

@@ -13,18 +13,19 @@ from typing import Any
 
 from ..traces.errors import TraceError
 from ..traces.schema import PHASES
+from .quoting import sql_literal
 
 
-class FilterError(TraceError):
-    """A filter does not fit the trace or cannot be parsed (bad step range, unknown layer, ...)."""
+class FilterError(TraceError, ValueError):
+    """A filter does not fit the trace or cannot be parsed (bad step range, unknown layer, ...).
+
+    A ValueError too, so that a parser shared with ``simulate`` (steps, layers) fits its ValueError handling."""
 
 
-def sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+def parse_steps(text: str, flag: str = "--steps") -> tuple[int | None, int | None]:
+    """``A:B`` (half-open, like a Python slice), ``A:`` or ``:B``; a single ``N`` means ``N:N+1``.
 
-
-def parse_steps(text: str) -> tuple[int | None, int | None]:
-    """``A:B`` (half-open, like a Python slice), ``A:`` or ``:B``; a single ``N`` means ``N:N+1``."""
+    The one step-range parser: report's and simulate's ``--steps`` and simulate's ``--eplb plan=/eval=``."""
     raw = text.strip()
     try:
         if ":" not in raw:
@@ -34,10 +35,29 @@ def parse_steps(text: str) -> tuple[int | None, int | None]:
         start = int(left) if left.strip() else None
         stop = int(right) if right.strip() else None
     except ValueError:
-        raise FilterError(f"--steps {text!r}: expected A:B, A: or :B with whole numbers") from None
+        raise FilterError(f"{flag} {text!r}: expected A:B, A: or :B with whole numbers") from None
     if start is not None and stop is not None and stop <= start:
-        raise FilterError(f"--steps {text!r}: the range is empty (B must be greater than A; B is excluded)")
+        raise FilterError(f"{flag} {text!r}: the range is empty (B must be greater than A; B is excluded)")
     return start, stop
+
+
+def parse_indices(values: list[str], flag: str) -> tuple[int, ...] | None:
+    """Repeated and comma-separated indices (``--layers 0,3 --layers 5``), sorted and unique; None when none
+    were given, so that the filter keeps everything."""
+    if not values:
+        return None
+    out: set[int] = set()
+    for value in values:
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            try:
+                out.add(int(part))
+            except ValueError:
+                raise FilterError(f"{flag} {value!r}: expected whole numbers separated by commas, like 0,3,5") from None
+    if not out:
+        raise FilterError(f"{flag}: no index given")
+    return tuple(sorted(out))
 
 
 def parse_tag(text: str) -> tuple[str, str]:
@@ -189,7 +209,7 @@ def _ranges(values: list[int]) -> str:
         return "none"
     out: list[str] = []
     start = prev = values[0]
-    for v in values[1:] + [None]:  # type: ignore[list-item]
+    for v in [*values[1:], None]:
         if v is not None and v == prev + 1:
             prev = v
             continue

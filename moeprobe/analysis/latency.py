@@ -74,7 +74,7 @@ def compute(ctx: Context) -> Latency:
             layers[index].by_phase[str(got["phase"][i])] = (router, block)
     if layers:
         fit = ctx.query("latency_load", latency=timed, steps_load=steps_load(ctx))
-        for index, phase, whole, n, r, slope in zip(fit["layer"], fit["phase"], fit["all_phases"], fit["n"], fit["r"], fit["slope"]):
+        for index, phase, whole, n, r, slope in zip(fit["layer"], fit["phase"], fit["all_phases"], fit["n"], fit["r"], fit["slope"], strict=True):
             if int(index) in layers:
                 item = layers[int(index)]
                 if int(whole):

@@ -63,7 +63,7 @@ class LayerLoad:
     @property
     def processed(self) -> np.ndarray:
         """Per expert, the choices it computed: routed minus dropped."""
-        return self.counts - self.dropped_counts
+        return np.asarray(self.counts - self.dropped_counts)
 
     @property
     def maxvio_processed(self) -> float:

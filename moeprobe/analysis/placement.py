@@ -1,6 +1,6 @@
 """Load per expert-parallel rank for a placement of experts on ranks, and its balancedness.
 
-Balancedness is mean load / max load over EP ranks, per layer (METRICS.md). Two systems aggregate it over
+Balancedness is mean load / max load over EP ranks, per layer (docs/metrics.md). Two systems aggregate it over
 layers differently and both are reported: SGLang averages the per-layer ratios, vLLM divides the sums
 (sum_l mean_l / sum_l max_l), which weights busy layers more. Each comes in a whole-window form (the loads over
 all kept steps, what a static rebalancer such as EPLB sees) and a per-step form (the mean over steps of each
@@ -82,7 +82,7 @@ def compute(ctx: Context, load: Load, *, ep_size: int = 8, placement: Sequence[i
     )
     per_step = ctx.materialize(f"ep_{name}_{ep_size}_{zlib.crc32(expr.encode())}", sql)
     batch = ctx.run(f"SELECT layer, avg(mean / top) AS b FROM {per_step} GROUP BY layer")
-    batch_of = {int(layer): float(b) for layer, b in zip(batch["layer"], batch["b"])}
+    batch_of = {int(layer): float(b) for layer, b in zip(batch["layer"], batch["b"], strict=True)}
     overall = ctx.run(
         f"SELECT avg(s) AS sglang, avg(v) AS vllm FROM ("
         f"SELECT step, avg(mean / top) AS s, sum(mean) / sum(top) AS v FROM {per_step} GROUP BY step)"

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 from . import stats
-from .context import Context, Sample
+from .context import Context
+from .sampling import Sample
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class RepetitionLayer:
 def compute(ctx: Context, sample: Sample) -> list[RepetitionLayer]:
     got = ctx.query("repetition", sample=sample.table)
     out: list[RepetitionLayer] = []
-    for layer, pairs, first, any_ in zip(got["layer"], got["pairs"], got["first_same"], got["any_same"]):
+    for layer, pairs, first, any_ in zip(got["layer"], got["pairs"], got["first_same"], got["any_same"], strict=True):
         index = int(layer)
         if index not in ctx.layers:
             continue

@@ -1,7 +1,9 @@
 """The report as one JSON-ready object (schema in docs/report-json.md) and the comparison of two reports.
 
-Text and Markdown output are rendered from this object too (``tables.py``), so every format shows the same
-numbers. Bump ``FORMAT_VERSION`` when a field changes meaning or goes away; adding fields does not bump it.
+``build`` assembles it and rounds every float once (``clean``); ``build_report`` and ``compare_reports`` give
+it its types (``report_model``), which every output renders from (``moeprobe.cli.render``: JSON, text,
+Markdown, HTML), so every format shows the same numbers. Bump ``FORMAT_VERSION`` when a field changes meaning
+or goes away; adding fields does not bump it (add them to ``report_model`` too: reading is strict).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from . import load as load_mod
 from . import placement as placement_mod
 from . import router as router_mod
 from . import specialization as spec_mod
-from .context import DEFAULT_COUNT_BUDGET, DEFAULT_SAMPLE_BUDGET, Context
+from .context import Context
+from .sampling import DEFAULT_COUNT_BUDGET, DEFAULT_SAMPLE_BUDGET, sample as sample_routing
 from .filters import Filters
 from .stats import spread
 
 if TYPE_CHECKING:
+    from .report_model import Comparison, Report
     from .session import Trace
 
 FORMAT_VERSION = 1
@@ -361,8 +365,8 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
     if ctx.mode == "counts":
         specialization = _counts_only_specialization()
     else:
-        counts = ctx.sample(options.count_budget, materialize=False)
-        sample = ctx.sample(options.sample_budget)
+        counts = sample_routing(ctx, options.count_budget, materialize=False)
+        sample = sample_routing(ctx, options.sample_budget)
         keys = list(options.tag_keys) if options.tag_keys is not None else None
         spec = spec_mod.compute(ctx, counts, sample, keys=keys, min_count=options.min_count)
         specialization = _specialization_json(spec, options.full)
@@ -395,7 +399,15 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
         "specialization": specialization,
         "latency": _latency_json(lat),
     }
-    return clean(report)
+    cleaned: dict[str, Any] = clean(report)
+    return cleaned
+
+
+def build_report(trace: Trace, filters: Filters | None = None, options: ReportOptions | None = None) -> Report:
+    """The whole report for one trace, typed."""
+    from .report_model import Report
+
+    return Report.from_json(build(trace, filters, options))
 
 
 def _empty_overall(load: load_mod.Load, ep: placement_mod.EPLoad) -> dict[str, Any]:
@@ -500,7 +512,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for index in sorted(set(layers_a) | set(layers_b)):
         la, lb = layers_a.get(index, {}), layers_b.get(index, {})
         per_layer.append({"layer": index, **{label: _pair(_get(la, p), _get(lb, p)) for label, p in COMPARED_LAYER}})
-    return clean(
+    cleaned: dict[str, Any] = clean(
         {
             "format_version": FORMAT_VERSION,
             "generator": f"moeprobe {__version__}",
@@ -510,3 +522,11 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "b": b,
         }
     )
+    return cleaned
+
+
+def compare_reports(a: Report, b: Report) -> Comparison:
+    """``compare`` of two typed reports, typed."""
+    from .report_model import Comparison
+
+    return Comparison.from_json(compare(a.to_json(), b.to_json()))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .context import Context, Sample, render_sql, sql_text
+from .context import Context, render_sql, sql_text
+from .sampling import Sample
 
 SIGMOID_SCORING = ("sigmoid", "sigmoid_topk")
 
@@ -65,11 +66,11 @@ def compute(ctx: Context, sample: Sample) -> list[RouterLayer]:
     layers = ctx.query("router_layers", **extra)
     switch = ctx.query("router_switch", **extra)
     deepseek = ctx.query("router_deepseek", **extra)
-    seq_loss = {int(k): float(v) for k, v in zip(deepseek["layer"], deepseek["loss"])}
+    seq_loss = {int(k): float(v) for k, v in zip(deepseek["layer"], deepseek["loss"], strict=True)}
     flips: dict[int, tuple[int, int]] = {}
     if ctx.trace.reader.segments("bias"):
         got = ctx.query("router_bias", **extra)
-        flips = {int(k): (int(n), int(f)) for k, n, f in zip(got["layer"], got["tokens"], got["flipped"])}
+        flips = {int(k): (int(n), int(f)) for k, n, f in zip(got["layer"], got["tokens"], got["flipped"], strict=True)}
 
     out: list[RouterLayer] = []
     for i, layer in enumerate(layers["layer"]):

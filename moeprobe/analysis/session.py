@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..traces.errors import CorruptSegmentError, TraceError
+from ..traces.errors import QueryError
 from ..traces.reader import TraceReader
-from .context import DEFAULT_COUNT_BUDGET, DEFAULT_SAMPLE_BUDGET
+from .sampling import DEFAULT_COUNT_BUDGET, DEFAULT_SAMPLE_BUDGET
+from .snapshot import SnapshotCache
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -22,13 +23,14 @@ if TYPE_CHECKING:
     from .load import Load
     from .placement import EPLoad
     from .report_json import ReportOptions
+    from .report_model import Report
     from .router import RouterLayer
     from .specialization import Specialization
     from .timeline import Timeline
 
 
-class QueryError(TraceError):
-    """A SQL query over the trace failed (syntax, unknown column, ...)."""
+# QueryError lives with the other trace errors; it is named here too, where users have imported it from.
+__all__ = ["QueryError", "Trace", "open_trace"]
 
 
 class Trace:
@@ -41,13 +43,10 @@ class Trace:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.reader = TraceReader(path)
         self._con: duckdb.DuckDBPyConnection | None = None
-        # Per-filter intermediate tables (see analysis.context); they describe a snapshot of the segments,
-        # so refresh() drops them.
-        self._temp_tables: set[str] = set()
+        # Per-filter intermediate tables and the invalid-row count (see analysis.snapshot); they describe a
+        # snapshot of the segments, so refresh() drops them.
+        self.snapshot_cache = SnapshotCache()
         self._console: duckdb.DuckDBPyConnection | None = None  # see console_connection
-        # Routing rows that break the table's contract in this snapshot (see Context.valid_routing); None until
-        # counted, reset by refresh().
-        self._invalid_total: int | None = None
 
     # -- metadata and tables (pyarrow) --------------------------------------------------------------
     @property
@@ -96,14 +95,11 @@ class Trace:
         """Pick up segments written since the trace was opened (or last refreshed)."""
         self.reader.refresh()
         self._close_console()
-        self._invalid_total = None
+        self.snapshot_cache.clear(self._con)
         if self._con is not None:
             from .views import create_views
 
-            for table in self._temp_tables:
-                self._con.execute(f"DROP TABLE IF EXISTS {table}")
             create_views(self._con, self.reader)
-        self._temp_tables.clear()
 
     # -- DuckDB -------------------------------------------------------------------------------------
     @property
@@ -140,18 +136,10 @@ class Trace:
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run SQL over the trace's views and return the result as a ``pyarrow.Table`` (see :meth:`df` for a
         pandas or polars DataFrame)."""
-        import duckdb
+        from .duckdb_errors import duckdb_errors
 
-        try:
+        with duckdb_errors(self.reader):
             return self.connection.sql(query, params=params).to_arrow_table()
-        except duckdb.IOException as exc:
-            raise CorruptSegmentError(f"{self.path}: {str(exc).splitlines()[0]}") from exc
-        except duckdb.Error as exc:
-            # A decoding error in a segment's column data reaches us as a bare duckdb.Error; name the file.
-            # A query the user got wrong (syntax, unknown name) is not worth a full read of every segment.
-            if not isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)):
-                self.reader.find_corrupt_segment()
-            raise QueryError(str(exc).splitlines()[0]) from exc
 
     def df(
         self,
@@ -212,17 +200,19 @@ class Trace:
         (whole sequences, deterministic); 0 means every decision.
         """
         from . import specialization
+        from .sampling import sample
 
         ctx = self.context(filters)
-        counts = ctx.sample(count_budget, materialize=False)
-        return specialization.compute(ctx, counts, ctx.sample(sample_budget), keys=tag_keys, min_count=min_count)
+        counts = sample(ctx, count_budget, materialize=False)
+        return specialization.compute(ctx, counts, sample(ctx, sample_budget), keys=tag_keys, min_count=min_count)
 
     def router(self, filters: Filters | None = None, *, sample_budget: int = DEFAULT_SAMPLE_BUDGET) -> list[RouterLayer]:
         """Router confidence, aux losses and bias flips from captured logits; empty without logits."""
         from . import router
+        from .sampling import sample
 
         ctx = self.context(filters)
-        return router.compute(ctx, ctx.sample(sample_budget))
+        return router.compute(ctx, sample(ctx, sample_budget))
 
     def latency_summary(self, filters: Filters | None = None) -> Latency:
         """Router and block time quantiles per layer, by phase, and against the step's max expert load."""
@@ -242,12 +232,18 @@ class Trace:
 
         return report_json.build(self, filters, options)
 
+    def report(self, filters: Filters | None = None, options: ReportOptions | None = None) -> Report:
+        """The full report as typed records (``analysis.report_model``); ``summary()`` is its JSON form."""
+        from . import report_json
+
+        return report_json.build_report(self, filters, options)
+
     def close(self) -> None:
         self._close_console()
         if self._con is not None:
             self._con.close()
             self._con = None
-        self._temp_tables.clear()
+        self.snapshot_cache.clear(None)  # the tables went with the connection
 
     def __enter__(self) -> Trace:
         return self

@@ -1,5 +1,5 @@
 """Which experts which inputs go to: expert distribution per tag value (e.g. domain) in the three normalisations
-of METRICS.md, mutual information between expert and tag, and vocabulary specialization.
+of docs/metrics.md, mutual information between expert and tag, and vocabulary specialization.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import coactivation, repetition, stats
-from .context import Context, Sample
-from .filters import sql_literal
+from .context import Context
+from .quoting import sql_literal
+from .sampling import Sample
 
 # A tag with more values than this (a request id, a prompt hash) is not a category: its MI would be noise and
 # its count table as large as the trace.
@@ -40,7 +41,7 @@ class TagLayer:
     @property
     def relative_load(self) -> np.ndarray:
         """DeepSeek-V3: relative load c_e / c_bar within the value (E x share); uniform is 1."""
-        return self.share * self.counts.shape[1]
+        return np.asarray(self.share * self.counts.shape[1])
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class TagKey:
 
 def tag_keys(ctx: Context) -> list[TagKey]:
     got = ctx.query("tag_keys")
-    return [TagKey(str(k), int(v), int(s)) for k, v, s in zip(got["key"], got["n_values"], got["sequences"])]
+    return [TagKey(str(k), int(v), int(s)) for k, v, s in zip(got["key"], got["n_values"], got["sequences"], strict=True)]
 
 
 def by_tag(ctx: Context, keys: list[str], counts: Sample | None = None) -> list[TagSpecialization]:

@@ -1,5 +1,5 @@
 """Metric formulas on small aggregated arrays (one layer's expert counts, a count table) and the random-routing
-baselines printed beside them. Definitions follow ``shared/METRICS.md``; each function says which one.
+baselines printed beside them. Definitions follow ``docs/metrics.md``; each function says which one.
 
 Random baselines are Monte Carlo estimates with a seed derived from their inputs, so the same trace gives the
 same report every time, and "random routing" always means: each token picks k distinct experts uniformly.
@@ -27,7 +27,7 @@ def maxvio_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
     ``empty`` where a row has no load. The one definition both the report and the simulator use."""
     load = np.asarray(load, dtype=np.float64)
     mean = load.mean(axis=-1)
-    return np.divide(load.max(axis=-1) - mean, mean, out=np.full_like(mean, empty), where=mean > 0)
+    return np.asarray(np.divide(load.max(axis=-1) - mean, mean, out=np.full_like(mean, empty), where=mean > 0))
 
 
 def cv_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
@@ -35,14 +35,14 @@ def cv_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
     use its square); ``empty`` where a row has no load."""
     load = np.asarray(load, dtype=np.float64)
     mean = load.mean(axis=-1)
-    return np.divide(load.std(axis=-1), mean, out=np.full_like(mean, empty), where=mean > 0)
+    return np.asarray(np.divide(load.std(axis=-1), mean, out=np.full_like(mean, empty), where=mean > 0))
 
 
 def balancedness_rows(load: np.ndarray, empty: float = math.nan) -> np.ndarray:
     """Serving systems' balancedness, mean / max over the last axis (EP ranks, GPUs or experts); 1 is even."""
     load = np.asarray(load, dtype=np.float64)
     peak = load.max(axis=-1)
-    return np.divide(load.mean(axis=-1), peak, out=np.full_like(peak, empty), where=peak > 0)
+    return np.asarray(np.divide(load.mean(axis=-1), peak, out=np.full_like(peak, empty), where=peak > 0))
 
 
 def maxvio(counts: np.ndarray) -> float:
@@ -187,7 +187,7 @@ def _quantised(tokens: np.ndarray, weights: np.ndarray, bins: int = 32) -> tuple
 def random_maxvio_batch(experts: int, k: int, step_tokens: np.ndarray, step_counts: np.ndarray) -> float:
     """Mean per-step MaxVio of random routing over steps of the given sizes (``step_counts`` steps of each).
 
-    METRICS.md's reference points (T = 4096): 0.040 for E=8, k=2; 0.099 for E=64, k=8; 0.25 for E=256, k=8.
+    docs/metrics.md's reference points (T = 4096): 0.040 for E=8, k=2; 0.099 for E=64, k=8; 0.25 for E=256, k=8.
     """
     tokens = np.asarray(step_tokens, dtype=np.int64)
     weights = np.asarray(step_counts, dtype=np.float64)
@@ -221,7 +221,7 @@ class MutualInformation:
 
 
 def mutual_information(table: np.ndarray) -> MutualInformation:
-    """I(expert; tag) from a D x E count table, with the Miller-Madow style bias correction of METRICS.md,
+    """I(expert; tag) from a D x E count table, with the Miller-Madow style bias correction of docs/metrics.md,
     normalised by H(tag). D and E count only the rows and columns that occur."""
     table = np.asarray(table, dtype=np.float64)
     n = table.sum()

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 from ..traces.compact import routing_select
 from ..traces.reader import TraceReader
 from ..traces.schema import TABLES, with_rank
+from .quoting import sql_literal
 
 if TYPE_CHECKING:
     import duckdb
 
 
 def _quote_path(path: str) -> str:
-    return "'" + path.replace("'", "''") + "'"
+    return sql_literal(path)
 
 
 def _empty_select(table: str) -> str:

@@ -39,7 +39,7 @@ def compare_html(result: dict[str, Any], timelines: tuple[dict[str, Any], dict[s
     a, b = result["a"], result["b"]
     layer = layer if layer is not None else shared_layer(a, b)
     charts_a, charts_b = compare_charts(result, timelines, layer=layer)
-    rows = [(label, fmt_num(p["a"]), fmt_num(p["b"]), fmt_num(p["delta"])) for label, p in result["diff"]["overall"].items()]
+    rows = [(str(label), fmt_num(p["a"]), fmt_num(p["b"]), fmt_num(p["delta"])) for label, p in result["diff"]["overall"].items()]
     body: list[str | Chart] = ["<h2>differences (b - a)</h2>" + headline_table(rows, ("metric", "a", "b", "b - a"))]
     by_name_b = {c.name[2:]: c for c in charts_b}
     for chart in charts_a:

@@ -12,6 +12,7 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from . import specs
@@ -286,7 +287,7 @@ def html_page(title: str, meta: list[str], body: list[str | Chart], charts: list
     )
 
 
-def headline_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def headline_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table>{head and '<tr>' + head + '</tr>'}{body}</table>"

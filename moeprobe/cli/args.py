@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from ..analysis.filters import Filters
 
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)$")
 
@@ -54,3 +57,29 @@ def parse_tags(items: list[str]) -> dict[str, str]:
             raise UsageError(f"--tag {item!r}: expected KEY=VALUE, e.g. --tag domain=code")
         tags[key.strip()] = value.strip()
     return tags
+
+
+def add_selection_options(group: argparse._ActionsContainer) -> None:
+    """``--steps`` and ``--layer``/``--layers``, spelled and parsed the same by report and simulate."""
+    group.add_argument("--steps", metavar="A:B", help="steps A (included) to B (excluded); A: or :B for open ends")
+    group.add_argument("--layer", "--layers", dest="layer", action="append", default=[], metavar="N[,N...]",
+                       help="MoE layer index (repeatable, or comma-separated)")
+
+
+def selection_filters(args: argparse.Namespace) -> Filters:
+    """The ``Filters`` of the parsed selection options (``add_selection_options``, and report's ``--phase``,
+    ``--tag`` and ``--rank`` where the command has them). A malformed value is a usage error (exit 2); one the
+    trace lacks is found later and is bad input (1)."""
+    from ..analysis.filters import FilterError, Filters, parse_indices, parse_steps, parse_tag
+    from .main import UsageError
+
+    try:
+        return Filters(
+            steps=parse_steps(args.steps) if args.steps else None,
+            phase=getattr(args, "phase", None),
+            tags=tuple(parse_tag(t) for t in getattr(args, "tag", [])),
+            layers=parse_indices(args.layer, "--layers"),
+            ranks=parse_indices(getattr(args, "rank", []), "--rank"),
+        )
+    except FilterError as exc:
+        raise UsageError(str(exc)) from None

@@ -53,7 +53,7 @@ def command_options() -> dict[str, tuple[list[str], dict[str, list[str]]]]:
 def bash_script() -> str:
     table = command_options()
     cases = []
-    for name, (options, choices) in table.items():
+    for name, (options, _) in table.items():
         cases.append(f"    {shlex.quote(name)}) opts={shlex.quote(' '.join(options))} ;;")
     choice_cases = []
     positional_cases = []

@@ -10,7 +10,7 @@ malformed value), 128+N for a recorded job killed by signal N, 130 when interrup
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import sys
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moeprobe: unknown command {name!r}{hint} (commands: {', '.join(_available())})", file=sys.stderr)
         return 2
     from ..traces.errors import TraceError
+    from .logs import show_library_messages
 
+    show_library_messages()
     try:
         module = importlib.import_module(module_name)
         return int(module.main(rest) or 0)

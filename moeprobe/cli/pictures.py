@@ -4,11 +4,16 @@ layer the trace does not have) is one line on stderr and status 1, and no half-w
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..analysis.report_model import Report
+    from .render import Document, RenderOptions
 
 
 def _fail(command: str, message: str) -> int:
@@ -39,13 +44,13 @@ def _done(path: Path) -> None:
     print(f"wrote {printable(str(path))} ({size / 1024:,.0f} KiB)", file=sys.stderr)
 
 
-def _check_layer(reports: list[dict[str, Any]], layer: int | None) -> str | None:
+def _check_layer(reports: list[Report], layer: int | None) -> str | None:
     if layer is None:
         return None
     for report in reports:
-        have = [item["layer"] for item in report["layers"]]
+        have = [item.layer for item in report.layers]
         if layer not in have:
-            return f"--chart-layer {layer}: {report['trace']['path']} has no routing in that layer (layers: {have})"
+            return f"--chart-layer {layer}: {report.trace.path} has no routing in that layer (layers: {have})"
     return None
 
 
@@ -74,34 +79,37 @@ def _run(command: str, make_html: Any, make_charts: Any, html: str | None, png: 
     return 0
 
 
-def write_report(report: dict[str, Any], timeline: dict[str, Any], *, html: str | None, png: str | None,
-                 svg: str | None, layer: int | None) -> int:
-    from ..charts.documents import report_html
+def write_pictures(command: str, document: Document, options: RenderOptions, *, html: str | None, png: str | None,
+                   svg: str | None) -> int:
+    """The page (``render.html``, the one HTML renderer) and the figures of a report, a comparison or a simulation."""
+    from ..analysis.report_model import Comparison, Report
+    from .render import html as html_renderer
+
+    if isinstance(document, Report | Comparison):
+        problem = _check_layer([document] if isinstance(document, Report) else [document.a, document.b],
+                               options.chart_layer)
+        if problem:
+            return _fail(command, problem)
+
+    def page() -> str:
+        buffer = io.StringIO()
+        html_renderer.render(document, buffer, options)
+        return buffer.getvalue()
+
+    return _run(command, page, lambda: _charts(document, options), html, png, svg)
+
+
+def _charts(document: Document, options: RenderOptions) -> list[Any]:
+    """Each chart of the page, for --png and --svg (a simulation has none outside its page)."""
+    from ..analysis.report_model import Comparison, Report
+    from ..charts.documents import compare_charts
     from ..charts.page import report_charts
 
-    problem = _check_layer([report], layer)
-    if problem:
-        return _fail("report", problem)
-    return _run("report", lambda: report_html(report, timeline, layer=layer),
-                lambda: report_charts(report, timeline, layer=layer), html, png, svg)
-
-
-def write_compare(result: dict[str, Any], timelines: tuple[dict[str, Any], dict[str, Any]], *, html: str | None,
-                  png: str | None, svg: str | None, layer: int | None) -> int:
-    from ..charts.documents import compare_charts, compare_html
-
-    problem = _check_layer([result["a"], result["b"]], layer)
-    if problem:
-        return _fail("report", problem)
-
-    def charts() -> list[Any]:
-        a, b = compare_charts(result, timelines, layer=layer)
+    if isinstance(document, Report):
+        (timeline,) = options.timelines
+        return report_charts(document.to_json(), timeline, layer=options.chart_layer)
+    if isinstance(document, Comparison):
+        a_timeline, b_timeline = options.timelines
+        a, b = compare_charts(document.to_json(), (a_timeline, b_timeline), layer=options.chart_layer)
         return a + b
-
-    return _run("report", lambda: compare_html(result, timelines, layer=layer), charts, html, png, svg)
-
-
-def write_simulate(result: dict[str, Any], gpus: int | None, *, html: str) -> int:
-    from ..charts.documents import simulate_html
-
-    return _run("simulate", lambda: simulate_html(result, gpus), lambda: [], html, None, None)
+    return []

@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
-from .args import Parser
+from .args import Parser, add_selection_options, selection_filters
+from .render import RenderOptions
+
+if TYPE_CHECKING:
+    from ..analysis.filters import Filters
+    from ..analysis.report_json import ReportOptions
+    from ..analysis.report_model import Comparison, Report
 
 HELP = "load imbalance, specialization and latency of a trace (text, --json, --markdown, --compare)"
 
@@ -21,10 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="one JSON object (schema: docs/report-json.md)")
     fmt.add_argument("--markdown", action="store_true", help="Markdown tables, for an issue or a PR")
     sel = parser.add_argument_group("filters")
-    sel.add_argument("--steps", metavar="A:B", help="steps A (included) to B (excluded); A: or :B for open ends")
+    add_selection_options(sel)
     sel.add_argument("--phase", choices=("prefill", "decode"))
     sel.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="sequences with this tag (repeatable)")
-    sel.add_argument("--layer", action="append", default=[], metavar="N[,N...]", help="MoE layer index (repeatable)")
     sel.add_argument("--rank", action="append", default=[], metavar="R[,R...]", help="shard rank (repeatable)")
     opt = parser.add_argument_group("analysis")
     opt.add_argument("--ep-size", type=_positive, default=8, help="expert-parallel ranks, contiguous placement (8)")
@@ -68,23 +72,7 @@ def _count(text: str) -> int:
     return value
 
 
-def _ints(values: list[str], flag: str) -> tuple[int, ...] | None:
-    from .main import UsageError
-
-    if not values:
-        return None
-    out: list[int] = []
-    for value in values:
-        for part in value.split(","):
-            try:
-                out.append(int(part))
-            except ValueError:
-                raise UsageError(f"{flag} {value!r}: expected whole numbers separated by commas") from None
-    return tuple(sorted(set(out)))
-
-
 def main(argv: list[str]) -> int:
-    from ..analysis.filters import FilterError, Filters, parse_steps, parse_tag
     from ..analysis.report_json import ReportOptions
     from .main import UsageError
 
@@ -93,16 +81,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--compare takes exactly two traces, got {len(args.traces)}")
     if not args.compare and len(args.traces) != 1:
         raise UsageError("give one trace, or two with --compare")
-    try:
-        filters = Filters(
-            steps=parse_steps(args.steps) if args.steps else None,
-            phase=args.phase,
-            tags=tuple(parse_tag(t) for t in args.tag),
-            layers=_ints(args.layer, "--layer"),
-            ranks=_ints(args.rank, "--rank"),
-        )
-    except FilterError as exc:  # a malformed value is a usage error (2); one the trace lacks is bad input (1)
-        raise UsageError(str(exc)) from None
+    filters = selection_filters(args)
     defaults = ReportOptions()
     options = ReportOptions(
         ep_size=args.ep_size,
@@ -131,41 +110,30 @@ def main(argv: list[str]) -> int:
     engine = {"workers": args.workers or 4, "scheduler": args.scheduler} if args.engine == "dask" else None
     built = [_build(path, filters, options, timeline=pictures, engine=engine) for path in args.traces]
     reports = [report for report, _ in built]
-    timelines = [timeline for _, timeline in built if timeline is not None]  # one per trace with pictures
-    out = sys.stdout
+    timelines = tuple(timeline for _, timeline in built if timeline is not None)  # one per trace with pictures
     text_out = not pictures or args.json or args.markdown
+    document: Report | Comparison = reports[0]
     if args.compare:
-        from ..analysis.report_json import compare
+        from ..analysis.report_json import compare_reports
 
-        result = compare(reports[0], reports[1])
-        if pictures:
-            from .pictures import write_compare
-
-            code = write_compare(result, (timelines[0], timelines[1]), html=args.html, png=args.png, svg=args.svg,
-                                 layer=args.chart_layer)
-            if code or not text_out:
-                return code
-        if args.json:
-            _write_json(result, out)
-        else:
-            _render_compare(result, out, markdown=args.markdown, limit=args.limit)
-        return 0
+        document = compare_reports(reports[0], reports[1])
+    render_options = RenderOptions(limit=args.limit, timelines=timelines, chart_layer=args.chart_layer)
     if pictures:
-        from .pictures import write_report
+        from .pictures import write_pictures
 
-        code = write_report(reports[0], timelines[0], html=args.html, png=args.png, svg=args.svg, layer=args.chart_layer)
+        code = write_pictures("report", document, render_options, html=args.html, png=args.png, svg=args.svg)
         if code or not text_out:
             return code
-    if args.json:
-        _write_json(reports[0], out)
-    else:
-        _render(reports[0], out, markdown=args.markdown, limit=args.limit)
+    from .render import json_doc, markdown, text
+
+    renderer = json_doc if args.json else markdown if args.markdown else text
+    renderer.render(document, sys.stdout, render_options)
     return 0
 
 
 def _build(
-    path: str, filters: Any, options: Any, *, timeline: bool = False, engine: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    path: str, filters: Filters, options: ReportOptions, *, timeline: bool = False, engine: dict[str, Any] | None = None
+) -> tuple[Report, dict[str, Any] | None]:
     from ..analysis.session import open_trace
     from .progress import Progress
 
@@ -178,152 +146,4 @@ def _build(
             con = trace.connection
             con.execute("SET enable_progress_bar = true")
             progress.watch(lambda: con.query_progress() / 100)
-        return trace.summary(filters, options), (trace.timeline(filters).to_json() if timeline else None)
-
-
-def _write_json(obj: dict[str, Any], out: IO[str]) -> None:
-    json.dump(obj, out, indent=2, allow_nan=False)
-    out.write("\n")
-
-
-# -- rendering ------------------------------------------------------------------------------------------
-def _render(report: dict[str, Any], out: IO[str], *, markdown: bool, limit: int) -> None:
-    from ..analysis.tables import header, report_tables
-
-    lines, tables = header(report), report_tables(report, limit=limit)
-    if markdown:
-        _markdown(lines, tables, out)
-    else:
-        _rich(lines, tables, out)
-
-
-def _render_compare(result: dict[str, Any], out: IO[str], *, markdown: bool, limit: int) -> None:
-    from ..analysis.tables import compare_tables, header
-
-    lines = [f"a: {line}" for line in header(result["a"])[:3]] + [f"b: {line}" for line in header(result["b"])[:3]]
-    tables = compare_tables(result, limit=limit)
-    if markdown:
-        _markdown(lines, tables, out)
-    else:
-        _rich(lines, tables, out)
-
-
-def _markdown(lines: list[str], tables: list[Any], out: IO[str]) -> None:
-    from ..safe_text import printable
-
-    def cell(text: str) -> str:
-        return printable(text).replace("|", "\\|")
-
-    out.write("## moeprobe report\n\n")
-    for line in lines:
-        out.write(f"- {cell(line)}\n")
-    for table in tables:
-        out.write(f"\n### {cell(table.title)}\n\n")
-        out.write("| " + " | ".join(cell(c) for c in table.columns) + " |\n")
-        out.write("|" + "|".join("---" for _ in table.columns) + "|\n")
-        for row in table.rows:
-            out.write("| " + " | ".join(cell(c) for c in row) + " |\n")
-        if table.note.strip():
-            out.write(f"\n_{cell(table.note.strip())}_\n")
-
-
-def _rich(lines: list[str], tables: list[Any], out: IO[str]) -> None:
-    """Box tables laid out for the output's width: a table wider than it is split into column groups that each
-    repeat the first column. A terminal's width is its own; a pipe or a file takes ``COLUMNS`` when set and
-    otherwise every table's natural width. Nothing is padded with trailing spaces."""
-    import io
-    import textwrap
-
-    from rich.console import Console
-
-    from ..safe_text import printable
-
-    width = _output_width(out)
-    tty = out.isatty()
-    buffer = io.StringIO()
-    # A wide virtual console renders each table at its natural width; the splitting below keeps it within `width`.
-    console = Console(file=buffer, width=100_000, highlight=False, force_terminal=tty, color_system="auto" if tty else None)
-
-    def wrapped(text: str) -> None:
-        text = printable(text)
-        for line in textwrap.wrap(text, width=width, break_on_hyphens=False) if width and len(text) > width else [text]:
-            console.print(line, markup=False, highlight=False, crop=False, overflow="ignore")
-
-    for line in lines:
-        wrapped(line)
-    for table in tables:
-        console.print()
-        wrapped(table.title)
-        for part in _column_groups(table, width):
-            # With a limit, a group that is still too wide (one huge column) has its cells wrapped to fit.
-            console.print(_rich_table(table, part), width=width, crop=False)
-        if table.note.strip():
-            wrapped(table.note.strip())
-    for line in buffer.getvalue().splitlines():
-        out.write(line.rstrip() + "\n")
-
-
-def _output_width(out: IO[str]) -> int | None:
-    """The terminal's width; for a pipe or file, ``COLUMNS`` if set (None: no limit)."""
-    import os
-    import shutil
-
-    if out.isatty():
-        return max(20, shutil.get_terminal_size().columns)
-    try:
-        columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        return None
-    return max(20, columns) if columns > 0 else None
-
-
-def _column_widths(table: Any) -> list[int]:
-    from rich.cells import cell_len
-
-    from ..safe_text import printable
-
-    return [
-        max([cell_len(printable(column))] + [cell_len(printable(row[i])) for row in table.rows if i < len(row)])
-        for i, column in enumerate(table.columns)
-    ]
-
-
-def _column_groups(table: Any, width: int | None) -> list[list[int]]:
-    """Column indices per printed part: all columns when they fit, else the first column and as many of the
-    others as fit beside it, part after part (a cell is never cut)."""
-    columns = list(range(len(table.columns)))
-    if width is None or len(columns) < 2:
-        return [columns]
-    widths = _column_widths(table)
-    cost = [w + 3 for w in widths]  # one space of padding each side and one border
-    if sum(cost) + 1 <= width:
-        return [columns]
-    groups: list[list[int]] = []
-    current = [0]
-    used = cost[0] + 1
-    for i in columns[1:]:
-        if len(current) > 1 and used + cost[i] > width:
-            groups.append(current)
-            current, used = [0], cost[0] + 1
-        current.append(i)
-        used += cost[i]
-    groups.append(current)
-    return groups
-
-
-def _rich_table(table: Any, part: list[int]) -> Any:
-    from rich.table import Table as RichTable
-    from rich.text import Text
-
-    from ..safe_text import printable
-
-    def text(value: str) -> Text:
-        # Text, not str: a tag value such as "[/]" is shown as written instead of being parsed as markup.
-        return Text(printable(value))
-
-    rich_table = RichTable(expand=False)
-    for i in part:
-        rich_table.add_column(text(table.columns[i]), justify="left" if i == 0 else "right", overflow="fold")
-    for row in table.rows:
-        rich_table.add_row(*(text(row[i]) if i < len(row) else Text("") for i in part))
-    return rich_table
+        return trace.report(filters, options), (trace.timeline(filters).to_json() if timeline else None)

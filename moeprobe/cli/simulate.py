@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from .._version import __version__
-from .args import Parser
+from .args import Parser, add_selection_options, selection_filters
 from .main import UsageError
 
 HELP = "replay recorded routing under other balancing strategies (re-routing, bias, capacity, EPLB)"
 
-# Of the --json document (docs/simulate-json.md): changes only when a field is removed or changes meaning.
-FORMAT_VERSION = 1
 
 EPILOG = """strategies (repeat --strategy; join a routing stage and a capacity stage with +):
   recorded                              the routing as captured (always shown first)
@@ -50,8 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("trace", help="trace directory")
     parser.add_argument("--strategy", "-s", action="append", default=[], metavar="SPEC", help="strategy to replay")
-    parser.add_argument("--steps", metavar="A:B", help="only steps A (inclusive) to B (exclusive)")
-    parser.add_argument("--layers", metavar="L,L,...", help="only these MoE layer indices")
+    add_selection_options(parser)
     parser.add_argument("--eplb", metavar="KEY=VALUE,...", help="expert placement to evaluate (see below)")
     parser.add_argument("--ep-size", type=int, default=8, metavar="GPUS", help="expert-parallel GPUs for the EP balance "
                         "column, experts placed contiguously (default: 8, or the --eplb gpus)")
@@ -68,34 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise UsageError(f"--layers: {text!r} should be comma-separated layer indices like 0,3,5") from None
-    if not values:
-        raise UsageError("--layers: no layer given")
-    return values
-
-
 def main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
-    from ..simulate.deployment import EplbOptions, parse_window
+    from ..simulate.deployment import EplbOptions
     from ..simulate.strategies import parse_strategy
 
     try:
         strategies = [parse_strategy(text) for text in args.strategy]
-        window = parse_window(args.steps, "--steps") if args.steps else (None, None)
         eplb = EplbOptions.parse(args.eplb) if args.eplb else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    layers = _parse_layers(args.layers)
+    selection = selection_filters(args)  # the report's parser: the same --steps and --layers
+    window = selection.steps or (None, None)
+    layers = list(selection.layers) if selection.layers is not None else None
     if args.ep_size < 1:
         raise UsageError("--ep-size must be at least 1")
     if args.output is not None and len(strategies) != 1:
@@ -114,31 +99,34 @@ def main(argv: list[str]) -> int:
         if Path(args.export[1]).exists() and not args.force:  # before the simulation, not after it
             raise UsageError(f"--export: {args.export[1]} already exists; pass --force to overwrite it")
 
-    report = _simulate(args, strategies, window, layers, eplb)
+    from ..simulate.report_model import SimulateReport
+
+    report = SimulateReport.from_json(_simulate(args, strategies, window, layers, eplb))
     if args.export is not None:
+        from dataclasses import replace
+
         from ..simulate.export import export_placement
 
+        assert report.eplb is not None  # --export needs --eplb (checked above)
         try:
-            report["exported"] = str(export_placement(report["eplb"], args.export[0], Path(args.export[1]), force=args.force))
+            exported = export_placement(report.eplb.to_json(), args.export[0], Path(args.export[1]), force=args.force)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        report = replace(report, exported=str(exported))
     if args.html:
-        from .pictures import write_simulate
+        from .pictures import write_pictures
+        from .render import RenderOptions
 
-        code = write_simulate(report, _gpus(report), html=args.html)
+        code = write_pictures("simulate", report, RenderOptions(), html=args.html, png=None, svg=None)
         if code or not args.json:  # as with report: the page replaces the text table, --json still prints
-            if "written" in report:  # said at the end of the text table, which is not printed
+            if report.written is not None:  # said at the end of the text table, which is not printed
                 from ..safe_text import printable
 
-                print(f"wrote the simulated routing to {printable(report['written'])}", file=sys.stderr)
+                print(f"wrote the simulated routing to {printable(report.written)}", file=sys.stderr)
             return code
-    if args.json:
-        from ..analysis.report_json import clean
+    from .render import json_doc, text
 
-        json.dump(clean(report), sys.stdout, indent=1, allow_nan=False)  # 6 decimals, NaN as null
-        sys.stdout.write("\n")
-    else:
-        _print_text(report, sys.stdout)
+    (json_doc if args.json else text).render(report, sys.stdout)
     return 0
 
 
@@ -148,6 +136,7 @@ def _simulate(args: argparse.Namespace, strategies: list[Any], window: Any, laye
     from ..simulate import replay
     from ..simulate.data import SimRouting
     from ..simulate.deployment import evaluate_placement
+    from ..simulate.report_model import FORMAT_VERSION
 
     with open_trace(args.trace) as trace:
         if trace.mode == "counts":
@@ -187,6 +176,7 @@ def _simulate_counts(trace: Any, strategies: list[Any], window: Any, layers: lis
     import numpy as np
 
     from ..simulate.deployment import evaluate_placement_counts
+    from ..simulate.report_model import FORMAT_VERSION
 
     if strategies:
         raise UsageError(
@@ -232,14 +222,6 @@ def _simulate_counts(trace: Any, strategies: list[Any], window: Any, layers: lis
     }
 
 
-def _gpus(report: dict[str, Any]) -> int | None:
-    """The GPU count the per-GPU load pictures use (contiguous placement), or None to draw per expert."""
-    ep = report.get("ep") or {}
-    if "eplb" in report and ep.get("gpus") and not ep.get("layers_not_divisible"):
-        return int(ep["gpus"])
-    return None
-
-
 def _row(name: str, layers: list[Any], sims: list[Any], gpus: int | None) -> dict[str, Any]:
     from ..simulate.compare import drop_report, layer_metrics, summarize
 
@@ -250,131 +232,3 @@ def _row(name: str, layers: list[Any], sims: list[Any], gpus: int | None) -> dic
     if drops is not None:
         row["drops"] = drops
     return row
-
-
-# -- text -------------------------------------------------------------------------------------------
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
-LEGEND = """columns (load = what the experts computed: dropped choices excluded; means over layers):
-  MaxVio        (busiest expert - mean) / mean over the window; 0 is perfect balance
-  MaxVio/batch  the same per step, averaged over steps
-  balanced      mean / max expert load, 0..1 (1 = perfect balance; = 1 / (1 + MaxVio))
-  EP balanced   mean / max load over {gpus} GPUs, experts placed contiguously (expert parallelism)
-  CV            standard deviation / mean of the expert loads
-  dropped       share of choices dropped over capacity
-  changed       share of tokens whose set of experts differs from the recording
-  mass lost     share of the recorded gate weight that no longer reaches an expert (re-routed or dropped)"""
-
-
-def _steps_text(steps: list[int | None]) -> str:
-    lo, hi = steps
-    if lo is None and hi is None:
-        return "all steps"
-    return f"steps {'' if lo is None else lo}:{'' if hi is None else hi}"
-
-
-def _cells(s: dict[str, Any]) -> list[str]:
-    def num(value: Any) -> str:
-        return "-" if value is None or value != value else f"{value:.3f}"  # NaN: no EP balance for this layer
-
-    return [
-        num(s["max_vio"]), num(s["max_vio_batch"]), num(s["balancedness"]), num(s["ep_balancedness"]), num(s["cv"]),
-        _pct(s["dropped_share"]), _pct(s["changed_share"]), _pct(s["mass_lost"]),
-    ]
-
-
-_HEADER = ["MaxVio", "MaxVio/batch", "balanced", "EP balanced", "CV", "dropped", "changed", "mass lost"]
-
-
-def _print_text(report: dict[str, Any], out: TextIO) -> None:
-    from ..safe_text import printable
-
-    tokens = sorted(set(report["tokens"].values()))
-    token_text = "-" if not tokens else f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
-    ep = report["ep"]
-    out.write(f"{printable(report['trace'])}\n")  # a path from the user or a trace: no control codes
-    out.write(f"  {_steps_text(report['steps'])}, {len(report['layers'])} layer(s), {token_text} tokens per layer\n\n")
-    if report["strategies"]:
-        _print_strategies(report, ep, out)
-    notes = list(report["notes"]) + [n for row in report["strategies"] for n in row["notes"]]
-    if "eplb" in report:
-        _print_eplb(report["eplb"], out)
-        notes += report["eplb"]["notes"]
-    if "written" in report:
-        out.write(f"\nwrote the simulated routing to {printable(report['written'])}\n")
-    if "exported" in report:
-        out.write(f"\nwrote the EPLB placement to {printable(report['exported'])}\n")
-    for note in notes:
-        out.write(f"note: {printable(note)}\n")
-
-
-def _print_strategies(report: dict[str, Any], ep: dict[str, Any], out: TextIO) -> None:
-    from ..simulate.compare import position_buckets
-
-    width = max(24, *(len(row["strategy"]) for row in report["strategies"])) + 2
-    cols = [max(len(h), 7) + 2 for h in _HEADER]
-
-    def line(name: str, cells: list[str]) -> str:
-        return f"{name:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)) + "\n"
-
-    out.write(line("strategy", _HEADER))
-    for row in report["strategies"]:
-        out.write(line(row["strategy"], _cells(row["summary"])))
-    if len(report["layers"]) > 1:
-        out.write("\nper layer\n")
-        out.write(line("layer  strategy", _HEADER))
-        for index in report["layers"]:
-            for row in report["strategies"]:
-                layer = next(item for item in row["layers"] if item["layer"] == index)
-                out.write(line(f"{index:<6} {row['strategy']}", _cells(layer)))
-    out.write("\n" + LEGEND.format(gpus=ep["gpus"]) + "\n")
-    if ep["layers_not_divisible"]:
-        out.write(f"  (EP balanced is '-' for layers {', '.join(map(str, ep['layers_not_divisible']))}: their experts do "
-                  f"not divide over {ep['gpus']} GPUs; see --ep-size)\n")
-
-    for row in report["strategies"]:
-        drops = row.get("drops")
-        if drops is None:
-            continue
-        out.write(f"\ndropped, {row['strategy']}\n")
-        layers = "  ".join(
-            f"L{d['layer']} {_pct(d['dropped'] / d['routed'] if d['routed'] else 0.0)}" for d in drops["by_layer"]
-        )
-        out.write(f"  by layer:     {layers}\n")
-        buckets = "  ".join(f"{lo}-{hi} {_pct(share)}" for lo, hi, share in position_buckets(drops["by_position"]))
-        out.write(f"  by position:  {buckets}\n")
-        worst = []
-        for d in drops["by_expert"]:
-            for expert, count in enumerate(d["dropped"]):
-                if count:
-                    worst.append((count, d["layer"], expert, d["routed"][expert]))
-        worst.sort(key=lambda item: (-item[0], item[1], item[2]))
-        experts = "  ".join(f"L{layer} e{expert} {count}/{routed}" for count, layer, expert, routed in worst[:6])
-        out.write(f"  most dropped: {experts}\n")
-
-
-def _print_eplb(e: dict[str, Any], out: TextIO) -> None:
-    redundant = e["replicas"] - len(e["logcnt"][0]) if e["logcnt"] else 0
-    out.write(
-        f"\nEPLB {e['policy']}: {e['replicas']} physical experts ({redundant} redundant) on {e['gpus']} GPUs, "
-        f"{e['nodes']} node(s), {e['groups']} group(s)\n"
-        f"  planned on steps {e['plan_steps'][0]}-{e['plan_steps'][1]} ({e['estimate']}), "
-        f"evaluated on steps {e['eval_steps'][0]}-{e['eval_steps'][1]}\n"
-    )
-    contiguous = e.get("contiguous")
-    out.write(f"  {'layer':<7}{'contiguous':>11}{'eplb':>8}  replicated (expert x replicas: GPUs)\n")
-    by_layer: dict[int, list[str]] = {}
-    for r in e["replicated"]:
-        by_layer.setdefault(r["layer"], []).append(f"e{r['expert']}x{r['replicas']}: {','.join(map(str, r['gpus']))}")
-    for i, layer in enumerate(e["layers"]):
-        cont = f"{contiguous['balancedness'][i]:.3f}" if contiguous else "-"
-        out.write(f"  {layer:<7}{cont:>11}{e['eplb']['balancedness'][i]:>8.3f}  {'  '.join(by_layer.get(layer, [])) or '-'}\n")
-    cont_mean = f"{contiguous['balancedness_mean']:.3f}" if contiguous else "-"
-    out.write(f"  {'mean':<7}{cont_mean:>11}{e['eplb']['balancedness_mean']:>8.3f}\n")
-    out.write(f"  all-to-all, assignments from source rank to GPU over all layers (origin: {e['origin']}):\n")
-    for name in ("contiguous", "eplb"):
-        if name in e:
-            t = e[name]["traffic"]
-            out.write(f"    {name:<11} max/mean {t['max_over_mean']:.3f}  max {t['max']:.0f}  local {_pct(t['local_share'])}\n")

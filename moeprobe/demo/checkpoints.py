@@ -51,4 +51,5 @@ def load_checkpoint(name: str) -> DeepseekV3ForCausalLM:
     # strict: a missing or renamed tensor (e.g. after a transformers upgrade) must fail loudly, not leave
     # random weights behind.
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    model.eval()
+    return model

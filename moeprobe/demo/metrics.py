@@ -1,5 +1,5 @@
 """The two numbers the demo compares, computed with SQL over a recorded trace, with the same definitions as the
-report (``moeprobe.analysis.stats``; METRICS.md):
+report (``moeprobe.analysis.stats``; docs/metrics.md):
 
 - MaxVio_global per MoE layer: ``stats.maxvio`` of the assignments of each expert over the prompt tokens.
 - NMI(first-choice expert; domain) per MoE layer: ``stats.mutual_information`` of the first-choice expert
@@ -8,8 +8,9 @@ report (``moeprobe.analysis.stats``; METRICS.md):
 
 Only prefill rows are counted: they are the held-out prompt tokens themselves, identical for every model,
 so trained and untrained weights are compared on exactly the same tokens (decoded tokens differ by model).
-The DeepSeek-V3 router returns its top-k unsorted, so the first choice is the chosen expert with the
-largest gate weight, not the row with k = 0.
+The first choice is the chosen expert with the largest gate weight. The capture stores each token's choices in
+that order (k = 0 first, also for DeepSeek-V3, whose router returns its top-k unsorted), so this is the report's
+first choice; the SQL picks it by weight so that it does not depend on the row order.
 """
 
 from __future__ import annotations

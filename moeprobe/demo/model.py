@@ -60,7 +60,8 @@ def build_model(seed: int = 0, **overrides: Any) -> DeepseekV3ForCausalLM:
     model = DeepseekV3ForCausalLM(build_config(**overrides))
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.eos_token_id = EOS_ID
-    return model.eval()
+    model.eval()
+    return model
 
 
 def moe_routers(model: Any) -> list[Any]:

@@ -51,9 +51,9 @@ EXPECTED_TOKENS = 16  # greedy continuation stored in the card and checked by th
 def _lr(step: int, cfg: dict[str, Any]) -> float:
     # Linear warm-up, then cosine decay to min_lr: the usual schedule, robust for tiny models.
     if step < cfg["warmup"]:
-        return cfg["lr"] * (step + 1) / cfg["warmup"]
+        return float(cfg["lr"] * (step + 1) / cfg["warmup"])
     progress = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
-    return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
+    return float(cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress)))
 
 
 def _batch(rng: random.Random, train: dict[str, bytes], cfg: dict[str, Any]) -> list[list[int]]:

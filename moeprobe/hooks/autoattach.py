@@ -6,7 +6,9 @@ imports transformers), so every model the job builds or loads is offered to moep
 on its first forward call, once it is known to be the outermost model (a ``*ForCausalLM`` subsumes the
 ``*Model`` it wraps). Models without a router are ignored; a model whose router moeprobe cannot interpret
 is reported on stderr and left alone, and a probe that refuses a model on its first call (a contract
-check failed) marks its trace aborted: the job always runs.
+check failed) marks its trace aborted while the job runs on. Once the job has started nothing here stops it;
+``moeprobe record`` refuses before starting it only for its own bad options (an existing trace without
+``--force``, a busy ``--metrics-port``, a ``--routers`` file that does not exist).
 
 Options come from the JSON in ``MOEPROBE_RECORD`` (written by ``moeprobe record``): the trace path, ``logits``,
 ``force``, ``flush_interval``, ``max_queue_mb``, ``redact_tokens``, ``weights``, ``tags`` (applied to every sequence) and

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .context import TokenContext
+from .token_context import TokenContext
 
 
 CONTEXT_TENSORS = ("input_ids", "position_ids", "attention_mask", "mask_4d")
@@ -36,6 +36,25 @@ class LayerCapture:
         return int(shape[0]) * int(shape[1]) if len(shape) == 2 else int(self.indices.numel())
 
 
+class LayerMarks:
+    """One layer's clock marks in one step (CUDA events on GPU, perf_counter ns on CPU); None until taken.
+
+    Created by the block's pre-hook, filled by the router's hooks and the block's post-hook on the model's thread,
+    read and given back to the clock's pool on the writer thread."""
+
+    __slots__ = ("router_start", "router_end", "block_start", "block_end")
+
+    def __init__(self, block_start: Any) -> None:
+        self.router_start: Any = None
+        self.router_end: Any = None
+        self.block_start = block_start
+        self.block_end: Any = None
+
+    def all(self) -> tuple[Any, Any, Any, Any]:
+        """The four marks, for the clock to take back (it skips None)."""
+        return (self.router_start, self.router_end, self.block_start, self.block_end)
+
+
 @dataclass
 class StepBuffer:
     step: int
@@ -44,8 +63,7 @@ class StepBuffer:
     wall_ms: float = 0.0
     contexts: list[TokenContext] = field(default_factory=list)
     layers: list[LayerCapture] = field(default_factory=list)
-    # layer -> [router_start, router_end, block_start, block_end] clock marks
-    marks: dict[int, list[Any]] = field(default_factory=dict)
+    marks: dict[int, LayerMarks] = field(default_factory=dict)  # layer -> its clock marks
     bias: dict[int, torch.Tensor] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None  # CUDA: recorded after the host copies
 

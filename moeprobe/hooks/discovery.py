@@ -9,6 +9,7 @@ names it, never a silent gap in the trace.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -69,6 +70,11 @@ class LayerBinding:
             **self.meta,
         }
 
+
+
+def _no_bias(router: Any) -> None:
+    """A declared router (RouterSpec) has no family bias reader: no correction bias to record."""
+    return None
 
 def _parameters(module: nn.Module) -> list[str]:
     try:
@@ -164,7 +170,7 @@ def find_layers(model: nn.Module, routers: RouterDecls | None = None) -> list[La
         else:
             assert spec is not None
             meta = _spec_meta(spec, module, block, name)
-            bias_fn = (lambda router: None)
+            bias_fn = _no_bias
             family_name = spec.family
             extract = spec.extractor()
             meta.setdefault("scoring", spec.scoring)
@@ -184,7 +190,7 @@ def find_layers(model: nn.Module, routers: RouterDecls | None = None) -> list[La
                 extract=extract,
                 family=family_name,
                 meta=meta,
-                bias=(lambda m=module, f=bias_fn: f(m)),
+                bias=functools.partial(bias_fn, module),
                 experts_fallback=experts if family is not None and isinstance(experts, nn.Module) and _generic_slots(experts) else None,
                 tokens=spec.tokens if spec is not None else None,
             )

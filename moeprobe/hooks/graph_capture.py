@@ -16,6 +16,7 @@ ring is counted and the incomplete steps are dropped and counted, never written 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from torch import nn
 from ..traces.schema import TABLES
 from . import contracts, graph_ops as ops
 from .capture import LayerCapture, StepBuffer
-from .context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
+from .token_context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
 from .discovery import LayerBinding
 
 DEFAULT_DRAIN_EVERY = 32  # model calls between automatic drains
@@ -200,13 +201,13 @@ class GraphCapture:
     def _wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
         had = module.__dict__.get("forward")  # an instance attribute set by someone else, kept and restored
         original = module.forward
-        module.forward = make(original)  # type: ignore[method-assign]
+        module.forward = make(original)
         self._restore.append((module, had))
 
     def attach(self) -> None:
         self._wrap(self.stack, self._stack_forward)
         for layer in self.layers:
-            self._wrap(layer.source_module, lambda original, layer=layer: self._layer_forward(original, layer))
+            self._wrap(layer.source_module, functools.partial(self._layer_forward, layer=layer))
 
     def detach(self) -> None:
         restore, self._restore = self._restore, []
@@ -214,7 +215,7 @@ class GraphCapture:
             if had is None:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = had  # type: ignore[method-assign]
+                module.forward = had
 
     def _stack_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         reader = self.reader
@@ -254,13 +255,14 @@ class GraphCapture:
         return forward
 
     def _layer_forward(self, original: Callable[..., Any], layer: LayerBinding) -> Callable[..., Any]:
-        k, num_experts, index = int(layer.meta["top_k"]), int(layer.meta["num_experts"]), layer.index
+        k, index = int(layer.meta["top_k"]), layer.index
         ring = self.routing_ring
-        tokens, counts = self.tokens, self.counts
+        tokens = self.tokens
+        counts_buf = self.counts_buf  # allocated exactly when counts mode is on
         from_router = layer.source == "router"
         # Counts on the host, eagerly: straight to the count's host path (graph_ops.count_host) with the buffer's
         # row view and the state's numpy view bound here, not looked up per call.
-        host_counts = counts and self.device.type == "cpu"
+        host_counts = counts_buf is not None and self.device.type == "cpu"
         rows = ops._rows(self.counts_buf) if host_counts and self.counts_buf is not None else None
         state_view = ops._view(self.state) if host_counts else None
         valid_now = self.valid_now
@@ -298,9 +300,9 @@ class GraphCapture:
                 w = weights if weights is not None else torch.full(flat.shape, float("nan"), device=flat.device)
                 record = torch.ops.moeprobe.record_routing if traced else ops.record_routing_impl
                 record(ring, self.state, flat, w.reshape(flat.shape), index)
-            if counts:
+            if counts_buf is not None:
                 count = torch.ops.moeprobe.count_routing if traced else ops.count_routing_impl
-                count(self.counts_buf, self.state, valid_now, flat, index)
+                count(counts_buf, self.state, valid_now, flat, index)
             return output
 
         return forward
@@ -380,6 +382,7 @@ def unpack(snapshot: Snapshot, layers: list[LayerBinding], stack_id: int, tags: 
     """Rows of a drained snapshot -> StepBuffers (token context + per-layer captures) and a loads table."""
     state = snapshot.state.numpy()
     lost: dict[str, int] = {}
+    assert snapshot.steps is not None  # every drain takes the step ring
     headers_arr = _used(snapshot.steps, int(state[ops.STEP_CURSOR]), "graph_ring_overflow:steps", lost)
     headers = [(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), int(r[4])) for r in headers_arr]
     steps: list[StepBuffer] = []
@@ -436,7 +439,7 @@ def _steps_from_rows(
         # Complete: every token, and every MoE layer once (a layer routes all the step's tokens, like hook capture
         # sees them). A ring that overflowed mid-step leaves it short: dropped and counted, never written short.
         complete = tok is not None and len(tok) == n and all(layer.index in per_layer for layer in layers)
-        if not complete:
+        if not complete or tok is None:
             dropped += len(part) * (part.shape[1] - ops.ROUTING_FIXED) // 2
             lost["graph_incomplete_step"] = lost.get("graph_incomplete_step", 0) + 1
             continue

@@ -228,7 +228,7 @@ def _rows(counts: Tensor) -> list[Tensor]:
 
 def _ones_shaped(shape: torch.Size) -> Tensor:
     """int32 ones of ``shape`` on the host: a view of the shared ones buffer, kept per shape."""
-    view = _ONES_BY_LENGTH.get(shape)  # type: ignore[call-overload]
+    view = _ONES_BY_LENGTH.get(shape)
     if view is None:
         n = 1
         for d in shape:
@@ -236,7 +236,7 @@ def _ones_shaped(shape: torch.Size) -> Tensor:
         view = _ones(n).view(shape)
         if len(_ONES_BY_LENGTH) >= 256:
             _ONES_BY_LENGTH.clear()
-        _ONES_BY_LENGTH[shape] = view  # type: ignore[index]
+        _ONES_BY_LENGTH[shape] = view
     return view
 
 
@@ -288,7 +288,7 @@ def record_routing_impl(ring: Tensor, state: Tensor, indices: Tensor, weights: T
         return
     step = state[STEP]
     bits = weights.reshape(tokens, k).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    rows = torch.cat(
+    device_rows = torch.cat(
         [
             step.expand(tokens, 1),
             torch.full((tokens, 1), layer, dtype=torch.int64, device=indices.device),
@@ -298,7 +298,7 @@ def record_routing_impl(ring: Tensor, state: Tensor, indices: Tensor, weights: T
         ],
         dim=1,
     )
-    _write(ring, state, ROUTING_CURSOR, rows, state[KEEP].bool())
+    _write(ring, state, ROUTING_CURSOR, device_rows, state[KEEP].bool())
 
 
 RECORD_ROUTING = torch.library.custom_op("moeprobe::record_routing", record_routing_impl, mutates_args=("ring", "state"))

@@ -19,7 +19,7 @@ from torch import nn
 from ..traces.schema import TABLES
 from . import detect
 from . import graph_ops as ops
-from .context import ContextReader
+from .token_context import ContextReader
 from .graph_capture import DEFAULT_DRAIN_EVERY, DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
 from .spec import UnsupportedModelError
 

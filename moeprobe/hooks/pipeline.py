@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,18 @@ from ..traces.writer import ShardWriter
 from .capture import LayerCapture, StepBuffer
 from .sequences import ResolvedTokens, SequenceTracker, unmatched_rows
 
+
+class PendingRouting(NamedTuple):
+    """One layer's routing of one step on the writer thread, waiting to be emitted with the others of its top-k."""
+
+    step: int
+    layer: int
+    phase: int  # PHASE_CODE
+    indices: np.ndarray  # (tokens, k) expert ids
+    weights: np.ndarray | None  # (tokens, k) gate weights; None when the router gives none
+    rows: ResolvedTokens  # sequence, position, token id (and validity) of each token
+    dropped: np.ndarray | None  # (tokens,) bool: over capacity; None when the router says nothing
+
 HEARTBEAT_S = 2.0
 # How long close() waits for the writer thread before it gives up on it and marks the trace aborted.
 CLOSE_TIMEOUT_S = 30.0
@@ -38,6 +50,12 @@ EMIT_BATCH_DECISIONS = 1 << 22
 PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
 
 
+@overload
+def _np(t: torch.Tensor, dtype: Any = None) -> np.ndarray: ...
+@overload
+def _np(t: None, dtype: Any = None) -> None: ...
+@overload
+def _np(t: torch.Tensor | None, dtype: Any = None) -> np.ndarray | None: ...
 def _np(t: torch.Tensor | None, dtype: Any = None) -> np.ndarray | None:
     if t is None:
         return None
@@ -155,7 +173,7 @@ class CapturePipeline:
         self._bias = _Columns("bias")
         self._last_bias: dict[int, np.ndarray] = {}
         # Collected per step, turned into arrays once per batch (see _emit).
-        self._pending_routing: dict[int, list[tuple[Any, ...]]] = {}
+        self._pending_routing: dict[int, list[PendingRouting]] = {}
         self._pending_decisions = 0
         self._step_rows: list[tuple[Any, ...]] = []
         self._latency_rows: list[tuple[Any, ...]] = []
@@ -167,7 +185,8 @@ class CapturePipeline:
         # without bound when the writer was stuck).
         self._dropped: dict[str, int] = {}
         # Expert ids each layer may name (the routing table stores them as int16).
-        self._num_experts = {int(m["index"]): int(m["num_experts"]) for m in writer._header.get("layers", [])}
+        layers: list[dict[str, Any]] = writer._header.get("layers", [])  # type: ignore[assignment]  # the writer's JSON header
+        self._num_experts = {int(m["index"]): int(m["num_experts"]) for m in layers}
         self.failure: BaseException | None = None
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="moeprobe-writer", daemon=True)
@@ -406,9 +425,9 @@ class CapturePipeline:
         counters["steps"] += 1
         counters["tokens"] += tokens
         for layer, m in step.marks.items():
-            router = self.clock.elapsed_ms(m[0], m[1])
-            block = self.clock.elapsed_ms(m[2], m[3])
-            self.clock.release(m)
+            router = self.clock.elapsed_ms(m.router_start, m.router_end)
+            block = self.clock.elapsed_ms(m.block_start, m.block_end)
+            self.clock.release(m.all())
             self._latency_rows.append(
                 (step.step, layer, np.nan if router is None else router, np.nan if block is None else block, self.clock.name)
             )
@@ -454,14 +473,14 @@ class CapturePipeline:
         dropped = _np(capture.dropped)
         self._pending_decisions += tokens * k
         self._pending_routing.setdefault(k, []).append(
-            (
-                step.step,
-                capture.layer,
-                PHASE_CODE[rows.phase],
-                indices,
-                None if weights is None else weights.reshape(tokens, k),
-                rows,
-                None if dropped is None else dropped.reshape(tokens).astype(bool),
+            PendingRouting(
+                step=step.step,
+                layer=capture.layer,
+                phase=PHASE_CODE[rows.phase],
+                indices=indices,
+                weights=None if weights is None else weights.reshape(tokens, k),
+                rows=rows,
+                dropped=None if dropped is None else dropped.reshape(tokens).astype(bool),
             )
         )
         if capture.scores is not None:
@@ -496,10 +515,10 @@ class CapturePipeline:
         for k, parts in pending.items():
             self._emit_routing(k, parts)
 
-    def _emit_routing(self, k: int, parts: list[tuple[Any, ...]]) -> None:
-        counts = np.array([p[3].shape[0] for p in parts])
-        indices = np.concatenate([p[3] for p in parts])
-        weights = np.concatenate([p[4] if p[4] is not None else np.full((len(p[3]), k), np.nan, np.float32) for p in parts])
+    def _emit_routing(self, k: int, parts: list[PendingRouting]) -> None:
+        counts = np.array([p.indices.shape[0] for p in parts])
+        indices = np.concatenate([p.indices for p in parts])
+        weights = np.concatenate([p.weights if p.weights is not None else np.full((len(p.indices), k), np.nan, np.float32) for p in parts])
         if k > 1 and not bool((weights[:, :-1] >= weights[:, 1:]).all()):
             # `k` ranks the choices by gate weight (0 = largest): some routers (DeepSeek-V3's
             # topk(sorted=False)) hand their choices over in no particular order. Stable, so equal weights
@@ -509,8 +528,8 @@ class CapturePipeline:
             indices = np.take_along_axis(indices, order, axis=1)
             weights = np.take_along_axis(weights, order, axis=1)
         valid = None
-        if any(p[5].valid is not None for p in parts):
-            valid = np.concatenate([p[5].valid if p[5].valid is not None else np.ones(len(p[3]), bool) for p in parts])
+        if any(p.rows.valid is not None for p in parts):
+            valid = np.concatenate([p.rows.valid if p.rows.valid is not None else np.ones(len(p.indices), bool) for p in parts])
         encoding = self.writer.routing_encoding
         if k > encoding.top_k:
             # More choices than the layers' declared top-k: the trace has no columns for them.
@@ -522,7 +541,7 @@ class CapturePipeline:
         # would be wrong rows and 40000 would wrap to another expert. Such choices are left out and counted,
         # never written; the token keeps its other choices (with their ranks), a token with none is left out.
         limit = np.repeat(
-            np.array([min(self._num_experts.get(int(p[1]), 1 << 15), 1 << encoding.expert_type.bit_width) for p in parts], np.int64),
+            np.array([min(self._num_experts.get(int(p.layer), 1 << 15), 1 << encoding.expert_type.bit_width) for p in parts], np.int64),
             counts,
         )
         bad = (indices < 0) | (indices >= limit[:, None])
@@ -542,13 +561,13 @@ class CapturePipeline:
             return values[valid] if valid is not None else values
 
         token_columns = {
-            "step": per_token(np.repeat(np.array([p[0] for p in parts], np.int32), counts)),
-            "sequence": per_token(np.concatenate([p[5].sequence for p in parts])),
-            "position": per_token(np.concatenate([p[5].position for p in parts])),
-            "token_id": per_token(np.concatenate([p[5].token_id for p in parts])),
-            "phase": per_token(np.repeat(np.array([p[2] for p in parts], np.int8), counts)),
-            "layer": per_token(np.repeat(np.array([p[1] for p in parts], np.int16), counts)),
-            "dropped": per_token(np.concatenate([p[6] if p[6] is not None else np.zeros(len(p[3]), bool) for p in parts])),
+            "step": per_token(np.repeat(np.array([p.step for p in parts], np.int32), counts)),
+            "sequence": per_token(np.concatenate([p.rows.sequence for p in parts])),
+            "position": per_token(np.concatenate([p.rows.position for p in parts])),
+            "token_id": per_token(np.concatenate([p.rows.token_id for p in parts])),
+            "phase": per_token(np.repeat(np.array([p.phase for p in parts], np.int8), counts)),
+            "layer": per_token(np.repeat(np.array([p.layer for p in parts], np.int16), counts)),
+            "dropped": per_token(np.concatenate([p.dropped if p.dropped is not None else np.zeros(len(p.indices), bool) for p in parts])),
         }
         kept = len(token_columns["step"])
         n = kept * k if choices is None else int(per_token(choices).sum())

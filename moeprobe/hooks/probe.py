@@ -27,28 +27,17 @@ from ..metrics.endpoint import MetricsEndpointError
 from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
 from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
-from ..traces.storage import is_remote
-from ..traces.writer import ShardWriter, prepare_trace_dir
-from .capture import LayerCapture, StepBuffer, move_to_host
-from .context import ContextReader, TokenContext
+from ..traces.writer import ShardWriter
+from .capture import LayerCapture, LayerMarks, StepBuffer, move_to_host
+from .token_context import ContextReader, TokenContext
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
 from .adapters import transformers_version
+from .destination import TraceDestination, job_rank, trace_location
 from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
 from .timing import CpuClock, CudaClock
 from . import detect
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except Exception:  # noqa: BLE001
-        pass
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _model_info(model: nn.Module, layers: list[LayerBinding], name: str | None) -> dict[str, Any]:
@@ -191,11 +180,8 @@ class Probe:
             check_graph(model, self.layers, logits=logits, live_loads=live_loads)
         self.logits = logits
         self.redact_tokens = redact_tokens
-        # An object-store URL (s3://bucket/prefix) stays a string: Path would collapse its double slash.
-        self.path: Path | str | None = None if path is None else path if is_remote(path) else Path(path)
-        dist_rank, dist_world = _dist_rank_world()
-        self.rank = dist_rank if rank is None else rank
-        self.world_size = dist_world if world_size is None else world_size
+        self.path: Path | str | None = None if path is None else trace_location(path)
+        self.rank, self.world_size = job_rank(rank, world_size)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.clock = clock if clock is not None else (CudaClock() if device.type == "cuda" else CpuClock())
         self._cuda = device.type == "cuda"
@@ -223,23 +209,7 @@ class Probe:
         self.metrics_url: str | None = None
         self._metrics: _MetricsLink | None = None
         if self.path is not None:
-            if self.world_size == 1:
-                prepare_trace_dir(self.path, force=force)
-            elif isinstance(self.path, str):  # an s3:// URL: no directory to make; the writer refuses an existing shard
-                from ..traces.remote_writer import prepare_remote_shard
-
-                prepare_remote_shard(self.path, self.rank, force=force)
-            else:
-                from ..traces.removal import remove_shard
-                from ..traces.writer import cannot_write
-
-                try:
-                    self.path.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise cannot_write(self.path, exc) from exc
-                shard = self.path / f"rank={self.rank}"
-                if (shard.exists() or shard.is_symlink()) and force:
-                    remove_shard(shard)  # only what moeprobe wrote, and not while its writer runs
+            TraceDestination(self.path, self.rank, self.world_size).prepare(force=force)
             options = {
                 "logits": logits,
                 "flush_interval_s": flush_interval,
@@ -313,14 +283,7 @@ class Probe:
         """Close and remove the trace this probe created a moment ago (it holds no record yet)."""
         assert self.pipeline is not None and self.path is not None
         self.pipeline.close("aborted", "the metrics endpoint could not start")
-        if isinstance(self.path, str):  # an s3:// URL
-            from ..traces.remote_writer import remove_remote
-
-            remove_remote(self.path, None if self.world_size == 1 else self.rank)
-            return
-        import shutil
-
-        shutil.rmtree(self.path if self.world_size == 1 else self.path / f"rank={self.rank}", ignore_errors=True)
+        TraceDestination(self.path, self.rank, self.world_size).abandon()
 
     # -- public -------------------------------------------------------------------------------------
     def tag(self, **tags: Any) -> None:
@@ -465,8 +428,8 @@ class Probe:
         for layer in self.layers:
             if layer.stack is not None:
                 entries[id(layer.stack)] = (layer.stack, stacks[id(layer.stack)])
-        for module, stack_id in entries.values():
-            reader = readers.get(stack_id) if stack_id is not None else None
+        for module, entry_stack in entries.values():
+            reader = readers.get(entry_stack) if entry_stack is not None else None
             self._hook(module.register_forward_pre_hook(self._checked(self._entry_pre(reader)), with_kwargs=True))
             self._hook(module.register_forward_hook(self._checked(self._entry_post), always_call=True))
         for layer in self.layers:
@@ -486,7 +449,7 @@ class Probe:
             step = self._step
             if step is not None:
                 try:
-                    step.marks[i] = [None, None, mark(), None]
+                    step.marks[i] = LayerMarks(mark())
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("block_pre", exc)
 
@@ -496,7 +459,7 @@ class Probe:
                 try:
                     marks = step.marks.get(i)
                     if marks is not None:
-                        marks[3] = mark()
+                        marks.block_end = mark()
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("block_post", exc)
 
@@ -506,7 +469,7 @@ class Probe:
                 try:
                     marks = step.marks.get(i)
                     if marks is not None:
-                        marks[0] = mark()
+                        marks.router_start = mark()
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("router_pre", exc)
 
@@ -520,7 +483,7 @@ class Probe:
             try:
                 marks = step.marks.get(i)
                 if marks is not None:
-                    marks[1] = mark()
+                    marks.router_end = mark()
                 if layer.validated and layer.source == "router":
                     # Every call after the first: the same reading and checks as _extract, without its closure; a
                     # failure now is counted, the call's routing left out (the first call refuses, see _extract).
@@ -718,7 +681,7 @@ class Probe:
     def _release_marks(self, step: StepBuffer) -> None:
         """Give a step's clock marks back to the pool: a dropped step's CUDA events would otherwise be lost."""
         for marks in step.marks.values():
-            self.clock.release(marks)
+            self.clock.release(marks.all())
         step.marks = {}
 
 

@@ -1,6 +1,6 @@
 """Deciding sequences, positions and padding from what a stack was called with (writer thread).
 
-The hooks only keep references (:class:`.context.TokenContext`); here, on the writer thread that sees the steps
+The hooks only keep references (:class:`.token_context.TokenContext`); here, on the writer thread that sees the steps
 in order, they become per-token columns. Sources, in order of preference:
 
 - positions: ``position_ids`` -> a 2-D mask that covers the whole sequence (cumulative sum) -> the cache length
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .context import CONTINUE, NEW, TokenContext
+from .token_context import CONTINUE, NEW, TokenContext
 
 PHASE_PREFILL, PHASE_DECODE = "prefill", "decode"
 
@@ -61,8 +61,8 @@ def _attends(mask: np.ndarray) -> np.ndarray:
     if mask.dtype == np.bool_:
         return mask
     if np.issubdtype(mask.dtype, np.floating):
-        return mask == 0
-    return mask != 0
+        return np.asarray(mask == 0)
+    return np.asarray(mask != 0)
 
 
 def _from_mask_4d(mask: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -103,10 +103,11 @@ class RouterSpec:
 
 def select(output: Any, selector: Selector, router_input: Any) -> torch.Tensor:
     """Apply a selector to a router's output."""
+    picked: torch.Tensor
     if callable(selector):
-        return selector(output, router_input)
-    if isinstance(selector, int):
-        return output[selector]
-    if isinstance(output, dict):
-        return output[selector]
-    return getattr(output, selector)
+        picked = selector(output, router_input)
+    elif isinstance(selector, int) or isinstance(output, dict):
+        picked = output[selector]
+    else:
+        picked = getattr(output, selector)
+    return picked

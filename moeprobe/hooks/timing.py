@@ -8,6 +8,7 @@ is skipped and counted, not waited for.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,9 +24,9 @@ class CpuClock:
     def elapsed_ms(start: Any, end: Any) -> float | None:
         if start is None or end is None:
             return None
-        return (end - start) / 1e6
+        return float((end - start) / 1e6)
 
-    def release(self, marks: list[Any]) -> None:
+    def release(self, marks: Iterable[Any]) -> None:
         pass
 
 
@@ -66,5 +67,5 @@ class CudaClock:
             time.sleep(0.0002)
         return float(start.elapsed_time(end))
 
-    def release(self, marks: list[Any]) -> None:
+    def release(self, marks: Iterable[Any]) -> None:
         self._free.extend(m for m in marks if m is not None)

@@ -58,7 +58,7 @@ class CaptureResult:
 def read_prompts(path: Path, tag_fields: list[str], limit: int) -> list[Prompt]:
     """One JSON object per line with ``prompt`` (text) or ``messages`` (chat); ``tag_fields`` become tags."""
     text = decode.read_text(path, limit)
-    prompts = []
+    prompts: list[Prompt] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

@@ -130,9 +130,10 @@ def import_files(sink: TraceSink, paths: list[Path], *, num_experts: int | None,
             raise ImportInputError(f"{paths[0]}: Megatron records do not say how many experts a layer has: give --num-experts")
         experts = int(widths.pop())
     topks = {r.get("topk") for _, _, recs in parsed for _, r in recs}
-    if len(topks) != 1 or not isinstance(next(iter(topks)), int):
+    top_k = next(iter(topks), None)
+    if len(topks) != 1 or not isinstance(top_k, int):
         raise ImportInputError(f"{paths[0]}: records disagree on topk ({sorted(map(str, topks))})")
-    sink.set_layers(layer_entries(len(keys), experts, int(next(iter(topks))), [_name(k) for k in keys]), str(paths[0]))
+    sink.set_layers(layer_entries(len(keys), experts, top_k, [_name(k) for k in keys]), str(paths[0]))
     index = {key: i for i, key in enumerate(keys)}
     for rank, path, recs in parsed:
         sidecar = path.with_name(f"logits_rank{rank}.bin")

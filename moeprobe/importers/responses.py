@@ -91,7 +91,7 @@ def merge_choice(choices: dict[int, dict[str, Any]], part: dict[str, Any], where
     if not isinstance(index, int):
         raise ImportInputError(f"{where}: choice 'index' should be an integer")
     into = choices.setdefault(index, {"index": index, "text": "", "token_ids": [], "routed_experts": []})
-    delta = part.get("delta") if isinstance(part.get("delta"), dict) else {}
+    delta: dict[str, Any] = part["delta"] if isinstance(part.get("delta"), dict) else {}
     into["text"] += str(part.get("text") or delta.get("content") or "")
     for source in (part, delta):
         ids = source.get("token_ids")

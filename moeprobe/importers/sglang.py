@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -35,6 +35,11 @@ FORWARD_MODE_DECODE = 2  # sglang ForwardMode: EXTEND = 1, DECODE = 2, MIXED = 3
 
 
 # -- /generate responses ----------------------------------------------------------------------------------
+def _count(value: object) -> TypeGuard[int]:
+    """A token count: a non-negative int (JSON true is an int to Python, not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def write_generate_response(
     sink: TraceSink,
     response: dict[str, Any],
@@ -60,7 +65,7 @@ def write_generate_response(
                 "request \"return_routed_experts\": true)"
             )
         prompt, completion = meta.get("prompt_tokens"), meta.get("completion_tokens")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (prompt, completion)):
+        if not (_count(prompt) and _count(completion)):
             raise ImportInputError(f"{where}: meta_info needs integer prompt_tokens and completion_tokens")
         rows = max(prompt + completion - 1, 0)
         experts = decode.raw(

@@ -11,7 +11,7 @@ use; every later payload must agree with them.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from ..traces.schema import PHASES, TABLES
 from ..traces.storage import location
 from ..traces.writer import ShardWriter, prepare_trace_dir
 from .errors import ImportInputError
+
+log = logging.getLogger(__name__)
 
 _PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 
@@ -99,12 +101,12 @@ class TraceSink:
                 options=options,
                 rank=rank,
                 world_size=self.world_size,
-                on_warning=lambda message: print(message, file=sys.stderr),
+                on_warning=log.warning,
                 source=self.source,
             )
             self.writers[rank] = found
             self._steps[rank] = set()
-            for early_rank, kind in [a for a in self._early_anomalies if a[0] == rank]:
+            for _, kind in [a for a in self._early_anomalies if a[0] == rank]:
                 found.count_anomaly(kind)
             self._early_anomalies = [a for a in self._early_anomalies if a[0] != rank]
         return found
@@ -147,7 +149,10 @@ class TraceSink:
         if (ids < -1).any():
             raise ImportInputError(f"{where}: negative expert id {int(ids.min())} (only -1 marks padding)")
         t_idx, l_idx, k_idx = np.nonzero(valid)
-        per_token = lambda values: np.broadcast_to(np.asarray(values), (tokens,))[t_idx]  # noqa: E731
+
+        def per_token(values: Any) -> np.ndarray:
+            return np.broadcast_to(np.asarray(values), (tokens,))[t_idx]
+
         weight_col = pa.nulls(len(t_idx), pa.float32()) if weights is None else pa.array(
             np.asarray(weights, np.float32)[t_idx, l_idx, k_idx], pa.float32()
         )

@@ -56,7 +56,7 @@ def choice_routing(response: dict[str, Any], choice: dict[str, Any], where: str,
 
     prompt_ids = _ids(choice.get("prompt_token_ids", response.get("prompt_token_ids")), where, "prompt_token_ids")
     completion_ids = _ids(choice.get("token_ids") or None, where, "token_ids")
-    usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
+    usage: dict[str, Any] = response["usage"] if isinstance(response.get("usage"), dict) else {}
     single = len(response.get("choices") or []) == 1
     prompt = len(prompt_ids) if prompt_ids is not None else (usage.get("prompt_tokens") if single else None)
     completion = len(completion_ids) if completion_ids is not None else (usage.get("completion_tokens") if single else None)

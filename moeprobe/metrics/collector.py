@@ -66,7 +66,7 @@ def _balancedness(counts: np.ndarray, ep_size: int) -> float:
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram, row: int) -> None:
     cumulative = np.cumsum(hist.buckets[row])
-    buckets = [(floatToGoString(b), float(c)) for b, c in zip(LATENCY_BUCKETS_S, cumulative[:-1])]
+    buckets = [(floatToGoString(b), float(c)) for b, c in zip(LATENCY_BUCKETS_S, cumulative[:-1], strict=True)]
     buckets.append(("+Inf", float(cumulative[-1])))
     family.add_metric(labels, buckets, sum_value=float(hist.total_s[row]))
 

@@ -12,7 +12,7 @@ age of the recording.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 # Latency histogram bucket bounds in seconds (Prometheus base unit). Seven finite buckets keep a 58-layer model
 # under 2,000 series by default (docs/prometheus.md has the formula); they span a router call on a GPU (~0.1
@@ -48,7 +50,7 @@ class Histogram:
 
     @property
     def count(self) -> np.ndarray:
-        return self.buckets.sum(axis=1)
+        return np.asarray(self.buckets.sum(axis=1))
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,8 @@ class LiveCounts:
                 self._ignored += data.num_rows
             if not self._warned:
                 self._warned = True
-                print(f"moeprobe: metrics could not count a {table} batch ({type(exc).__name__}: {exc}); "
-                      "its rows are counted in moeprobe_ignored_records_total", file=sys.stderr)
+                log.warning("moeprobe: metrics could not count a %s batch (%s: %s); its rows are counted in "
+                            "moeprobe_ignored_records_total", table, type(exc).__name__, exc)
 
     def _rows_of(self, layer: np.ndarray) -> np.ndarray:
         """Row of each layer index, -1 for an index the manifest does not have."""
@@ -178,7 +180,7 @@ class LiveCounts:
         width = self._ring.shape[1]
         per_step = np.bincount(offset * width + cell[recent], minlength=w * width).reshape(w, width)
         present = np.flatnonzero(np.bincount(offset, minlength=w))
-        for s, counts in zip((present + oldest).tolist(), per_step[present]):
+        for s, counts in zip((present + oldest).tolist(), per_step[present], strict=True):
             slot = s % w
             if self._ring_step[slot] != s:
                 if self._ring_step[slot] > s:

@@ -10,7 +10,7 @@ were counted already from their own files, so flushes are followed by number, pr
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +26,8 @@ from ..traces.reader import shard_state
 from .counts import LiveCounts
 from .options import Health, MetricsOptions, ShardView, heartbeat_age
 
+log = logging.getLogger(__name__)
+
 COLUMNS = {
     "routing": ["step", "layer", "k", "expert", "dropped"],
     "latency": ["layer", "router_ms", "block_ms"],
@@ -38,7 +40,7 @@ class TraceFollower:
     def __init__(self, path: str | Path, options: MetricsOptions, *, warn: Callable[[str], None] | None = None) -> None:
         self.options = options
         self.trace: Trace = open_trace(path)
-        self._warn = warn or (lambda message: print(message, file=sys.stderr))
+        self._warn = warn or log.warning
         self._lock = threading.Lock()
         self._counts: dict[int, LiveCounts] = {}
         self._next_flush: dict[tuple[int, str], int] = {}  # (rank, table) -> first flush number not counted
@@ -90,8 +92,8 @@ class TraceFollower:
                     listed = (
                         (s, p) for p in layout.table_dir(reader.path, rank, table).iterdir() if (s := layout.segment_span(p)) is not None
                     )
-                    for (f, l), p in sorted(listed, key=lambda t: (t[0][0], -t[0][1])):
-                        single[f] = (l, p)
+                    for (span_first, span_last), p in sorted(listed, key=lambda t: (t[0][0], -t[0][1])):
+                        single[span_first] = (span_last, p)
                 n = start
                 while n <= last and n in single and single[n][0] <= last:
                     self._read(reader, rank, table, columns, single[n][1])

@@ -31,7 +31,7 @@ def update_bias(bias: np.ndarray, load: np.ndarray, rate: float = DEFAULT_RATE) 
     """
     load = np.asarray(load, dtype=np.float64)
     step = np.sign(load.mean() - load).astype(np.float32)
-    return (np.asarray(bias, dtype=np.float32) + np.float32(rate) * step).astype(np.float32)
+    return np.asarray((np.asarray(bias, dtype=np.float32) + np.float32(rate) * step).astype(np.float32))
 
 
 def route_with_online_bias(

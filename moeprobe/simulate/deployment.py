@@ -84,21 +84,12 @@ class EplbOptions:
         )
 
 
-def parse_window(text: str, what: str = "steps") -> Window:
-    """``A:B`` (A inclusive, B exclusive; either may be left out) or ``A`` for a single step."""
-    start, colon, stop = text.partition(":")
-    try:
-        lo = int(start) if start.strip() else None
-        hi = int(stop) if stop.strip() else None
-        if not colon:
-            if lo is None:
-                raise ValueError
-            hi = lo + 1
-    except ValueError:
-        raise ValueError(f"{what}: {text!r} is not a step range like 0:100, 100: or :50") from None
-    if lo is not None and hi is not None and hi <= lo:
-        raise ValueError(f"{what}: {text!r} is an empty range (the end is exclusive)")
-    return (lo, hi)
+def parse_window(text: str, what: str = "--steps") -> Window:
+    """``A:B`` (A inclusive, B exclusive; either may be left out) or ``A`` for a single step: the report's step
+    parser (``analysis.filters.parse_steps``), whose ``FilterError`` is a ``ValueError``."""
+    from ..analysis.filters import parse_steps
+
+    return parse_steps(text, what)
 
 
 def _in_window(steps: np.ndarray, window: Window) -> np.ndarray:

@@ -58,11 +58,11 @@ def estimate_load(step_counts: np.ndarray, estimate: LoadEstimate | None = None)
     if counts.shape[0] == 0:
         return np.zeros(counts.shape[1:])
     if estimate.method == "sum":
-        return counts.sum(axis=0)
+        return np.asarray(counts.sum(axis=0))
     if estimate.method == "last":
-        return counts[-estimate.last :].sum(axis=0)
+        return np.asarray(counts[-estimate.last :].sum(axis=0))
     # EMA, started from the first step (no bias towards zero at the start of the window).
     value = counts[0].copy()
     for row in counts[1:]:
         value = (1.0 - estimate.alpha) * value + estimate.alpha * row
-    return value
+    return np.asarray(value)

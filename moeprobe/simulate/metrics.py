@@ -1,4 +1,4 @@
-"""Load metrics of one layer's routing, recorded or simulated (definitions in METRICS.md).
+"""Load metrics of one layer's routing, recorded or simulated (definitions in docs/metrics.md).
 
 A routing here is ``experts`` (T, k) int with -1 for a missing choice, and ``dropped`` (T, k) bool. The load
 c_e of an expert counts the assignments it processes (dropped ones excluded), so a capacity limit shows up
@@ -66,7 +66,7 @@ def _as_sets(experts: np.ndarray, width: int) -> np.ndarray:
 def changed_tokens(recorded: np.ndarray, simulated: np.ndarray) -> np.ndarray:
     """(T,) bool: the token's set of chosen experts differs from the recorded one."""
     width = max(recorded.shape[1], simulated.shape[1])
-    return (_as_sets(recorded, width) != _as_sets(simulated, width)).any(axis=1)
+    return np.asarray((_as_sets(recorded, width) != _as_sets(simulated, width)).any(axis=1))
 
 
 def mass_lost(
@@ -84,4 +84,4 @@ def mass_lost(
     kept = (recorded[:, :, None] == reached[:, None, :]).any(axis=2) & (recorded >= 0)
     total = weights.sum(axis=1)
     lost = np.where(kept, 0.0, weights).sum(axis=1)
-    return np.divide(lost, total, out=np.zeros_like(total), where=total > 0)
+    return np.asarray(np.divide(lost, total, out=np.zeros_like(total), where=total > 0))

@@ -78,13 +78,13 @@ def replica_load(load: np.ndarray, placement: Placement) -> np.ndarray:
     """(L, P) load of each physical slot: its expert's load over the expert's replica count."""
     load = np.asarray(load, dtype=np.float64)
     counts = np.take_along_axis(placement.logcnt, placement.phy2log, axis=1)
-    return np.take_along_axis(load, placement.phy2log, axis=1) / counts
+    return np.asarray(np.take_along_axis(load, placement.phy2log, axis=1) / counts)
 
 
 def gpu_load(load: np.ndarray, placement: Placement) -> np.ndarray:
     """(L, G) load per GPU: the sum of its slots' loads."""
     per_slot = replica_load(load, placement)
-    return per_slot.reshape(placement.num_layers, placement.num_gpus, placement.slots_per_gpu).sum(axis=2)
+    return np.asarray(per_slot.reshape(placement.num_layers, placement.num_gpus, placement.slots_per_gpu).sum(axis=2))
 
 
 def balancedness(unit_load: np.ndarray) -> np.ndarray:
@@ -104,7 +104,7 @@ def traffic_matrix(source_load: np.ndarray, placement: Placement) -> np.ndarray:
     share = 1.0 / np.take_along_axis(placement.logcnt, placement.phy2log, axis=1)  # (L, P)
     index = np.broadcast_to(placement.phy2log[:, None, :], (layers, sources, placement.num_physical))
     per_slot = np.take_along_axis(source_load, index, axis=2) * share[:, None, :]
-    return per_slot.reshape(layers, sources, placement.num_gpus, placement.slots_per_gpu).sum(axis=3)
+    return np.asarray(per_slot.reshape(layers, sources, placement.num_gpus, placement.slots_per_gpu).sum(axis=3))
 
 
 def replicated_experts(placement: Placement) -> list[dict[str, Any]]:

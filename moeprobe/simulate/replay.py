@@ -59,7 +59,7 @@ def _where(window: Window, layers: list[int] | None, step_column: str = "step") 
 
 
 def _column(table: pa.Table, name: str, dtype: type) -> np.ndarray:
-    return table.column(name).to_numpy().astype(dtype, copy=False)
+    return np.asarray(table.column(name).to_numpy().astype(dtype, copy=False))
 
 
 def _check_routing_contract(trace: Trace, table: pa.Table) -> None:
@@ -108,7 +108,7 @@ def _list_matrix(column: pa.ChunkedArray | pa.Array, rows: int, width: int) -> n
     if hasattr(column, "combine_chunks"):
         column = column.combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(rows, width)
+    return np.asarray(values.astype(np.float32, copy=False).reshape(rows, width))
 
 
 def _load_scores(trace: Trace, window: Window, layers: list[int] | None, tokens: int) -> np.ndarray | None:

@@ -102,7 +102,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     e = np.subtract(x, x.max(axis=-1, keepdims=True))
     np.exp(e, out=e)
     e /= e.sum(axis=-1, keepdims=True)
-    return e
+    return np.asarray(e)
 
 
 # -- top-k --------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def _check_bias(bias: np.ndarray | None, num_experts: int) -> np.ndarray | None:
 
 
 def _normalise(weights: np.ndarray, eps: float = 0.0) -> np.ndarray:
-    return weights / (weights.sum(axis=1, keepdims=True) + np.float32(eps))
+    return np.asarray(weights / (weights.sum(axis=1, keepdims=True) + np.float32(eps)))
 
 
 def softmax_topk(

@@ -57,7 +57,7 @@ class Strategy:
     def needs_recorded_bias(self) -> bool:
         """True when the spec asks for the recorded bias explicitly (auto falls back to none)."""
         if self.routing.name == "reroute":
-            return self.routing.params["bias"] == "recorded"
+            return bool(self.routing.params["bias"] == "recorded")
         return self.routing.name == "online-bias" and self.routing.params["init"] == "recorded"
 
 

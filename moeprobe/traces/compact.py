@@ -267,14 +267,14 @@ def _delta_code(codes: np.ndarray, used: np.ndarray, null: np.ndarray | None) ->
         return codes, np.ones(tokens, bool)
     if null is None and bool((used == width).all()):
         # Fast path: every row uses every column (the capture pipeline's batches).
-        ok = (codes[:-1] >= codes[1:]).all(axis=0)
+        ok = np.asarray((codes[:-1] >= codes[1:]).all(axis=0))
         delta = codes.copy()
         delta[:-1] -= codes[1:]  # wraps where a code rises; those rows keep their codes below
         return np.where(ok[None, :], delta, codes).astype(codes.dtype, copy=False), ok
     position = np.arange(width)[:, None]
     inside = position < used[None, :]
     signed = codes.astype(np.int64)
-    ok = ((signed[:-1] >= signed[1:]) | ~inside[1:]).all(axis=0)
+    ok = np.asarray(((signed[:-1] >= signed[1:]) | ~inside[1:]).all(axis=0))
     if null is not None:
         ok &= ~(null & inside).any(axis=0)
     following = np.zeros_like(signed)

@@ -72,7 +72,7 @@ class Compactor:
             return None
         sizes = [_size(p) for p in files[-self.fanout:]]
         tier = _tier(files[-1], self.fanout)
-        run = []
+        run: list[Path] = []
         for path in reversed(files):
             if _tier(path, self.fanout) != tier or len(run) == self.fanout:
                 break

@@ -41,3 +41,7 @@ class TraceBusyError(TraceError):
 
 class TraceWriteError(TraceError):
     """The trace cannot be created where asked (read-only file system, a parent that is a file, /proc, ...)."""
+
+
+class QueryError(TraceError):
+    """A SQL query over the trace failed (syntax, unknown column, ...)."""

@@ -58,7 +58,7 @@ def _pid_alive(pid: int) -> bool:
 
 def shard_state(shard: dict[str, Any]) -> str:
     """running / complete / aborted, or ``stale`` when the status says running but its writer is gone."""
-    status = shard["status"]
+    status: str = shard["status"]
     if status != "running":
         return status
     if shard.get("host") == socket.gethostname():
@@ -413,7 +413,7 @@ def _stored_decisions(path: Path | str, meta: pq.FileMetaData, top_k: int, files
     else:
         return total
     choices = pq.read_table(path, columns=["choices"], filesystem=filesystem).column("choices").to_numpy()
-    if choices.size and not (1 <= int(choices.min()) and int(choices.max()) <= top_k):
+    if choices.size and not (int(choices.min()) >= 1 and int(choices.max()) <= top_k):
         raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
     return int(choices.sum(dtype=np.int64))
 

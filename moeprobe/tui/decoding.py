@@ -32,7 +32,7 @@ def tokenizer_file(name: str, cache_dir: str | os.PathLike[str] | None = None) -
     except ImportError:
         return None
     try:
-        found = try_to_load_from_cache(name, "tokenizer.json", cache_dir=cache_dir)
+        found = try_to_load_from_cache(name, "tokenizer.json", cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception:  # noqa: BLE001 - a name that is not a valid repo id is simply not in the cache
         return None
     return Path(found) if isinstance(found, str) and Path(found).is_file() else None

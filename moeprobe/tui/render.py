@@ -25,7 +25,7 @@ _PALETTE = (
 
 
 def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> Color:
-    return Color.from_rgb(*(round(x + (y - x) * t) for x, y in zip(a, b)))
+    return Color.from_rgb(*(round(x + (y - x) * t) for x, y in zip(a, b, strict=True)))
 
 
 def utilisation_color(value: float) -> Color | None:

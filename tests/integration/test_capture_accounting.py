@@ -12,7 +12,7 @@ import torch
 
 import moeprobe
 from moeprobe.hooks.capture import LayerCapture, StepBuffer
-from moeprobe.hooks.context import TokenContext
+from moeprobe.hooks.token_context import TokenContext
 from moeprobe.hooks.pipeline import CapturePipeline
 from moeprobe.hooks.probe import Probe
 from moeprobe.hooks.timing import CpuClock, CudaClock

@@ -27,8 +27,7 @@ print("job generated", tuple(out.shape))
 # SIGKILL: waiting on the writer (Probe.flush), not on a sleep that a loaded machine can outrun.
 FLUSH_THEN_KILL = """
 from moeprobe.hooks import autoattach
-for probe in autoattach._recorder.probes:
-    probe.flush(60)
+assert all(probe.flush(timeout=60) for probe in autoattach._recorder.probes)
 os.kill(os.getpid(), 9)
 """
 

@@ -57,7 +57,11 @@ def test_readers_never_see_a_partial_segment(tmp_path: Path) -> None:
     writer = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True, env=run_cli_env())
     assert writer.stdout is not None
     assert writer.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 60
     while not any((path / "rank=0" / "routing").glob("*.parquet")):
+        # Bounded, and not forever on a writer that died before its first segment.
+        assert writer.poll() is None, f"the writer exited ({writer.returncode}) before writing a segment"
+        assert time.monotonic() < deadline, "no segment within 60 s"
         time.sleep(0.01)
 
     errors: list[BaseException] = []
@@ -98,6 +102,7 @@ def test_readers_never_see_a_partial_segment(tmp_path: Path) -> None:
     writer.wait(timeout=60)
     for thread in threads:
         thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a reader is still running 60 s after the writer"
     source.close()
     trace.close()
     assert errors == [], errors

@@ -171,9 +171,12 @@ def test_custom_model_token_ids_found_by_contract(tmp_path: Path) -> None:
 )
 def test_wrong_router_spec_is_one_line_at_the_first_call(spec: Any, expected: str, tmp_path: Path) -> None:
     model = PositionalModel().eval()
-    with pytest.raises(moeprobe.UnsupportedModelError) as raised:
-        with moeprobe.record(model, tmp_path / "t", routers={IdsRouter: spec}, flush_interval=60), torch.no_grad():
-            model(torch.randint(0, 50, (2, 3)))
+    with (
+        pytest.raises(moeprobe.UnsupportedModelError) as raised,
+        moeprobe.record(model, tmp_path / "t", routers={IdsRouter: spec}, flush_interval=60),
+        torch.no_grad(),
+    ):
+        model(torch.randint(0, 50, (2, 3)))
     message = str(raised.value)
     assert "'blocks.0.router' (IdsRouter" in message and "\n" not in message
     assert expected in message

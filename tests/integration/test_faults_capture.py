@@ -23,7 +23,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 model = build("mixtral")
 with moeprobe.record(model, {trace!r}, flush_interval=0.05) as probe:
     model(torch.randint(3, 96, (1, 4)))          # small first segment: fits
-    time.sleep(0.3)  # let the writer flush the small first segment
+    assert probe.flush(timeout=60), "the small first segment was not written"
     resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
     for _ in range(3):
         out = model(torch.randint(3, 96, (16, 64)))   # segments far over the limit: cannot be written

@@ -85,11 +85,10 @@ def _graph_decode(model: torch.nn.Module, steps: int) -> None:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        # No warm-up call: it would write one more step into the cache and the trace. The capture does not run
-        # the ops, it records them.
-        with torch.cuda.graph(graph, stream=side):
-            static_out = model(input_ids=static_ids, position_ids=static_pos, past_key_values=cache, use_cache=True)
+    # No warm-up call: it would write one more step into the cache and the trace. The capture does not run the
+    # ops, it records them.
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        static_out = model(input_ids=static_ids, position_ids=static_pos, past_key_values=cache, use_cache=True)
     torch.cuda.current_stream().wait_stream(side)
     for i in range(steps):
         static_ids.copy_(token)

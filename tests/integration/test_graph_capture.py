@@ -84,7 +84,7 @@ def test_counts_equal_the_token_trace_counts_on_the_same_run(tmp_path: Path) -> 
 
 def test_sampling_keeps_exactly_the_steps_it_says(tmp_path: Path) -> None:
     model = build("mixtral").eval()
-    with moeprobe.record(model, tmp_path / "all") as probe:
+    with moeprobe.record(model, tmp_path / "all"):
         _generate(model, new_tokens=7)
     with moeprobe.record(model, tmp_path / "sampled", sample=3):
         _generate(model, new_tokens=7)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moeprobe import open_trace
+from moeprobe.analysis.report_model import Report
 from moeprobe.cli.main import main as cli
 from tests.engine_formats import imported_traces
 
@@ -39,6 +40,7 @@ def test_report_on_imported_trace(name: str, traces: dict[str, Path], capsys: py
     report = json.loads(capsys.readouterr().out)
     assert report["trace"]["mode"] == ("counts" if name in COUNTS else "tokens")
     assert report["trace"]["source"]["engine"] == name.split("_")[0]
+    assert Report.from_json(report).to_json() == report  # the typed report holds every field, counts traces too
     loads = _loads(traces[name])
     assert [layer["counts"] for layer in report["layers"]] == loads.tolist()
     assert report["overall"]["decisions"] == int(loads.sum())
@@ -148,7 +150,7 @@ def test_export_refusals_are_one_line(traces: dict[str, Path], tmp_path: Path, c
 
 
 def test_token_level_api_on_a_counts_trace_says_why(traces: dict[str, Path]) -> None:
-    from moeprobe.analysis.session import QueryError
+    from moeprobe.traces.errors import QueryError
 
     with open_trace(traces["sglang_stat"]) as t:
         assert t.load().decisions > 0

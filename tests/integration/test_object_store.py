@@ -115,9 +115,8 @@ def test_existing_prefix_is_refused_and_force_deletes_only_a_trace(s3: ObjectSto
     assert "runs/again/rank=0/routing/000000.parquet" not in s3.objects("runs/again")  # the old segments are gone
 
     # a writer that is alive (this process, its heartbeat fresh) is never deleted under it
-    with moeprobe.record(model, url, force=True):
-        with pytest.raises(moeprobe.traces.TraceBusyError, match="a writer is still writing this shard"):
-            moeprobe.record(model, url, force=True)
+    with moeprobe.record(model, url, force=True), pytest.raises(moeprobe.traces.TraceBusyError, match="a writer is still writing this shard"):
+        moeprobe.record(model, url, force=True)
 
     import boto3
 
@@ -365,7 +364,7 @@ def test_the_store_gets_format_2_encoded_like_disk(s3: ObjectStoreServer, tmp_pa
     else:  # u8 quantises per segment, and flush timing decides which rows share a segment: each within its step
         weights_seen = [r["weight"] for r in want]
         bound = (max(weights_seen) - min(weights_seen)) / 254 + 1e-6
-        assert max(abs(a["weight"] - b["weight"]) for a, b in zip(got, want)) <= bound
+        assert max(abs(a["weight"] - b["weight"]) for a, b in zip(got, want, strict=True)) <= bound
     # Stored per token with the k choices side by side (the object holds the compact schema, not the logical one).
     import pyarrow.parquet as pq
 
@@ -376,7 +375,7 @@ def test_the_store_gets_format_2_encoded_like_disk(s3: ObjectStoreServer, tmp_pa
 
 def _steps(trace: moeprobe.Trace) -> dict[int, int]:
     got = trace.sql("select step, count(*)::bigint n from routing group by step order by step").to_pydict()
-    return dict(zip(got["step"], got["n"]))
+    return dict(zip(got["step"], got["n"], strict=True))
 
 
 def test_a_shard_in_the_store_keeps_every_flush_and_counts_each_once(s3: ObjectStoreServer) -> None:

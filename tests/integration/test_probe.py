@@ -62,11 +62,10 @@ def test_exception_in_forward_reaches_caller_hooks_removed_trace_aborted(tmp_pat
     handle = model.model.layers[1].mlp.experts.register_forward_pre_hook(explode)
     error = Boom("placeholder")
     try:
-        with pytest.raises(Boom) as caught:
-            with moeprobe.record(model, tmp_path / "t"):
-                model(ids)
-                model(ids)
-                model(ids)  # raises inside layer 1
+        with pytest.raises(Boom) as caught, moeprobe.record(model, tmp_path / "t"):
+            model(ids)
+            model(ids)
+            model(ids)  # raises inside layer 1
         error = caught.value
     finally:
         handle.remove()
@@ -134,9 +133,11 @@ def test_hook_failure_on_the_first_call_refuses_without_touching_the_model(tmp_p
 
     spec = moeprobe.RouterSpec(indices=broken, num_experts=6, top_k=2)
     logits = None
-    with pytest.raises(moeprobe.UnsupportedModelError, match="ValueError: cannot read this router"):
-        with moeprobe.record(model, tmp_path / "t", routers={"MixtralTopKRouter": spec}):
-            logits = model(ids).logits
+    with (
+        pytest.raises(moeprobe.UnsupportedModelError, match="ValueError: cannot read this router"),
+        moeprobe.record(model, tmp_path / "t", routers={"MixtralTopKRouter": spec}),
+    ):
+        logits = model(ids).logits
     assert logits is not None and torch.equal(logits, reference)
     assert moeprobe.open_trace(tmp_path / "t").status == "aborted"
 

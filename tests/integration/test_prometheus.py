@@ -194,8 +194,8 @@ def test_prometheus_scrapes_a_recording_and_its_values_equal_the_trace(tmp_path:
         "SELECT layer, count(*) FILTER (WHERE k = 0) AS tokens, count(*) FILTER (WHERE k = 0 AND dropped) AS dropped "
         "FROM routing GROUP BY layer"
     ).to_pydict()
-    expected_tokens = dict(zip(tokens["layer"], tokens["tokens"]))
-    expected_dropped = dict(zip(tokens["layer"], tokens["dropped"]))
+    expected_tokens = dict(zip(tokens["layer"], tokens["tokens"], strict=True))
+    expected_dropped = dict(zip(tokens["layer"], tokens["dropped"], strict=True))
     assert sum(expected_dropped.values()) > 0, "the job was meant to drop tokens over capacity"
     assert _per_layer(got["moeprobe_routed_tokens_total"]) == expected_tokens
     assert _per_layer(got["moeprobe_dropped_tokens_total"]) == expected_dropped
@@ -203,7 +203,7 @@ def test_prometheus_scrapes_a_recording_and_its_values_equal_the_trace(tmp_path:
     def counts(where: str) -> dict[int, np.ndarray]:
         rows = trace.sql(f"SELECT layer, expert, count(*) AS n FROM routing {where} GROUP BY layer, expert").to_pydict()
         out = {layer: np.zeros(experts, np.int64) for layer, experts in layers.items()}
-        for layer, expert, n in zip(rows["layer"], rows["expert"], rows["n"]):
+        for layer, expert, n in zip(rows["layer"], rows["expert"], rows["n"], strict=True):
             out[layer][expert] = n
         return out
 
@@ -222,7 +222,7 @@ def test_prometheus_scrapes_a_recording_and_its_values_equal_the_trace(tmp_path:
         layer: int(np.argmax(window[layer]))
         for layer in layers
     }
-    slot1 = {int(dict(l)["layer"]): v for l, v in got["moeprobe_hot_expert_id"].items() if dict(l)["slot"] == "1"}
+    slot1 = {int(dict(lb)["layer"]): v for lb, v in got["moeprobe_hot_expert_id"].items() if dict(lb)["slot"] == "1"}
     assert slot1 == busiest
 
     counters = trace.manifest["counters"]
@@ -233,5 +233,5 @@ def test_prometheus_scrapes_a_recording_and_its_values_equal_the_trace(tmp_path:
     for result in got.values():
         for labels in result:
             assert {k for k, _ in labels} <= {"__name__", "model", "rank", "layer", "slot", "reason"}
-    assert {dict(l)["model"] for l in got["moeprobe_routed_tokens_total"]} == {"SwitchTransformersForConditionalGeneration"}
+    assert {dict(lb)["model"] for lb in got["moeprobe_routed_tokens_total"]} == {"SwitchTransformersForConditionalGeneration"}
     trace.close()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moeprobe.simulate.replay import bias_table, scores_table
+from moeprobe.simulate.report_model import SimulateReport
 from moeprobe.simulate.routing import sigmoid_group_topk
 from tests.conftest import PYTHON, run_cli_env
 from tests.support import layer_meta, routing_table, write_trace
@@ -101,6 +102,7 @@ def test_text_table_side_by_side(softmax_trace: Path) -> None:
 
 def test_json_known_answers(softmax_trace: Path) -> None:
     report = _json(str(softmax_trace), "-s", "topk:k=2", "-s", "capacity:cf=1.0", "-s", "capacity:slots=1,order=score")
+    assert SimulateReport.from_json(report).to_json() == report  # typed: drops and every row's field
     rows = _rows(report)
     assert list(rows) == ["recorded", "topk:k=2", "capacity:cf=1.0", "capacity:slots=1,order=score"]
     assert rows["recorded"]["summary"]["max_vio"] == pytest.approx(1.0)
@@ -120,6 +122,7 @@ def test_json_known_answers(softmax_trace: Path) -> None:
 def test_deepseek_replay_eplb_and_written_trace(deepseek_trace: Path, tmp_path: Path) -> None:
     report = _json(str(deepseek_trace), "-s", "reroute", "-s", "reroute:bias=zero", "-s", "online-bias:u=0.01",
                    "--eplb", "replicas=20,groups=4,nodes=2,gpus=4,plan=0:2")
+    assert SimulateReport.from_json(report).to_json() == report  # typed: the EPLB plan too
     rows = _rows(report)
     assert rows["reroute"]["summary"]["changed_share"] == 0.0  # the recorded bias reproduces the capture
     assert rows["reroute:bias=zero"]["summary"]["changed_share"] > 0.1
@@ -156,7 +159,7 @@ def test_steps_window_and_eplb_text(deepseek_trace: Path) -> None:
         ("softmax_trace", ["-s", "reroute:bias=recorded"], 1, "needs the recorded router bias"),
         ("softmax_trace", ["--steps", "100:"], 1, "no routing recorded in steps 100:"),
         ("softmax_trace", ["-s", "magic"], 2, "unknown strategy 'magic'"),
-        ("softmax_trace", ["--steps", "5:2"], 2, "empty range"),
+        ("softmax_trace", ["--steps", "5:2"], 2, "the range is empty"),
         ("softmax_trace", ["-s", "reroute", "-s", "topk:k=2", "-o", "x"], 2, "exactly one --strategy"),
         ("softmax_trace", ["--eplb", "gpus=3"], 2, "4 physical experts do not divide evenly over 3 GPUs"),
         ("softmax_trace", ["--eplb", "replicas=2,gpus=2"], 2, "must be >= 4"),

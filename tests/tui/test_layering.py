@@ -1,4 +1,4 @@
-"""DESIGN.md layering: the TUI imports Textual and the analysis layer, never torch or the capture hooks."""
+"""docs/architecture.md layering: the TUI imports Textual and the analysis layer, never torch or the capture hooks."""
 
 from __future__ import annotations
 

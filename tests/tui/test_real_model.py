@@ -48,7 +48,7 @@ async def test_tui_follows_a_real_recording(tmp_path: Path) -> None:
         heat = app.screen.query_one(HeatMap)
         assert [r.label for r in heat.rows] == [f"L{m['index']}" for m in layers]
         tokens = len(PROMPT[0]) + NEW_TOKENS - 1  # the last generated token is never fed back
-        for row, meta in zip(heat.rows, layers):
+        for row, meta in zip(heat.rows, layers, strict=True):
             sel = truth["layer"].to_numpy() == meta["index"]
             counts = np.zeros(meta["num_experts"])
             counts[truth["expert"].to_numpy()[sel]] = truth["n"].to_numpy()[sel]

@@ -218,13 +218,39 @@ async def test_help_names_every_screen_key(known_trace: Path) -> None:
             assert listed.get(key) == name
 
 
+def _painted_within_80x24(app: MoeprobeApp, selector: str, *, titled: bool = False) -> None:
+    """The widget has a non-empty place on the 80x24 screen (not squeezed to nothing, not pushed off it)."""
+    widget = app.screen.query_one(selector)
+    region = widget.region
+    assert region.width > 0 and region.height > 0, f"{type(app.screen).__name__} {selector}: not painted ({region})"
+    assert region.x >= 0 and region.right <= 80 and 0 <= region.y < 24, f"{selector} outside 80x24: {region}"
+    if titled:
+        assert text_of(widget).strip(), f"{type(app.screen).__name__} {selector}: empty"
+
+
 async def test_every_screen_paints_at_80x24(known_trace: Path) -> None:
     app = MoeprobeApp([known_trace])
+    # each screen's title line and its main data widget, as a newcomer on a small terminal first sees them
+    shown = {
+        LayerScreen: ("#layer-title", "#bars"),
+        SpecializationScreen: ("#tag-title", "#tags"),
+        TokensScreen: ("#seq-title", "#text"),
+        OverviewScreen: ("#heat", "#layers"),
+    }
     async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: loaded(app, OverviewScreen), what="overview")
         for key, screen_type in (("2", LayerScreen), ("3", SpecializationScreen), ("4", TokensScreen)):
             await pilot.press(key)
-            await wait_for(pilot, lambda: loaded(app, screen_type), what=screen_type.__name__)
+            await wait_for(pilot, lambda screen_type=screen_type: loaded(app, screen_type), what=screen_type.__name__)
+            title, body = shown[screen_type]
+            _painted_within_80x24(app, title, titled=True)
+            _painted_within_80x24(app, body)
+            _painted_within_80x24(app, "#run", titled=True)  # the run header stays on every screen
         await pilot.press("5")
         await wait_for(pilot, lambda: isinstance(app.screen, SqlScreen), what="sql")
+        _painted_within_80x24(app, "#query")
+        _painted_within_80x24(app, "#result")
         await pilot.press("escape", "1")
         await wait_for(pilot, lambda: loaded(app, OverviewScreen), what="overview again")
+        for selector in shown[OverviewScreen]:
+            _painted_within_80x24(app, selector)

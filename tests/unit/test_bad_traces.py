@@ -116,7 +116,7 @@ def test_tui_refuses_every_bad_trace_before_starting_the_app(corpus: list[Case])
         capture_output=True, text=True, env=run_cli_env(), timeout=30, stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr
-    problems = [_problem("tui", case, *r) for case, r in zip(cases, json.loads(result.stdout))]
+    problems = [_problem("tui", case, *r) for case, r in zip(cases, json.loads(result.stdout), strict=True)]
     assert [p for p in problems if p] == []
 
 
@@ -228,19 +228,28 @@ def _apply(data: Any, path: list[Any], action: str, value: Any) -> None:
 
 def _exercise(trace: Path) -> None:
     """Open the trace and use everything the commands use from the reader; only TraceError may come out."""
+    refused = False  # by the reader when it opens the trace (inspect opens it the same way)
     try:
         reader = TraceReader(trace)
-        reader.manifest
-        reader.status
-        reader.layers
-        reader.model
-        for name in ("routing", "steps", "tags"):
-            reader.table(name)
     except TraceError:
-        pass
-    # inspect renders every manifest field it finds: a damaged value is a one-line error or shown as is.
-    rc, _, err = _run(["inspect", str(trace)])
-    assert rc in (0, 1) and "internal error" not in err, err
+        refused = True
+    else:
+        try:
+            # Properties that parse the manifest, and tables: reading them is the check.
+            _ = reader.manifest, reader.status, reader.layers, reader.model
+            for name in ("routing", "steps", "tags"):
+                reader.table(name)
+        except TraceError:
+            pass
+    # inspect renders every manifest field it finds: a damaged value is a one-line error naming the command, or
+    # the summary with nothing on stderr; a trace the reader refuses to open is always the error.
+    rc, out, err = _run(["inspect", str(trace)])
+    lines = err.strip().splitlines()
+    if rc == 0:
+        assert not refused and out.strip() and err == "", (rc, out[:200], err)
+    else:
+        assert rc == 1 and out == "" and len(lines) == 1, (rc, out[:200], err)
+        assert lines[0].startswith("moeprobe inspect: ") and "internal error" not in lines[0], err
 
 
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 
 import moeprobe
-from moeprobe.analysis.session import QueryError
+from moeprobe.traces.errors import QueryError
 from moeprobe.cli.main import main as cli_main
 from moeprobe.traces.schema import TABLES
 from moeprobe.tui.queries.sql import ReadOnlyError, check_read_only, run_sql
@@ -52,9 +52,9 @@ def _calls_and_imports(tree: ast.AST) -> list[str]:
             func = node.func
             if isinstance(func, ast.Name) and func.id in UNSAFE_CALLS:
                 found.append(func.id)
-            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-                if (func.value.id, func.attr) in UNSAFE_ATTRIBUTES and not _weights_only(node):
-                    found.append(f"{func.value.id}.{func.attr}")
+            elif (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                  and (func.value.id, func.attr) in UNSAFE_ATTRIBUTES and not _weights_only(node)):
+                found.append(f"{func.value.id}.{func.attr}")
     return found
 
 

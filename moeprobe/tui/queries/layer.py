@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...analysis import coactivation, stats
+from ...analysis import coactivation, sampling, stats
 from ...analysis import load as load_mod
 from ...analysis.filters import Filters
+from ...analysis.latency import Quantiles
 from ...analysis.session import Trace
 
 TIME_WINDOWS = 48
@@ -56,11 +57,11 @@ class LayerDetail:
         return self.counts * self.experts / total if total > 0 else np.full(self.experts, math.nan)
 
 
-def _timing(q: object) -> Timing | None:
-    n = int(getattr(q, "n", 0))
+def _timing(q: Quantiles) -> Timing | None:
+    n = int(q.n)
     if not n:
         return None
-    return Timing(n, float(getattr(q, "p50")), float(getattr(q, "p99")))
+    return Timing(n, float(q.p50), float(q.p99))
 
 
 def layer_detail(trace: Trace, index: int) -> LayerDetail:
@@ -108,7 +109,7 @@ def layer_detail(trace: Trace, index: int) -> LayerDetail:
     random = stats.coactivation_baseline(experts, top_k)
     baseline = load_mod.random_baseline(experts, top_k, int(counts.sum()) // top_k, top_k)
     if counts.sum() and not counts_only:  # co-activation needs the choices of each token
-        co = coactivation.compute(ctx, ctx.sample(COACTIVATION_SAMPLE))
+        co = coactivation.compute(ctx, sampling.sample(ctx, COACTIVATION_SAMPLE))
         if co:
             matrix = co[0].matrix
 

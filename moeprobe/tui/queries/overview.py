@@ -53,7 +53,7 @@ def recent_maxvio(trace: Trace, steps: int = RECENT_STEPS) -> dict[int, tuple[fl
         f"WHERE step > (SELECT max(step) FROM {table}) - {int(steps)} ORDER BY layer, step"
     )
     out: dict[int, list[float]] = {}
-    for layer, value in zip(got.get("layer", []), got.get("maxvio", [])):
+    for layer, value in zip(got.get("layer", []), got.get("maxvio", []), strict=True):
         out.setdefault(int(layer), []).append(float(value))
     return {layer: tuple(values) for layer, values in out.items()}
 

@@ -49,19 +49,15 @@ def _cell(value: object) -> str:
 def run_sql(trace: Trace, query: str, max_rows: int = MAX_ROWS) -> SqlResult:
     """Run a checked query and fetch at most ``max_rows`` rows (a SELECT over 10 M rows must not fill memory)."""
     text = check_read_only(query)
-    import duckdb
-
-    from ...analysis.session import QueryError
+    from ...analysis.duckdb_errors import duckdb_errors
 
     started = time.perf_counter()
-    try:
+    with duckdb_errors(trace.reader, typed_by_person=True):
         relation = trace.console_connection.sql(text)
         if relation is None:
             return SqlResult((), (), False, time.perf_counter() - started)
         columns = tuple(relation.columns)
         rows = relation.limit(max_rows + 1).fetchall()
-    except duckdb.Error as exc:
-        raise QueryError(str(exc).splitlines()[0]) from exc
     truncated = len(rows) > max_rows
     return SqlResult(
         columns,

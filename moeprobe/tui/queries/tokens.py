@@ -63,7 +63,7 @@ def sequences(trace: Trace) -> list[SequenceInfo]:
         SequenceInfo(int(r), int(s), int(n), int(a), int(b), str(tags))
         for r, s, n, a, b, tags in zip(
             got.get("rank", []), got.get("sequence", []), got.get("tokens", []),
-            got.get("first_step", []), got.get("last_step", []), got.get("tags", []),
+            got.get("first_step", []), got.get("last_step", []), got.get("tags", []), strict=True,
         )
     ]
 
@@ -81,7 +81,7 @@ def sequence_tokens(trace: Trace, info: SequenceInfo, decoder: Callable[[int], s
         # one Token per position; rows arrive sorted, so each token is a contiguous run
         starts = np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]])
         ends = np.r_[starts[1:], len(positions)]
-        for a, b in zip(starts, ends):
+        for a, b in zip(starts, ends, strict=True):
             routes: dict[int, list[tuple[int, float]]] = {}
             for i in range(a, b):
                 routes.setdefault(int(got["layer"][i]), []).append((int(got["expert"][i]), float(got["weight"][i])))

@@ -103,7 +103,7 @@ class SpecializationScreen(TraceScreen):
                              "load by tag" + skipped))
         else:
             title.update(Text.assemble(f"L{layer}: {printable(tag.key)} × expert   ", ("[ ] change layer", "dim")))
-            other_keys = [k for k in data.keys() if k != tag.key]
+            other_keys = [k for k in data.keys() if k != tag.key]  # noqa: SIM118 (SpecializationData, not a dict)
             others = f"; other keys: {', '.join(other_keys)} (t switches)" if other_keys else ""
             # Text, not str: the tag key is trace data and must not be parsed as markup.
             note.update(Text(f"relative load c/c̄ within each {printable(tag.key)} (DeepSeek-V3 view; 1 = uniform)"

@@ -40,7 +40,7 @@ class LoadBars(Widget):
         fair = min(bar_w - 1, int(round(bar_w / top)))
         out = Text(no_wrap=True, overflow="crop")
         out.append(" " * 4 + " " * fair + "│ fair share (1.0)", style="dim")
-        for expert, (c, u) in enumerate(zip(counts, util)):
+        for expert, (c, u) in enumerate(zip(counts, util, strict=True)):
             out.append(f"\n{expert:>3} ")
             filled = int(round(bar_w * u / top))
             color = utilisation_color(float(u))

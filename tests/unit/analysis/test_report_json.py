@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 import moeprobe
-from moeprobe.analysis.report_json import FORMAT_VERSION, ReportOptions, compare
+from moeprobe.analysis.report_json import FORMAT_VERSION, ReportOptions, compare, compare_reports
+from moeprobe.analysis.report_model import Comparison, FiltersInfo, Report
 from moeprobe.analysis.tables import compare_tables, describe_filters, report_tables
 from moeprobe.traces.schema import TABLES
 from tests.support import layer_meta, routing_table, write_trace
@@ -66,12 +67,14 @@ def test_compare_lines_up_two_traces(traces: tuple[moeprobe.Trace, moeprobe.Trac
     assert maxvio["delta"] == pytest.approx(maxvio["b"] - maxvio["a"], abs=1e-6)
     assert maxvio["b"] > maxvio["a"]  # expert 0 takes every token in b
     assert [item["layer"] for item in result["diff"]["layers"]] == [0, 1]
-    tables = compare_tables(result)
+    typed = compare_reports(Report.from_json(a), Report.from_json(b))
+    assert typed.to_json() == result and Comparison.from_json(result) == typed  # one object, typed or as JSON
+    tables = compare_tables(typed)
     assert tables[0].rows[0][0] == "maxvio_global"
 
 
 def test_text_tables_put_baselines_beside_metrics(traces: tuple[moeprobe.Trace, moeprobe.Trace]) -> None:
-    report = traces[1].summary()
+    report = traces[1].report()
     tables = {t.title.split(",")[0].split(":")[0]: t for t in report_tables(report)}
     overall = tables["Load imbalance across layers"]
     assert overall.columns[-2:] == ["random", "ideal"]
@@ -82,5 +85,5 @@ def test_text_tables_put_baselines_beside_metrics(traces: tuple[moeprobe.Trace, 
 
 def test_filters_are_described_in_words() -> None:
     filters = {"steps": [2, None], "phase": "decode", "tags": {"domain": "code"}, "layers": [0, 3], "ranks": None}
-    assert describe_filters(filters) == "steps 2:, phase decode, domain=code, layers 0,3"
-    assert describe_filters({"steps": None, "phase": None, "tags": {}, "layers": None, "ranks": None}) == "none"
+    assert describe_filters(FiltersInfo.from_json(filters)) == "steps 2:, phase decode, domain=code, layers 0,3"
+    assert describe_filters(FiltersInfo(steps=None, phase=None, tags={}, layers=None, ranks=None)) == "none"

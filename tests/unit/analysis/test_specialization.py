@@ -11,6 +11,7 @@ import pytest
 
 import moeprobe
 from moeprobe.analysis.filters import Filters
+from moeprobe.analysis.sampling import sample as sample_routing
 from moeprobe.traces.schema import TABLES
 from tests.support import layer_meta, routing_table, write_trace
 
@@ -31,7 +32,7 @@ def _tags(domains: list[str]) -> pa.Table:
 
 
 def test_uniform_random_routing_reproduces_the_repetition_baselines(tmp_path: Path) -> None:
-    # Mixtral §5 / METRICS.md: 1/E = 12.5 % and 1 - C(6,2)/C(8,2) = 46.4 % for E=8, k=2.
+    # Mixtral §5 / docs/metrics.md: 1/E = 12.5 % and 1 - C(6,2)/C(8,2) = 46.4 % for E=8, k=2.
     rng = np.random.default_rng(1234)
     seq, pos = _sequences(20, 1000)
     experts = _random_topk(rng, 20_000, 8, 2)
@@ -122,13 +123,13 @@ def test_sample_keeps_whole_sequences_within_budget(tmp_path: Path) -> None:
     routing = routing_table(_random_topk(rng, 2000, 8, 2), sequence=seq, position=pos)
     write_trace(tmp_path / "t", {"routing": routing}, layers=layer_meta(1, 8, 2))
     trace = moeprobe.open_trace(tmp_path / "t")
-    sample = trace.context(Filters()).sample(1000)
+    sample = sample_routing(trace.context(Filters()), 1000)
     assert sample.decisions <= 1000 and sample.sequences == sample.decisions // 100
     assert sample.fraction == pytest.approx(sample.decisions / 4000)
     rows = trace.sql(f"SELECT sequence, count(*) AS n FROM {sample.table} GROUP BY sequence").to_pylist()
     assert {r["n"] for r in rows} == {100}  # whole sequences only
-    assert trace.context(Filters()).sample(1000).predicate == sample.predicate  # deterministic
-    full = trace.context(Filters()).sample(0)
+    assert sample_routing(trace.context(Filters()), 1000).predicate == sample.predicate  # deterministic
+    full = sample_routing(trace.context(Filters()), 0)
     assert (full.fraction, full.decisions, full.sequences) == (1.0, 4000, 40)
     (rep,) = trace.specialization(sample_budget=1000).repetition
     assert rep.pairs == sample.sequences * 49

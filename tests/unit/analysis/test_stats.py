@@ -1,4 +1,4 @@
-"""Metric formulas and random-routing baselines against hand-computed values and METRICS.md's references."""
+"""Metric formulas and random-routing baselines against hand-computed values and docs/metrics.md's references."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_balancedness_is_one_over_one_plus_maxvio_when_ranks_are_experts() -> No
     [(8, 2, 0.040), (64, 8, 0.099), (256, 8, 0.25)],
 )
 def test_random_maxvio_batch_matches_metrics_md_references(experts: int, k: int, reference: float) -> None:
-    # METRICS.md: MaxVio_batch of random routing at T = 4096 tokens a batch. The E=8 case runs the exact
+    # docs/metrics.md: MaxVio_batch of random routing at T = 4096 tokens a batch. The E=8 case runs the exact
     # token-by-token simulation, the others the moment-matched multinomial.
     got = stats.random_maxvio_batch(experts, k, np.array([4096]), np.array([1]))
     assert got == pytest.approx(reference, rel=0.06)

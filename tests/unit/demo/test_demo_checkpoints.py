@@ -50,7 +50,7 @@ def test_card_is_complete_and_consistent(name: str) -> None:
     from moeprobe.demo.model import CONFIG
 
     card = checkpoints.load_card(name)
-    assert CARD_KEYS <= card.keys()
+    assert card.keys() >= CARD_KEYS
     assert card["name"] == name
     assert card["config"] == CONFIG
     assert 1_000_000 <= card["parameters"] <= 3_000_000

@@ -58,7 +58,7 @@ def test_vllm_responses_row_by_row(tmp_path: Path, layers: int, top_k: int, expe
     assert ef.vllm_dtype(experts) is (np.uint16 if experts > 256 else np.uint8)
     _import("vllm", str(source), "-o", str(tmp_path / "t"), "--num-experts", str(experts), "--tag", "domain=code")
 
-    for sequence, (rid, ids, prompt, start, rows) in enumerate(built):
+    for sequence, (_rid, ids, prompt, start, rows) in enumerate(built):
         got = _rows(tmp_path / "t", sequence)
         want = _expected(rows, start)
         _check(got, want)

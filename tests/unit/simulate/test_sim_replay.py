@@ -111,9 +111,8 @@ def test_selection_and_missing_data(tmp_path: Path) -> None:
         with pytest.raises(replay.MissingDataError, match="no routing recorded in steps 50:"):
             replay.load_layers(trace, window=(50, None))
     write_deepseek_trace(tmp_path / "plain", scores=False)
-    with open_trace(tmp_path / "plain") as trace:
-        with pytest.raises(replay.MissingDataError, match="moeprobe record --logits"):
-            replay.load_layers(trace, scores=True)
+    with open_trace(tmp_path / "plain") as trace, pytest.raises(replay.MissingDataError, match="moeprobe record --logits"):
+        replay.load_layers(trace, scores=True)
 
 
 def test_write_simulated_trace_round_trip(tmp_path: Path) -> None:

@@ -1,0 +1,97 @@
+"""Typed records that read and write one JSON object exactly: the fields of a dataclass, in the JSON's key order.
+
+The report models (``analysis.report_model``, ``simulate.report_model``) are built on this. Reading is strict:
+a key the record does not declare, or a declared key that is missing, is a ``ValueError``, so a field added to
+a builder but not to its model fails the round-trip tests instead of vanishing from an output. Values are
+kept as they are (a float stays the float the builder rounded); only the structure is typed: nested records,
+lists and dicts of records.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import field, fields
+from typing import Any, Self, Union, get_args, get_origin, get_type_hints
+
+_OMIT = "omit_if_none"
+
+
+def omitted_when_none() -> Any:
+    """A field some objects do not have at all (not ``null``): absent from the JSON when it is None."""
+    return field(default=None, metadata={_OMIT: True})
+
+
+class JsonRecord:
+    """Mixin for frozen dataclasses: ``from_json(dict)`` and ``to_json() -> dict``, inverse of each other."""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+        declared = fields(cls)  # type: ignore[arg-type]
+        unknown = set(data) - {f.name for f in declared}
+        if unknown:
+            raise ValueError(f"{cls.__name__}: fields the model does not declare: {', '.join(sorted(unknown))}")
+        hints = _hints(cls)
+        values: dict[str, Any] = {}
+        for f in declared:
+            if f.name in data:
+                values[f.name] = _read(hints[f.name], data[f.name])
+            elif not f.metadata.get(_OMIT):
+                raise ValueError(f"{cls.__name__}: missing field {f.name!r}")
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get(_OMIT):
+                continue
+            out[f.name] = _write(value)
+        return out
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types, resolved once per class (annotations are strings under ``from __future__``)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _is_record(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, JsonRecord)
+
+
+def _read(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [arg for arg in get_args(tp) if arg is not type(None)]
+        for arg in options:
+            if (_is_record(arg) and isinstance(value, Mapping)) or (get_origin(arg) in (list, dict)):
+                return _read(arg, value)
+        return value
+    if _is_record(tp):
+        return tp.from_json(value)
+    if origin is list and isinstance(value, list):
+        (item,) = get_args(tp)
+        return [_read(item, v) for v in value]
+    if origin is dict and isinstance(value, Mapping):
+        _, item = get_args(tp)
+        return {key: _read(item, v) for key, v in value.items()}
+    return value
+
+
+def _write(value: Any) -> Any:
+    if isinstance(value, JsonRecord):
+        return value.to_json()
+    if isinstance(value, list):
+        return [_write(v) for v in value]
+    if isinstance(value, dict):
+        return {key: _write(v) for key, v in value.items()}
+    return value

@@ -1,0 +1,21 @@
+"""``--json``: the document's JSON, as docs/report-json.md and docs/simulate-json.md describe it."""
+
+from __future__ import annotations
+
+import json
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import Document, RenderOptions
+
+
+def render(document: Document, file: IO[str], options: RenderOptions | None = None) -> None:
+    from ...analysis.report_json import clean
+    from ...simulate.report_model import SimulateReport
+
+    if isinstance(document, SimulateReport):
+        # The simulator's values are as computed: cleaned here (6 decimals, NaN as null), one space of indent.
+        json.dump(clean(document.to_json()), file, indent=1, allow_nan=False)
+    else:
+        json.dump(document.to_json(), file, indent=2, allow_nan=False)  # report_json cleaned it when it built it
+    file.write("\n")
