@@ -26,6 +26,9 @@ TESTS = [
     "tests/integration/test_contracts.py",
     "tests/integration/test_discovery.py",
     "tests/integration/test_demo_cli.py",
+    # Graph-safe capture wraps router forwards and reads their outputs by contract too (eager, not compiled: the
+    # compiled cases take minutes and exercise torch, not transformers' module layout).
+    "tests/integration/test_graph_capture.py",
 ]
 REFUSAL_CHECK = """
 import moeprobe

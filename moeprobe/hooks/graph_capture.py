@@ -152,6 +152,16 @@ def _cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
+class _Route:
+    """Where one layer's routing is read in graph capture: the router's output, or, once its first call returned
+    bare logits, the experts module's inputs."""
+
+    __slots__ = ("via_experts",)
+
+    def __init__(self) -> None:
+        self.via_experts = False
+
+
 class GraphCapture:
     """Device buffers, the wrapped forwards, and the drain, for one probe."""
 
@@ -207,7 +217,12 @@ class GraphCapture:
     def attach(self) -> None:
         self._wrap(self.stack, self._stack_forward)
         for layer in self.layers:
-            self._wrap(layer.source_module, functools.partial(self._layer_forward, layer=layer))
+            record, route = self._recorder(layer), _Route()
+            self._wrap(layer.source_module, functools.partial(self._layer_forward, layer=layer, record=record, route=route))
+            if layer.source == "router" and layer.experts_fallback is not None:
+                # A router that may return bare logits (DeepSeek-V3 before transformers 5.13 routes in the block):
+                # then the routing is read from the experts module's inputs, as hook capture does.
+                self._wrap(layer.experts_fallback, functools.partial(self._experts_forward, layer=layer, record=record, route=route))
 
     def detach(self) -> None:
         restore, self._restore = self._restore, []
@@ -254,24 +269,56 @@ class GraphCapture:
 
         return forward
 
-    def _layer_forward(self, original: Callable[..., Any], layer: LayerBinding) -> Callable[..., Any]:
+    def _recorder(self, layer: LayerBinding) -> Callable[[Any, Any, Any], None]:
+        """``record(indices, weights, seen)``: one layer call's routing into the rings and counts (``seen``, what the
+        indices were read from, names a contract failure)."""
         k, index = int(layer.meta["top_k"]), layer.index
         ring = self.routing_ring
         tokens = self.tokens
         counts_buf = self.counts_buf  # allocated exactly when counts mode is on
-        from_router = layer.source == "router"
         # Counts on the host, eagerly: straight to the count's host path (graph_ops.count_host) with the buffer's
         # row view and the state's numpy view bound here, not looked up per call.
         host_counts = counts_buf is not None and self.device.type == "cpu"
-        rows = ops._rows(self.counts_buf) if host_counts and self.counts_buf is not None else None
+        rows = ops._rows(counts_buf) if host_counts and counts_buf is not None else None
         state_view = ops._view(self.state) if host_counts else None
         valid_now = self.valid_now
         compiling = torch.compiler.is_compiling
+
+        def record(indices: Any, weights: Any, seen: Any) -> None:
+            if not isinstance(indices, torch.Tensor) or not contracts.is_integer(indices) or indices.shape[-1] != k:
+                # Read at trace time (shapes and dtypes only): the host sees it at the next drain and refuses.
+                self.contract_failures[index] = f"expected integer indices with last dimension {k}, got {contracts.describe(seen)}"
+                return
+            traced = compiling()  # in a graph: the ops; eagerly: their implementations
+            if rows is not None and not traced and not ops.FORCE_DEVICE_PATH and not tokens:
+                n = indices.numel()
+                if n:
+                    ops.count_host(rows, state_view, valid_now, indices, n // k, k, index)  # type: ignore[arg-type]
+                return
+            flat = indices.reshape(-1, k)
+            if tokens:
+                w = weights if weights is not None else torch.full(flat.shape, float("nan"), device=flat.device)
+                record_routing = torch.ops.moeprobe.record_routing if traced else ops.record_routing_impl
+                record_routing(ring, self.state, flat, w.reshape(flat.shape), index)
+            if counts_buf is not None:
+                count = torch.ops.moeprobe.count_routing if traced else ops.count_routing_impl
+                count(counts_buf, self.state, valid_now, flat, index)
+
+        return record
+
+    def _layer_forward(
+        self, original: Callable[..., Any], layer: LayerBinding, record: Callable[[Any, Any, Any], None], route: _Route
+    ) -> Callable[..., Any]:
+        index, num_experts = layer.index, int(layer.meta["num_experts"])
+        from_router = layer.source == "router"
+        may_route_in_block = from_router and layer.experts_fallback is not None
 
         slots: list[tuple[int, int, int]] = []  # where in the router's output tuple the last call found indices, weights; and the tuple length they need
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
+            if route.via_experts:
+                return output
             indices = weights = None
             if slots and isinstance(output, tuple) and len(output) > slots[0][2]:
                 # Same places as last time, re-checked by dtype and shape (cheaper than identifying every part).
@@ -279,31 +326,38 @@ class GraphCapture:
                 if isinstance(i, torch.Tensor) and contracts.is_integer(i) and isinstance(w, torch.Tensor) and w.is_floating_point() and w.shape == i.shape:
                     indices, weights = i, w
             if indices is None:
-                parts = layer.extract(output, args[0] if args else None) if from_router else layer.extract(args, kwargs)
+                if may_route_in_block and not slots and contracts.logits_only(output, num_experts) is not None:
+                    route.via_experts = True  # decided once, on the first call: the experts' wrapper records from now on
+                    return output
+                try:
+                    parts = layer.extract(output, args[0] if args else None) if from_router else layer.extract(args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - a contract failure: refused at the next drain, never raised into the model
+                    self.contract_failures[index] = f"{type(exc).__name__}: {exc}"
+                    return output
                 indices, weights = parts[0], parts[1]
                 if from_router and isinstance(output, tuple) and not slots:
                     found = [next((n for n, t in enumerate(output) if t is part), -1) for part in (indices, weights)]
                     if min(found) >= 0:
                         slots.append((found[0], found[1], max(found)))
-            if not isinstance(indices, torch.Tensor) or not contracts.is_integer(indices) or indices.shape[-1] != k:
-                # Read at trace time (shapes and dtypes only): the host sees it at the next drain and refuses.
-                self.contract_failures[index] = f"expected integer indices with last dimension {k}, got {contracts.describe(output)}"
-                return output
-            traced = compiling()  # in a graph: the ops; eagerly: their implementations
-            if rows is not None and not traced and not ops.FORCE_DEVICE_PATH and not tokens:
-                n = indices.numel()
-                if n:
-                    ops.count_host(rows, state_view, valid_now, indices, n // k, k, index)  # type: ignore[arg-type]
-                return output
-            flat = indices.reshape(-1, k)
-            if tokens:
-                w = weights if weights is not None else torch.full(flat.shape, float("nan"), device=flat.device)
-                record = torch.ops.moeprobe.record_routing if traced else ops.record_routing_impl
-                record(ring, self.state, flat, w.reshape(flat.shape), index)
-            if counts_buf is not None:
-                count = torch.ops.moeprobe.count_routing if traced else ops.count_routing_impl
-                count(counts_buf, self.state, valid_now, flat, index)
+            record(indices, weights, output)
             return output
+
+        return forward
+
+    def _experts_forward(
+        self, original: Callable[..., Any], layer: LayerBinding, record: Callable[[Any, Any, Any], None], route: _Route
+    ) -> Callable[..., Any]:
+        k, index = int(layer.meta["top_k"]), layer.index
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if route.via_experts:
+                try:
+                    indices, weights = contracts.experts_parts((*args, *kwargs.values()), k)
+                except contracts.ContractError as exc:
+                    self.contract_failures[index] = str(exc)
+                else:
+                    record(indices, weights, indices)
+            return original(*args, **kwargs)
 
         return forward
 
