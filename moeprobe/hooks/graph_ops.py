@@ -181,11 +181,7 @@ def _record_step_host(
     if padded and n <= valid_now.shape[0]:
         _view(valid_now)[:n] = real
     if counts_window:
-        slot = step - int(s[COUNTS_BASE])
-        inside = 0 <= slot < counts_window
-        if not inside:
-            s[COUNTS_LOST] += 1
-        s[COUNTS_OFFSET] = (slot if inside else counts_window) * counts_row
+        _point_counts_at(s, step, counts_window, counts_row)
     if keep:
         rows = np.empty((n, TOKEN_COLUMNS), dtype=np.int64)
         rows[:, 0] = step
@@ -193,6 +189,16 @@ def _record_step_host(
         rows[:, 2] = pos.reshape(-1)
         rows[:, 3] = real
         _write_host(token_ring, s, TOKEN_CURSOR, rows.astype(np.int32))
+
+
+def _point_counts_at(s: np.ndarray, step: int, counts_window: int, counts_row: int) -> None:
+    """Host path: aim the counts offset at ``step``'s row in the window, or at the trash row (counted lost) when
+    the step falls outside it."""
+    slot = step - int(s[COUNTS_BASE])
+    inside = 0 <= slot < counts_window
+    if not inside:
+        s[COUNTS_LOST] += 1
+    s[COUNTS_OFFSET] = (slot if inside else counts_window) * counts_row
 
 
 def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len: int, new: bool, counts_window: int, counts_row: int) -> None:
@@ -209,11 +215,7 @@ def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len
         ring[cursor] = (step, batch, seq_len, int(new), n)
     s[STEP_CURSOR] = cursor + 1
     if counts_window:
-        slot = step - int(s[COUNTS_BASE])
-        inside = 0 <= slot < counts_window
-        if not inside:
-            s[COUNTS_LOST] += 1
-        s[COUNTS_OFFSET] = (slot if inside else counts_window) * counts_row
+        _point_counts_at(s, step, counts_window, counts_row)
 
 
 def _rows(counts: Tensor) -> list[Tensor]:
