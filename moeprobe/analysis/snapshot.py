@@ -28,6 +28,11 @@ class SnapshotCache:
             self._tables.add(name)
         return name
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The temporary tables built for this snapshot so far."""
+        return frozenset(self._tables)
+
     def adopt(self, name: str) -> None:
         """Remember ``name``, a table built elsewhere for this snapshot (``Context.seed``), to drop it with the rest."""
         self._tables.add(name)

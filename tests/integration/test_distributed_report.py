@@ -74,9 +74,9 @@ def test_workers_compute_the_tables_the_report_reads(eight_shards: Path) -> None
     with moeprobe.open_trace(eight_shards) as trace:
         assert prepare(trace, filters, workers=2) == list(range(8))
         ctx = trace.context(filters)
-        seeded = {t for t in trace._temp_tables if t.endswith(filters.key)}
+        seeded = {t for t in trace.snapshot_cache.names if t.endswith(filters.key)}
         assert seeded == {f"_mp_load_{filters.key}", f"_mp_sequences_{filters.key}"}
-        assert trace._invalid_total == 0
+        assert trace.snapshot_cache.invalid_total == 0
         got = trace.sql(f"SELECT * FROM _mp_load_{filters.key} ORDER BY ALL").to_pylist()
         sequences = trace.sql(f"SELECT * FROM _mp_sequences_{filters.key} ORDER BY ALL").to_pylist()
     with moeprobe.open_trace(eight_shards) as trace:
