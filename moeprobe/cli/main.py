@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moeprobe: unknown command {name!r}{hint} (commands: {', '.join(_available())})", file=sys.stderr)
         return 2
     from ..traces.errors import TraceError
-    from .logs import show_library_messages
+    from ..logs import show_library_messages
 
     show_library_messages()
     try:

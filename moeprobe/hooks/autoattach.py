@@ -26,6 +26,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import os
 import sys
 import threading
@@ -34,6 +35,13 @@ from typing import Any
 
 ENV = "MOEPROBE_RECORD"
 _TARGET_MODULE = "transformers.modeling_utils"
+
+
+def _log() -> logging.Logger:
+    """This module's logger, looked up when a message comes rather than at import: this module is imported at the
+    job's start-up, before the job's own code, and a job that configures logging with ``dictConfig`` (whose
+    ``disable_existing_loggers`` is true by default) would silence every logger that exists by then."""
+    return logging.getLogger(__name__)
 
 
 def load_routers(source: str) -> dict[Any, Any]:
@@ -110,7 +118,7 @@ class _Recorder:
                 self._routers = load_routers(str(source))
             except Exception as exc:  # noqa: BLE001 - the job runs even if the declarations are broken
                 self._routers_failed = True
-                print(f"moeprobe: cannot use --routers: {type(exc).__name__}: {exc}", file=sys.stderr)
+                _log().error("moeprobe: cannot use --routers: %s: %s", type(exc).__name__, exc)
                 return None
         return self._routers
 
@@ -148,21 +156,21 @@ class _Recorder:
             )
         except UnsupportedModelError as exc:
             if "no MoE router found" not in str(exc):
-                print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
+                _log().error("moeprobe: not recording %s: %s", type(model).__name__, exc)
             return False
         except TraceError as exc:
-            print(f"moeprobe: not recording {type(model).__name__}: {exc}", file=sys.stderr)
+            _log().error("moeprobe: not recording %s: %s", type(model).__name__, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the user's job must run on
-            print(f"moeprobe: not recording {type(model).__name__}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            _log().error("moeprobe: not recording %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
             return False
         tags = self.config.get("tags") or {}
         if tags:
             probe.tag(**tags)
         self.probes.append(probe)
-        print(f"moeprobe: recording {type(model).__name__} ({len(probe.layers)} MoE layers) to {probe.path}", file=sys.stderr)
+        _log().info("moeprobe: recording %s (%d MoE layers) to %s", type(model).__name__, len(probe.layers), probe.path)
         if probe.metrics_url is not None:
-            print(f"moeprobe: serving metrics on {probe.metrics_url}", file=sys.stderr, flush=True)
+            _log().info("moeprobe: serving metrics on %s", probe.metrics_url)
         return True
 
     def install_module_hook(self) -> None:
@@ -212,7 +220,7 @@ class _Recorder:
             try:
                 probe.close(status, error)
             except Exception as exc:  # noqa: BLE001 - one broken probe must not stop the others closing
-                print(f"moeprobe: could not close {probe.path}: {exc}", file=sys.stderr)
+                _log().error("moeprobe: could not close %s: %s", probe.path, exc)
 
 
 def _metrics_settings(metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -241,7 +249,7 @@ def _patch(modeling_utils: Any) -> None:
             try:
                 _recorder.offer(self)
             except Exception as exc:  # noqa: BLE001 - never break model construction
-                print(f"moeprobe: could not offer {type(self).__name__} for recording: {exc}", file=sys.stderr)
+                _log().error("moeprobe: could not offer %s for recording: %s", type(self).__name__, exc)
         return result
 
     post_init._moeprobe_wrapped = True  # type: ignore[attr-defined]
@@ -277,7 +285,7 @@ def install(config: dict[str, Any]) -> None:
         try:
             _recorder.install_module_hook()
         except ImportError as exc:
-            print(f"moeprobe: --routers needs torch in the job's Python: {exc}", file=sys.stderr)
+            _log().error("moeprobe: --routers needs torch in the job's Python: %s", exc)
     if _TARGET_MODULE in sys.modules:
         _patch(sys.modules[_TARGET_MODULE])
     else:
@@ -288,4 +296,9 @@ def install_from_env() -> None:
     raw = os.environ.get(ENV)
     if not raw:
         return
+    from ..logs import show_library_messages
+
+    # The job's stderr shows moeprobe's messages as `moeprobe record` itself does (INFO and above, the message
+    # alone), whatever logging the job sets up for itself.
+    show_library_messages(propagate=False)
     install(json.loads(raw))

@@ -8,7 +8,7 @@ capture (:meth:`CapturePipeline._convert`); steps that only have counts get thei
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +22,8 @@ from . import graph_ops as ops
 from .token_context import ContextReader
 from .graph_capture import DEFAULT_DRAIN_EVERY, DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
 from .spec import UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .probe import Probe
@@ -83,7 +85,7 @@ class GraphSession:
             index, reason = next(iter(self.capture.contract_failures.items()))
             where = f"MoE layer {index} from {probe.layers[index].source_name!r}" if index >= 0 else "the token context"
             probe.refusal = UnsupportedModelError(f"cannot capture {where}: {reason}")
-            print(f"moeprobe: {probe.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
+            log.error("moeprobe: %s; nothing more is recorded, the model is unaffected", probe.refusal)
             if probe.pipeline is not None:
                 probe.pipeline.close("aborted", str(probe.refusal))
                 probe.pipeline = None

@@ -11,7 +11,7 @@ much, and refreshes the manifest heartbeat even when idle.
 from __future__ import annotations
 
 import collections
-import sys
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +27,8 @@ from ..traces.schema import PHASES, TABLES
 from ..traces.writer import ShardWriter
 from .capture import LayerCapture, StepBuffer
 from .sequences import ResolvedTokens, SequenceTracker, unmatched_rows
+
+log = logging.getLogger(__name__)
 
 
 class PendingRouting(NamedTuple):
@@ -211,10 +213,7 @@ class CapturePipeline:
         if over or self.failure is not None:
             if not self._warned_drop:
                 self._warned_drop = True
-                print(
-                    f"moeprobe: the trace writer is behind ({reason}); dropping records and counting them in the manifest",
-                    file=sys.stderr,
-                )
+                log.warning("moeprobe: the trace writer is behind (%s); dropping records and counting them in the manifest", reason)
             return False
         if move is not None:
             move(step)
@@ -251,7 +250,7 @@ class CapturePipeline:
             self._take_dropped()
             reason = f"the trace writer did not finish within {timeout:g} s (a stuck disk or sink); records still queued are lost"
             self.writer.abandon(reason)
-            print(f"moeprobe: {reason}; the trace is marked aborted", file=sys.stderr)
+            log.error("moeprobe: %s; the trace is marked aborted", reason)
 
     def _take_dropped(self) -> None:
         with self._lock:
@@ -307,7 +306,7 @@ class CapturePipeline:
                 self.writer.count_anomaly(f"writer:{type(exc).__name__}")
                 if self.failure is None:
                     self.failure = exc
-                    print(f"moeprobe: trace writer error ({type(exc).__name__}: {exc}); records are being dropped", file=sys.stderr)
+                    log.error("moeprobe: trace writer error (%s: %s); records are being dropped", type(exc).__name__, exc)
 
     def _stop(self, status: str, error: str | None) -> None:
         """Final flush and status. Always ends in ``writer.close`` (a no-op after abandon), so the thread exits
@@ -356,16 +355,16 @@ class CapturePipeline:
         self.writer.count_anomaly(f"bad_drain:{type(exc).__name__}")
         if not self._warned_bad_step:
             self._warned_bad_step = True
-            print(f"moeprobe: could not write a drained batch of steps ({type(exc).__name__}: {exc}); later steps are "
-                  "still recorded, the failure is counted in the manifest", file=sys.stderr)
+            log.warning("moeprobe: could not write a drained batch of steps (%s: %s); later steps are still recorded, the "
+                        "failure is counted in the manifest", type(exc).__name__, exc)
 
     def _drop_bad_step(self, step: StepBuffer, exc: BaseException) -> None:
         self.writer.count_dropped("bad_step", step.decisions)
         self.writer.count_anomaly(f"bad_step:{type(exc).__name__}")
         if not self._warned_bad_step:
             self._warned_bad_step = True
-            print(f"moeprobe: dropped a step the writer could not use ({type(exc).__name__}: {exc}); later steps are "
-                  "still recorded, drops are counted in the manifest", file=sys.stderr)
+            log.warning("moeprobe: dropped a step the writer could not use (%s: %s); later steps are still recorded, "
+                        "drops are counted in the manifest", type(exc).__name__, exc)
 
     def _has_rows(self) -> bool:
         return bool(self._routing_rows) or any(c.rows for c in (self._steps, self._latency, self._tags, self._scores, self._bias))

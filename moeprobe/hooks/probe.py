@@ -11,9 +11,9 @@ exit, also when the model raised.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +38,8 @@ from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
 from .timing import CpuClock, CudaClock
 from . import detect
+
+log = logging.getLogger(__name__)
 
 
 def _model_info(model: nn.Module, layers: list[LayerBinding], name: str | None) -> dict[str, Any]:
@@ -162,7 +164,7 @@ class Probe:
         self._graph: Any = None
         self._graph_calls = 0
         if why:
-            print(f"moeprobe: {why}", file=sys.stderr)
+            log.info("moeprobe: %s", why)
         # A contract failure on a layer's first call (see _extract): capture stops, the trace is marked aborted,
         # and close() raises it unless the probe was attached to an unmodified job (moeprobe record).
         self.refusal: UnsupportedModelError | None = None
@@ -229,7 +231,7 @@ class Probe:
                 options=options,
                 rank=self.rank,
                 world_size=self.world_size,
-                on_warning=lambda message: print(message, file=sys.stderr),
+                on_warning=log.warning,
             )
             writer._shard["host"] = socket.gethostname()
             self.pipeline = CapturePipeline(
@@ -270,7 +272,7 @@ class Probe:
             if not optional:
                 self._abandon_new_trace()
                 raise
-            print(f"moeprobe: not serving metrics: {exc}", file=sys.stderr)
+            log.warning("moeprobe: not serving metrics: %s", exc)
             return
         except BaseException:
             self._abandon_new_trace()
@@ -382,7 +384,7 @@ class Probe:
         )
         self._step = None
         self._depth = 0
-        print(f"moeprobe: {self.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
+        log.error("moeprobe: %s; nothing more is recorded, the model is unaffected", self.refusal)
         if self.pipeline is not None:
             self.pipeline.close("aborted", str(self.refusal))
             self.pipeline = None
@@ -583,7 +585,7 @@ class Probe:
         )
         self._step = None
         self._depth = 0
-        print(f"moeprobe: {self.refusal}; nothing more is recorded, the model is unaffected", file=sys.stderr)
+        log.error("moeprobe: %s; nothing more is recorded, the model is unaffected", self.refusal)
         if self.pipeline is not None:
             self.pipeline.close("aborted", str(self.refusal))
             self.pipeline = None
@@ -601,7 +603,7 @@ class Probe:
         self.anomalies[key] = self.anomalies.get(key, 0) + 1
         if not self._warned_anomaly and exc is not None:
             self._warned_anomaly = True
-            print(f"moeprobe: a capture hook failed ({key}: {exc}); the model is unaffected, the anomaly is counted in the manifest", file=sys.stderr)
+            log.warning("moeprobe: a capture hook failed (%s: %s); the model is unaffected, the anomaly is counted in the manifest", key, exc)
 
     def _entry_pre(self, reader: ContextReader | None) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:

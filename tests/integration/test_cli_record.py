@@ -45,6 +45,32 @@ def _record(tmp_path: Path, job: Path, *extra: str) -> subprocess.CompletedProce
     )
 
 
+# A job that sets up logging for itself before its model runs: a root handler at INFO (which would show each of
+# moeprobe's messages a second time) and dictConfig's default disable_existing_loggers (which silences every
+# logger that exists when it runs, the recorder's start-up module's among them if it held one).
+LOGGING_PRELUDE = """
+import logging, logging.config
+logging.config.dictConfig({"version": 1, "handlers": {"h": {"class": "logging.StreamHandler"}},
+                           "root": {"level": "INFO", "handlers": ["h"]}})
+logging.getLogger("job").info("job logging is set up")
+"""
+
+
+def test_the_job_shows_moeprobe_messages_once_whatever_logging_it_configures(tmp_path: Path) -> None:
+    """Capture logs; in the job's process the recorder shows its messages on stderr as the message alone, once,
+    as print() did: the job's own logging configuration neither doubles nor silences them."""
+    job = _job(tmp_path)
+    job.write_text(job.read_text().replace("from tests.tiny_models import build\n",
+                                           "from tests.tiny_models import build\n" + LOGGING_PRELUDE, 1))
+    result = _record(tmp_path, job)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "job logging is set up" in lines  # the job's own handler works as the job configured it
+    # (the job's handler formats as the message alone too: a second copy would be a second identical line)
+    said = [line for line in lines if "recording" in line]
+    assert said == [f"moeprobe: recording MixtralForCausalLM (2 MoE layers) to {tmp_path / 'trace'}"], result.stderr
+
+
 def test_record_wraps_an_unmodified_script_and_inspect_reads_it(tmp_path: Path) -> None:
     result = _record(tmp_path, _job(tmp_path), "--logits")
     assert result.returncode == 0, result.stderr

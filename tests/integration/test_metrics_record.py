@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import time
@@ -101,7 +102,7 @@ def test_two_models_in_one_process_share_one_endpoint(tmp_path: Path) -> None:
         c.close()
 
 
-def test_a_busy_port_refuses_before_recording_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_busy_port_refuses_before_recording_and_leaves_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = build("mixtral")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -116,7 +117,8 @@ def test_a_busy_port_refuses_before_recording_and_leaves_nothing(tmp_path: Path,
         with Probe(model, tmp_path / "kept", metrics_port=port, metrics_optional=True) as probe:
             assert probe.metrics_url is None
             _generate(model)
-        assert "not serving metrics: cannot serve metrics on 127.0.0.1" in capsys.readouterr().err
+        warned = [r for r in caplog.records if r.name.startswith("moeprobe") and r.levelno == logging.WARNING]
+        assert any("not serving metrics: cannot serve metrics on 127.0.0.1" in r.getMessage() for r in warned)
         kept = moeprobe.open_trace(tmp_path / "kept")
         assert kept.status == "complete" and kept.manifest["counters"]["tokens"] == 16
 
