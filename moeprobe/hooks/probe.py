@@ -378,16 +378,10 @@ class Probe:
         trace stops here, loudly, rather than going on short."""
         if self.refusal is not None:
             return
-        self.refusal = UnsupportedModelError(
+        self._stop(UnsupportedModelError(
             "the model was compiled (torch.compile) or captured in a CUDA graph after record() attached its hooks; "
             "hook capture cannot see inside a graph: call record() after compiling, or pass capture='graph'"
-        )
-        self._step = None
-        self._depth = 0
-        log.error("moeprobe: %s; nothing more is recorded, the model is unaffected", self.refusal)
-        if self.pipeline is not None:
-            self.pipeline.close("aborted", str(self.refusal))
-            self.pipeline = None
+        ))
 
     def _checked(self, fn: Any) -> Any:
         compiling = torch.compiler.is_compiling  # bound once: the guard runs on every hook call
@@ -580,9 +574,13 @@ class Probe:
         if compat.is_transformers_model(self.model):
             what += f", transformers {transformers_version()}"
         reason = str(exc) if isinstance(exc, contracts.ContractError) else f"{type(exc).__name__}: {exc}"
-        self.refusal = UnsupportedModelError(
+        self._stop(UnsupportedModelError(
             f"cannot capture MoE layer {layer.index} from {what}): {reason}; output was {contracts.describe(raw)}"
-        )
+        ))
+
+    def _stop(self, refusal: UnsupportedModelError) -> None:
+        """Refuse for good: record nothing more, say so once, and close the trace as aborted with the reason."""
+        self.refusal = refusal
         self._step = None
         self._depth = 0
         log.error("moeprobe: %s; nothing more is recorded, the model is unaffected", self.refusal)
