@@ -71,9 +71,9 @@ def _timed_wrappers() -> None:
 
         return forward
 
-    def layer_forward(self: Any, original: Callable[..., Any], binding: Any) -> Callable[..., Any]:
+    def layer_forward(self: Any, original: Callable[..., Any], *bound: Any, **bound_by_name: Any) -> Callable[..., Any]:
         box: dict[str, Any] = {}
-        inner = layer(self, lambda *a, **k: box["out"], binding)
+        inner = layer(self, lambda *a, **k: box["out"], *bound, **bound_by_name)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             box["out"] = original(*args, **kwargs)
