@@ -7,6 +7,9 @@ weights), torch.save of int32 (tokens, k) ids per layer and step (SGLang's per_t
 ids (one line per step and layer). Peers other than pyarrow store only the expert ids.
 
     python bench/trace_bytes.py [--decode-steps 32]
+
+Where these bytes go, and what other layouts (choices by expert id) and 8-bit quantizers of the same data would
+cost: bench/trace_layouts.py.
 """
 
 from __future__ import annotations
