@@ -121,6 +121,8 @@ def by_expert_tables(table: pa.Table, codes: np.ndarray, k: int, code_type: np.d
     offsets = pa.array(np.arange(0, len(ids) * k + 1, k, dtype=np.int32))
     explicit = pa.ListArray.from_arrays(offsets, pa.array(order.reshape(-1).astype(np.int8)), mask=pa.array(~wrong))
     out = {
+        # Not exact (tied codes lose their rank): what the layout costs before it keeps the rank.
+        "id gaps, ties NOT kept": with_columns(table, {**base, **{f"expert_{i}": gaps[:, i] for i in range(k)}}),
         "sorted ids, k list": with_columns(table, {**base, **{f"expert_{i}": ids[:, i] for i in range(k)}, "k": explicit}),
         "id gaps, k list": with_columns(table, {**base, **{f"expert_{i}": gaps[:, i] for i in range(k)}, "k": explicit}),
     }
