@@ -715,7 +715,7 @@ def record(
     ``metrics_port`` serves Prometheus metrics on ``http://127.0.0.1:PORT/metrics`` while recording (0 picks a
     free port, see ``probe.metrics_url``); ``metrics`` sets their options (docs/prometheus.md).
     ``weights`` is how gate weights are stored: ``"fp16"`` (default, relative error <= 4.9e-4), ``"fp32"``
-    (exact) or ``"u8"`` (8 bits, absolute error <= (max - min) / 508 per segment); see docs/trace-format.md.
+    (exact) or ``"u8"`` (8 bits, absolute error <= max(w) / 508 per segment for non-negative weights); see docs/trace-format.md.
     ``mode="tokens"`` records every routing decision; ``mode="counts"`` only per step x layer x expert counts
     (the ``loads`` table), kept on the device. ``sample=N`` records the tokens of 1 step in N and the counts of
     every step. ``capture``: ``"hooks"`` (forward hooks, with latency), ``"graph"`` (ops inside the model's own

@@ -16,8 +16,9 @@ Weight encodings and their error bounds (documented in docs/trace-format.md):
 - ``fp16``: the weight rounded to half precision's 11 significant bits (round half to even) and kept in a
   FLOAT column (DuckDB cannot read byte-stream-split half floats; the zeroed low bits then cost little after
   zstd): relative error <= 2**-11 (4.9e-4) over the whole float32 range; NaN and inf stay as they are.
-- ``u8``: per stored segment, ``w = offset + q * scale`` with ``offset = min(w)``,
-  ``scale = (max(w) - min(w)) / 254``, q in 0..254; absolute error <= scale / 2 = (max - min) / 508 (plus
+- ``u8``: per stored segment, ``w = offset + q * scale`` with ``offset = lo = min(0, min(w))``,
+  ``scale = (hi - lo) / 254`` where ``hi = max(0, max(w))``, q in 0..254; absolute error <= scale / 2 =
+  (hi - lo) / 508, i.e. max(w) / 508 for non-negative weights (plus
   float32 rounding of offset + q * scale). q = 255 stands for a missing (NaN) weight.
 """
 
@@ -295,8 +296,11 @@ def _quantize_u8(w: np.ndarray) -> tuple[np.ndarray, float, float]:
     if np.isinf(w).any():
         raise ValueError("infinite gate weight cannot be stored with weights='u8'")
     present = w[~missing]
-    low = float(present.min()) if present.size else 0.0
-    high = float(present.max()) if present.size else 0.0
+    # The range always holds 0 (absmax-style, like int8 weight quantisation): measured 1.47 against 1.64 bytes per
+    # decision with the segment's min..max on DeepSeek-V3-shaped weights (all in 0.27..0.41, so min..max was 2.9x
+    # finer there); on weights that reach 0 (softmax routers) the two are the same quantiser. bench/trace_layouts.py.
+    low = min(0.0, float(present.min())) if present.size else 0.0
+    high = max(0.0, float(present.max())) if present.size else 0.0
     scale = np.float32((high - low) / _U8_STEPS).item()
     low = np.float32(low).item()
     q = np.rint((w - low) / scale) if scale > 0 else np.zeros(w.shape, np.float32)

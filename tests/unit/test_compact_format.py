@@ -117,7 +117,7 @@ def test_lossy_weights_stay_within_documented_bounds(tmp_path: Path, weights: st
             assert np.array_equal(have[present], _half_mantissa(want[present]))
             assert error.max() > 0
         else:
-            span = float(want[present].max() - want[present].min())
+            span = float(max(0.0, want[present].max()) - min(0.0, want[present].min()))
             assert error.max() <= span / 508 * (1 + 1e-5) + 1e-6
             assert error.max() > 0  # quantised, so not exact: the check above is not vacuous
 
@@ -227,7 +227,8 @@ def test_ranked_weights_stored_as_differences_read_back_as_the_plain_encoding_wo
         expected = _half_mantissa(want)
     else:
         present = want[~np.isnan(want)]
-        low, scale = np.float32(present.min()), np.float32((present.max() - present.min()) / 254)
+        lo, hi = min(0.0, float(present.min())), max(0.0, float(present.max()))
+        low, scale = np.float32(lo), np.float32((hi - lo) / 254)
         expected = (low + np.clip(np.rint((want - low) / scale), 0, 254).astype(np.float32) * scale).astype(np.float32)
         expected[np.isnan(want)] = np.nan
     nulls = fewer.column("weight").is_null().to_numpy(zero_copy_only=False)
