@@ -395,11 +395,12 @@ class CapturePipeline:
                             self._bad_call(exc)
                     elif kind == "step":
                         step, size = item[1], item[2]
-                        try:
-                            self.take_step(step)
-                        finally:
-                            # Its arrays are charged to `collected` by now (measured); the estimate leaves.
-                            self._ledger.move("queued", size, None, 0)
+                        # The estimate leaves as the step's arrays are charged to `collected` (measured) while
+                        # they are collected: the same memory, never counted twice.
+                        self._ledger.move("queued", size, None, 0)
+                        del item
+                        self.take_step(step)
+                        del step
                     if self._converted_bytes >= self._flush_bytes:
                         self._flush()  # a long queue (after a stall) is written in bounded batches
                         last_flush = last_beat = time.monotonic()
