@@ -5,8 +5,8 @@ DeepSeek-V3 shape (bench/dsv3.py) at the three step shapes of bench/writer_throu
 
 1. baseline: the RSS of a fresh process (one per shape) with torch imported, the step data built (the
    "model's" arrays, printed) and an idle pipeline attached (writer thread started, nothing submitted);
-2. capacity: the writer's steady-state rate in this process, now (writer_throughput.capacity: two runs,
-   backpressured, difference of decisions over difference of time);
+2. capacity: the writer's rate in this process, now: --capacity-decisions offered as fast as the budget
+   admits them, first submit until all on disk (writer_throughput.capacity);
 3. overload: steps offered at --overload x that capacity for --seconds (and at least 10x the decisions the
    budget holds), each step with fresh router outputs (int64 ids and float32 weights, as ``torch.topk``
    returns them: a real model allocates them every step, and only the pipeline's references keep them
@@ -128,7 +128,7 @@ def main() -> int:
     parser.add_argument("--budget-mb", type=float, default=256, help="max_queue_mb of the pipeline (default 256)")
     parser.add_argument("--overload", type=float, default=2.0, help="offered rate as a multiple of the measured capacity")
     parser.add_argument("--seconds", type=float, default=10.0, help="at least this many seconds of offered load")
-    parser.add_argument("--capacity-decisions", type=float, default=40e6, help="decisions of the long capacity run")
+    parser.add_argument("--capacity-decisions", type=float, default=100e6, help="decisions of the capacity run")
     parser.add_argument("--only", choices=sorted(SHAPES), action="append", help="run only these shapes")
     parser.add_argument("--quiet-load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,16 +151,18 @@ def main() -> int:
             routing = make_routing(batch * seq_len, seq_len, seed=7)
             baseline = idle_baseline(out / "idle", budget)
             cap = capacity(out / "cap", routing, batch, seq_len, args.capacity_decisions)
-            rate = args.overload * cap["wall"]
+            rate = args.overload * cap["long_rate"]
             got = overload(out / "over", routing, batch, seq_len, rate, args.seconds, budget)
             got["baseline"] = baseline
             excess = got["peak"] - got["baseline"] - budget
-            print(f"\n{name} tokens ({routing.decisions:,} decisions a step): capacity {cap['wall'] / 1e6:.1f} M/s wall now; "
-                  f"offered {got['offered_rate'] / 1e6:.1f} M/s ({got['offered_rate'] / cap['wall']:.1f}x) for {got['offered_s']:.1f} s")
+            print(f"\n{name} tokens ({routing.decisions:,} decisions a step): capacity {cap['long_rate'] / 1e6:.1f} M/s wall now; "
+                  f"offered {got['offered_rate'] / 1e6:.1f} M/s ({got['offered_rate'] / cap['long_rate']:.1f}x) for {got['offered_s']:.1f} s")
             print(f"  wrote {got['written']:,} of {got['offered']:,}, dropped {got['dropped']:,} "
                   f"({'all accounted' if got['written'] + got['dropped'] == got['offered'] else 'NOT ACCOUNTED'}); "
                   f"ledger peak {got['ledger_peak'] / MIB:.0f} MiB of {budget / MIB:.0f}")
             model_mib = (routing.experts.nbytes + routing.weights.nbytes) / MIB
+            in_flight_mib = routing.decisions * (8 + 4) / MIB
+            print(f"  one step's fresh router outputs (int64 ids + float32 weights, the model's own while it is submitted): {in_flight_mib:.0f} MiB")
             print(f"  RSS: baseline {got['baseline'] / MIB:.0f} MiB (torch, idle pipeline, the step data {model_mib:.0f} MiB), peak {got['peak'] / MIB:.0f} MiB "
                   f"({'VmHWM' if got['exact'] else 'sampled'}): peak - baseline = {(got['peak'] - got['baseline']) / MIB:.0f} MiB "
                   f"= budget {budget / MIB:.0f} MiB {'+' if excess >= 0 else '-'} {abs(excess) / MIB:.0f} MiB")
