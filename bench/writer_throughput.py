@@ -18,6 +18,10 @@ step shapes: prefill of 4,096 and of 16,384 tokens, and decode of 256 tokens. Fo
 - peers, same data, same run: pyarrow writing format v1's schema (one row per decision), torch.save of the
   int32 (tokens, k) ids per layer (SGLang's per_token dump), JSONL of the ids.
 
+bench/dsv3.py's choices come out in rank order (argpartition happens to sort 8 of 256 here), so the writer's
+ranking pass finds nothing to sort; --unsorted shuffles each token's k choices first, as DeepSeek-V3's
+topk(sorted=False) may hand them over, and so times the ranking too.
+
 The machine is shared: the load average is printed; wall-clock rates on a loaded machine understate the
 writer, its thread CPU time does not.
 
@@ -38,6 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -63,6 +68,13 @@ def load() -> str:
 
 QUEUE_BYTES = 256 << 20
 BYTES_PER_DECISION = 16  # StepBuffer.nbytes's estimate: what the budget counts for a queued step
+
+
+def shuffle(routing: Routing) -> None:
+    """Each token's k choices in a random order (experts and weights alike), in place."""
+    order = np.argsort(np.random.default_rng(11).random(routing.experts.shape, dtype=np.float32), axis=2)
+    routing.experts[:] = np.take_along_axis(routing.experts, order, axis=2)
+    routing.weights[:] = np.take_along_axis(routing.weights, order, axis=2)
 
 
 def run_pipeline(path: Path, routing: Routing, batch: int, seq_len: int, steps: int, rate: float | None,
@@ -154,6 +166,7 @@ def main() -> int:
     parser.add_argument("--capacity-decisions", type=float, default=100e6, help="decisions of the long capacity run")
     parser.add_argument("--peer-steps", type=int, default=3, help="steps each peer writes")
     parser.add_argument("--only", choices=sorted(SHAPES), action="append", help="run only these shapes")
+    parser.add_argument("--unsorted", action="store_true", help="shuffle each token's k choices (the writer ranks them)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"load average at start: {load()}; {os.cpu_count()} CPUs")
@@ -163,8 +176,10 @@ def main() -> int:
         for name in args.only or SHAPES:
             batch, seq_len = SHAPES[name]
             routing = make_routing(batch * seq_len, seq_len, seed=7)
+            if args.unsorted:
+                shuffle(routing)
             per_step = routing.decisions
-            print(f"\n{name} tokens: {per_step:,} decisions per step")
+            print(f"\n{name} tokens: {per_step:,} decisions per step{', choices shuffled' if args.unsorted else ''}")
             offered = max(args.sustain * args.rate, 10 * budget_decisions)
             steps = max(1, math.ceil(offered / per_step))
             sus = run_pipeline(out / "sus", routing, batch, seq_len, steps, args.rate, QUEUE_BYTES)

@@ -754,16 +754,37 @@ def _rank_by_weight(experts: np.ndarray, weights: np.ndarray) -> None:
     """(k, tokens) choices in place in rank order: rank 0 = the largest gate weight.
 
     Some routers (DeepSeek-V3's topk(sorted=False)) hand their choices over in no particular order; most give
-    them in rank order, and those tokens are left as they are. Only tokens out of order are sorted, stably, so
-    equal weights (and missing, NaN, weights, which go last) keep the model's order.
+    them in rank order, and those tokens are left as they are. The others are ordered as a stable argsort of
+    the negated weights would (equal weights, +0.0 and -0.0 included, keep the model's order; missing, NaN,
+    weights go last), by sorting one packed 64-bit key per choice: the weight's bits mapped to an order-
+    reversing integer, then the choice's position (the tie-break), then the expert id. A plain sort of keys
+    measured 3x faster than argsort plus two gathers (bench/writer_throughput.py --unsorted).
     """
     for start in range(0, weights.shape[1], _RANK_BLOCK):
         w = weights[:, start : start + _RANK_BLOCK]
         ordered = np.logical_and.reduce(w[:-1] >= w[1:], axis=0)
         if ordered.all():
             continue
-        columns = np.flatnonzero(~ordered) + start
-        unsorted = weights[:, columns]
-        order = np.argsort(-unsorted, axis=0, kind="stable")
-        weights[:, columns] = np.take_along_axis(unsorted, order, axis=0)
-        experts[:, columns] = np.take_along_axis(experts[:, columns], order, axis=0)
+        columns = slice(start, start + _RANK_BLOCK) if not ordered.any() else np.flatnonzero(~ordered) + start
+        unsorted = weights[:, columns]  # a view for a block that is all out of order (read before written below)
+        keys = _descending_keys(unsorted)
+        k = keys.shape[0]
+        keys <<= np.uint64(32)
+        keys |= np.arange(k, dtype=np.uint64)[:, None] << np.uint64(16)
+        keys |= experts[:, columns].astype(np.uint64)
+        keys.sort(axis=0)
+        experts[:, columns] = (keys & np.uint64(0xFFFF)).astype(experts.dtype)
+        position = ((keys >> np.uint64(16)) & np.uint64(0xFF)).astype(np.intp)
+        weights[:, columns] = np.take_along_axis(unsorted, position, axis=0)
+
+
+def _descending_keys(w: np.ndarray) -> np.ndarray:
+    """float32 weights -> uint64 keys (in the low 32 bits) whose ascending order is the weights' descending
+    order, -0.0 equal to +0.0, every NaN after -inf."""
+    bits = w.view(np.uint32).copy()
+    bits[bits == np.uint32(0x80000000)] = 0  # -0.0 ranks as +0.0 (a tie, as -w compares)
+    negative = (bits & np.uint32(0x80000000)) != 0
+    ascending = np.where(negative, ~bits, bits | np.uint32(0x80000000))
+    keys = (~ascending).astype(np.uint64)
+    keys[np.isnan(w)] = 0xFFFFFFFF
+    return keys
