@@ -147,11 +147,11 @@ def test_a_step_whose_captures_pass_the_budget_releases_them_and_counts_its_deci
 
 def test_steps_over_the_budget_while_capturing_are_dropped_and_counted(tmp_path: Path) -> None:
     model = build("mixtral").eval()
-    with Probe(model, tmp_path / "ref") as probe, torch.no_grad():
+    with Probe(model, tmp_path / "ref"), torch.no_grad():
         model(_ids())
     per_step = moeprobe.open_trace(tmp_path / "ref").manifest["counters"]["decisions"]
     # A budget below one layer's router outputs: every step stops keeping its captures at its first MoE layer.
-    with Probe(model, tmp_path / "t", max_queue_mb=64 / 2**20) as probe, torch.no_grad():
+    with Probe(model, tmp_path / "t", max_queue_mb=64 / 2**20), torch.no_grad():
         for _ in range(5):
             model(_ids())
     counters = moeprobe.open_trace(tmp_path / "t").manifest["counters"]
