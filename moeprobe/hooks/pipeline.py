@@ -273,7 +273,7 @@ class CapturePipeline:
         self._pending_decisions = 0
         self._step_rows: list[tuple[Any, ...]] = []
         self._latency_rows: list[tuple[Any, ...]] = []
-        self._warned_drop = False
+        self._warned_drops: set[str] = set()
         self._sequences = SequenceTracker(_np, writer.count_anomaly, primary_stack=primary_stack, redact_tokens=redact_tokens)
         self._warned_bad_step = False
         # Drops are counted here by the model's thread (reason -> decisions) and moved into the writer's counters
@@ -314,9 +314,13 @@ class CapturePipeline:
         manifest's counters. Warns once."""
         with self._lock:
             self._dropped[reason] = self._dropped.get(reason, 0) + decisions
-        if not self._warned_drop:
-            self._warned_drop = True
-            log.warning("moeprobe: the trace writer is behind (%s); dropping records and counting them in the manifest", reason)
+        if reason not in self._warned_drops:  # once per reason: each says something else about the recording
+            self._warned_drops.add(reason)
+            if reason == "step_over_budget":
+                log.warning("moeprobe: a step's router outputs hold more than max_queue_mb; dropping such steps and counting "
+                            "them in the manifest (step_over_budget)")
+            else:
+                log.warning("moeprobe: the trace writer is behind (%s); dropping records and counting them in the manifest", reason)
 
     @property
     def queued_bytes(self) -> int:
