@@ -1,10 +1,14 @@
 """What one forward call (a "step") captured, and how it leaves the device.
 
 During the step the hooks only keep references to tensors the model produced anyway (router outputs and
-the stack's input ids and mask). When the step ends, on CUDA the captured tensors are concatenated per
-kind on the device and copied to pinned host memory with one non-blocking copy each, and an event is
-recorded after the copies; the writer thread waits on that event, never the model's thread. On CPU the
-tensors already live in host memory and are handed over as they are.
+the stack's input ids and mask). Those references keep the router outputs alive until the step ends (on the
+GPU for a CUDA model): ``StepBuffer.keep`` counts their bytes against the pipeline's byte budget, and a step
+that would hold more stops keeping anything (its captures are released and its decisions counted as dropped,
+``step_over_budget``) instead of growing. When the step ends, on CUDA the captured tensors are concatenated per
+kind and dtype on the device, in their own dtype (a float32 cast of bf16 scores would double them on the
+device), and copied to host memory with one non-blocking copy each, and an event is recorded after the copies;
+the writer thread waits on that event, never the model's thread. On CPU the tensors already live in host
+memory and are handed over as they are.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ class LayerCapture:
     def decisions(self) -> int:
         shape = self.indices.shape
         return int(shape[0]) * int(shape[1]) if len(shape) == 2 else int(self.indices.numel())
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this capture keeps alive, on their device."""
+        total = 0
+        for t in (self.indices, self.weights, self.scores, self.dropped):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
 
 
 class LayerMarks:
@@ -66,10 +78,31 @@ class StepBuffer:
     marks: dict[int, LayerMarks] = field(default_factory=dict)  # layer -> its clock marks
     bias: dict[int, torch.Tensor] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None  # CUDA: recorded after the host copies
+    held_bytes: int = 0  # bytes of the captures kept so far (see keep)
+    over_budget: bool = False  # the step stopped keeping its captures; `lost` decisions are counted as dropped
+    lost: int = 0
 
     @property
     def decisions(self) -> int:
         return sum(c.decisions for c in self.layers)
+
+    def keep(self, capture: LayerCapture, limit: int) -> bool:
+        """Keep ``capture`` unless the step's captures would then hold more than ``limit`` bytes; past it the step
+        releases everything it kept (the references were all that kept those tensors alive) and from then on
+        only counts the decisions it loses. Model's thread, once per MoE layer: a few attribute reads."""
+        if self.over_budget:
+            self.lost += capture.decisions
+            return False
+        size = capture.nbytes()
+        if self.held_bytes + size > limit:
+            self.over_budget = True
+            self.lost = self.decisions + capture.decisions
+            self.layers.clear()
+            self.held_bytes = 0
+            return False
+        self.layers.append(capture)
+        self.held_bytes += size
+        return True
 
     def nbytes(self) -> int:
         """Host memory this step will hold once converted: what the queue's byte budget counts."""
@@ -86,8 +119,9 @@ class StepBuffer:
         return total
 
 
-def _flatten(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # In the tensors' own dtype: one device copy the size of the sources, never a widened one.
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -109,14 +143,18 @@ def move_to_host(step: StepBuffer) -> None:
         getattr(ctx, attr) is not None and getattr(ctx, attr).is_cuda for ctx in step.contexts for attr in CONTEXT_TENSORS
     ):
         return
-    for kind, dtype in (("indices", torch.int32), ("weights", torch.float32), ("scores", torch.float32), ("dropped", torch.bool)):
-        have = [c for c in cuda_layers if getattr(c, kind) is not None]
-        if not have:
-            continue
-        tensors = [getattr(c, kind) for c in have]
-        host = _flatten(tensors, dtype).to("cpu", non_blocking=True)
-        for capture, part in zip(have, _split(host, tensors), strict=True):
-            setattr(capture, kind, part)
+    for kind in ("indices", "weights", "scores", "dropped"):
+        groups: dict[torch.dtype, list[LayerCapture]] = {}
+        for c in cuda_layers:
+            t = getattr(c, kind)
+            if t is not None:
+                groups.setdefault(t.dtype, []).append(c)
+        # One group per dtype (usually one per kind): the writer thread widens bf16/fp16 on the host.
+        for have in groups.values():
+            tensors = [getattr(c, kind) for c in have]
+            host = _flatten(tensors).to("cpu", non_blocking=True)
+            for capture, part in zip(have, _split(host, tensors), strict=True):
+                setattr(capture, kind, part)
     for ctx in step.contexts:
         for attr in CONTEXT_TENSORS:
             value = getattr(ctx, attr)

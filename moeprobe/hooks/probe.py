@@ -650,7 +650,9 @@ class Probe:
             scores=_detached(scores) if self.logits else None,
             dropped=_detached(dropped),
         )
-        step.layers.append(capture)
+        if self.pipeline is not None:
+            # Dropped (and released) as soon as the step's captures pass the byte budget: see StepBuffer.keep.
+            step.keep(capture, self.pipeline.max_queue_bytes)
         if self._loads is not None:
             flat = capture.indices.reshape(-1)
             self._loads[layer.index].index_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int64))
@@ -669,6 +671,11 @@ class Probe:
         if step is None or self.pipeline is None:
             return
         step.wall_ms = (time.perf_counter_ns() - step.t0) / 1e6
+        if step.over_budget:
+            # Its captures held more than the byte budget: already released, counted here, never silent.
+            self.pipeline.count_dropped("step_over_budget", step.lost)
+            self._release_marks(step)
+            return
         if not step.layers and not step.contexts:
             # A forward call that reached no MoE layer and no stack (it raised early): counted, not silent.
             self._anomaly("empty_step", None)

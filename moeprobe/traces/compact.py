@@ -160,14 +160,14 @@ class RoutingEncoding:
             w[null] = np.nan  # left out of the u8 range; stored as null below
         if self.weights == "fp16":
             round_to_half_mantissa(w)
-            w = half_codes(w)
+            w = half_codes(w, out=w.view(np.uint32))  # w is this function's own array (or the caller's to give)
         elif self.weights == "u8":
             w, offset, scale = _quantize_u8(w)
             columns["weight_offset"] = np.full(tokens, offset, np.float32)
             columns["weight_scale"] = np.full(tokens, scale, np.float32)
         if self.delta_coded:
             used = np.full(tokens, width, np.int64) if choices is None else choices.astype(np.int64)
-            w, columns["weight_delta"] = _delta_code(w, used, null)
+            w, columns["weight_delta"] = _delta_code(w, used, null, in_place=True)
         for i in range(self.top_k):
             if i < width:
                 columns[f"expert_{i}"] = by_rank[i]
@@ -226,27 +226,57 @@ class RoutingEncoding:
         return self.encode_tokens(token_columns, experts, weights, choices, explicit, weight_valid=weight_valid)
 
 
+# Elements per block of the element-wise passes below: their temporaries stay in the CPU cache and are
+# recycled by the allocator, instead of whole-array temporaries that are fresh memory each call (page faults
+# and memory bandwidth: measured 3-15x slower on the writer thread at prefill sizes, bench/writer_throughput.py).
+_BLOCK = 1 << 15
+
+
+def _blocks(n: int) -> range:
+    return range(0, n, _BLOCK)
+
+
 def round_to_half_mantissa(w: np.ndarray) -> None:
     """Round float32 values in place to 11 significant bits (half precision's mantissa), half to even.
 
     Integer arithmetic on the bit patterns: an order of magnitude faster than numpy's float16 casts, and no
     half-precision range limits (no overflow past 65,504, no subnormals below 6.1e-5). NaN and inf stay.
     """
-    bits = w.view(np.uint32)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    rounded = (bits + (0x0FFF + ((bits >> 13) & 1))) & np.uint32(0xFFFFE000)
-    np.copyto(bits, rounded, where=finite)
+    flat = w.reshape(-1)  # a view for the contiguous arrays the writer passes; a copy is written back below
+    bits = flat.view(np.uint32)
+    for start in _blocks(len(bits)):
+        b = bits[start : start + _BLOCK]
+        rounded = b >> np.uint32(13)
+        rounded &= np.uint32(1)
+        rounded += np.uint32(0x0FFF)
+        rounded += b
+        rounded &= np.uint32(0xFFFFE000)
+        np.copyto(b, rounded, where=(b & np.uint32(0x7F800000)) != np.uint32(0x7F800000))
+    if not np.shares_memory(flat, w):
+        w[...] = flat.reshape(w.shape)
 
 
-def half_codes(w: np.ndarray) -> np.ndarray:
+def half_codes(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 values already rounded to 11 significant bits -> their 19-bit codes (sign, exponent, the 10
     mantissa bits that are left): the float32 bit pattern shifted right by 13. Codes of non-negative values
-    rise with the value, so a row's codes in rank order never rise and their differences are small."""
-    bits = w.view(np.uint32)
-    nan = ((bits & 0x7F800000) == 0x7F800000) & ((bits & 0x007FFFFF) != 0)
-    if nan.any():  # a NaN's payload may sit in the 13 bits shifted out: make it a quiet NaN that keeps one
-        bits = np.where(nan, np.uint32(0x7FC00000), bits)
-    return (bits >> np.uint32(13)).astype(np.uint32)
+    rise with the value, so a row's codes in rank order never rise and their differences are small.
+
+    ``out``: a contiguous uint32 array of w's shape to write the codes to (``w.view(np.uint32)`` itself: fresh
+    memory costs more than the shift at prefill sizes)."""
+    bits = np.ascontiguousarray(w).view(np.uint32).reshape(-1)
+    if out is not None and (out.dtype != np.uint32 or out.shape != w.shape or not out.flags.c_contiguous):
+        raise ValueError("half_codes: out must be a C-contiguous uint32 array of the input's shape")
+    codes = np.empty(len(bits), np.uint32) if out is None else out.reshape(-1)
+    for start in _blocks(len(bits)):
+        b = bits[start : start + _BLOCK]
+        out = codes[start : start + _BLOCK]
+        # A NaN's payload may sit in the 13 bits shifted out: make it a quiet NaN that keeps one. (Found before
+        # the shift: ``out`` may be ``w`` itself.)
+        nan = ((b & np.uint32(0x7F800000)) == np.uint32(0x7F800000)) & ((b & np.uint32(0x007FFFFF)) != 0)
+        np.right_shift(b, np.uint32(13), out=out)
+        if nan.any():
+            out[nan] = np.uint32(0x7FC00000 >> 13)
+    return codes.reshape(w.shape)
 
 
 def half_values(codes: np.ndarray) -> np.ndarray:
@@ -254,24 +284,37 @@ def half_values(codes: np.ndarray) -> np.ndarray:
     return (codes.astype(np.uint32) << np.uint32(13)).view(np.float32)
 
 
-def _delta_code(codes: np.ndarray, used: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _delta_code(codes: np.ndarray, used: np.ndarray, null: np.ndarray | None, in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(choices, tokens) weight codes in rank order -> the stored codes and the per-token ``weight_delta`` flag.
 
     A token whose used codes never rise along the ranks (the usual case: non-negative weights ranked by size)
     stores code_i - code_{i+1} for each used choice but the last, which keeps its code; unused choices 0. The
     differences between neighbouring ranks are small numbers that zstd codes in fewer bits than the codes
     (bench/trace_bytes.py). Any other token (a missing, negative or NaN weight out of order) stores its codes.
-    Exact both ways: a reader adds the stored values from choice i to the last.
+    Exact both ways: a reader adds the stored values from choice i to the last. ``in_place``: the fast path
+    writes the stored codes over ``codes`` (the writer's own array: no fresh memory).
     """
     width, tokens = codes.shape
     if width == 1:
         return codes, np.ones(tokens, bool)
     if null is None and bool((used == width).all()):
-        # Fast path: every row uses every column (the capture pipeline's batches).
-        ok = np.asarray((codes[:-1] >= codes[1:]).all(axis=0))
-        delta = codes.copy()
-        delta[:-1] -= codes[1:]  # wraps where a code rises; those rows keep their codes below
-        return np.where(ok[None, :], delta, codes).astype(codes.dtype, copy=False), ok
+        # Fast path: every row uses every column (the capture pipeline's batches), block by block of tokens.
+        ok = np.empty(tokens, bool)
+        delta = codes if in_place else np.empty_like(codes)
+        for start in _blocks(tokens):
+            c = codes[:, start : start + _BLOCK]
+            d = delta[:, start : start + _BLOCK]
+            block_ok = ok[start : start + _BLOCK]
+            np.logical_and.reduce(c[:-1] >= c[1:], axis=0, out=block_ok)
+            rising = None if block_ok.all() else ~block_ok
+            kept = c[:, rising] if rising is not None else None  # a copy: those rows keep their codes
+            for i in range(width - 1):  # row i before row i + 1 is overwritten: safe in place
+                np.subtract(c[i], c[i + 1], out=d[i])  # wraps where a code rises; restored below
+            if not in_place:
+                d[-1] = c[-1]
+            if rising is not None:
+                d[:, rising] = kept
+        return delta, ok
     position = np.arange(width)[:, None]
     inside = position < used[None, :]
     signed = codes.astype(np.int64)

@@ -22,8 +22,8 @@ from .manifest import read_trace_manifest
 from .schema import TABLES
 
 _SHARD = re.compile(r"^rank=\d+$")
-_SEGMENT = re.compile(r"^\d{6,}\.parquet$")
-_SEGMENT_TMP = re.compile(r"^\.\d{6,}\.parquet\.tmp$")
+_SEGMENT = re.compile(r"^\d{6,}(?:-\d{6,})?\.parquet$")  # a flush, or flushes merged by compaction (layout)
+_SEGMENT_TMP = re.compile(r"^\.\d{6,}(?:-\d{6,})?\.parquet\.tmp$")
 
 
 def _json_tmp(name: str, target: str) -> bool:

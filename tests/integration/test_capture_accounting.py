@@ -127,3 +127,33 @@ def test_steps_that_capture_nothing_are_counted(tmp_path: Path) -> None:
     manifest: dict[str, Any] = moeprobe.open_trace(tmp_path / "t").manifest
     assert manifest["counters"]["anomalies"]["empty_step"] == 1
     assert manifest["counters"]["steps"] == 2
+
+
+def test_a_step_whose_captures_pass_the_budget_releases_them_and_counts_its_decisions() -> None:
+    # The in-flight step's router outputs (on the GPU for a CUDA model) count against the byte budget while
+    # the step runs: past it the step keeps nothing more and releases what it kept. Same code on CPU tensors.
+    step = StepBuffer(step=0)
+    captures = [LayerCapture(layer=i, context=None, indices=torch.zeros(100, 2, dtype=torch.int64),
+                             weights=torch.ones(100, 2, dtype=torch.bfloat16), scores=None, dropped=None) for i in range(3)]
+    per_layer = 100 * 2 * 8 + 100 * 2 * 2
+    assert captures[0].nbytes() == per_layer
+    assert step.keep(captures[0], limit=2 * per_layer) and step.keep(captures[1], limit=2 * per_layer)
+    assert step.held_bytes == 2 * per_layer and not step.over_budget
+    assert not step.keep(captures[2], limit=2 * per_layer)
+    assert step.over_budget and step.layers == [] and step.held_bytes == 0 and step.lost == 3 * 200
+    assert not step.keep(captures[0], limit=1 << 40)  # once over, the rest of the step is only counted
+    assert step.lost == 4 * 200
+
+
+def test_steps_over_the_budget_while_capturing_are_dropped_and_counted(tmp_path: Path) -> None:
+    model = build("mixtral").eval()
+    with Probe(model, tmp_path / "ref"), torch.no_grad():
+        model(_ids())
+    per_step = moeprobe.open_trace(tmp_path / "ref").manifest["counters"]["decisions"]
+    # A budget below one layer's router outputs: every step stops keeping its captures at its first MoE layer.
+    with Probe(model, tmp_path / "t", max_queue_mb=64 / 2**20), torch.no_grad():
+        for _ in range(5):
+            model(_ids())
+    counters = moeprobe.open_trace(tmp_path / "t").manifest["counters"]
+    assert counters["dropped"] == {"step_over_budget": 5 * per_step}
+    assert counters["steps"] == 0 and counters["decisions"] == 0

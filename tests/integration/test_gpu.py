@@ -173,3 +173,31 @@ def test_hook_capture_refuses_a_cuda_graph_capture(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="CUDA graph"):
         probe.close()
     assert moeprobe.open_trace(tmp_path / "t").manifest["status"] == "aborted"
+
+
+def test_the_host_transfer_never_widens_captures_on_the_device() -> None:
+    # bf16 scores and weights are concatenated in bf16 (one device copy the size of the sources), not cast to
+    # float32 per tensor and again by the cat (4x the sources before); the host gets the same values.
+    from moeprobe.hooks.capture import LayerCapture, StepBuffer, move_to_host
+
+    step = StepBuffer(step=0)
+    for layer in range(8):
+        step.layers.append(LayerCapture(
+            layer=layer, context=None,
+            indices=torch.randint(0, 64, (4096, 8), device="cuda"),
+            weights=torch.rand(4096, 8, device="cuda", dtype=torch.bfloat16),
+            scores=torch.rand(4096, 64, device="cuda", dtype=torch.bfloat16),
+            dropped=None,
+        ))
+    expected = [(c.indices.cpu(), c.weights.cpu(), c.scores.cpu()) for c in step.layers]
+    largest_kind = sum(c.scores.numel() * c.scores.element_size() for c in step.layers)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    move_to_host(step)
+    assert step.ready is not None
+    step.ready.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= largest_kind + (1 << 20)
+    for capture, (indices, weights, scores) in zip(step.layers, expected, strict=True):
+        assert not capture.scores.is_cuda and capture.scores.dtype == torch.bfloat16
+        assert torch.equal(capture.indices, indices) and torch.equal(capture.weights, weights) and torch.equal(capture.scores, scores)

@@ -68,7 +68,7 @@ def test_slow_sink_never_blocks_the_model(tmp_path: Path, capfd: pytest.CaptureF
         def sample() -> None:
             while not stop.is_set():
                 peaks["rss"] = max(peaks["rss"], process.memory_info().rss)
-                peaks["queued"] = max(peaks["queued"], pipeline._queued_bytes)
+                peaks["queued"] = max(peaks["queued"], pipeline.queued_bytes)
                 stop.wait(0.01)
 
         sampler = threading.Thread(target=sample, daemon=True)

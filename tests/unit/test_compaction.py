@@ -233,3 +233,15 @@ def test_the_tui_source_sees_new_flushes_when_a_merge_keeps_the_segment_count(tm
     assert source.read(lambda t: t.sql("select count(*) from routing").column(0)[0].as_py()) == 10 * TOKENS * K
     source.close()
     writer.close()
+
+
+def test_force_overwrites_a_trace_whose_segments_were_merged(tmp_path: Path) -> None:
+    # Merged segments (NNNNNN-MMMMMM.parquet) are moeprobe's own files: --force must delete them like flushes.
+    path = tmp_path / "t"
+    writer = _writer(path)
+    for step in range(8):
+        _flush(writer, step)
+    writer.close("complete")
+    assert any("-" in name for name in _files(path))
+    prepare_trace_dir(path, force=True)
+    assert not path.exists() or not any(path.iterdir())
