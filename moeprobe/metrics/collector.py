@@ -22,7 +22,7 @@ from .options import MetricsOptions, ShardView
 
 # The reasons the capture side drops records for (hooks.pipeline, traces.writer); anything else is "other",
 # so a new reason can never add series without a code change here.
-DROP_REASONS = ("queue_full", "writer_failed", "disk_full", "write_error")
+DROP_REASONS = ("queue_full", "step_over_budget", "writer_failed", "disk_full", "write_error")
 
 
 class Families:
@@ -78,7 +78,8 @@ def shard_families(out: Families, view: ShardView, options: MetricsOptions) -> N
     out.counter("moeprobe_steps", "Forward calls (steps) captured.", SHARD).add_metric(shard, health.steps)
     dropped = out.counter(
         "moeprobe_capture_dropped_decisions",
-        "Routing decisions the capture lost, by reason (queue_full: the writer fell behind; disk_full, "
+        "Routing decisions the capture lost, by reason (queue_full: the writer fell behind; step_over_budget: one "
+        "step's router outputs alone passed max_queue_mb; disk_full, "
         "write_error: a segment could not be written; writer_failed: the writer stopped; other).",
         [*SHARD, "reason"],
     )
@@ -101,7 +102,7 @@ def shard_families(out: Families, view: ShardView, options: MetricsOptions) -> N
             "moeprobe_trace_read_errors", "Trace segments or manifests moeprobe serve could not read (left out).", SHARD
         ).add_metric(shard, health.read_errors)
     if health.queue_bytes is not None:
-        out.gauge("moeprobe_capture_queue_bytes", "Bytes of captured steps waiting for the trace writer.", SHARD).add_metric(
+        out.gauge("moeprobe_capture_queue_bytes", "Bytes the capture pipeline holds in every stage (queued, collected, converted, being written): what max_queue_mb bounds.", SHARD).add_metric(
             shard, health.queue_bytes
         )
     if health.heartbeat_age_s is not None:

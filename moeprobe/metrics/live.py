@@ -46,7 +46,7 @@ class MetricsLink:
             steps=int(counters["steps"]),
             dropped=dict(counters["dropped"]),
             anomalies=int(sum(anomalies.values())),
-            queue_bytes=int(pipeline.queued_bytes),
+            queue_bytes=int(pipeline.held_bytes),  # every stage max_queue_mb bounds
             heartbeat_age_s=heartbeat_age(writer._shard.get("heartbeat_at")),
         )
         model = str(writer._header["model"].get("name") or "?")
