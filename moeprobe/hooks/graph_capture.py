@@ -29,6 +29,7 @@ from torch import nn
 from ..traces.schema import TABLES
 from . import contracts, graph_ops as ops
 from .capture import LayerCapture, StepBuffer
+from .host_counts import DeferredCounts, Noted, apply as apply_noted
 from .token_context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
 from .discovery import LayerBinding
 
@@ -49,6 +50,10 @@ class Snapshot:
     counts: torch.Tensor | None
     ready: Any  # torch.cuda.Event or None
     drained_at: float
+    # Counts mode on the host: steps and router calls noted since the last drain, written into these copies by
+    # the writer (unpack), and the step ring's capacity they are written against.
+    noted: Noted | None = None
+    step_capacity: int = 0
 
 
 def _from_mask_4d(mask: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +131,24 @@ def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
     cache or one whose length is an int: the calls where ContextReader.read and _plain would reduce the step to
     integers, decided without building the context (counts mode's per-step cost). None for every other call, which
     takes the general path (same result there: this is a strict subset of it)."""
-    if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
-        return None
-    ids = reader._token_ids(args, kwargs)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not contracts.is_integer(ids):
+    if args:
+        if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
+            return None
+        ids = reader._token_ids(args, kwargs)
+    else:
+        # Keywords only (a causal LM calls its stack so): _arg is kwargs.get, and _token_ids too unless the
+        # token ids come from a user's selector.
+        get = kwargs.get
+        if get("attention_mask") is not None or get("position_ids") is not None:
+            return None
+        tokens = reader._tokens
+        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
         return None
     batch, seq_len = ids.shape
-    for value in (*kwargs.values(), *args):
+    for value in (*kwargs.values(), *args) if args else kwargs.values():
+        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
+            continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
         if is_cache(value):
             try:
                 past = value.get_seq_length()
@@ -203,6 +219,12 @@ class GraphCapture:
             torch.zeros((counts_window + 1, len(layers), experts + 1), dtype=torch.int32, device=device) if counts else None
         )
         self.contract_failures: dict[int, str] = {}  # layer -> why its wrapper could not read the routing
+        # Counts mode, eagerly on the host: steps without mask or positions are noted and counted at the drain.
+        self.deferred = (
+            DeferredCounts(self.state, self.step_ring, self.counts_buf, self.valid_now, k)
+            if self.counts_buf is not None and not tokens and device.type == "cpu"
+            else None
+        )
         self._restore: list[tuple[nn.Module, Any]] = []
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.steps_drained = 0
@@ -239,16 +261,20 @@ class GraphCapture:
         window = counts.shape[0] - 1 if counts is not None else 0
         row = counts.shape[1] * counts.shape[2] if counts is not None else 0
 
-        plain_ok = sample == 0 and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
+        deferred = self.deferred  # set exactly when counts mode runs on the host without token rows
+        plain_ok = deferred is not None and not ops.FORCE_DEVICE_PATH
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if plain_ok and not ops.FORCE_DEVICE_PATH and not compiling():
+            if plain_ok and deferred is not None and not ops.FORCE_DEVICE_PATH and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
-                    # Counts mode, eager on the host, no mask and no positions given: all the step needs is integers.
-                    ops.record_plain_step_host(self.step_ring, self.state, plain[0], plain[1], plain[2], window, row)
+                    # Counts mode, eager on the host, no mask and no positions given: all the step needs is
+                    # integers, noted here and written at the drain (host_counts).
+                    deferred.note_step(*plain)
                     return original(*args, **kwargs)
+            if deferred is not None and deferred.active:
+                deferred.stop()  # this step takes the per-call path: the state must be current first
             ctx = reader.read(args, kwargs)
             if ctx is None:
                 # Without token ids or embeddings there is no step to file this call's routing under: refused at
@@ -282,6 +308,7 @@ class GraphCapture:
         rows = ops._rows(counts_buf) if host_counts and counts_buf is not None else None
         state_view = ops._view(self.state) if host_counts else None
         valid_now = self.valid_now
+        deferred = self.deferred
         compiling = torch.compiler.is_compiling
 
         def record(indices: Any, weights: Any, seen: Any) -> None:
@@ -290,6 +317,9 @@ class GraphCapture:
                 self.contract_failures[index] = f"expected integer indices with last dimension {k}, got {contracts.describe(seen)}"
                 return
             traced = compiling()  # in a graph: the ops; eagerly: their implementations
+            if deferred is not None and deferred.active and not traced and indices.is_cpu:
+                deferred.note_call(index, indices)  # a noted step: counted with the others at the drain
+                return
             if rows is not None and not traced and not ops.FORCE_DEVICE_PATH and not tokens:
                 n = indices.numel()
                 if n:
@@ -314,9 +344,20 @@ class GraphCapture:
         may_route_in_block = from_router and layer.experts_fallback is not None
 
         slots: list[tuple[int, int, int]] = []  # where in the router's output tuple the last call found indices, weights; and the tuple length they need
+        deferred = self.deferred
+        k = int(layer.meta["top_k"])
+        integer = contracts.INTEGER_DTYPES
+        compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
+            if slots and deferred is not None and deferred.active and isinstance(output, tuple) and len(output) > slots[0][2]:
+                # Counts mode, a noted step (host_counts): only the indices matter, at the place the first call
+                # found them, checked as record() checks them; noted by reference. Anything else: the general path.
+                i = output[slots[0][0]]
+                if isinstance(i, torch.Tensor) and i.dtype in integer and i.shape[-1] == k and not compiling():
+                    deferred.note_call(index, i)
+                    return output
             if route.via_experts:
                 return output
             indices = weights = None
@@ -365,6 +406,7 @@ class GraphCapture:
     def drain(self) -> Snapshot:
         """Take the rings' contents off the device and reset their cursors. Never synchronises the host on CUDA."""
         now = time.time()
+        noted = self.deferred.take() if self.deferred is not None else None  # written by the writer (unpack)
         buffers = [self.state, self.step_ring]
         if self.tokens:
             buffers += [self.token_ring, self.routing_ring]
@@ -381,6 +423,8 @@ class GraphCapture:
                 copies.append(torch.cat([b[:used], b[-1:]]))  # the last row stands for the trash row
             if self.counts_buf is not None:
                 copies.append(self.counts_buf.clone())
+            if noted is not None and self.deferred is not None:
+                self.deferred.advance(noted)  # before the reset: the next window starts after the noted steps
             self._reset()
             ready = None
         else:
@@ -401,7 +445,10 @@ class GraphCapture:
             tokens, routing, rest = rest[0], rest[1], rest[2:]
         if self.counts_buf is not None:
             counts = rest[0]
-        return Snapshot(state=state, steps=step_ring, tokens=tokens, routing=routing, counts=counts, ready=ready, drained_at=now)
+        return Snapshot(
+            state=state, steps=step_ring, tokens=tokens, routing=routing, counts=counts, ready=ready, drained_at=now,
+            noted=noted, step_capacity=self.step_ring.shape[0] - 1,
+        )
 
     def _reset(self) -> None:
         s = self.state
@@ -410,6 +457,7 @@ class GraphCapture:
         s[ops.COUNTS_BASE] = s[ops.STEP] + 1
         s[ops.COUNTS_LOST] = 0
         s[ops.MASK_MISMATCH] = 0
+        s[ops.COUNTS_IDS_CHANGED] = 0
         if self.counts_buf is not None:
             self.counts_buf.zero_()
 
@@ -434,6 +482,8 @@ class DrainedSteps:
 
 def unpack(snapshot: Snapshot, layers: list[LayerBinding], stack_id: int, tags: Any, phase_of: Callable[[int, int, bool], str]) -> DrainedSteps:
     """Rows of a drained snapshot -> StepBuffers (token context + per-layer captures) and a loads table."""
+    if snapshot.noted is not None:
+        _write_noted(snapshot)
     state = snapshot.state.numpy()
     lost: dict[str, int] = {}
     assert snapshot.steps is not None  # every drain takes the step ring
@@ -458,7 +508,21 @@ def unpack(snapshot: Snapshot, layers: list[LayerBinding], stack_id: int, tags: 
         loads = _loads_table(counts, base, headers, phase_of)
     if int(state[ops.MASK_MISMATCH]):
         lost["graph_counts_mask_mismatch"] = int(state[ops.MASK_MISMATCH])
+    if int(state[ops.COUNTS_IDS_CHANGED]):
+        lost["graph_counts_ids_changed"] = int(state[ops.COUNTS_IDS_CHANGED])
     return DrainedSteps(steps=steps, headers=headers, loads=loads, lost=lost, dropped_decisions=dropped)
+
+
+def _write_noted(snapshot: Snapshot) -> None:
+    """Writer thread: the steps and calls counts mode noted on the host (host_counts) into the drain's copies, as
+    the per-call path would have written them into the buffers before the copy."""
+    noted, state = snapshot.noted, snapshot.state.numpy()
+    assert noted is not None and snapshot.steps is not None and snapshot.counts is not None  # counts mode
+    used = min(int(state[ops.STEP_CURSOR]), snapshot.step_capacity)
+    ring = np.zeros((snapshot.step_capacity + 1, ops.STEP_COLUMNS), dtype=np.int32)  # the ring at full size
+    ring[:used] = snapshot.steps.numpy()[:used]
+    apply_noted(noted, state, ring, snapshot.counts)
+    snapshot.steps, snapshot.noted = torch.from_numpy(ring), None
 
 
 def _used(ring: torch.Tensor, cursor: int, kind: str, lost: dict[str, int]) -> np.ndarray:

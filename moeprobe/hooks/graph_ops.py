@@ -36,7 +36,8 @@ COUNTS_LOST = 7  # layer calls whose step fell outside the counts window (window
 MASK_MISMATCH = 8  # counted layer calls whose token count differed from the step's (counted without the mask)
 COUNTS_OFFSET = 9  # flat offset of the step's slot in the counts buffer (the trash slot when outside the window)
 STEP_PADDED = 10  # 1 when the step in flight has padding tokens
-STATE_SIZE = 11
+COUNTS_IDS_CHANGED = 11  # host counts mode: noted router calls whose indices were written in place before counted
+STATE_SIZE = 12
 
 # Buffers in host memory can be read without a sync, so on CPU the implementations take a shorter path (Python
 # integers for cursors and flags, slices instead of masked scatters): the same rows, the same counts, far fewer
