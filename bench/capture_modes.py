@@ -135,7 +135,7 @@ def main() -> None:
         cells, entry = [], {}
         for m, measure in enumerate(("loop wall", "loop model-thread CPU")):
             mean = float(trimmed_mean(ratios[:, m], args.trim))
-            low, high = bootstrap(args.rounds, lambda pick, m=m: float(trimmed_mean(ratios[pick, m], args.trim)))
+            low, high = bootstrap(args.rounds, lambda pick, m=m, ratios=ratios: float(trimmed_mean(ratios[pick, m], args.trim)))
             cells.append(f"{mean:.4f} [{low:.4f}, {high:.4f}]")
             entry[measure] = {"ratio": mean, "low": low, "high": high}
         mine = steps[name]

@@ -263,15 +263,17 @@ class GraphCapture:
 
         deferred = self.deferred  # set exactly when counts mode runs on the host without token rows
         plain_ok = deferred is not None and not ops.FORCE_DEVICE_PATH
+        note_step = deferred.step_notes().append if deferred is not None else None
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if plain_ok and deferred is not None and not ops.FORCE_DEVICE_PATH and not compiling():
+            if plain_ok and deferred is not None and note_step is not None and not ops.FORCE_DEVICE_PATH and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
                     # Counts mode, eager on the host, no mask and no positions given: all the step needs is
-                    # integers, noted here and written at the drain (host_counts).
-                    deferred.note_step(*plain)
+                    # integers, noted here and written at the drain (host_counts.DeferredCounts.note_step, inlined).
+                    note_step(plain)
+                    deferred.active = True
                     return original(*args, **kwargs)
             if deferred is not None and deferred.active:
                 deferred.stop()  # this step takes the per-call path: the state must be current first

@@ -65,6 +65,11 @@ class DeferredCounts:
         self._steps.append((batch, seq_len, new))
         self.active = True
 
+    def step_notes(self) -> list[tuple[int, int, bool]]:
+        """The list note_step appends to (never replaced: take() empties it), for a wrapper that appends itself
+        and sets ``active``, a method call less per step."""
+        return self._steps
+
     def note_call(self, layer: int, indices: Tensor) -> None:
         """A router call of the step in flight (``indices``: any shape whose last dimension is k, on the host)."""
         n = indices.numel()
@@ -86,8 +91,9 @@ class DeferredCounts:
         if not self._steps and not self._calls:
             return None
         c = self.counts
-        noted = Noted(self._steps, self._calls, self.k, c.shape[0] - 1, c.shape[1] * c.shape[2], c.shape[2], self.valid_now.shape[0])
-        self._steps, self._calls, self._ids = [], [], 0
+        noted = Noted(self._steps[:], self._calls, self.k, c.shape[0] - 1, c.shape[1] * c.shape[2], c.shape[2], self.valid_now.shape[0])
+        self._steps.clear()
+        self._calls, self._ids = [], 0
         return noted
 
     def flush(self) -> None:
@@ -122,7 +128,7 @@ def apply(noted: Noted, s: np.ndarray, ring: np.ndarray, counts: Tensor) -> None
     offsets, step_tokens = _write_steps(noted, s, ring)
     if not noted.calls:
         return
-    refs, layers, sizes, versions, tensors = zip(*noted.calls)
+    refs, layers, sizes, versions, tensors = zip(*noted.calls, strict=True)
     at = np.array(refs, dtype=np.int64) + 1
     n = np.array(sizes, dtype=np.int64)
     tokens = n // noted.k
