@@ -1,6 +1,6 @@
 """What capture's own code costs the model's thread, measured inside the demo decode loop.
 
-    python bench/capture_cost.py [--steps 63] [--repeats 3]
+    python bench/capture_cost.py [--steps 63] [--repeats 3] [--modes hooks,graph,counts]
 
 Whole-loop ratios (capture_modes.py) cannot resolve a 1 % cost on a shared 2-core machine: identical decode
 steps vary by +-20 % in CPU time there, and its A/A control reads +-4 % after minutes. This script times only
@@ -108,13 +108,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=63)  # 64 calls: two whole drain periods, none left for the exit
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="hooks,graph,counts", help="comma-separated, of hooks, graph, counts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, ids, label = load_demo_model("cpu")
     workdir = Path(tempfile.mkdtemp(prefix="moeprobe-cost-"))
     _timed_hooks()
     _timed_wrappers()
-    modes = {"hooks": {"capture": "hooks"}, "graph": {"capture": "graph"}, "counts": {"mode": "counts"}}
+    known: dict[str, dict[str, Any]] = {"hooks": {"capture": "hooks"}, "graph": {"capture": "graph"}, "counts": {"mode": "counts"}}
+    modes = {name: known[name] for name in args.modes.split(",")}
     start_load = os.getloadavg()
     print(f"{label}; batch {list(ids.shape)}, {args.steps} decode steps, 1 torch thread")
     print(f"  {'mode':<7} {'capture code per step, us':>26} {'step, ms':>9} {'share':>7}   per call (mean/median us) x calls per step")

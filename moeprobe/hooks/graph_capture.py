@@ -263,17 +263,15 @@ class GraphCapture:
 
         deferred = self.deferred  # set exactly when counts mode runs on the host without token rows
         plain_ok = deferred is not None and not ops.FORCE_DEVICE_PATH
-        note_step = deferred.step_notes().append if deferred is not None else None
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if plain_ok and deferred is not None and note_step is not None and not ops.FORCE_DEVICE_PATH and not compiling():
+            if plain_ok and deferred is not None and not ops.FORCE_DEVICE_PATH and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
                     # Counts mode, eager on the host, no mask and no positions given: all the step needs is
-                    # integers, noted here and written at the drain (host_counts.DeferredCounts.note_step, inlined).
-                    note_step(plain)
-                    deferred.active = True
+                    # integers, noted here and written at the drain (host_counts).
+                    deferred.note_step(*plain)
                     return original(*args, **kwargs)
             if deferred is not None and deferred.active:
                 deferred.stop()  # this step takes the per-call path: the state must be current first
@@ -347,18 +345,25 @@ class GraphCapture:
 
         slots: list[tuple[int, int, int]] = []  # where in the router's output tuple the last call found indices, weights; and the tuple length they need
         deferred = self.deferred
+        noted_steps = deferred.steps if deferred is not None else []
+        note = deferred.calls.append if deferred is not None else None
         k = int(layer.meta["top_k"])
         integer = contracts.INTEGER_DTYPES
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
-            if slots and deferred is not None and deferred.active and isinstance(output, tuple) and len(output) > slots[0][2]:
+            if slots and note is not None and deferred is not None and deferred.active and isinstance(output, tuple) and len(output) > slots[0][2]:
                 # Counts mode, a noted step (host_counts): only the indices matter, at the place the first call
-                # found them, checked as record() checks them; noted by reference. Anything else: the general path.
+                # found them, checked as record() checks them; noted by reference (DeferredCounts.note_call,
+                # inlined: a frame less, three times a step). Anything else: the general path.
                 i = output[slots[0][0]]
                 if isinstance(i, torch.Tensor) and i.dtype in integer and i.shape[-1] == k and not compiling():
-                    deferred.note_call(index, i)
+                    try:
+                        version = i._version
+                    except RuntimeError:
+                        version = -1  # an inference tensor: no version counter to check
+                    note((len(noted_steps) - 1, index, version, i))
                     return output
             if route.via_experts:
                 return output
@@ -417,9 +422,10 @@ class GraphCapture:
         if self._side is None:
             # On the host the cursors can be read for free: copy only the rows in use (and the trash row's place).
             copies = [self.state.clone()]
-            cursors = [int(self.state[ops.STEP_CURSOR])]
+            s: Any = ops._view(self.state) if self.state.is_cpu else self.state  # element reads without a tensor op each
+            cursors = [int(s[ops.STEP_CURSOR])]
             if self.tokens:
-                cursors += [int(self.state[ops.TOKEN_CURSOR]), int(self.state[ops.ROUTING_CURSOR])]
+                cursors += [int(s[ops.TOKEN_CURSOR]), int(s[ops.ROUTING_CURSOR])]
             for b, cursor in zip(buffers[1:], cursors, strict=False):
                 used = min(cursor, b.shape[0] - 1)
                 copies.append(torch.cat([b[:used], b[-1:]]))  # the last row stands for the trash row
@@ -453,7 +459,9 @@ class GraphCapture:
         )
 
     def _reset(self) -> None:
-        s = self.state
+        # On the host through the numpy view (the same memory; a scalar write there instead of a tensor op each);
+        # on a GPU as device ops on the side stream.
+        s: Any = ops._view(self.state) if self.state.is_cpu else self.state
         for slot in (ops.STEP_CURSOR, ops.TOKEN_CURSOR, ops.ROUTING_CURSOR):
             s[slot] = 0
         s[ops.COUNTS_BASE] = s[ops.STEP] + 1

@@ -12,8 +12,9 @@ At a drain the model's thread only hands what was noted to the writer thread wit
 the step id on (:meth:`DeferredCounts.advance`); the writer writes the rows and counts into the copies
 (:func:`apply`, called by :func:`.graph_capture.unpack`): a handful of torch and numpy ops that run cold after
 the model's work cost 0.5 ms per drain on the model's thread, more than the notes save. The model's thread
-writes them itself (:meth:`DeferredCounts.flush`) before a step that takes the per-call path, and when the noted
-calls hold more than ``max_ids`` ids (a long prefill is counted at once rather than kept alive). Counts are sums, so counting later changes nothing as long as the noted tensors keep
+writes them itself (:meth:`DeferredCounts.flush`) before a step that takes the per-call path, and at the next
+step once the noted steps hold ``max_tokens`` tokens (a long prefill's router outputs are not kept alive for a
+whole drain period). Counts are sums, so counting later changes nothing as long as the noted tensors keep
 their values: each one's version counter is noted too, and a tensor written in place since its router returned
 is counted as it is now and reported (``graph_counts_ids_changed``), never silently. (Inference tensors,
 ``torch.inference_mode``, carry no version counter and are not checked.)
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from . import graph_ops as ops
 
-DEFAULT_MAX_IDS = 1 << 18  # noted ids (int64: 2 MiB) before a flush is forced
+DEFAULT_MAX_TOKENS = 1 << 14  # tokens of noted steps kept before the next step flushes them (a long prefill)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Noted:
     """What was noted since the last flush, and the buffers' shapes it is written against."""
 
     steps: list[tuple[int, int, bool]]  # batch, seq_len, new sequences
-    calls: list[tuple[int, int, int, int, Tensor]]  # noted step (-1: the state's), layer, ids, version, indices
+    calls: list[tuple[int, int, int, Tensor]]  # noted step (-1: the state's), layer, version (-1: none), indices
     k: int
     window: int  # steps of the counts window
     row: int  # layers x (experts + 1): one step's slot
@@ -46,54 +47,50 @@ class Noted:
 
 
 class DeferredCounts:
-    """The noted steps and router calls of one probe's counts mode (model thread only)."""
+    """The noted steps and router calls of one probe's counts mode (model thread only).
 
-    __slots__ = ("state", "step_ring", "counts", "valid_now", "k", "max_ids", "active", "_steps", "_calls", "_ids")
+    The wrappers append to ``steps`` and ``calls`` themselves (the lists are never replaced: :meth:`take` copies
+    and empties them), a method call less per call; :meth:`note_step` and :meth:`note_call` say what they do."""
 
-    def __init__(self, state: Tensor, step_ring: Tensor, counts: Tensor, valid_now: Tensor, k: int, max_ids: int = DEFAULT_MAX_IDS) -> None:
+    __slots__ = ("state", "step_ring", "counts", "valid_now", "k", "max_tokens", "active", "steps", "calls", "tokens")
+
+    def __init__(self, state: Tensor, step_ring: Tensor, counts: Tensor, valid_now: Tensor, k: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.state, self.step_ring, self.counts, self.valid_now = state, step_ring, counts, valid_now
         self.k = k
-        self.max_ids = max_ids
+        self.max_tokens = max_tokens
         # True while the step in flight is a noted one: router calls are noted, not counted. The per-call path
         # takes over (after a flush) at the first step that needs it.
         self.active = False
-        self._steps: list[tuple[int, int, bool]] = []
-        self._calls: list[tuple[int, int, int, int, Tensor]] = []
-        self._ids = 0
+        self.steps: list[tuple[int, int, bool]] = []
+        self.calls: list[tuple[int, int, int, Tensor]] = []
+        self.tokens = 0  # tokens of the noted steps: what bounds the router outputs kept alive
 
     def note_step(self, batch: int, seq_len: int, new: bool) -> None:
-        self._steps.append((batch, seq_len, new))
+        if self.tokens >= self.max_tokens:
+            self.flush()  # keep at most max_tokens and one step's router outputs alive
+        self.steps.append((batch, seq_len, new))
+        self.tokens += batch * seq_len
         self.active = True
-
-    def step_notes(self) -> list[tuple[int, int, bool]]:
-        """The list note_step appends to (never replaced: take() empties it), for a wrapper that appends itself
-        and sets ``active``, a method call less per step."""
-        return self._steps
 
     def note_call(self, layer: int, indices: Tensor) -> None:
         """A router call of the step in flight (``indices``: any shape whose last dimension is k, on the host)."""
-        n = indices.numel()
-        if not n:
-            return  # the per-call path skips an empty call too (no count, no mismatch)
         try:
             version = indices._version
         except RuntimeError:
             # An inference tensor has no version counter (-1: not checked; hook capture keeps its host tensors by
             # reference until the writer converts them, unchecked, so the exposure is the same there).
             version = -1
-        self._calls.append((len(self._steps) - 1, layer, n, version, indices))
-        self._ids += n
-        if self._ids >= self.max_ids:
-            self.flush()
+        self.calls.append((len(self.steps) - 1, layer, version, indices))
 
     def take(self) -> Noted | None:
         """Hand over what was noted (None: nothing); the caller writes it with :func:`apply`."""
-        if not self._steps and not self._calls:
+        if not self.steps and not self.calls:
             return None
         c = self.counts
-        noted = Noted(self._steps[:], self._calls, self.k, c.shape[0] - 1, c.shape[1] * c.shape[2], c.shape[2], self.valid_now.shape[0])
-        self._steps.clear()
-        self._calls, self._ids = [], 0
+        noted = Noted(self.steps[:], self.calls[:], self.k, c.shape[0] - 1, c.shape[1] * c.shape[2], c.shape[2], self.valid_now.shape[0])
+        self.steps.clear()
+        self.calls.clear()
+        self.tokens = 0
         return noted
 
     def flush(self) -> None:
@@ -128,13 +125,13 @@ def apply(noted: Noted, s: np.ndarray, ring: np.ndarray, counts: Tensor) -> None
     offsets, step_tokens = _write_steps(noted, s, ring)
     if not noted.calls:
         return
-    refs, layers, sizes, versions, tensors = zip(*noted.calls, strict=True)
+    refs, layers, versions, tensors = zip(*noted.calls, strict=True)
     at = np.array(refs, dtype=np.int64) + 1
-    n = np.array(sizes, dtype=np.int64)
+    n = np.array([t.numel() for t in tensors], dtype=np.int64)
     tokens = n // noted.k
     # count_host's rule: a layer that routes another number of tokens than its step is counted (no mask to apply:
-    # noted steps have none) and reported.
-    mismatched = int(((tokens > noted.room) | (tokens != step_tokens[at])).sum())
+    # noted steps have none) and reported; an empty call is neither counted nor a mismatch.
+    mismatched = int(((n > 0) & ((tokens > noted.room) | (tokens != step_tokens[at]))).sum())
     changed = sum(1 for v, t in zip(versions, tensors, strict=True) if v >= 0 and t._version != v)
     if len(tensors) == 1:
         flat = tensors[0].reshape(-1)

@@ -63,9 +63,9 @@ def _per_call(events: list[tuple[str, object]], window: int) -> dict[str, torch.
     return b
 
 
-def _noted(events: list[tuple[str, object]], window: int, *, flush_every: int, max_ids: int = 1 << 18) -> dict[str, torch.Tensor]:
+def _noted(events: list[tuple[str, object]], window: int, *, flush_every: int, max_tokens: int = 1 << 14) -> dict[str, torch.Tensor]:
     b = _buffers(window)
-    deferred = DeferredCounts(b["state"], b["steps"], b["counts"], b["valid"], K, max_ids=max_ids)
+    deferred = DeferredCounts(b["state"], b["steps"], b["counts"], b["valid"], K, max_tokens=max_tokens)
     for n, (kind, what) in enumerate(events, 1):
         if kind == "step":
             deferred.note_step(*what)  # type: ignore[misc]
@@ -101,9 +101,10 @@ def test_noted_steps_and_calls_equal_the_per_call_path(window: int, flush_every:
         assert int(s[ops.COUNTS_LOST]) == 11 - 4
 
 
-def test_a_flush_forced_by_the_noted_ids_keeps_the_step_of_later_calls() -> None:
+@pytest.mark.parametrize("max_tokens", [1, 7, 16])
+def test_a_flush_forced_by_the_noted_tokens_keeps_the_step_of_later_calls(max_tokens: int) -> None:
     events = _script(2)
-    _same(_noted(events, 16, flush_every=1000, max_ids=7), _per_call(events, 16))
+    _same(_noted(events, 16, flush_every=1000, max_tokens=max_tokens), _per_call(events, 16))
 
 
 def test_the_writer_writes_a_drains_notes_into_its_copies_as_the_live_buffers_would_be() -> None:
@@ -166,3 +167,14 @@ def test_inference_tensors_are_counted_without_a_version_check() -> None:
     deferred.note_call(2, indices)
     deferred.flush()
     assert b["counts"][0, 2, 4] == b["counts"][0, 2, 5] == 1 and int(b["state"][ops.COUNTS_IDS_CHANGED]) == 0
+
+
+def test_noted_tokens_past_the_bound_are_counted_at_the_next_step_not_kept_for_the_drain() -> None:
+    b = _buffers(16)
+    deferred = DeferredCounts(b["state"], b["steps"], b["counts"], b["valid"], K, max_tokens=10)
+    deferred.note_step(3, 5, True)  # a prefill of 15 tokens: past the bound
+    deferred.note_call(0, torch.zeros((15, K), dtype=torch.int64))
+    assert len(deferred.calls) == 1 and int(b["counts"].sum()) == 0
+    deferred.note_step(3, 1, False)  # the next step writes the prefill first
+    assert deferred.calls == [] and len(deferred.steps) == 1 and deferred.tokens == 3
+    assert int(b["state"][ops.STEP]) == 0 and int(b["counts"][0, 0, 0]) == 15 * K
