@@ -126,8 +126,8 @@ def _plain(ctx: TokenContext, past: Any) -> bool:
     return isinstance(past, int) or (past is None and ctx.continuity == NEW)
 
 
-def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool] | None:
-    """(batch, seq_len, new sequences) of a stack call given 2-D integer token ids, no mask, no positions, and no
+def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool, int, torch.Tensor] | None:
+    """(batch, seq_len, new sequences, cache length (0 without a cache), token ids) of a stack call given 2-D integer token ids, no mask, no positions, and no
     cache or one whose length is an int: the calls where ContextReader.read and _plain would reduce the step to
     integers, decided without building the context (counts mode's per-step cost). None for every other call, which
     takes the general path (same result there: this is a strict subset of it)."""
@@ -156,8 +156,8 @@ def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
                 return None
             if not isinstance(past, int) or isinstance(past, bool):
                 return None  # a device tensor (static caches): positions from it on the general path
-            return int(batch), int(seq_len), past == 0
-    return int(batch), int(seq_len), True  # no cache: the call sees whole, new sequences
+            return int(batch), int(seq_len), past == 0, past, ids
+    return int(batch), int(seq_len), True, 0, ids  # no cache: the call sees whole, new sequences
 
 
 def _cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -263,6 +263,8 @@ class GraphCapture:
 
         deferred = self.deferred  # set exactly when counts mode runs on the host without token rows
         plain_ok = deferred is not None and not ops.FORCE_DEVICE_PATH
+        # Token rows on the host (tokens mode, sampling): a call without mask or positions skips the tensors too.
+        plain_tokens_ok = self.tokens and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -271,7 +273,12 @@ class GraphCapture:
                 if plain is not None:
                     # Counts mode, eager on the host, no mask and no positions given: all the step needs is
                     # integers, noted here and written at the drain (host_counts).
-                    deferred.note_step(*plain)
+                    deferred.note_step(plain[0], plain[1], plain[2])
+                    return original(*args, **kwargs)
+            elif plain_tokens_ok and not ops.FORCE_DEVICE_PATH and not compiling():
+                plain = _plain_call(reader, args, kwargs)
+                if plain is not None:
+                    ops.record_plain_tokens_host(self.step_ring, self.token_ring, self.state, plain[4], plain[3], plain[2], sample, window, row)
                     return original(*args, **kwargs)
             if deferred is not None and deferred.active:
                 deferred.stop()  # this step takes the per-call path: the state must be current first

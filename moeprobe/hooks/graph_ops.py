@@ -219,6 +219,39 @@ def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len
         _point_counts_at(s, step, counts_window, counts_row)
 
 
+def record_plain_tokens_host(
+    step_ring: Tensor, token_ring: Tensor, state: Tensor, ids: Tensor, past: int, new: bool, sample: int, counts_window: int, counts_row: int
+) -> None:
+    """record_step on the host for a stack call without mask or positions whose positions are ``past + 0..seq_len-1``
+    in every row (an int cache length, or no cache: past 0) and every token real: the same state, step row and
+    token rows as record_step_impl given those positions and an all-real mask, written straight into the rings'
+    views without building the position and mask tensors (graph capture's per-step cost). Eager calls only."""
+    batch, seq_len = ids.shape
+    n = batch * seq_len
+    s = _view(state)
+    step = int(s[STEP]) + 1
+    keep = sample > 0 and step % sample == 0
+    s[STEP], s[KEEP], s[STEP_TOKENS], s[STEP_PADDED] = step, int(keep), n, 0
+    cursor = int(s[STEP_CURSOR])
+    ring = _view(step_ring)
+    if cursor < ring.shape[0] - 1:
+        ring[cursor] = (step, batch, seq_len, int(new), n)
+    s[STEP_CURSOR] = cursor + 1
+    if counts_window:
+        _point_counts_at(s, step, counts_window, counts_row)
+    if keep and n:
+        cursor = int(s[TOKEN_CURSOR])
+        tokens = _view(token_ring)
+        fit = max(0, min(n, tokens.shape[0] - 1 - cursor))
+        if fit:
+            rows = tokens[cursor : cursor + fit]
+            rows[:, 0] = step
+            rows[:, 1] = ids.numpy().reshape(-1)[:fit]
+            rows[:, 2] = np.tile(np.arange(past, past + seq_len, dtype=np.int32), batch)[:fit]
+            rows[:, 3] = 1
+        s[TOKEN_CURSOR] = cursor + n
+
+
 def _rows(counts: Tensor) -> list[Tensor]:
     """``counts`` as a list of its (experts + 1) rows, slot-major then layer (row ``offset // width + layer``), made
     once per buffer and kept on it (like :func:`_view`): picking a row is then a list index, not a tensor op."""
