@@ -314,13 +314,22 @@ def record_routing_impl(ring: Tensor, state: Tensor, indices: Tensor, weights: T
         s = _view(state)
         if not s[KEEP]:
             return
-        rows = np.empty((tokens, ROUTING_FIXED + 2 * k), dtype=np.int32)
-        rows[:, 0] = s[STEP]
-        rows[:, 1] = layer
-        rows[:, 2] = np.arange(tokens, dtype=np.int32)
-        rows[:, ROUTING_FIXED : ROUTING_FIXED + k] = indices.numpy()
-        rows[:, ROUTING_FIXED + k :] = weights.detach().reshape(tokens, k).to(torch.float32).contiguous().numpy().view(np.int32)
-        _write_host(ring, s, ROUTING_CURSOR, rows)
+        # _write_host's rule, written straight into the ring's view (no row array to build and copy): the rows
+        # that fit, the cursor advanced by all of them.
+        cursor = int(s[ROUTING_CURSOR])
+        out = _view(ring)
+        fit = max(0, min(tokens, out.shape[0] - 1 - cursor))
+        if fit:
+            rows = out[cursor : cursor + fit]
+            rows[:, 0] = s[STEP]
+            rows[:, 1] = layer
+            rows[:, 2] = np.arange(fit, dtype=np.int32)
+            rows[:, ROUTING_FIXED : ROUTING_FIXED + k] = indices.numpy()[:fit]
+            w = weights.detach()
+            if w.dtype != torch.float32:
+                w = w.to(torch.float32)
+            rows[:, ROUTING_FIXED + k :] = w.numpy().reshape(tokens, k)[:fit].view(np.int32)
+        s[ROUTING_CURSOR] = cursor + tokens
         return
     step = state[STEP]
     bits = weights.reshape(tokens, k).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
