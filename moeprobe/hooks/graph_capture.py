@@ -30,6 +30,7 @@ from ..traces.schema import TABLES
 from . import contracts, graph_ops as ops
 from .capture import LayerCapture, StepBuffer
 from .host_counts import DeferredCounts, Noted, apply as apply_noted
+from .host_rows import Note, RoutingNotes, TokenNote, fill as fill_routing, fill_tokens
 from .token_context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
 from .discovery import LayerBinding
 
@@ -54,6 +55,10 @@ class Snapshot:
     # the writer (unpack), and the step ring's capacity they are written against.
     noted: Noted | None = None
     step_capacity: int = 0
+    # Graph capture on the host: routing and token rows of sampled steps noted since the last drain, filled into
+    # ``routing`` and ``tokens`` by the writer (unpack).
+    routing_notes: list[Note] | None = None
+    token_notes: list[TokenNote] | None = None
 
 
 def _from_mask_4d(mask: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +230,8 @@ class GraphCapture:
             if self.counts_buf is not None and not tokens and device.type == "cpu"
             else None
         )
+        # Token rows on the host, eagerly: routing rows noted and written by the writer at the drain.
+        self.routing_notes = RoutingNotes(self.routing_ring, k) if tokens and device.type == "cpu" else None
         self._restore: list[tuple[nn.Module, Any]] = []
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.steps_drained = 0
@@ -265,6 +272,7 @@ class GraphCapture:
         plain_ok = deferred is not None and not ops.FORCE_DEVICE_PATH
         # Token rows on the host (tokens mode, sampling): a call without mask or positions skips the tensors too.
         plain_tokens_ok = self.tokens and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
+        note_tokens = self.routing_notes.note_tokens if self.routing_notes is not None else None  # rows by the writer
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -278,7 +286,9 @@ class GraphCapture:
             elif plain_tokens_ok and not ops.FORCE_DEVICE_PATH and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
-                    ops.record_plain_tokens_host(self.step_ring, self.token_ring, self.state, plain[4], plain[3], plain[2], sample, window, row)
+                    ops.record_plain_tokens_host(
+                        self.step_ring, self.token_ring, self.state, plain[4], plain[3], plain[2], sample, window, row, note_tokens
+                    )
                     return original(*args, **kwargs)
             if deferred is not None and deferred.active:
                 deferred.stop()  # this step takes the per-call path: the state must be current first
@@ -316,6 +326,8 @@ class GraphCapture:
         state_view = ops._view(self.state) if host_counts else None
         valid_now = self.valid_now
         deferred = self.deferred
+        notes = self.routing_notes
+        notes_state = ops._view(self.state) if notes is not None else None
         compiling = torch.compiler.is_compiling
 
         def record(indices: Any, weights: Any, seen: Any) -> None:
@@ -333,7 +345,12 @@ class GraphCapture:
                     ops.count_host(rows, state_view, valid_now, indices, n // k, k, index)  # type: ignore[arg-type]
                 return
             flat = indices.reshape(-1, k)
-            if tokens:
+            if (
+                notes is not None and notes_state is not None and not traced and not ops.FORCE_DEVICE_PATH and flat.is_cpu
+                and (weights is None or (isinstance(weights, torch.Tensor) and weights.numel() == flat.numel()))
+            ):
+                notes.note(notes_state, index, flat, weights)  # rows filled by the writer at the drain (host_rows)
+            elif tokens:
                 w = weights if weights is not None else torch.full(flat.shape, float("nan"), device=flat.device)
                 record_routing = torch.ops.moeprobe.record_routing if traced else ops.record_routing_impl
                 record_routing(ring, self.state, flat, w.reshape(flat.shape), index)
@@ -421,6 +438,7 @@ class GraphCapture:
         """Take the rings' contents off the device and reset their cursors. Never synchronises the host on CUDA."""
         now = time.time()
         noted = self.deferred.take() if self.deferred is not None else None  # written by the writer (unpack)
+        routing_notes, token_notes = self.routing_notes.take() if self.routing_notes is not None else (None, None)  # likewise
         buffers = [self.state, self.step_ring]
         if self.tokens:
             buffers += [self.token_ring, self.routing_ring]
@@ -462,7 +480,7 @@ class GraphCapture:
             counts = rest[0]
         return Snapshot(
             state=state, steps=step_ring, tokens=tokens, routing=routing, counts=counts, ready=ready, drained_at=now,
-            noted=noted, step_capacity=self.step_ring.shape[0] - 1,
+            noted=noted, step_capacity=self.step_ring.shape[0] - 1, routing_notes=routing_notes, token_notes=token_notes,
         )
 
     def _reset(self) -> None:
@@ -503,6 +521,15 @@ def unpack(snapshot: Snapshot, layers: list[LayerBinding], stack_id: int, tags: 
         _write_noted(snapshot)
     state = snapshot.state.numpy()
     lost: dict[str, int] = {}
+    changed = 0
+    if snapshot.routing_notes and snapshot.routing is not None:
+        ring = snapshot.routing.numpy()
+        changed += fill_routing(snapshot.routing_notes, ring, (ring.shape[1] - ops.ROUTING_FIXED) // 2)
+    if snapshot.token_notes and snapshot.tokens is not None:
+        changed += fill_tokens(snapshot.token_notes, snapshot.tokens.numpy())
+    if changed:
+        lost["graph_rows_changed"] = changed  # router outputs or token ids written in place before the writer read them
+    snapshot.routing_notes = snapshot.token_notes = None
     assert snapshot.steps is not None  # every drain takes the step ring
     headers_arr = _used(snapshot.steps, int(state[ops.STEP_CURSOR]), "graph_ring_overflow:steps", lost)
     headers = [(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), int(r[4])) for r in headers_arr]

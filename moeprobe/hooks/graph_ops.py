@@ -220,12 +220,16 @@ def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len
 
 
 def record_plain_tokens_host(
-    step_ring: Tensor, token_ring: Tensor, state: Tensor, ids: Tensor, past: int, new: bool, sample: int, counts_window: int, counts_row: int
+    step_ring: Tensor, token_ring: Tensor, state: Tensor, ids: Tensor, past: int, new: bool, sample: int, counts_window: int, counts_row: int,
+    note_tokens: Any = None,
 ) -> None:
     """record_step on the host for a stack call without mask or positions whose positions are ``past + 0..seq_len-1``
     in every row (an int cache length, or no cache: past 0) and every token real: the same state, step row and
     token rows as record_step_impl given those positions and an all-real mask, written straight into the rings'
-    views without building the position and mask tensors (graph capture's per-step cost). Eager calls only."""
+    views without building the position and mask tensors (graph capture's per-step cost). Eager calls only.
+
+    ``note_tokens(row, fit, step, ids, past)``, when given, is called instead of writing the token rows that fit
+    (graph capture hands them to the writer thread: host_rows); the cursor advances the same."""
     batch, seq_len = ids.shape
     n = batch * seq_len
     s = _view(state)
@@ -241,15 +245,24 @@ def record_plain_tokens_host(
         _point_counts_at(s, step, counts_window, counts_row)
     if keep and n:
         cursor = int(s[TOKEN_CURSOR])
-        tokens = _view(token_ring)
-        fit = max(0, min(n, tokens.shape[0] - 1 - cursor))
+        fit = max(0, min(n, token_ring.shape[0] - 1 - cursor))
         if fit:
-            rows = tokens[cursor : cursor + fit]
-            rows[:, 0] = step
-            rows[:, 1] = ids.numpy().reshape(-1)[:fit]
-            rows[:, 2] = np.tile(np.arange(past, past + seq_len, dtype=np.int32), batch)[:fit]
-            rows[:, 3] = 1
+            if note_tokens is not None:
+                note_tokens(cursor, fit, step, ids, past)
+            else:
+                write_plain_tokens(_view(token_ring)[cursor : cursor + fit], step, ids, past)
         s[TOKEN_CURSOR] = cursor + n
+
+
+def write_plain_tokens(rows: np.ndarray, step: int, ids: Tensor, past: int) -> None:
+    """The first ``len(rows)`` token rows of a plain step (record_plain_tokens_host): step, token id, position
+    ``past + 0..seq_len-1`` in every batch row, real."""
+    batch, seq_len = ids.shape
+    fit = len(rows)
+    rows[:, 0] = step
+    rows[:, 1] = ids.numpy().reshape(-1)[:fit]
+    rows[:, 2] = np.tile(np.arange(past, past + seq_len, dtype=np.int32), batch)[:fit]
+    rows[:, 3] = 1
 
 
 def _rows(counts: Tensor) -> list[Tensor]:
