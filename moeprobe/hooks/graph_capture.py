@@ -132,10 +132,11 @@ def _plain(ctx: TokenContext, past: Any) -> bool:
 
 
 def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool, int, torch.Tensor] | None:
-    """(batch, seq_len, new sequences, cache length (0 without a cache), token ids) of a stack call given 2-D integer token ids, no mask, no positions, and no
-    cache or one whose length is an int: the calls where ContextReader.read and _plain would reduce the step to
-    integers, decided without building the context (counts mode's per-step cost). None for every other call, which
-    takes the general path (same result there: this is a strict subset of it)."""
+    """(batch, seq_len, new sequences, cache length (0 without a cache), token ids) of a stack call given 2-D
+    integer token ids, no mask, no positions, and no cache or one whose length is an int: the calls where
+    ContextReader.read and _plain would reduce the step to integers (positions past + 0..seq_len-1, every token
+    real), decided without building the context (the per-step cost of counts mode and of graph capture on the
+    host). None for every other call, which takes the general path (same result there: a strict subset of it)."""
     if args:
         if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
             return None
@@ -230,7 +231,7 @@ class GraphCapture:
             if self.counts_buf is not None and not tokens and device.type == "cpu"
             else None
         )
-        # Token rows on the host, eagerly: routing rows noted and written by the writer at the drain.
+        # Token rows on the host, eagerly: routing rows and plain steps' token rows noted, filled in by the writer.
         self.routing_notes = RoutingNotes(self.routing_ring, k) if tokens and device.type == "cpu" else None
         self._restore: list[tuple[nn.Module, Any]] = []
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
