@@ -1,14 +1,20 @@
 """What capture's own code costs the model's thread, measured inside the demo decode loop.
 
-    python bench/capture_cost.py [--steps 48] [--repeats 3]
+    python bench/capture_cost.py [--steps 63] [--repeats 3] [--modes hooks,graph,counts]
 
-Whole-loop ratios (capture_modes.py) cannot resolve a 1 % cost on a shared 2-core machine: the same code moves
-by +-5 % between runs. This script times only capture's own code, where it runs: every hook call (hook
-capture) and the part of every wrapper that is not the wrapped module (graph capture and counts mode), with
-``time.perf_counter_ns`` around each call, inside a real decode loop, so caches are as cold as the model leaves
-them (a capture function timed alone in a tight loop reads several times cheaper). It prints, per mode, the
-median per step of that time and its share of the median step. Medians over calls are robust to the machine's
-other processes; the step share is an estimate of the ratio capture_modes.py measures.
+Whole-loop ratios (capture_modes.py) cannot resolve a 1 % cost on a shared 2-core machine: identical decode
+steps vary by +-20 % in CPU time there, and its A/A control reads +-4 % after minutes. This script times only
+capture's own code, where it runs: every hook call (hook capture), the part of every wrapper that is not the
+wrapped module (graph capture and counts mode), and the drain hook on the model (graph capture and counts mode:
+it drains every 32 calls), with ``time.thread_time_ns`` (the model thread's CPU time) around each call, inside a
+real decode loop, so caches are as cold as the model leaves them (a capture function timed alone in a tight loop
+reads several times cheaper). It prints, per mode, all that time per step and its share of the loop's CPU time
+per step (prefill included, as in capture_modes.py's loop), and per place the mean and median call. 64 calls
+(the default 63 decode steps and the prefill) are two whole drain periods, so no drain is left for the exit.
+
+Not in it: torch's slower module call path for a module with hooks (hook capture: the routers, blocks and the
+model; graph capture and counts mode: the model only), the wrappers' extra Python frame, and the writer thread
+(hook capture converts there; counts mode on the host counts there, host_counts.py).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moeprobe  # noqa: E402
 from capture_overhead import decode_loop, load_demo_model  # noqa: E402
-from moeprobe.hooks import graph_capture, probe as probe_module  # noqa: E402
+from moeprobe.hooks import graph_capture, graph_session, probe as probe_module  # noqa: E402
 
 CALLS: dict[str, list[int]] = defaultdict(list)  # where -> nanoseconds per call
 _clock = time.thread_time_ns  # CPU time of the model's thread: what other processes do is not in it
@@ -84,24 +90,36 @@ def _timed_wrappers() -> None:
 
         return forward
 
+    after_call = graph_session.GraphSession.after_call
+
+    def timed_after_call(self: Any, *args: Any) -> None:
+        # The drain hook: every drain_every calls it takes the rings off (and, in counts mode on the host, counts
+        # the calls noted since the last drain), so its time is part of capture's cost per step.
+        t = _clock()
+        after_call(self, *args)
+        CALLS["drain hook"].append(_clock() - t)
+
     graph_capture.GraphCapture._stack_forward = stack_forward  # type: ignore[method-assign]
     graph_capture.GraphCapture._layer_forward = layer_forward  # type: ignore[method-assign]
+    graph_session.GraphSession.after_call = timed_after_call  # type: ignore[method-assign]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=63)  # 64 calls: two whole drain periods, none left for the exit
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="hooks,graph,counts", help="comma-separated, of hooks, graph, counts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, ids, label = load_demo_model("cpu")
     workdir = Path(tempfile.mkdtemp(prefix="moeprobe-cost-"))
     _timed_hooks()
     _timed_wrappers()
-    modes = {"hooks": {"capture": "hooks"}, "graph": {"capture": "graph"}, "counts": {"mode": "counts"}}
+    known: dict[str, dict[str, Any]] = {"hooks": {"capture": "hooks"}, "graph": {"capture": "graph"}, "counts": {"mode": "counts"}}
+    modes = {name: known[name] for name in args.modes.split(",")}
     start_load = os.getloadavg()
     print(f"{label}; batch {list(ids.shape)}, {args.steps} decode steps, 1 torch thread")
-    print(f"  {'mode':<7} {'capture code per step, us':>26} {'step, ms':>9} {'share':>7}   per call (median us)")
+    print(f"  {'mode':<7} {'capture code per step, us':>26} {'step, ms':>9} {'share':>7}   per call (mean/median us) x calls per step")
     for name, options in modes.items():
         with moeprobe.record(model, workdir / "warm", force=True, **options):
             decode_loop(model, ids, 4)
@@ -113,10 +131,13 @@ def main() -> None:
                 decode_loop(model, ids, args.steps)
                 steps.append((_clock() - t) // (args.steps + 1))
             n = args.steps + 1
-            # Median call x calls per step, per place: robust to the odd call another process interrupted.
-            per_step = sum(statistics.median(v) * len(v) / n for v in CALLS.values()) / 1e3
+            # Every call's CPU time counts (thread time: what other processes do is not in it): the drain hook
+            # is cheap except at every drain_every-th call, where a median per call would hide the drain.
+            per_step = sum(sum(v) for v in CALLS.values()) / n / 1e3
             step_ms = steps[0] / 1e6
-            calls = ", ".join(f"{where} {statistics.median(v) / 1e3:.1f} x{len(v) // n}" for where, v in sorted(CALLS.items()))
+            calls = ", ".join(
+                f"{where} {sum(v) / len(v) / 1e3:.1f}/{statistics.median(v) / 1e3:.1f} x{len(v) / n:.3g}" for where, v in sorted(CALLS.items())
+            )
             print(f"  {name:<7} {per_step:26.1f} {step_ms:9.2f} {per_step / (step_ms * 1e3):7.2%}   {calls}")
     end_load = os.getloadavg()
     print(f"load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in start_load)}, after: {' '.join(f'{x:.2f}' for x in end_load)}")

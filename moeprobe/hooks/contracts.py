@@ -25,6 +25,7 @@ import torch
 from .spec import Extracted
 
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+INTEGER_DTYPES = frozenset(_INTEGER)  # is_integer's dtypes, for a hot path that tests membership inline
 
 
 class ContractError(Exception):

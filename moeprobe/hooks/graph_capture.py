@@ -29,6 +29,8 @@ from torch import nn
 from ..traces.schema import TABLES
 from . import contracts, graph_ops as ops
 from .capture import LayerCapture, StepBuffer
+from .host_counts import DeferredCounts, Noted, apply as apply_noted
+from .host_rows import Note, RoutingNotes, TokenNote, fill as fill_routing, fill_tokens
 from .token_context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
 from .discovery import LayerBinding
 
@@ -49,6 +51,14 @@ class Snapshot:
     counts: torch.Tensor | None
     ready: Any  # torch.cuda.Event or None
     drained_at: float
+    # Counts mode on the host: steps and router calls noted since the last drain, written into these copies by
+    # the writer (unpack), and the step ring's capacity they are written against.
+    noted: Noted | None = None
+    step_capacity: int = 0
+    # Graph capture on the host: routing and token rows of sampled steps noted since the last drain, filled into
+    # ``routing`` and ``tokens`` by the writer (unpack).
+    routing_notes: list[Note] | None = None
+    token_notes: list[TokenNote] | None = None
 
 
 def _from_mask_4d(mask: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,18 +131,30 @@ def _plain(ctx: TokenContext, past: Any) -> bool:
     return isinstance(past, int) or (past is None and ctx.continuity == NEW)
 
 
-def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool] | None:
-    """(batch, seq_len, new sequences) of a stack call given 2-D integer token ids, no mask, no positions, and no
-    cache or one whose length is an int: the calls where ContextReader.read and _plain would reduce the step to
-    integers, decided without building the context (counts mode's per-step cost). None for every other call, which
-    takes the general path (same result there: this is a strict subset of it)."""
-    if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
-        return None
-    ids = reader._token_ids(args, kwargs)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not contracts.is_integer(ids):
+def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool, int, torch.Tensor] | None:
+    """(batch, seq_len, new sequences, cache length (0 without a cache), token ids) of a stack call given 2-D
+    integer token ids, no mask, no positions, and no cache or one whose length is an int: the calls where
+    ContextReader.read and _plain would reduce the step to integers (positions past + 0..seq_len-1, every token
+    real), decided without building the context (the per-step cost of counts mode and of graph capture on the
+    host). None for every other call, which takes the general path (same result there: a strict subset of it)."""
+    if args:
+        if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
+            return None
+        ids = reader._token_ids(args, kwargs)
+    else:
+        # Keywords only (a causal LM calls its stack so): _arg is kwargs.get, and _token_ids too unless the
+        # token ids come from a user's selector.
+        get = kwargs.get
+        if get("attention_mask") is not None or get("position_ids") is not None:
+            return None
+        tokens = reader._tokens
+        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
         return None
     batch, seq_len = ids.shape
-    for value in (*kwargs.values(), *args):
+    for value in (*kwargs.values(), *args) if args else kwargs.values():
+        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
+            continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
         if is_cache(value):
             try:
                 past = value.get_seq_length()
@@ -140,8 +162,8 @@ def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
                 return None
             if not isinstance(past, int) or isinstance(past, bool):
                 return None  # a device tensor (static caches): positions from it on the general path
-            return int(batch), int(seq_len), past == 0
-    return int(batch), int(seq_len), True  # no cache: the call sees whole, new sequences
+            return int(batch), int(seq_len), past == 0, past, ids
+    return int(batch), int(seq_len), True, 0, ids  # no cache: the call sees whole, new sequences
 
 
 def _cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -203,6 +225,14 @@ class GraphCapture:
             torch.zeros((counts_window + 1, len(layers), experts + 1), dtype=torch.int32, device=device) if counts else None
         )
         self.contract_failures: dict[int, str] = {}  # layer -> why its wrapper could not read the routing
+        # Counts mode, eagerly on the host: steps without mask or positions are noted and counted at the drain.
+        self.deferred = (
+            DeferredCounts(self.state, self.step_ring, self.counts_buf, self.valid_now, k)
+            if self.counts_buf is not None and not tokens and device.type == "cpu"
+            else None
+        )
+        # Token rows on the host, eagerly: routing rows and plain steps' token rows noted, filled in by the writer.
+        self.routing_notes = RoutingNotes(self.routing_ring, k) if tokens and device.type == "cpu" else None
         self._restore: list[tuple[nn.Module, Any]] = []
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.steps_drained = 0
@@ -239,16 +269,30 @@ class GraphCapture:
         window = counts.shape[0] - 1 if counts is not None else 0
         row = counts.shape[1] * counts.shape[2] if counts is not None else 0
 
-        plain_ok = sample == 0 and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
+        deferred = self.deferred  # set exactly when counts mode runs on the host without token rows
+        plain_ok = deferred is not None and not ops.FORCE_DEVICE_PATH
+        # Token rows on the host (tokens mode, sampling): a call without mask or positions skips the tensors too.
+        plain_tokens_ok = self.tokens and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
+        note_tokens = self.routing_notes.note_tokens if self.routing_notes is not None else None  # rows by the writer
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if plain_ok and not ops.FORCE_DEVICE_PATH and not compiling():
+            if plain_ok and deferred is not None and not ops.FORCE_DEVICE_PATH and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
-                    # Counts mode, eager on the host, no mask and no positions given: all the step needs is integers.
-                    ops.record_plain_step_host(self.step_ring, self.state, plain[0], plain[1], plain[2], window, row)
+                    # Counts mode, eager on the host, no mask and no positions given: all the step needs is
+                    # integers, noted here and written at the drain (host_counts).
+                    deferred.note_step(plain[0], plain[1], plain[2])
                     return original(*args, **kwargs)
+            elif plain_tokens_ok and not ops.FORCE_DEVICE_PATH and not compiling():
+                plain = _plain_call(reader, args, kwargs)
+                if plain is not None:
+                    ops.record_plain_tokens_host(
+                        self.step_ring, self.token_ring, self.state, plain[4], plain[3], plain[2], sample, window, row, note_tokens
+                    )
+                    return original(*args, **kwargs)
+            if deferred is not None and deferred.active:
+                deferred.stop()  # this step takes the per-call path: the state must be current first
             ctx = reader.read(args, kwargs)
             if ctx is None:
                 # Without token ids or embeddings there is no step to file this call's routing under: refused at
@@ -282,6 +326,9 @@ class GraphCapture:
         rows = ops._rows(counts_buf) if host_counts and counts_buf is not None else None
         state_view = ops._view(self.state) if host_counts else None
         valid_now = self.valid_now
+        deferred = self.deferred
+        notes = self.routing_notes
+        notes_state = ops._view(self.state) if notes is not None else None
         compiling = torch.compiler.is_compiling
 
         def record(indices: Any, weights: Any, seen: Any) -> None:
@@ -290,13 +337,21 @@ class GraphCapture:
                 self.contract_failures[index] = f"expected integer indices with last dimension {k}, got {contracts.describe(seen)}"
                 return
             traced = compiling()  # in a graph: the ops; eagerly: their implementations
+            if deferred is not None and deferred.active and not traced and indices.is_cpu:
+                deferred.note_call(index, indices)  # a noted step: counted with the others at the drain
+                return
             if rows is not None and not traced and not ops.FORCE_DEVICE_PATH and not tokens:
                 n = indices.numel()
                 if n:
                     ops.count_host(rows, state_view, valid_now, indices, n // k, k, index)  # type: ignore[arg-type]
                 return
             flat = indices.reshape(-1, k)
-            if tokens:
+            if (
+                notes is not None and notes_state is not None and not traced and not ops.FORCE_DEVICE_PATH and flat.is_cpu
+                and (weights is None or (isinstance(weights, torch.Tensor) and weights.numel() == flat.numel()))
+            ):
+                notes.note(notes_state, index, flat, weights)  # rows filled by the writer at the drain (host_rows)
+            elif tokens:
                 w = weights if weights is not None else torch.full(flat.shape, float("nan"), device=flat.device)
                 record_routing = torch.ops.moeprobe.record_routing if traced else ops.record_routing_impl
                 record_routing(ring, self.state, flat, w.reshape(flat.shape), index)
@@ -314,9 +369,27 @@ class GraphCapture:
         may_route_in_block = from_router and layer.experts_fallback is not None
 
         slots: list[tuple[int, int, int]] = []  # where in the router's output tuple the last call found indices, weights; and the tuple length they need
+        deferred = self.deferred
+        noted_steps = deferred.steps if deferred is not None else []
+        note = deferred.calls.append if deferred is not None else None
+        k = int(layer.meta["top_k"])
+        integer = contracts.INTEGER_DTYPES
+        compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
+            if slots and note is not None and deferred is not None and deferred.active and isinstance(output, tuple) and len(output) > slots[0][2]:
+                # Counts mode, a noted step (host_counts): only the indices matter, at the place the first call
+                # found them, checked as record() checks them; noted by reference (DeferredCounts.note_call,
+                # inlined: a frame less, three times a step). Anything else: the general path.
+                i = output[slots[0][0]]
+                if isinstance(i, torch.Tensor) and i.dtype in integer and i.shape[-1] == k and not compiling():
+                    try:
+                        version = i._version
+                    except RuntimeError:
+                        version = -1  # an inference tensor: no version counter to check
+                    note((len(noted_steps) - 1, index, version, i))
+                    return output
             if route.via_experts:
                 return output
             indices = weights = None
@@ -365,6 +438,8 @@ class GraphCapture:
     def drain(self) -> Snapshot:
         """Take the rings' contents off the device and reset their cursors. Never synchronises the host on CUDA."""
         now = time.time()
+        noted = self.deferred.take() if self.deferred is not None else None  # written by the writer (unpack)
+        routing_notes, token_notes = self.routing_notes.take() if self.routing_notes is not None else (None, None)  # likewise
         buffers = [self.state, self.step_ring]
         if self.tokens:
             buffers += [self.token_ring, self.routing_ring]
@@ -373,14 +448,17 @@ class GraphCapture:
         if self._side is None:
             # On the host the cursors can be read for free: copy only the rows in use (and the trash row's place).
             copies = [self.state.clone()]
-            cursors = [int(self.state[ops.STEP_CURSOR])]
+            s: Any = ops._view(self.state) if self.state.is_cpu else self.state  # element reads without a tensor op each
+            cursors = [int(s[ops.STEP_CURSOR])]
             if self.tokens:
-                cursors += [int(self.state[ops.TOKEN_CURSOR]), int(self.state[ops.ROUTING_CURSOR])]
+                cursors += [int(s[ops.TOKEN_CURSOR]), int(s[ops.ROUTING_CURSOR])]
             for b, cursor in zip(buffers[1:], cursors, strict=False):
                 used = min(cursor, b.shape[0] - 1)
                 copies.append(torch.cat([b[:used], b[-1:]]))  # the last row stands for the trash row
             if self.counts_buf is not None:
                 copies.append(self.counts_buf.clone())
+            if noted is not None and self.deferred is not None:
+                self.deferred.advance(noted)  # before the reset: the next window starts after the noted steps
             self._reset()
             ready = None
         else:
@@ -401,15 +479,21 @@ class GraphCapture:
             tokens, routing, rest = rest[0], rest[1], rest[2:]
         if self.counts_buf is not None:
             counts = rest[0]
-        return Snapshot(state=state, steps=step_ring, tokens=tokens, routing=routing, counts=counts, ready=ready, drained_at=now)
+        return Snapshot(
+            state=state, steps=step_ring, tokens=tokens, routing=routing, counts=counts, ready=ready, drained_at=now,
+            noted=noted, step_capacity=self.step_ring.shape[0] - 1, routing_notes=routing_notes, token_notes=token_notes,
+        )
 
     def _reset(self) -> None:
-        s = self.state
+        # On the host through the numpy view (the same memory; a scalar write there instead of a tensor op each);
+        # on a GPU as device ops on the side stream.
+        s: Any = ops._view(self.state) if self.state.is_cpu else self.state
         for slot in (ops.STEP_CURSOR, ops.TOKEN_CURSOR, ops.ROUTING_CURSOR):
             s[slot] = 0
         s[ops.COUNTS_BASE] = s[ops.STEP] + 1
         s[ops.COUNTS_LOST] = 0
         s[ops.MASK_MISMATCH] = 0
+        s[ops.COUNTS_IDS_CHANGED] = 0
         if self.counts_buf is not None:
             self.counts_buf.zero_()
 
@@ -434,8 +518,19 @@ class DrainedSteps:
 
 def unpack(snapshot: Snapshot, layers: list[LayerBinding], stack_id: int, tags: Any, phase_of: Callable[[int, int, bool], str]) -> DrainedSteps:
     """Rows of a drained snapshot -> StepBuffers (token context + per-layer captures) and a loads table."""
+    if snapshot.noted is not None:
+        _write_noted(snapshot)
     state = snapshot.state.numpy()
     lost: dict[str, int] = {}
+    changed = 0
+    if snapshot.routing_notes and snapshot.routing is not None:
+        ring = snapshot.routing.numpy()
+        changed += fill_routing(snapshot.routing_notes, ring, (ring.shape[1] - ops.ROUTING_FIXED) // 2)
+    if snapshot.token_notes and snapshot.tokens is not None:
+        changed += fill_tokens(snapshot.token_notes, snapshot.tokens.numpy())
+    if changed:
+        lost["graph_rows_changed"] = changed  # router outputs or token ids written in place before the writer read them
+    snapshot.routing_notes = snapshot.token_notes = None
     assert snapshot.steps is not None  # every drain takes the step ring
     headers_arr = _used(snapshot.steps, int(state[ops.STEP_CURSOR]), "graph_ring_overflow:steps", lost)
     headers = [(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), int(r[4])) for r in headers_arr]
@@ -458,7 +553,21 @@ def unpack(snapshot: Snapshot, layers: list[LayerBinding], stack_id: int, tags: 
         loads = _loads_table(counts, base, headers, phase_of)
     if int(state[ops.MASK_MISMATCH]):
         lost["graph_counts_mask_mismatch"] = int(state[ops.MASK_MISMATCH])
+    if int(state[ops.COUNTS_IDS_CHANGED]):
+        lost["graph_counts_ids_changed"] = int(state[ops.COUNTS_IDS_CHANGED])
     return DrainedSteps(steps=steps, headers=headers, loads=loads, lost=lost, dropped_decisions=dropped)
+
+
+def _write_noted(snapshot: Snapshot) -> None:
+    """Writer thread: the steps and calls counts mode noted on the host (host_counts) into the drain's copies, as
+    the per-call path would have written them into the buffers before the copy."""
+    noted, state = snapshot.noted, snapshot.state.numpy()
+    assert noted is not None and snapshot.steps is not None and snapshot.counts is not None  # counts mode
+    used = min(int(state[ops.STEP_CURSOR]), snapshot.step_capacity)
+    ring = np.zeros((snapshot.step_capacity + 1, ops.STEP_COLUMNS), dtype=np.int32)  # the ring at full size
+    ring[:used] = snapshot.steps.numpy()[:used]
+    apply_noted(noted, state, ring, snapshot.counts)
+    snapshot.steps, snapshot.noted = torch.from_numpy(ring), None
 
 
 def _used(ring: torch.Tensor, cursor: int, kind: str, lost: dict[str, int]) -> np.ndarray:

@@ -36,7 +36,8 @@ COUNTS_LOST = 7  # layer calls whose step fell outside the counts window (window
 MASK_MISMATCH = 8  # counted layer calls whose token count differed from the step's (counted without the mask)
 COUNTS_OFFSET = 9  # flat offset of the step's slot in the counts buffer (the trash slot when outside the window)
 STEP_PADDED = 10  # 1 when the step in flight has padding tokens
-STATE_SIZE = 11
+COUNTS_IDS_CHANGED = 11  # host counts mode: noted router calls whose indices were written in place before counted
+STATE_SIZE = 12
 
 # Buffers in host memory can be read without a sync, so on CPU the implementations take a shorter path (Python
 # integers for cursors and flags, slices instead of masked scatters): the same rows, the same counts, far fewer
@@ -218,6 +219,52 @@ def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len
         _point_counts_at(s, step, counts_window, counts_row)
 
 
+def record_plain_tokens_host(
+    step_ring: Tensor, token_ring: Tensor, state: Tensor, ids: Tensor, past: int, new: bool, sample: int, counts_window: int, counts_row: int,
+    note_tokens: Any = None,
+) -> None:
+    """record_step on the host for a stack call without mask or positions whose positions are ``past + 0..seq_len-1``
+    in every row (an int cache length, or no cache: past 0) and every token real: the same state, step row and
+    token rows as record_step_impl given those positions and an all-real mask, written straight into the rings'
+    views without building the position and mask tensors (graph capture's per-step cost). Eager calls only.
+
+    ``note_tokens(row, fit, step, ids, past)``, when given, is called instead of writing the token rows that fit
+    (graph capture hands them to the writer thread: host_rows); the cursor advances the same."""
+    batch, seq_len = ids.shape
+    n = batch * seq_len
+    s = _view(state)
+    step = int(s[STEP]) + 1
+    keep = sample > 0 and step % sample == 0
+    s[STEP], s[KEEP], s[STEP_TOKENS], s[STEP_PADDED] = step, int(keep), n, 0
+    cursor = int(s[STEP_CURSOR])
+    ring = _view(step_ring)
+    if cursor < ring.shape[0] - 1:
+        ring[cursor] = (step, batch, seq_len, int(new), n)
+    s[STEP_CURSOR] = cursor + 1
+    if counts_window:
+        _point_counts_at(s, step, counts_window, counts_row)
+    if keep and n:
+        cursor = int(s[TOKEN_CURSOR])
+        fit = max(0, min(n, token_ring.shape[0] - 1 - cursor))
+        if fit:
+            if note_tokens is not None:
+                note_tokens(cursor, fit, step, ids, past)
+            else:
+                write_plain_tokens(_view(token_ring)[cursor : cursor + fit], step, ids, past)
+        s[TOKEN_CURSOR] = cursor + n
+
+
+def write_plain_tokens(rows: np.ndarray, step: int, ids: Tensor, past: int) -> None:
+    """The first ``len(rows)`` token rows of a plain step (record_plain_tokens_host): step, token id, position
+    ``past + 0..seq_len-1`` in every batch row, real."""
+    batch, seq_len = ids.shape
+    fit = len(rows)
+    rows[:, 0] = step
+    rows[:, 1] = ids.numpy().reshape(-1)[:fit]
+    rows[:, 2] = np.tile(np.arange(past, past + seq_len, dtype=np.int32), batch)[:fit]
+    rows[:, 3] = 1
+
+
 def _rows(counts: Tensor) -> list[Tensor]:
     """``counts`` as a list of its (experts + 1) rows, slot-major then layer (row ``offset // width + layer``), made
     once per buffer and kept on it (like :func:`_view`): picking a row is then a list index, not a tensor op."""
@@ -280,13 +327,22 @@ def record_routing_impl(ring: Tensor, state: Tensor, indices: Tensor, weights: T
         s = _view(state)
         if not s[KEEP]:
             return
-        rows = np.empty((tokens, ROUTING_FIXED + 2 * k), dtype=np.int32)
-        rows[:, 0] = s[STEP]
-        rows[:, 1] = layer
-        rows[:, 2] = np.arange(tokens, dtype=np.int32)
-        rows[:, ROUTING_FIXED : ROUTING_FIXED + k] = indices.numpy()
-        rows[:, ROUTING_FIXED + k :] = weights.detach().reshape(tokens, k).to(torch.float32).contiguous().numpy().view(np.int32)
-        _write_host(ring, s, ROUTING_CURSOR, rows)
+        # _write_host's rule, written straight into the ring's view (no row array to build and copy): the rows
+        # that fit, the cursor advanced by all of them.
+        cursor = int(s[ROUTING_CURSOR])
+        out = _view(ring)
+        fit = max(0, min(tokens, out.shape[0] - 1 - cursor))
+        if fit:
+            rows = out[cursor : cursor + fit]
+            rows[:, 0] = s[STEP]
+            rows[:, 1] = layer
+            rows[:, 2] = np.arange(fit, dtype=np.int32)
+            rows[:, ROUTING_FIXED : ROUTING_FIXED + k] = indices.numpy()[:fit]
+            w = weights.detach()
+            if w.dtype != torch.float32:
+                w = w.to(torch.float32)
+            rows[:, ROUTING_FIXED + k :] = w.numpy().reshape(tokens, k)[:fit].view(np.int32)
+        s[ROUTING_CURSOR] = cursor + tokens
         return
     step = state[STEP]
     bits = weights.reshape(tokens, k).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)

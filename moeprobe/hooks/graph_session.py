@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..traces.schema import TABLES
-from . import detect
 from . import graph_ops as ops
 from .token_context import ContextReader
 from .graph_capture import DEFAULT_DRAIN_EVERY, DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
@@ -72,10 +71,12 @@ class GraphSession:
         self._bias_pending = keep
 
     def after_call(self, module: nn.Module, args: Any, output: Any) -> None:
-        if detect.tracing_now(self.probe._cuda):
+        probe = self.probe
+        # detect.tracing_now, inlined: this runs once per model call
+        if torch.compiler.is_compiling() or (probe._cuda and torch.cuda.is_current_stream_capturing()):
             return
-        self.probe._graph_calls += 1
-        if self.probe._graph_calls % self.drain_every == 0:
+        probe._graph_calls += 1
+        if probe._graph_calls % self.drain_every == 0:
             self.drain()
 
     def drain(self) -> None:

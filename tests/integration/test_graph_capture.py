@@ -224,3 +224,63 @@ def test_counts_of_a_maskless_decode_loop_equal_the_token_trace(tmp_path: Path) 
     assert _rows(tmp_path / "counts", STEPS) == _rows(tmp_path / "hooks", STEPS)
     assert [row["phase"] for row in _rows(tmp_path / "counts", STEPS)] == ["prefill"] + ["decode"] * 3
     assert moeprobe.open_trace(tmp_path / "counts").manifest["counters"]["anomalies"] == {}
+
+
+@pytest.mark.parametrize("drain_every", [1, 2, 32])
+def test_noted_counts_across_drains_and_a_masked_step_equal_the_token_trace(drain_every: int, tmp_path: Path) -> None:
+    """Counts mode's noted path (host_counts: steps and router calls noted, written by the writer at each drain)
+    over drains in the middle of the loop, and a step with a mask in between (the per-call path takes over after
+    writing the notes), against hook capture on the same loop."""
+    from transformers import DynamicCache
+
+    model = build("deepseek_v3").eval()
+    ids, _ = _inputs()
+
+    def loop() -> None:
+        cache = DynamicCache()
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for step in range(6):
+                token = out.logits[:, -1:].argmax(-1)
+                if step == 3:  # a mask covering the cache and the new token: the general path
+                    mask = torch.ones((ids.shape[0], cache.get_seq_length() + 1), dtype=torch.int64)
+                    out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                else:
+                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+
+    with moeprobe.record(model, tmp_path / "hooks"):
+        loop()
+    with moeprobe.record(model, tmp_path / "counts", mode="counts", drain_every=drain_every) as probe:
+        loop()
+    assert probe.anomalies == {}
+    assert _rows(tmp_path / "counts", LOADS) == _rows(tmp_path / "hooks", TOKEN_COUNTS) != []
+    assert _rows(tmp_path / "counts", STEPS) == _rows(tmp_path / "hooks", STEPS)
+    assert [row["phase"] for row in _rows(tmp_path / "counts", STEPS)] == ["prefill"] + ["decode"] * 6
+
+
+@pytest.mark.parametrize("options", [{"capture": "graph"}, {"sample": 2}])
+def test_graph_capture_of_a_maskless_decode_loop_equals_hook_capture(options: dict[str, Any], tmp_path: Path) -> None:
+    """Graph capture's token path for a stack call without mask or positions (record_plain_tokens_host), with and
+    without sampling, against hook capture: routing rows (positions, sequences, phases), steps, counts."""
+    from transformers import DynamicCache
+
+    model = build("mixtral").eval()
+    ids, _ = _inputs()
+
+    def loop() -> None:
+        cache = DynamicCache()
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for _ in range(4):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+
+    with moeprobe.record(model, tmp_path / "hooks"):
+        loop()
+    with moeprobe.record(model, tmp_path / "graph", drain_every=2, **options) as probe:
+        loop()
+    assert probe.anomalies == {}
+    kept = [0, 2, 4] if "sample" in options else [0, 1, 2, 3, 4]
+    assert _rows(tmp_path / "graph", ROUTING) == [r for r in _rows(tmp_path / "hooks", ROUTING) if r["step"] in kept] != []
+    assert _rows(tmp_path / "graph", STEPS) == _rows(tmp_path / "hooks", STEPS)
+    if "sample" in options:
+        assert _rows(tmp_path / "graph", LOADS) == _rows(tmp_path / "hooks", TOKEN_COUNTS)

@@ -102,3 +102,31 @@ def test_host_count_takes_indices_of_any_leading_shape() -> None:
         results.append(b["counts"])
     assert torch.equal(results[0], results[1])
     assert int(results[0][0, 1].sum()) == 2 * 3 * K and int(results[0][0, 1, -1]) == 1 and int(results[0].sum()) == 2 * 3 * K
+
+
+@pytest.mark.parametrize(("ring_tokens", "sample"), [(64, 1), (64, 3), (8, 1)])
+def test_plain_token_steps_equal_record_step(ring_tokens: int, sample: int) -> None:
+    """Graph capture's host path for a stack call without mask or positions (record_plain_tokens_host) writes the
+    state, step rows and token rows record_step writes given positions past + 0..seq_len-1 and an all-real mask:
+    a prefill, decode steps, sampling, and a token ring that overflows (cursor past the capacity, rows cut)."""
+    steps = [(3, 5, 0)] + [(3, 1, 5 + i) for i in range(6)] + [(2, 4, 0)]  # (batch, seq_len, past): a new prompt last
+    out = []
+    for plain in (False, True):
+        b = _buffers(ring_tokens, 16)
+        for batch, seq_len, past in steps:
+            ids = torch.randint(3, 90, (batch, seq_len), generator=torch.Generator().manual_seed(batch * 100 + past))
+            if plain:
+                ops.record_plain_tokens_host(b["steps"], b["tokens"], b["state"], ids, past, past == 0, sample, 16, LAYERS * (EXPERTS + 1))
+            else:
+                positions = (past + torch.arange(seq_len)).expand(batch, seq_len)
+                valid = torch.ones(batch, seq_len, dtype=torch.int64)
+                ops.record_step_impl(b["steps"], b["tokens"], b["valid"], b["state"], ids, positions, valid, sample, 16, LAYERS * (EXPERTS + 1))
+        out.append(b)
+    want, got = out
+    assert got["state"].tolist() == want["state"].tolist()
+    s = want["state"]
+    assert torch.equal(_used(got["steps"], int(s[ops.STEP_CURSOR])), _used(want["steps"], int(s[ops.STEP_CURSOR])))
+    assert torch.equal(_used(got["tokens"], int(s[ops.TOKEN_CURSOR])), _used(want["tokens"], int(s[ops.TOKEN_CURSOR])))
+    assert [int(r[3]) for r in _used(want["steps"], int(s[ops.STEP_CURSOR]))] == [1, 0, 0, 0, 0, 0, 0, 1]  # new sequences: past 0 only
+    if ring_tokens == 8:
+        assert int(s[ops.TOKEN_CURSOR]) > ring_tokens
