@@ -153,7 +153,9 @@ class Probe:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
         # Hook or graph-safe capture (see detect.py): decided before anything is attached or written.
         self.capture, why = detect.choose_capture(model, capture, mode, sample)
-        self.mode = mode
+        # mode="counts" with sample=N is what sample=N alone records (docs/scale.md): the counts of every step and the
+        # tokens of 1 step in N. Kept as "counts" it wrote no token rows at all while its manifest said sample=N.
+        self.mode = "tokens" if sample is not None else mode
         self.sample = sample
         self._outer = model  # what the user calls (may be an OptimizedModule); the drain hook goes there
         model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
@@ -220,7 +222,7 @@ class Probe:
                 "weights": weights,  # how gate weights are stored: fp16 (default), fp32 or u8 (docs/trace-format.md)
                 "clock": self.clock.name,
                 "routers": {str(getattr(k, "__name__", k)): v.describe() for k, v in (routers or {}).items()},
-                "mode": mode,
+                "mode": self.mode,
                 "capture": self.capture,
                 "sample": sample,
             }
@@ -725,7 +727,7 @@ def record(
     (exact) or ``"u8"`` (8 bits, absolute error <= max(w) / 508 per segment for non-negative weights); see docs/trace-format.md.
     ``mode="tokens"`` records every routing decision; ``mode="counts"`` only per step x layer x expert counts
     (the ``loads`` table), kept on the device. ``sample=N`` records the tokens of 1 step in N and the counts of
-    every step. ``capture``: ``"hooks"`` (forward hooks, with latency), ``"graph"`` (ops inside the model's own
+    every step (with or without ``mode="counts"``). ``capture``: ``"hooks"`` (forward hooks, with latency), ``"graph"`` (ops inside the model's own
     graph: survives ``torch.compile(fullgraph=True)`` and CUDA graphs; no latency), or ``"auto"``: graph for a
     compiled model, counts or sampling, hooks otherwise. Graph capture drains its device rings every
     ``drain_every`` calls of the model (eager calls only), at :meth:`Probe.flush`, :meth:`Probe.tag` and on exit;

@@ -98,6 +98,11 @@ def test_sampling_keeps_exactly_the_steps_it_says(tmp_path: Path) -> None:
     assert [r["step"] for r in _rows(tmp_path / "sampled", "select distinct step from loads order by step")] == list(range(7))
     assert _rows(tmp_path / "sampled", LOADS) == _rows(tmp_path / "all", TOKEN_COUNTS)
     assert moeprobe.open_trace(tmp_path / "sampled").manifest["options"]["sample"] == 3
+    # mode="counts" with sample=N records the same (docs/scale.md); it once wrote no token rows at all.
+    with moeprobe.record(model, tmp_path / "counts_sampled", mode="counts", sample=3):
+        _generate(model, new_tokens=7)
+    for query in (ROUTING, STEPS, LOADS):
+        assert _rows(tmp_path / "counts_sampled", query) == _rows(tmp_path / "sampled", query)
 
 
 def test_a_ring_too_small_drops_whole_steps_and_counts_them(tmp_path: Path) -> None:
