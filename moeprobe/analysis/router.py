@@ -1,6 +1,7 @@
 """What the captured router logits (the ``scores`` table) say: router confidence (entropy, top-k margin), the
 ST-MoE z-loss, the Switch and DeepSeek-V3 sequence-wise balance losses as diagnostics, and for bias-balanced
-routers the share of tokens whose biased and unbiased choices differ. Runs on the sampled sequences.
+routers the share of tokens whose biased and unbiased choices differ. Runs on the sampled sequences, or on a
+smaller whole-sequence sample when those hold more logits than the logit budget (``choose_sample``).
 
 Scoring functions (manifest ``scoring``): softmax, softmax_topk (GPT-OSS) and softmax_top1 (Switch) rank by
 the softmax over all logits; sigmoid and sigmoid_topk (Llama 4) rank by the sigmoid score, whose normalised
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .context import Context, render_sql, sql_text
-from .sampling import Sample
+from .sampling import Sample, sample as sample_routing
 
 SIGMOID_SCORING = ("sigmoid", "sigmoid_topk")
 
@@ -48,6 +49,22 @@ def _meta(ctx: Context) -> str:
 
 def has_scores(ctx: Context) -> bool:
     return bool(ctx.trace.reader.segments("scores"))
+
+
+def logits_per_decision(ctx: Context) -> float:
+    """The most logits a routing decision brings along in the kept layers (E / k): a token and layer has E
+    logits and k decisions."""
+    return max((ctx.experts(i) / max(ctx.top_k(i), 1) for i in ctx.layers), default=1.0)
+
+
+def choose_sample(ctx: Context, sample: Sample, logit_budget: int) -> Sample:
+    """The sequences the router statistics read: ``sample`` itself when its tokens have at most ``logit_budget``
+    logits (0: no limit), else a deterministic whole-sequence sample of about ``logit_budget`` logits (at least
+    one sequence), chosen like every other sample. Not materialised: it is read once, by ``compute``."""
+    ratio = logits_per_decision(ctx)
+    if logit_budget <= 0 or not has_scores(ctx) or not ctx.layers or sample.decisions * ratio <= logit_budget:
+        return sample
+    return sample_routing(ctx, max(1, int(logit_budget / ratio)), materialize=False)
 
 
 def compute(ctx: Context, sample: Sample) -> list[RouterLayer]:

@@ -22,6 +22,10 @@ from .load import aggregate
 # (repetition, co-activation, router scores). Load metrics always use every decision.
 DEFAULT_COUNT_BUDGET = 8_000_000
 DEFAULT_SAMPLE_BUDGET = 2_000_000
+# Router statistics read E logits per token and layer where the routing has k decisions: E / k times the data
+# (32 times for DeepSeek-V3). They use their own whole-sequence sample of at most this many logits, so that a
+# report over a trace with scores costs at most about twice the same report without (issue 14).
+DEFAULT_LOGIT_BUDGET = 4_000_000
 # A sample is this many runs of consecutive sequences, one in the middle of each quarter of the trace. More runs
 # spread it further but touch more Parquet row groups: at 100 M decisions, 16 runs cost three times the CPU.
 _SAMPLE_RUNS = 4

@@ -12,16 +12,21 @@ WITH s AS (
     WHERE {sampled} AND len(sc.scores) = m.experts
 ), e AS (
     SELECT *, list_transform(x, lambda v: exp(v - mx)) AS ex FROM s
+), es AS (
+    -- Each list's sum once per row: inside a lambda, list_sum(ex) would be summed again for every element.
+    SELECT *, list_sum(ex) AS ex_sum FROM e
 ), q AS (
     SELECT *,
            CASE WHEN sigmoid THEN list_transform(x, lambda v: 1.0 / (1.0 + exp(-v)))
-                ELSE list_transform(ex, lambda v: v / list_sum(ex)) END AS q,
-           mx + ln(list_sum(ex)) AS lse
-    FROM e
+                ELSE list_transform(ex, lambda v: v / ex_sum) END AS q,
+           mx + ln(ex_sum) AS lse
+    FROM es
+), qs AS (
+    SELECT *, CASE WHEN sigmoid THEN list_sum(q) END AS q_sum FROM q
 ), p AS (
-    SELECT *, CASE WHEN sigmoid THEN list_transform(q, lambda v: v / list_sum(q)) ELSE q END AS p,
+    SELECT *, CASE WHEN sigmoid THEN list_transform(q, lambda v: v / q_sum) ELSE q END AS p,
            list_sort(q, 'DESC') AS ordered
-    FROM q
+    FROM qs
 )
 SELECT rank, step, sequence, position, layer, top_k, experts, q, p, lse,
        -list_sum(list_transform(p, lambda v: CASE WHEN v > 0 THEN v * ln(v) ELSE 0 END)) / ln(experts) AS entropy,

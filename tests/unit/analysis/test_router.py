@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 import moeprobe
+from moeprobe.analysis.report_json import ReportOptions
+from moeprobe.analysis.report_model import Report
+from moeprobe.analysis.tables import header
 from moeprobe.traces.schema import TABLES
 from tests.support import layer_meta, routing_table, write_trace
 
@@ -100,3 +104,55 @@ def test_no_logits_no_router_section(tmp_path: Path) -> None:
     assert trace.router() == []
     report = trace.summary()
     assert report["specialization"]["router"] is None and report["overall"]["aux_loss"] is None
+
+
+def _four_sequences(rng: np.random.Generator, keep: list[int] | None = None) -> dict[str, Any]:
+    """Four sequences of 8 tokens, one layer of 4 experts, top-1, each sequence with its own logit scale: their
+    router statistics differ, so a statistic over the wrong tokens shows."""
+    logits = np.concatenate([rng.normal(0.0, 1.0 + s, size=(8, 4)) for s in range(4)])
+    experts = logits.argmax(axis=1)
+    sequence = np.repeat(np.arange(4), 8)
+    position = np.tile(np.arange(8), 4)
+    rows = np.flatnonzero(np.isin(sequence, keep if keep is not None else range(4)))
+    scores = _scores(logits[rows], 0)
+    scores = scores.set_column(1, "sequence", pa.array(sequence[rows], pa.int64()))
+    scores = scores.set_column(2, "position", pa.array(position[rows], pa.int32()))
+    routing = routing_table(experts[rows], sequence=sequence[rows], position=position[rows])
+    return {"routing": routing, "scores": scores}
+
+
+def test_logit_budget_reads_fewer_whole_sequences_and_says_so(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    write_trace(tmp_path / "all", _four_sequences(rng), layers=layer_meta(1, 4, 1))
+    trace = moeprobe.open_trace(tmp_path / "all")
+    # 32 tokens x 4 logits = 128 logits: a budget of 40 logits (10 decisions) keeps one whole sequence of 8 tokens
+    (budgeted,) = trace.router(logit_budget=40)
+    assert budgeted.tokens == 8
+    report = trace.summary(options=ReportOptions(logit_budget=40))
+    router = report["specialization"]["router"]
+    assert router["logit_budget"] == 40 and router["sample"]["sequences"] == 1
+    assert router["sample"]["fraction"] == pytest.approx(0.25)
+    assert report["specialization"]["sample"]["fraction"] == 1.0  # repetition and co-activation still read all
+    lines = header(Report.from_json(report))
+    assert any("router 25.0% (1 sequences, --logit-sample)" in line for line in lines)
+
+    # the statistics are those of the chosen sequence alone (the routing it joins with is that sequence's too)
+    chosen = int(trace.sql("SELECT DISTINCT sequence FROM scores WHERE " + _predicate(trace, 40))["sequence"][0].as_py())
+    write_trace(tmp_path / "one", _four_sequences(np.random.default_rng(7), keep=[chosen]), layers=layer_meta(1, 4, 1))
+    (alone,) = moeprobe.open_trace(tmp_path / "one").router(logit_budget=0)
+    for name in ("tokens", "entropy_norm", "margin", "z_loss", "switch_loss", "deepseek_seq_loss"):
+        assert getattr(budgeted, name) == pytest.approx(getattr(alone, name)), name
+
+    # a budget that holds every logit, or none (0), reads the token-level sample itself
+    for budget in (0, 128):
+        (whole,) = trace.router(logit_budget=budget)
+        assert whole.tokens == 32
+        assert trace.summary(options=ReportOptions(logit_budget=budget))["specialization"]["router"]["sample"]["fraction"] == 1.0
+
+
+def _predicate(trace: moeprobe.Trace, budget: int) -> str:
+    from moeprobe.analysis import router
+    from moeprobe.analysis.sampling import sample
+
+    ctx = trace.context()
+    return router.choose_sample(ctx, sample(ctx, 0), budget).predicate
