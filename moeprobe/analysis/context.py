@@ -106,17 +106,33 @@ class Context:
         or 300 past the array, a NULL becomes NaN, a step of -2**31 overflows step arithmetic. Such rows are
         left out of every analysis and counted (``invalid_decisions``), never silently used or dropped."""
         a = alias
-        experts = " ".join(f"WHEN {i} THEN {self.experts(i)}" for i in self.layers)
-        top_k = " ".join(f"WHEN {i} THEN {self.top_k(i)}" for i in self.layers)
         if not self.layers:
             return "false"
+        shapes = {(self.experts(i), self.top_k(i)) for i in self.layers}
+        if len(shapes) == 1:
+            # Every layer the same shape (the usual model): constants, which cost half the CASE per row below.
+            ((n_experts, k),) = shapes
+            indices = sorted(self.layers)
+            contiguous = indices == list(range(indices[0], indices[-1] + 1))
+            shape = [
+                f"{a}.layer BETWEEN {indices[0]} AND {indices[-1]}" if contiguous
+                else f"{a}.layer IN ({', '.join(str(i) for i in indices)})",
+                f"{a}.expert >= 0 AND {a}.expert < {n_experts}",
+                f"{a}.k >= 0 AND {a}.k < {k}",
+            ]
+        else:  # a layer the manifest does not list makes the CASE NULL: invalid too
+            experts = " ".join(f"WHEN {i} THEN {self.experts(i)}" for i in self.layers)
+            top_k = " ".join(f"WHEN {i} THEN {self.top_k(i)}" for i in self.layers)
+            shape = [
+                f"{a}.expert >= 0 AND {a}.expert < (CASE {a}.layer {experts} END)",
+                f"{a}.k >= 0 AND {a}.k < (CASE {a}.layer {top_k} END)",
+            ]
         checks = [
             # The columns the schema declares non-null (weight is nullable: engine imports carry no gate weights).
             *(f"{a}.{c} IS NOT NULL" for c in _NON_NULL if c not in ("step", "phase", "layer", "expert", "k")),
             f"{a}.step >= 0",
             f"{a}.phase IN ('prefill', 'decode')",
-            f"{a}.expert >= 0 AND {a}.expert < (CASE {a}.layer {experts} END)",
-            f"{a}.k >= 0 AND {a}.k < (CASE {a}.layer {top_k} END)",
+            *shape,
         ]
         return "coalesce(" + " AND ".join(f"({c})" for c in checks) + ", false)"
 
