@@ -8,7 +8,7 @@ report anyway) already counts; that is why sampling sits above ``load`` rather t
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,14 @@ class Sample:
     decisions: int
     sequences: int
     budget: int
+    materialized: bool = False  # ``table`` is a temporary table holding the rows, not a subquery over the trace
+
+    def reading(self, other: Sample) -> Sample:
+        """This sample, read from ``other``'s temporary table when that holds the same sequences (same predicate):
+        the same rows, without decoding the trace's segments again. Otherwise this sample unchanged."""
+        if other.materialized and other.predicate == self.predicate and not self.materialized:
+            return replace(self, table=other.table, materialized=True)
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +106,7 @@ def sample(ctx: Context, budget: int, *, materialize: bool = True) -> Sample:
         decisions=kept,
         sequences=kept_sequences,
         budget=budget,
+        materialized=materialize,
     )
 
 
