@@ -77,13 +77,25 @@ def clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     if isinstance(value, np.ndarray):
-        return clean(value.tolist())
+        return _clean_array(value)
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
         f = float(value)
         return None if math.isnan(f) or math.isinf(f) else round(f, 6)
     return value
+
+
+def _clean_array(value: np.ndarray) -> list[Any]:
+    """``clean`` of an array, row by row without a call per element (the --full count tables and co-activation
+    matrices hold tens of thousands of numbers): the same values as ``clean(value.tolist())``."""
+    if value.ndim > 1:
+        return [_clean_array(row) for row in value]
+    if value.dtype.kind in "iub":
+        return value.tolist()  # ints and bools as Python ints and bools, as clean leaves them
+    if value.dtype.kind == "f":
+        return [None if math.isnan(f) or math.isinf(f) else round(f, 6) for f in value.tolist()]
+    return clean(value.tolist())
 
 
 def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLayer, full: bool) -> dict[str, Any]:
