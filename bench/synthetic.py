@@ -9,7 +9,7 @@ a real recording. Shape: OLMoE-like (16 layers, 64 experts, top-8), sequences of
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,8 @@ def build_trace(
     also the router logits of every token and layer (the ``scores`` table, as ``record --logits`` writes it);
     the routing is the same with or without them (same seed, same random draws)."""
     shape = shape or Shape()
+    if decisions < shape.decisions_per_batch:  # fewer sequences in the one batch, so that a small trace stays small
+        shape = replace(shape, batch=max(1, decisions // (shape.decisions_per_batch // shape.batch)))
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
     if rank == 0:

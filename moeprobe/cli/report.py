@@ -127,9 +127,10 @@ def main(argv: list[str]) -> int:
         code = write_pictures("report", document, render_options, html=args.html, png=args.png, svg=args.svg)
         if code or not text_out:
             return code
-    from .render import json_doc, markdown, text
+    from importlib import import_module
 
-    renderer = json_doc if args.json else markdown if args.markdown else text
+    # Only the renderer asked for: text's tables are not imported for --json.
+    renderer = import_module(f".render.{'json_doc' if args.json else 'markdown' if args.markdown else 'text'}", __package__)
     renderer.render(document, sys.stdout, render_options)
     return 0
 
