@@ -139,13 +139,23 @@ class Context:
     def _has_invalid(self) -> bool:
         """Whether any routing row of this snapshot breaks the contract: one counting pass per snapshot (cached on
         the Trace, dropped by refresh), so that a clean trace, the usual case, pays no per-query predicate (it
-        cost about two thirds more CPU on a 10 M decision report)."""
+        cost about two thirds more CPU on a 10 M decision report). A report's first load aggregate counts them
+        in its own pass (``load.aggregate``); this pass runs only where something else comes first."""
         cache = self.trace.snapshot_cache
         if cache.invalid_total is None:
             whole = self if self.filters.key == Filters().key else Context(self.trace)
             got = whole.run(f"SELECT count(*)::BIGINT AS n FROM routing v WHERE NOT {whole.valid_routing('v')}")
             cache.invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
         return cache.invalid_total > 0
+
+    def contract_unchecked(self) -> bool:
+        """Whether this snapshot's routing rows have not been checked against the contract yet, and this context
+        sees all of them (no filters): then a full pass it makes anyway can count the invalid rows too."""
+        return self.trace.snapshot_cache.invalid_total is None and self.filters.key == Filters().key
+
+    def has_table(self, name: str) -> bool:
+        """Whether ``materialize(name, ...)`` (or ``seed``) already built this intermediate table for these filters."""
+        return f"_mp_{name}_{self.filters.key}" in self.trace.snapshot_cache.names
 
     def invalid_decisions(self) -> dict[int, int]:
         """Routing rows (kept by the filters) that ``valid_routing`` leaves out, per layer (-1: layer NULL)."""

@@ -42,3 +42,22 @@ def test_layers_of_one_shape_use_constants_and_still_refuse_unknown_layers(tmp_p
     assert _invalid(tmp_path, layers, rows) == {0: 1, 1: 1, 2: 2, 3: 1}
     ctx = moeprobe.open_trace(tmp_path / "t").context()
     assert "CASE" not in ctx.valid_routing("v") and "IN (0, 2)" in ctx.valid_routing("v")
+
+
+def test_the_load_pass_counts_invalid_rows_and_leaves_them_out(tmp_path: Path) -> None:
+    """The first load aggregate of a snapshot checks the contract in the same pass: its table is the plain
+    aggregate over the valid rows, and the invalid count is the one a separate check finds."""
+    from moeprobe.analysis import load
+    from moeprobe.analysis.context import render_sql, sql_text
+
+    layers = [_shape(0, 4, 1), _shape(1, 4, 1)]
+    rows = [(0, 0, 3), (0, 0, 3), (0, 0, 5), (1, 0, 1), (1, 1, 1), (2, 0, 0), (1, 0, 2)]
+    _invalid(tmp_path, layers, rows)
+    with moeprobe.open_trace(tmp_path / "t") as trace:
+        ctx = trace.context()
+        assert ctx.contract_unchecked()
+        fused = ctx.run(f"SELECT * FROM {load.aggregate(ctx)} ORDER BY ALL")
+        assert not ctx.contract_unchecked() and ctx.count_invalid() == 3
+        plain = ctx.run(render_sql(sql_text("load_agg"), ctx.sources()) + " ORDER BY ALL")  # sources: valid rows only
+        assert {k: v.tolist() for k, v in fused.items()} == {k: v.tolist() for k, v in plain.items()}
+        assert fused["n"].tolist() == [2, 1, 1]
