@@ -156,3 +156,23 @@ def _predicate(trace: moeprobe.Trace, budget: int) -> str:
 
     ctx = trace.context()
     return router.choose_sample(ctx, sample(ctx, 0), budget).predicate
+
+
+def _group_topk_reference(v: list[float], groups: int, kept: int, k: int) -> list[int]:
+    """DeepSeek-V3's group-limited top-k written out one token at a time (ties: lower index first)."""
+    size = len(v) // groups
+    score = [sum(sorted(v[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(groups)]
+    best = sorted(range(groups), key=lambda g: (-score[g], g))[:kept]
+    masked = [x if i // size in best and i < groups * size else -1e30 for i, x in enumerate(v)]
+    return sorted(sorted(range(len(v)), key=lambda i: (-masked[i], i))[:k])
+
+
+@pytest.mark.parametrize(("experts", "groups", "kept", "k"), [(16, 4, 2, 3), (12, 3, 1, 2), (10, 3, 2, 4), (8, 1, 1, 2)])
+def test_group_limited_top_k_matches_the_definition(experts: int, groups: int, kept: int, k: int) -> None:
+    from moeprobe.analysis.router import _group_topk
+
+    rng = np.random.default_rng(experts * 100 + groups)
+    v = rng.random((200, experts))
+    v[:20] = np.round(v[:20], 1)  # ties
+    got = _group_topk(v, groups, kept, k)
+    assert got.tolist() == [_group_topk_reference(list(row), groups, kept, k) for row in v]
