@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,15 +40,22 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moeprobe-bench"))
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--logit-sample", help="the report's --logit-sample (default: the report's default)")
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # worker: write one trace, then exit
+    parser.add_argument("--with-scores", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     decisions = parse_count(args.decisions)
+    if args.build:
+        built = build_trace(args.build, decisions, shape=DSV3, scores=args.with_scores)
+        print(f"built {args.build} ({int(built['decisions']):,} decisions) in {built['seconds']:.1f} s")
+        return 0
     paths = {}
     for scores in (False, True):
         path = args.dir / f"dsv3-{args.decisions}-{'scores' if scores else 'noscores'}"
         if args.rebuild or not (path / "manifest.json").exists():
-            built = build_trace(path, decisions, shape=DSV3, scores=scores)
-            print(f"built {path} ({int(built['decisions']):,} decisions) in {built['seconds']:.1f} s")
+            # in a child process: the reports' peak RSS would otherwise start from this process's (forked) memory
+            flags = ["--with-scores"] if scores else []
+            subprocess.run([sys.executable, __file__, "--build", str(path), "--decisions", args.decisions, *flags], check=True)
         paths[scores] = path
     size = {s: sum(f.stat().st_size for f in p.rglob("*.parquet")) / 2**20 for s, p in paths.items()}
     print(f"on disk: {size[False]:.0f} MiB without scores, {size[True]:.0f} MiB with")
