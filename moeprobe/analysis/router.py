@@ -74,7 +74,9 @@ def compute(ctx: Context, sample: Sample) -> list[RouterLayer]:
     reader = ctx.con.sql(
         f"SELECT sc.rank, sc.step, sc.sequence, sc.position, sc.layer, sc.scores "
         f"FROM {ctx.sources()['scores']} AS sc JOIN (VALUES {meta}) AS m(layer, experts) USING (layer) "
-        f"WHERE {sample.predicate} AND len(sc.scores) = m.experts"
+        f"WHERE {sample.predicate} AND len(sc.scores) = m.experts "
+        # a token without its keys cannot be paired with its routing: left out (the schema declares them non-null)
+        "AND sc.rank IS NOT NULL AND sc.step IS NOT NULL AND sc.sequence IS NOT NULL AND sc.position IS NOT NULL"
     ).to_arrow_reader(_BATCH_ROWS)
     for batch in reader:
         acc.add(batch)
@@ -135,11 +137,11 @@ class _Accumulator:
 
     def add(self, batch: pa.RecordBatch) -> None:
         self._keys.append(batch.select(["rank", "step", "sequence", "position", "layer"]))
-        layers = batch.column("layer").to_numpy().astype(np.int64)
+        layers = _numpy(batch.column("layer")).astype(np.int64)
         lists = batch.column("scores")
-        values = lists.flatten().to_numpy(zero_copy_only=False)
-        offsets = lists.offsets.to_numpy()
-        start = offsets[0]
+        values = _numpy(lists.values)
+        offsets = _numpy(lists.offsets)
+        start = 0
         for index in np.unique(layers):
             rows = np.flatnonzero(layers == index)
             E = self.ctx.experts(int(index))
@@ -175,8 +177,8 @@ class _Accumulator:
         else:
             self.margins.setdefault(index, 0)
         self.p_sum[index] = self.p_sum.get(index, np.zeros(E)) + p.sum(axis=0)
-        rank = batch.column("rank").to_numpy()[rows].astype(np.int64)
-        sequence = batch.column("sequence").to_numpy()[rows].astype(np.int64)
+        rank = _numpy(batch.column("rank"))[rows].astype(np.int64)
+        sequence = _numpy(batch.column("sequence"))[rows].astype(np.int64)
         groups, inverse = np.unique(np.stack([rank, sequence]), axis=1, return_inverse=True)
         inverse = inverse.reshape(-1)
         for g in range(groups.shape[1]):
@@ -186,10 +188,22 @@ class _Accumulator:
             entry[0] += int(mine.sum())
             entry[1] += p[mine].sum(axis=0)
         if self.keep_scores:
-            self.ranked.append((index, rank, batch.column("step").to_numpy()[rows].astype(np.int64), q))
+            self.ranked.append((index, rank, _numpy(batch.column("step"))[rows].astype(np.int64), q))
 
     def keys(self) -> pa.Table:
         return pa.Table.from_batches(self._keys)
+
+
+_NUMPY_TYPES = {"float": "float32", "double": "float64", "halffloat": "float16"}
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    """A primitive Arrow array (no nulls: the query leaves rows with NULL keys out) as a numpy view of its data
+    buffer: pyarrow's own ``to_numpy`` imports pandas on first use, 0.7 s of a report's second."""
+    if array.null_count:  # a NULL logit inside a list: pyarrow's conversion, which makes it NaN
+        return array.to_numpy(zero_copy_only=False)
+    dtype = np.dtype(_NUMPY_TYPES.get(str(array.type), str(array.type)))
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def _chosen(ctx: Context, sample: Sample, keys: pa.Table) -> dict[str, np.ndarray]:
