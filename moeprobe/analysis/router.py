@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .context import Context
+from .duckdb_errors import duckdb_errors
 from .sampling import Sample, sample as sample_routing
 
 SIGMOID_SCORING = ("sigmoid", "sigmoid_topk")
@@ -61,8 +62,8 @@ def choose_sample(ctx: Context, sample: Sample, logit_budget: int) -> Sample:
 def compute(ctx: Context, sample: Sample) -> list[RouterLayer]:
     """Per-layer router diagnostics, or an empty list when the trace has no logits.
 
-    The logits are streamed from DuckDB in batches and reduced in numpy (about ten times faster than list
-    lambdas in SQL, which made a report with scores cost several times the same report without): per token the
+    The logits are streamed from DuckDB in batches and reduced in numpy (the same arithmetic as list lambdas in
+    SQL took about ten times longer, most of a report with scores): per token the
     distribution, its entropy, the top-k margin and logsumexp; per layer and per sequence the sums the Switch
     and DeepSeek-V3 losses need. The choices they pair with (first choices, chosen experts) come from the
     sample's routing rows of the same tokens, in SQL.
@@ -71,15 +72,16 @@ def compute(ctx: Context, sample: Sample) -> list[RouterLayer]:
         return []
     acc = _Accumulator(ctx)
     meta = ", ".join(f"({i}, {ctx.experts(i)})" for i in ctx.layers)
-    reader = ctx.con.sql(
+    query = (
         f"SELECT sc.rank, sc.step, sc.sequence, sc.position, sc.layer, sc.scores "
         f"FROM {ctx.sources()['scores']} AS sc JOIN (VALUES {meta}) AS m(layer, experts) USING (layer) "
         f"WHERE {sample.predicate} AND len(sc.scores) = m.experts "
         # a token without its keys cannot be paired with its routing: left out (the schema declares them non-null)
         "AND sc.rank IS NOT NULL AND sc.step IS NOT NULL AND sc.sequence IS NOT NULL AND sc.position IS NOT NULL"
-    ).to_arrow_reader(_BATCH_ROWS)
-    for batch in reader:
-        acc.add(batch)
+    )
+    with duckdb_errors(ctx.trace.reader):  # a damaged scores segment is a TraceError, as in every other query
+        for batch in ctx.con.sql(query).to_arrow_reader(_BATCH_ROWS):
+            acc.add(batch)
     if not acc.tokens:
         return []
     chosen = _chosen(ctx, sample, acc.keys())
@@ -92,7 +94,8 @@ def compute(ctx: Context, sample: Sample) -> list[RouterLayer]:
         first = np.zeros(E)
         mine = chosen["layer"] == index
         ids = chosen["expert"][mine].astype(np.int64)
-        np.add.at(first, ids, chosen["first"][mine].astype(np.float64))
+        ok = (ids >= 0) & (ids < E)  # valid_routing keeps them in range; never index past it regardless
+        np.add.at(first, ids[ok], chosen["first"][mine][ok].astype(np.float64))
         f = first / first.sum() if first.sum() > 0 else np.full(E, math.nan)
         probs = acc.p_sum[index] / n
         n_bias, flipped = flips.get(index, (0, 0))
