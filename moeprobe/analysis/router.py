@@ -184,12 +184,14 @@ class _Accumulator:
         sequence = _numpy(batch.column("sequence"))[rows].astype(np.int64)
         groups, inverse = np.unique(np.stack([rank, sequence]), axis=1, return_inverse=True)
         inverse = inverse.reshape(-1)
+        # per sequence sums in one pass (a batch of an engine import can hold thousands of short sequences)
+        order = np.argsort(inverse, kind="stable")
+        sizes = np.bincount(inverse, minlength=groups.shape[1])
+        sums = np.add.reduceat(p[order], np.concatenate([[0], np.cumsum(sizes)[:-1]]), axis=0)
         for g in range(groups.shape[1]):
-            mine = inverse == g
-            key = (int(groups[0, g]), int(groups[1, g]), index)
-            entry = self.sequences.setdefault(key, [0, np.zeros(E)])
-            entry[0] += int(mine.sum())
-            entry[1] += p[mine].sum(axis=0)
+            entry = self.sequences.setdefault((int(groups[0, g]), int(groups[1, g]), index), [0, np.zeros(E)])
+            entry[0] += int(sizes[g])
+            entry[1] += sums[g]
         if self.keep_scores:
             self.ranked.append((index, rank, _numpy(batch.column("step"))[rows].astype(np.int64), q))
 
