@@ -52,10 +52,13 @@ def choices(ctx: Context, sample: Sample) -> Choices | None:
         f"SELECT rank, step, sequence, layer, position, count(*) AS n_rows, bit_or(1::BIGINT << k) AS ranks, "
         f"{columns} FROM {sample.table} AS s GROUP BY ALL",
     )
-    got = ctx.run(
+    # the checks, kept as a one-row table: repetition and co-activation both ask
+    checked = ctx.materialize(
+        f"{table.removeprefix('_mp_').removesuffix('_' + ctx.filters.key)}_checked",
         f"SELECT coalesce(count_if(n_rows <> bit_count(ranks)), 0) AS repeated, count(*) AS tokens, "
-        f"count(DISTINCT (rank, sequence, layer, position)) AS positions FROM {table}"
+        f"count(DISTINCT (rank, sequence, layer, position)) AS positions FROM {table}",
     )
+    got = ctx.run(f"SELECT * FROM {checked}")
     repeated, tokens, positions = (int(got[name][0]) for name in ("repeated", "tokens", "positions"))
     return Choices(table=table, top_k=top_k, regular=repeated == 0, positions_unique=tokens == positions)
 
