@@ -176,3 +176,50 @@ def test_group_limited_top_k_matches_the_definition(experts: int, groups: int, k
     v[:20] = np.round(v[:20], 1)  # ties
     got = _group_topk(v, groups, kept, k)
     assert got.tolist() == [_group_topk_reference(list(row), groups, kept, k) for row in v]
+
+
+# What the SQL implementation (list lambdas, before the numpy one) computed on the trace of _golden_trace; the
+# numpy one must give the same to the last digits a report shows (it rounds to 6 decimals).
+_SQL_FIGURES = {
+    0: ("sigmoid", 36, 0.9179294870673841, 0.06838849779978722, 18.77374153471193, 1.0639945587947586,
+        1.050109780481393, 0.3611111111111111, 36),
+    1: ("softmax", 36, 0.5962280254025668, 0.018819736523903986, 17.78953714211407, 1.2706260637506064,
+        1.26485829940356, 0.8888888888888888, 36),
+}
+
+
+def _golden_trace(path: Path) -> None:
+    """Two layers of 16 experts, top-4: a DeepSeek-V3-style one (sigmoid, 4 groups, 2 kept) and a softmax one,
+    each with a correction bias (layer 0's changing at step 2); 3 sequences of 12 tokens over 4 steps."""
+    rng = np.random.default_rng(0)
+    E, k = 16, 4
+    seq, pos = np.repeat(np.arange(3), 12), np.tile(np.arange(12), 3)
+    step = pos // 3
+    layers = layer_meta(2, E, k, scoring="sigmoid", n_group=4, topk_group=2, has_bias=True)
+    layers[1]["scoring"] = "softmax"
+    layers[1].pop("n_group", None)
+    layers[1].pop("topk_group", None)
+    routing, scores = [], []
+    for layer in range(2):
+        x = rng.normal(0, 2, size=(36, E)).astype(np.float32)
+        top = np.argsort(-x, axis=1, kind="stable")[:, :k]
+        routing.append(routing_table(top, sequence=seq, position=pos, step=step, layer=layer))
+        table = _scores(x, layer).set_column(0, "step", pa.array(step, pa.int32()))
+        table = table.set_column(1, "sequence", pa.array(seq, pa.int64()))
+        scores.append(table.set_column(2, "position", pa.array(pos, pa.int32())))
+    bias = pa.table(
+        {"step": [0, 2, 0], "layer": [0, 0, 1], "bias": [list(map(float, rng.normal(0, 0.05, E))) for _ in range(3)]},
+        schema=TABLES["bias"],
+    )
+    write_trace(path, {"routing": routing, "scores": scores, "bias": bias}, layers=layers)
+
+
+def test_router_figures_are_those_of_the_sql_implementation(tmp_path: Path) -> None:
+    _golden_trace(tmp_path / "t")
+    got = moeprobe.open_trace(tmp_path / "t").router(logit_budget=0)
+    assert [r.layer for r in got] == [0, 1]
+    for r in got:
+        expected = _SQL_FIGURES[r.layer]
+        assert (r.scoring, r.tokens, r.bias_tokens) == (expected[0], expected[1], expected[8])
+        measured = (r.entropy_norm, r.margin, r.z_loss, r.switch_loss, r.deepseek_seq_loss, r.bias_flip)
+        assert measured == pytest.approx(expected[2:8], rel=1e-12, abs=0)
