@@ -10,6 +10,10 @@ and the load metrics done by pandas on the same data.
    (read_parquet of the same segments, groupby, the same formulas). Checks they agree, prints the ratio.
 
 Run:  .venv/bin/python bench/report_scale.py [--sizes 10M,100M] [--runs 3] [--dir /tmp/moeprobe-bench] [--rebuild]
+      [--forms text,json,html] [--no-pandas]
+Issue 14's small-trace target (every report under 1 M decisions in <= 1 s):
+      .venv/bin/python bench/report_scale.py --sizes 1M --runs 5 --forms text,json,html --no-pandas
+(a size below one synthetic batch of 2.1 M decisions writes fewer sequences: "1M" is 983,040 decisions).
 pandas is only needed here (pip install pandas); it is not a moeprobe dependency.
 """
 
@@ -130,6 +134,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moeprobe-bench"))
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--forms", default="json", help="report outputs to time: text, json, html (comma-separated)")
+    parser.add_argument("--no-pandas", action="store_true", help="time the reports only, not the pandas comparison")
     parser.add_argument("--worker", choices=("moeprobe", "pandas"), help=argparse.SUPPRESS)
     parser.add_argument("trace", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,14 +161,18 @@ def main() -> int:
         size_mb = sum(f.stat().st_size for f in path.rglob("*.parquet")) / 2**20
         print(f"\n[{text}] {total:,} routing decisions, {segments} segments, {size_mb:.0f} MiB on disk")
 
-        report_cmd = [sys.executable, "-m", "moeprobe", "report", str(path), "--json"]
-        runs = [_run(report_cmd) for _ in range(args.runs)]
-        walls = [r[0] for r in runs]
-        print(
-            f"  report --json: wall median {statistics.median(walls):.2f} s, best {min(walls):.2f} s "
-            f"(runs: {', '.join(f'{w:.2f}' for w in walls)}); CPU median {statistics.median(r[1] for r in runs):.2f} s; "
-            f"peak RSS {max(r[2] for r in runs):.0f} MiB; load average {os.getloadavg()[0]:.1f}"
-        )
+        for form in args.forms.split(","):
+            flags = {"text": [], "json": ["--json"], "html": ["--html", str(args.dir / "report-scale.html")]}[form]
+            report_cmd = [sys.executable, "-m", "moeprobe", "report", str(path), *flags]
+            runs = [_run(report_cmd) for _ in range(args.runs)]
+            walls = [r[0] for r in runs]
+            print(
+                f"  report {' '.join(flags[:1]) or '(text)'}: wall median {statistics.median(walls):.2f} s, best {min(walls):.2f} s "
+                f"(runs: {', '.join(f'{w:.2f}' for w in walls)}); CPU median {statistics.median(r[1] for r in runs):.2f} s; "
+                f"peak RSS {max(r[2] for r in runs):.0f} MiB; load average {os.getloadavg()[0]:.1f}"
+            )
+        if args.no_pandas:
+            continue
 
         ours, theirs = [], []
         for _ in range(args.runs):  # interleaved, so machine noise hits both alike

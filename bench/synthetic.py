@@ -9,7 +9,7 @@ a real recording. Shape: OLMoE-like (16 layers, 64 experts, top-8), sequences of
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +58,33 @@ def _layer_meta(shape: Shape) -> list[dict[str, object]]:
     ]
 
 
-def _route(logits: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct experts per row, sampled without replacement in proportion to softmax(logits) (Gumbel top-k)."""
+def _route(logits: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """k distinct experts per row, sampled without replacement in proportion to softmax(logits) (Gumbel top-k),
+    and the perturbed logits they are the top-k of (what a router that chose them would report as its logits)."""
     noisy = logits + rng.gumbel(size=logits.shape).astype(np.float32)
     top = np.argpartition(-noisy, k, axis=1)[:, :k]
     # order the k picks by score so that k=0 is the first choice, as a router reports it
     order = np.argsort(-np.take_along_axis(noisy, top, axis=1), axis=1)
-    return np.take_along_axis(top, order, axis=1)
+    return np.take_along_axis(top, order, axis=1), noisy
 
 
 def build_trace(
-    path: Path, decisions: int, *, seed: int = 0, shape: Shape | None = None, rank: int = 0, world_size: int = 1
+    path: Path,
+    decisions: int,
+    *,
+    seed: int = 0,
+    shape: Shape | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    scores: bool = False,
 ) -> dict[str, float]:
     """Write a complete trace of about ``decisions`` routing decisions (whole batches) to ``path``; with
-    ``world_size`` > 1, only the shard of ``rank`` (rank 0 prepares the directory: write it first)."""
+    ``world_size`` > 1, only the shard of ``rank`` (rank 0 prepares the directory: write it first). ``scores``:
+    also the router logits of every token and layer (the ``scores`` table, as ``record --logits`` writes it);
+    the routing is the same with or without them (same seed, same random draws)."""
     shape = shape or Shape()
+    if decisions < shape.decisions_per_batch:  # fewer sequences in the one batch, so that a small trace stays small
+        shape = replace(shape, batch=max(1, decisions // (shape.decisions_per_batch // shape.batch)))
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
     if rank == 0:
@@ -112,9 +124,12 @@ def build_trace(
         tok_id = tokens[seq_idx, pos]
         n = len(pos)
         experts = np.empty((L, n, k), dtype=np.int16)
+        router_logits = np.empty((L, n, E), dtype=np.float32) if scores else None
         for layer in range(L):
             logits = popularity[layer] + token_pref[tok_id][:, layer_perm[layer]] + domain_pref[domain[seq_idx], layer]
-            experts[layer] = _route(logits, k, rng)
+            experts[layer], noisy = _route(logits, k, rng)
+            if router_logits is not None:
+                router_logits[layer] = noisy
         # rows ordered step, layer, token, k: the order a capture that collects per step writes them in
         steps_in_batch = 1 + shape.decode
         for s in range(steps_in_batch):
@@ -137,6 +152,22 @@ def build_trace(
                 schema=TABLES["routing"],
             )
             writer.append("routing", table)
+            if router_logits is not None:
+                # rows ordered layer, token, as for the routing; one list of E logits each
+                flat = router_logits[:, sel, :].reshape(-1)
+                writer.append(
+                    "scores",
+                    pa.table(
+                        {
+                            "step": np.full(L * t, step + s, np.int32),
+                            "sequence": np.tile(seqs[seq_idx[sel]], L),
+                            "position": np.tile(pos[sel], L).astype(np.int32),
+                            "layer": np.repeat(np.arange(L, dtype=np.int16), t),
+                            "scores": pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, E, dtype=np.int32)), pa.array(flat)),
+                        },
+                        schema=TABLES["scores"],
+                    ),
+                )
             # block time grows with the busiest expert's load, as it does on a GPU where the slowest expert
             # GEMM gates the layer
             busiest = np.array(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import choices as choices_mod
 from . import stats
 from .context import Context
 from .sampling import Sample
@@ -28,9 +29,24 @@ class CoactivationLayer:
 
 
 def compute(ctx: Context, sample: Sample) -> list[CoactivationLayer]:
+    found = choices_mod.choices(ctx, sample)
+    counted = _side_by_side(ctx, found) if found is not None and found.regular else _row_level(ctx, sample)
+    out: list[CoactivationLayer] = []
+    for layer in sorted(ctx.layers):
+        if layer not in counted:
+            continue
+        counts, joint = counted[layer]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            matrix = np.where(counts[:, None] > 0, joint / counts[:, None], 0.0)
+        out.append(CoactivationLayer(layer, matrix, counts, stats.coactivation_baseline(counts.size, ctx.top_k(layer))))
+    return out
+
+
+def _row_level(ctx: Context, sample: Sample) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """(N(i chosen), N(i and j chosen)) per layer that has rows, from the routing rows joined with themselves."""
     pairs = ctx.query("coactivation", sample=sample.table)
     chosen = ctx.run(f"SELECT layer, expert, count(*) AS n FROM {sample.table} GROUP BY ALL")
-    out: list[CoactivationLayer] = []
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for layer in sorted(ctx.layers):
         E = ctx.experts(layer)
         sel = chosen["layer"] == layer
@@ -45,7 +61,30 @@ def compute(ctx: Context, sample: Sample) -> list[CoactivationLayer]:
         i, j = pairs["i"][psel].astype(np.int64), pairs["j"][psel].astype(np.int64)
         ok = (i < E) & (j < E)
         joint[i[ok], j[ok]] = pairs["n"][psel][ok]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            matrix = np.where(counts[:, None] > 0, joint / counts[:, None], 0.0)
-        out.append(CoactivationLayer(layer, matrix, counts, stats.coactivation_baseline(E, ctx.top_k(layer))))
+        out[layer] = (counts, joint)
+    return out
+
+
+def _side_by_side(ctx: Context, found: choices_mod.Choices) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The same counts from one row per token with its choices side by side (each rank at most once, checked):
+    every pair of choice ranks a < b with different experts x, y is one co-activation (x, y) and one (y, x),
+    as the row-level join counts them."""
+    layers, experts = choices_mod.fetch(ctx, found)
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for layer in sorted(ctx.layers):
+        E = ctx.experts(layer)
+        rows = experts[layers == layer]
+        if not len(rows):
+            continue
+        # -1 marks a missing choice; valid_routing already keeps 0 <= expert < E, never index past it regardless
+        present = (rows >= 0) & (rows < E)
+        counts = np.bincount(rows[present], minlength=E).astype(np.float64)
+        keys = []
+        for a in range(found.top_k):
+            for b in range(a + 1, found.top_k):
+                x, y = rows[:, a], rows[:, b]
+                keep = present[:, a] & present[:, b] & (x != y)
+                keys.append(x[keep] * E + y[keep])
+        upper = np.bincount(np.concatenate(keys), minlength=E * E).reshape(E, E) if keys else np.zeros((E, E), np.int64)
+        out[layer] = (counts, (upper + upper.T).astype(np.float64))
     return out

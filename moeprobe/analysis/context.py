@@ -106,30 +106,56 @@ class Context:
         or 300 past the array, a NULL becomes NaN, a step of -2**31 overflows step arithmetic. Such rows are
         left out of every analysis and counted (``invalid_decisions``), never silently used or dropped."""
         a = alias
-        experts = " ".join(f"WHEN {i} THEN {self.experts(i)}" for i in self.layers)
-        top_k = " ".join(f"WHEN {i} THEN {self.top_k(i)}" for i in self.layers)
         if not self.layers:
             return "false"
+        shapes = {(self.experts(i), self.top_k(i)) for i in self.layers}
+        if len(shapes) == 1:
+            # Every layer the same shape (the usual model): constants, which cost half the CASE per row below.
+            ((n_experts, k),) = shapes
+            indices = sorted(self.layers)
+            contiguous = indices == list(range(indices[0], indices[-1] + 1))
+            shape = [
+                f"{a}.layer BETWEEN {indices[0]} AND {indices[-1]}" if contiguous
+                else f"{a}.layer IN ({', '.join(str(i) for i in indices)})",
+                f"{a}.expert >= 0 AND {a}.expert < {n_experts}",
+                f"{a}.k >= 0 AND {a}.k < {k}",
+            ]
+        else:  # a layer the manifest does not list makes the CASE NULL: invalid too
+            experts = " ".join(f"WHEN {i} THEN {self.experts(i)}" for i in self.layers)
+            top_k = " ".join(f"WHEN {i} THEN {self.top_k(i)}" for i in self.layers)
+            shape = [
+                f"{a}.expert >= 0 AND {a}.expert < (CASE {a}.layer {experts} END)",
+                f"{a}.k >= 0 AND {a}.k < (CASE {a}.layer {top_k} END)",
+            ]
         checks = [
             # The columns the schema declares non-null (weight is nullable: engine imports carry no gate weights).
             *(f"{a}.{c} IS NOT NULL" for c in _NON_NULL if c not in ("step", "phase", "layer", "expert", "k")),
             f"{a}.step >= 0",
             f"{a}.phase IN ('prefill', 'decode')",
-            f"{a}.expert >= 0 AND {a}.expert < (CASE {a}.layer {experts} END)",
-            f"{a}.k >= 0 AND {a}.k < (CASE {a}.layer {top_k} END)",
+            *shape,
         ]
         return "coalesce(" + " AND ".join(f"({c})" for c in checks) + ", false)"
 
     def _has_invalid(self) -> bool:
         """Whether any routing row of this snapshot breaks the contract: one counting pass per snapshot (cached on
         the Trace, dropped by refresh), so that a clean trace, the usual case, pays no per-query predicate (it
-        cost about two thirds more CPU on a 10 M decision report)."""
+        cost about two thirds more CPU on a 10 M decision report). A report's first load aggregate counts them
+        in its own pass (``load.aggregate``); this pass runs only where something else comes first."""
         cache = self.trace.snapshot_cache
         if cache.invalid_total is None:
             whole = self if self.filters.key == Filters().key else Context(self.trace)
             got = whole.run(f"SELECT count(*)::BIGINT AS n FROM routing v WHERE NOT {whole.valid_routing('v')}")
             cache.invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
         return cache.invalid_total > 0
+
+    def contract_unchecked(self) -> bool:
+        """Whether this snapshot's routing rows have not been checked against the contract yet, and this context
+        sees all of them (no filters): then a full pass it makes anyway can count the invalid rows too."""
+        return self.trace.snapshot_cache.invalid_total is None and self.filters.key == Filters().key
+
+    def has_table(self, name: str) -> bool:
+        """Whether ``materialize(name, ...)`` (or ``seed``) already built this intermediate table for these filters."""
+        return f"_mp_{name}_{self.filters.key}" in self.trace.snapshot_cache.names
 
     def invalid_decisions(self) -> dict[int, int]:
         """Routing rows (kept by the filters) that ``valid_routing`` leaves out, per layer (-1: layer NULL)."""

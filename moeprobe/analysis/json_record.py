@@ -66,6 +66,20 @@ def _is_record(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, JsonRecord)
 
 
+_PLAIN: dict[Any, bool] = {}
+
+
+def _is_plain(tp: Any) -> bool:
+    """Whether ``_read`` returns every value of type ``tp`` unchanged: no record, list or dict anywhere in it."""
+    if tp not in _PLAIN:
+        origin = get_origin(tp)
+        if origin in (Union, types.UnionType):
+            _PLAIN[tp] = all(_is_plain(arg) for arg in get_args(tp))
+        else:
+            _PLAIN[tp] = origin is None and not _is_record(tp) and tp not in (list, dict)
+    return _PLAIN[tp]
+
+
 def _read(tp: Any, value: Any) -> Any:
     if value is None:
         return None
@@ -80,6 +94,8 @@ def _read(tp: Any, value: Any) -> Any:
         return tp.from_json(value)
     if origin is list and isinstance(value, list):
         (item,) = get_args(tp)
+        if _is_plain(item):  # numbers, strings: kept as they are, without a call per element (--full tables)
+            return list(value)
         return [_read(item, v) for v in value]
     if origin is dict and isinstance(value, Mapping):
         _, item = get_args(tp)

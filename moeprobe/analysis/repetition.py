@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import choices as choices_mod
 from . import stats
 from .context import Context
 from .sampling import Sample
@@ -25,7 +26,11 @@ class RepetitionLayer:
 
 
 def compute(ctx: Context, sample: Sample) -> list[RepetitionLayer]:
-    got = ctx.query("repetition", sample=sample.table)
+    found = choices_mod.choices(ctx, sample)
+    if found is not None and found.regular and found.positions_unique:
+        got = ctx.run(_side_by_side_sql(found))
+    else:
+        got = ctx.query("repetition", sample=sample.table)
     out: list[RepetitionLayer] = []
     for layer, pairs, first, any_ in zip(got["layer"], got["pairs"], got["first_same"], got["any_same"], strict=True):
         index = int(layer)
@@ -44,3 +49,19 @@ def compute(ctx: Context, sample: Sample) -> list[RepetitionLayer]:
             )
         )
     return out
+
+
+def _side_by_side_sql(found: choices_mod.Choices) -> str:
+    """repetition.sql over one row per token and layer (each choice rank at most once, each position in one
+    step: checked): the pair of consecutive tokens is one joined row, "first" compares e0, "any" any e_i with
+    any e_j. Same counts, and the same layers (those with a pair of first choices), as the row-level join."""
+    cols = found.columns()
+    both_first = "a.e0 IS NOT NULL AND b.e0 IS NOT NULL"
+    shared = " OR ".join(f"a.{x} = b.{y}" for x in cols for y in cols)
+    return (
+        f"SELECT a.layer, count_if({both_first}) AS pairs, count_if(a.e0 = b.e0) AS first_same, "
+        f"count_if({shared}) AS any_same "
+        f"FROM {found.table} AS a JOIN {found.table} AS b "
+        "ON b.rank = a.rank AND b.sequence = a.sequence AND b.layer = a.layer AND b.position = a.position + 1 "
+        f"GROUP BY a.layer HAVING count_if({both_first}) > 0 ORDER BY a.layer"
+    )

@@ -21,7 +21,7 @@ from . import placement as placement_mod
 from . import router as router_mod
 from . import specialization as spec_mod
 from .context import Context
-from .sampling import DEFAULT_COUNT_BUDGET, DEFAULT_SAMPLE_BUDGET, sample as sample_routing
+from .sampling import DEFAULT_COUNT_BUDGET, DEFAULT_LOGIT_BUDGET, DEFAULT_SAMPLE_BUDGET, Sample, sample as sample_routing
 from .filters import Filters
 from .stats import spread
 
@@ -53,6 +53,7 @@ class ReportOptions:
     min_count: int = 10
     count_budget: int = DEFAULT_COUNT_BUDGET
     sample_budget: int = DEFAULT_SAMPLE_BUDGET
+    logit_budget: int = DEFAULT_LOGIT_BUDGET
     tag_keys: tuple[str, ...] | None = None
     full: bool = False  # add per-value count tables and co-activation matrices
 
@@ -65,6 +66,7 @@ class ReportOptions:
             "min_count": self.min_count,
             "count_budget": self.count_budget,
             "sample_budget": self.sample_budget,
+            "logit_budget": self.logit_budget,
         }
 
 
@@ -75,13 +77,25 @@ def clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     if isinstance(value, np.ndarray):
-        return clean(value.tolist())
+        return _clean_array(value)
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
         f = float(value)
         return None if math.isnan(f) or math.isinf(f) else round(f, 6)
     return value
+
+
+def _clean_array(value: np.ndarray) -> list[Any]:
+    """``clean`` of an array, row by row without a call per element (the --full count tables and co-activation
+    matrices hold tens of thousands of numbers): the same values as ``clean(value.tolist())``."""
+    if value.ndim > 1:
+        return [_clean_array(row) for row in value]
+    if value.dtype.kind in "iub":
+        return value.tolist()  # ints and bools as Python ints and bools, as clean leaves them
+    if value.dtype.kind == "f":
+        return [None if math.isnan(f) or math.isinf(f) else round(f, 6) for f in value.tolist()]
+    return clean(value.tolist())
 
 
 def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLayer, full: bool) -> dict[str, Any]:
@@ -370,9 +384,10 @@ def build(trace: Trace, filters: Filters | None = None, options: ReportOptions |
         keys = list(options.tag_keys) if options.tag_keys is not None else None
         spec = spec_mod.compute(ctx, counts, sample, keys=keys, min_count=options.min_count)
         specialization = _specialization_json(spec, options.full)
-        routers = router_mod.compute(ctx, sample)
+        router_sample = router_mod.choose_sample(ctx, sample, options.logit_budget)
+        routers = router_mod.compute(ctx, router_sample)
         if routers:
-            _attach_router(routers, layers, overall, specialization)
+            _attach_router(routers, router_sample, options.logit_budget, layers, overall, specialization)
     lat = latency_mod.compute(ctx)
 
     reader = trace.reader
@@ -433,6 +448,8 @@ def _empty_overall(load: load_mod.Load, ep: placement_mod.EPLoad) -> dict[str, A
 
 def _attach_router(
     routers: list[router_mod.RouterLayer],
+    sample: Sample,
+    logit_budget: int,
     layers: list[dict[str, Any]],
     overall: dict[str, Any],
     specialization: dict[str, Any],
@@ -459,7 +476,10 @@ def _attach_router(
                 "bias_tokens": r.bias_tokens,
             }
             for r in routers
-        ]
+        ],
+        # The sequences the statistics read: the token-level sample, or a smaller one under the logit budget.
+        "sample": sample.to_json(),
+        "logit_budget": logit_budget,
     }
 
 

@@ -52,6 +52,7 @@ class OptionsInfo(JsonRecord):
     min_count: int
     count_budget: int
     sample_budget: int
+    logit_budget: int
 
 
 # -- load -----------------------------------------------------------------------------------------------
@@ -293,6 +294,8 @@ class RouterLayer(JsonRecord):
 @dataclass(frozen=True)
 class Router(JsonRecord):
     layers: list[RouterLayer]
+    sample: SampleInfo  # the sequences the router statistics read (see sampling.DEFAULT_LOGIT_BUDGET)
+    logit_budget: int
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ report anyway) already counts; that is why sampling sits above ``load`` rather t
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,10 @@ from .load import aggregate
 # (repetition, co-activation, router scores). Load metrics always use every decision.
 DEFAULT_COUNT_BUDGET = 8_000_000
 DEFAULT_SAMPLE_BUDGET = 2_000_000
+# Router statistics read E logits per token and layer where the routing has k decisions: E / k times the data
+# (32 times for DeepSeek-V3). They use their own whole-sequence sample of at most this many logits, so that a
+# report over a trace with scores costs at most about twice the same report without (issue 14).
+DEFAULT_LOGIT_BUDGET = 4_000_000
 # A sample is this many runs of consecutive sequences, one in the middle of each quarter of the trace. More runs
 # spread it further but touch more Parquet row groups: at 100 M decisions, 16 runs cost three times the CPU.
 _SAMPLE_RUNS = 4
@@ -37,6 +41,14 @@ class Sample:
     decisions: int
     sequences: int
     budget: int
+    materialized: bool = False  # ``table`` is a temporary table holding the rows, not a subquery over the trace
+
+    def reading(self, other: Sample) -> Sample:
+        """This sample, read from ``other``'s temporary table when that holds the same sequences (same predicate):
+        the same rows, without decoding the trace's segments again. Otherwise this sample unchanged."""
+        if other.materialized and other.predicate == self.predicate and not self.materialized:
+            return replace(self, table=other.table, materialized=True)
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +106,7 @@ def sample(ctx: Context, budget: int, *, materialize: bool = True) -> Sample:
         decisions=kept,
         sequences=kept_sequences,
         budget=budget,
+        materialized=materialize,
     )
 
 

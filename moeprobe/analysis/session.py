@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..traces.errors import QueryError
 from ..traces.reader import TraceReader
-from .sampling import DEFAULT_COUNT_BUDGET, DEFAULT_SAMPLE_BUDGET
+from .sampling import DEFAULT_COUNT_BUDGET, DEFAULT_LOGIT_BUDGET, DEFAULT_SAMPLE_BUDGET
 from .snapshot import SnapshotCache
 
 if TYPE_CHECKING:
@@ -206,13 +206,21 @@ class Trace:
         counts = sample(ctx, count_budget, materialize=False)
         return specialization.compute(ctx, counts, sample(ctx, sample_budget), keys=tag_keys, min_count=min_count)
 
-    def router(self, filters: Filters | None = None, *, sample_budget: int = DEFAULT_SAMPLE_BUDGET) -> list[RouterLayer]:
-        """Router confidence, aux losses and bias flips from captured logits; empty without logits."""
+    def router(
+        self,
+        filters: Filters | None = None,
+        *,
+        sample_budget: int = DEFAULT_SAMPLE_BUDGET,
+        logit_budget: int = DEFAULT_LOGIT_BUDGET,
+    ) -> list[RouterLayer]:
+        """Router confidence, aux losses and bias flips from captured logits; empty without logits. They read the
+        sequences of the token-level sample (``sample_budget`` decisions), or fewer whole sequences when those
+        hold more than ``logit_budget`` logits; 0 means no limit."""
         from . import router
         from .sampling import sample
 
         ctx = self.context(filters)
-        return router.compute(ctx, sample(ctx, sample_budget))
+        return router.compute(ctx, router.choose_sample(ctx, sample(ctx, sample_budget), logit_budget))
 
     def latency_summary(self, filters: Filters | None = None) -> Latency:
         """Router and block time quantiles per layer, by phase, and against the step's max expert load."""

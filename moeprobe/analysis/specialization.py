@@ -163,6 +163,9 @@ def compute(
 ) -> Specialization:
     """Every specialization analysis. ``counts`` (not materialised) feeds the count tables, ``sample`` (a
     materialised subset) the self-joins. ``keys`` None means every tag key with at most ``max_values`` values."""
+    # A trace within both budgets (or budgets that pick the same sequences): the count tables read the rows the
+    # token-level sample already copied, about twice as fast as decoding the segments again.
+    counts = counts.reading(sample)
     known = tag_keys(ctx)
     if keys is None:
         chosen = [t.key for t in known if t.values <= max_values]

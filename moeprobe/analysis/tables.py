@@ -87,10 +87,17 @@ def header(report: Report) -> list[str]:
             "counts them (what the router asked for), \"processed\" load does not (what the experts computed)"
         )
     sample, counts = spec.sample, spec.counts_sample
-    if sample.fraction < 1 or counts.fraction < 1:
+    logits = spec.router.sample if spec.router else sample
+    if sample.fraction < 1 or counts.fraction < 1 or logits.fraction < 1:
+        if logits == sample:
+            token_level = f"repetition, co-activation and router {pct(sample.fraction)} ({sample.sequences:,} sequences)"
+        else:
+            token_level = (
+                f"repetition and co-activation {pct(sample.fraction)} ({sample.sequences:,} sequences), router "
+                f"{pct(logits.fraction)} ({logits.sequences:,} sequences, --logit-sample)"
+            )
         lines.append(
-            f"estimates on whole-sequence samples: tags and vocabulary {pct(counts.fraction)} of decisions, "
-            f"repetition, co-activation and router {pct(sample.fraction)} ({sample.sequences:,} sequences)"
+            f"estimates on whole-sequence samples: tags and vocabulary {pct(counts.fraction)} of decisions, {token_level}"
         )
     return lines
 

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--min-count", type=_positive, default=10, help="vocabulary specialization: ids seen at least this often")
     opt.add_argument("--sample", type=_count, metavar="DECISIONS", help="budget of the token-level sample (0: everything)")
     opt.add_argument("--count-sample", type=_count, metavar="DECISIONS", help="budget of the tag and vocabulary counts (0: everything)")
+    opt.add_argument("--logit-sample", type=_count, metavar="LOGITS",
+                     help="router statistics: at most this many logits, whole sequences (0: the whole --sample)")
     opt.add_argument("--full", action="store_true", help="JSON: add per-value count tables and co-activation matrices")
     opt.add_argument("--limit", type=_count, default=16, help="rows per table in text and Markdown (0: all)")
     eng = parser.add_argument_group("engine (docs/scale.md)")
@@ -90,6 +92,7 @@ def main(argv: list[str]) -> int:
         min_count=args.min_count,
         sample_budget=defaults.sample_budget if args.sample is None else args.sample,
         count_budget=defaults.count_budget if args.count_sample is None else args.count_sample,
+        logit_budget=defaults.logit_budget if args.logit_sample is None else args.logit_sample,
         full=args.full,
     )
     pictures = bool(args.html or args.png or args.svg)
@@ -124,9 +127,10 @@ def main(argv: list[str]) -> int:
         code = write_pictures("report", document, render_options, html=args.html, png=args.png, svg=args.svg)
         if code or not text_out:
             return code
-    from .render import json_doc, markdown, text
+    from importlib import import_module
 
-    renderer = json_doc if args.json else markdown if args.markdown else text
+    # Only the renderer asked for: text's tables are not imported for --json.
+    renderer = import_module(f".render.{'json_doc' if args.json else 'markdown' if args.markdown else 'text'}", __package__)
     renderer.render(document, sys.stdout, render_options)
     return 0
 

@@ -10,12 +10,14 @@ if TYPE_CHECKING:
 
 
 def render(document: Document, file: IO[str], options: RenderOptions | None = None) -> None:
-    from ...analysis.report_json import clean
-    from ...simulate.report_model import SimulateReport
+    from ...analysis.report_model import Comparison, Report
 
-    if isinstance(document, SimulateReport):
+    # The report's types first: a report never imports the simulator's modules (a sixth of a small report's time).
+    if isinstance(document, (Report, Comparison)):
+        json.dump(document.to_json(), file, indent=2, allow_nan=False)  # report_json cleaned it when it built it
+    else:
+        from ...analysis.report_json import clean
+
         # The simulator's values are as computed: cleaned here (6 decimals, NaN as null), one space of indent.
         json.dump(clean(document.to_json()), file, indent=1, allow_nan=False)
-    else:
-        json.dump(document.to_json(), file, indent=2, allow_nan=False)  # report_json cleaned it when it built it
     file.write("\n")

@@ -13,15 +13,14 @@ if TYPE_CHECKING:
 
 
 def render(document: Document, file: IO[str], options: RenderOptions | None = None) -> None:
-    from ...simulate.report_model import SimulateReport
-
-    if isinstance(document, SimulateReport):
+    found = report_lines_and_tables(document, (options or RenderOptions()).limit)
+    if found is None:  # not a report: the simulator's (its modules are imported only for it)
+        from ...simulate.report_model import SimulateReport
         from .simulate_text import write_simulate
 
+        assert isinstance(document, SimulateReport)
         write_simulate(document, file)
         return
-    found = report_lines_and_tables(document, (options or RenderOptions()).limit)
-    assert found is not None  # a Report or a Comparison
     lines, tables = found
     write_tables(lines, tables, file)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 import moeprobe
-from moeprobe.analysis.report_json import FORMAT_VERSION, ReportOptions, compare, compare_reports
+from moeprobe.analysis.report_json import FORMAT_VERSION, ReportOptions, clean, compare, compare_reports
 from moeprobe.analysis.report_model import Comparison, FiltersInfo, Report
 from moeprobe.analysis.tables import compare_tables, describe_filters, report_tables
 from moeprobe.traces.schema import TABLES
@@ -87,3 +88,12 @@ def test_filters_are_described_in_words() -> None:
     filters = {"steps": [2, None], "phase": "decode", "tags": {"domain": "code"}, "layers": [0, 3], "ranks": None}
     assert describe_filters(FiltersInfo.from_json(filters)) == "steps 2:, phase decode, domain=code, layers 0,3"
     assert describe_filters(FiltersInfo(steps=None, phase=None, tags={}, layers=None, ranks=None)) == "none"
+
+
+def test_clean_of_arrays_is_clean_of_their_lists() -> None:
+    """The array fast path (the --full tables) gives exactly what cleaning the Python lists element by element gives."""
+    floats = np.array([[1 / 3, math.nan, 2.5e-7], [math.inf, -math.inf, 1e300]])
+    for array in (floats, floats.astype(np.float32), np.arange(6, dtype=np.int16).reshape(2, 3), np.array([True, False])):
+        fast = clean({"a": array})["a"]
+        slow = clean({"a": [[clean(v) for v in row] if isinstance(row, list) else clean(row) for row in array.tolist()]})["a"]
+        assert fast == slow and [type(v) for v in np.ravel(np.array(fast, dtype=object))] == [type(v) for v in np.ravel(np.array(slow, dtype=object))]

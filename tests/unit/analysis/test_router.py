@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 import moeprobe
+from moeprobe.analysis.report_json import ReportOptions
+from moeprobe.analysis.report_model import Report
+from moeprobe.analysis.tables import header
 from moeprobe.traces.schema import TABLES
 from tests.support import layer_meta, routing_table, write_trace
 
@@ -100,3 +104,122 @@ def test_no_logits_no_router_section(tmp_path: Path) -> None:
     assert trace.router() == []
     report = trace.summary()
     assert report["specialization"]["router"] is None and report["overall"]["aux_loss"] is None
+
+
+def _four_sequences(rng: np.random.Generator, keep: list[int] | None = None) -> dict[str, Any]:
+    """Four sequences of 8 tokens, one layer of 4 experts, top-1, each sequence with its own logit scale: their
+    router statistics differ, so a statistic over the wrong tokens shows."""
+    logits = np.concatenate([rng.normal(0.0, 1.0 + s, size=(8, 4)) for s in range(4)])
+    experts = logits.argmax(axis=1)
+    sequence = np.repeat(np.arange(4), 8)
+    position = np.tile(np.arange(8), 4)
+    rows = np.flatnonzero(np.isin(sequence, keep if keep is not None else range(4)))
+    scores = _scores(logits[rows], 0)
+    scores = scores.set_column(1, "sequence", pa.array(sequence[rows], pa.int64()))
+    scores = scores.set_column(2, "position", pa.array(position[rows], pa.int32()))
+    routing = routing_table(experts[rows], sequence=sequence[rows], position=position[rows])
+    return {"routing": routing, "scores": scores}
+
+
+def test_logit_budget_reads_fewer_whole_sequences_and_says_so(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    write_trace(tmp_path / "all", _four_sequences(rng), layers=layer_meta(1, 4, 1))
+    trace = moeprobe.open_trace(tmp_path / "all")
+    # 32 tokens x 4 logits = 128 logits: a budget of 40 logits (10 decisions) keeps one whole sequence of 8 tokens
+    (budgeted,) = trace.router(logit_budget=40)
+    assert budgeted.tokens == 8
+    report = trace.summary(options=ReportOptions(logit_budget=40))
+    router = report["specialization"]["router"]
+    assert router["logit_budget"] == 40 and router["sample"]["sequences"] == 1
+    assert router["sample"]["fraction"] == pytest.approx(0.25)
+    assert report["specialization"]["sample"]["fraction"] == 1.0  # repetition and co-activation still read all
+    lines = header(Report.from_json(report))
+    assert any("router 25.0% (1 sequences, --logit-sample)" in line for line in lines)
+
+    # the statistics are those of the chosen sequence alone (the routing it joins with is that sequence's too)
+    chosen = int(trace.sql("SELECT DISTINCT sequence FROM scores WHERE " + _predicate(trace, 40))["sequence"][0].as_py())
+    write_trace(tmp_path / "one", _four_sequences(np.random.default_rng(7), keep=[chosen]), layers=layer_meta(1, 4, 1))
+    (alone,) = moeprobe.open_trace(tmp_path / "one").router(logit_budget=0)
+    for name in ("tokens", "entropy_norm", "margin", "z_loss", "switch_loss", "deepseek_seq_loss"):
+        assert getattr(budgeted, name) == pytest.approx(getattr(alone, name)), name
+
+    # a budget that holds every logit, or none (0), reads the token-level sample itself
+    for budget in (0, 128):
+        (whole,) = trace.router(logit_budget=budget)
+        assert whole.tokens == 32
+        assert trace.summary(options=ReportOptions(logit_budget=budget))["specialization"]["router"]["sample"]["fraction"] == 1.0
+
+
+def _predicate(trace: moeprobe.Trace, budget: int) -> str:
+    from moeprobe.analysis import router
+    from moeprobe.analysis.sampling import sample
+
+    ctx = trace.context()
+    return router.choose_sample(ctx, sample(ctx, 0), budget).predicate
+
+
+def _group_topk_reference(v: list[float], groups: int, kept: int, k: int) -> list[int]:
+    """DeepSeek-V3's group-limited top-k written out one token at a time (ties: lower index first)."""
+    size = len(v) // groups
+    score = [sum(sorted(v[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(groups)]
+    best = sorted(range(groups), key=lambda g: (-score[g], g))[:kept]
+    masked = [x if i // size in best and i < groups * size else -1e30 for i, x in enumerate(v)]
+    return sorted(sorted(range(len(v)), key=lambda i: (-masked[i], i))[:k])
+
+
+@pytest.mark.parametrize(("experts", "groups", "kept", "k"), [(16, 4, 2, 3), (12, 3, 1, 2), (10, 3, 2, 4), (8, 1, 1, 2)])
+def test_group_limited_top_k_matches_the_definition(experts: int, groups: int, kept: int, k: int) -> None:
+    from moeprobe.analysis.router import _group_topk
+
+    rng = np.random.default_rng(experts * 100 + groups)
+    v = rng.random((200, experts))
+    v[:20] = np.round(v[:20], 1)  # ties
+    got = _group_topk(v, groups, kept, k)
+    assert got.tolist() == [_group_topk_reference(list(row), groups, kept, k) for row in v]
+
+
+# What the SQL implementation (list lambdas, before the numpy one) computed on the trace of _golden_trace; the
+# numpy one must give the same to the last digits a report shows (it rounds to 6 decimals).
+_SQL_FIGURES = {
+    0: ("sigmoid", 36, 0.9179294870673841, 0.06838849779978722, 18.77374153471193, 1.0639945587947586,
+        1.050109780481393, 0.3611111111111111, 36),
+    1: ("softmax", 36, 0.5962280254025668, 0.018819736523903986, 17.78953714211407, 1.2706260637506064,
+        1.26485829940356, 0.8888888888888888, 36),
+}
+
+
+def _golden_trace(path: Path) -> None:
+    """Two layers of 16 experts, top-4: a DeepSeek-V3-style one (sigmoid, 4 groups, 2 kept) and a softmax one,
+    each with a correction bias (layer 0's changing at step 2); 3 sequences of 12 tokens over 4 steps."""
+    rng = np.random.default_rng(0)
+    E, k = 16, 4
+    seq, pos = np.repeat(np.arange(3), 12), np.tile(np.arange(12), 3)
+    step = pos // 3
+    layers = layer_meta(2, E, k, scoring="sigmoid", n_group=4, topk_group=2, has_bias=True)
+    layers[1]["scoring"] = "softmax"
+    layers[1].pop("n_group", None)
+    layers[1].pop("topk_group", None)
+    routing, scores = [], []
+    for layer in range(2):
+        x = rng.normal(0, 2, size=(36, E)).astype(np.float32)
+        top = np.argsort(-x, axis=1, kind="stable")[:, :k]
+        routing.append(routing_table(top, sequence=seq, position=pos, step=step, layer=layer))
+        table = _scores(x, layer).set_column(0, "step", pa.array(step, pa.int32()))
+        table = table.set_column(1, "sequence", pa.array(seq, pa.int64()))
+        scores.append(table.set_column(2, "position", pa.array(pos, pa.int32())))
+    bias = pa.table(
+        {"step": [0, 2, 0], "layer": [0, 0, 1], "bias": [list(map(float, rng.normal(0, 0.05, E))) for _ in range(3)]},
+        schema=TABLES["bias"],
+    )
+    write_trace(path, {"routing": routing, "scores": scores, "bias": bias}, layers=layers)
+
+
+def test_router_figures_are_those_of_the_sql_implementation(tmp_path: Path) -> None:
+    _golden_trace(tmp_path / "t")
+    got = moeprobe.open_trace(tmp_path / "t").router(logit_budget=0)
+    assert [r.layer for r in got] == [0, 1]
+    for r in got:
+        expected = _SQL_FIGURES[r.layer]
+        assert (r.scoring, r.tokens, r.bias_tokens) == (expected[0], expected[1], expected[8])
+        measured = (r.entropy_norm, r.margin, r.z_loss, r.switch_loss, r.deepseek_seq_loss, r.bias_flip)
+        assert measured == pytest.approx(expected[2:8], rel=1e-12, abs=0)

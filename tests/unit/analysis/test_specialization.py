@@ -133,3 +133,25 @@ def test_sample_keeps_whole_sequences_within_budget(tmp_path: Path) -> None:
     assert (full.fraction, full.decisions, full.sequences) == (1.0, 4000, 40)
     (rep,) = trace.specialization(sample_budget=1000).repetition
     assert rep.pairs == sample.sequences * 49
+
+
+def test_count_tables_read_the_copied_sample_only_when_it_holds_the_same_sequences(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    seq, pos = _sequences(8, 50)
+    tables = {
+        "routing": routing_table(_random_topk(rng, 400, 8, 2), sequence=seq, position=pos, token_id=rng.integers(0, 20, 400)),
+        "tags": _tags(["code", "math"] * 4),
+    }
+    write_trace(tmp_path / "t", tables, layers=layer_meta(1, 8, 2))
+    trace = moeprobe.open_trace(tmp_path / "t")
+    ctx = trace.context()
+    everything, copied = sample_routing(ctx, 0, materialize=False), sample_routing(ctx, 0)
+    assert everything.reading(copied).table == copied.table  # same sequences: the copy
+    part = sample_routing(ctx, 200)
+    assert part.predicate != "true" and everything.reading(part).table == everything.table  # others: the trace
+    # the count tables come out the same either way: with the copy (both budgets hold everything) and without
+    reused = trace.specialization(count_budget=0, sample_budget=0, min_count=2)
+    decoded = trace.specialization(count_budget=0, sample_budget=200, min_count=2)
+    assert reused.counts_sample.fraction == decoded.counts_sample.fraction == 1.0 and decoded.sample.fraction < 1
+    np.testing.assert_array_equal(reused.tags[0].layer(0).counts, decoded.tags[0].layer(0).counts)
+    assert reused.vocabulary == decoded.vocabulary

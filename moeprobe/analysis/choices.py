@@ -1,0 +1,72 @@
+"""A sample's routing with one row per token and layer, its choices side by side: what repetition and
+co-activation read instead of joining the routing rows with themselves.
+
+Both analyses compare the choices of one token (co-activation) or of two consecutive tokens (repetition). On
+the routing rows that is a self-join with k x k matches per token, the most expensive queries of a report
+(co-activation about a third of a one-million-decision report). Grouped once per token, the same counts come
+from a join of one row per token (repetition) or from the k columns of each row (co-activation, counted in
+numpy), with exactly the same results.
+
+The table is exact only where each token has each choice rank at most once (``regular``), and the grain
+without the step only where no position of a sequence was routed twice (``positions_unique``, e.g. a
+recomputed prompt): otherwise the analyses keep their row-level SQL, which counts duplicates as a join does.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .context import Context
+from .sampling import Sample
+
+# Choice ranks are kept as bits of a BIGINT (to check that none repeats): beyond this top-k, the row-level SQL.
+_MAX_TOP_K = 62
+
+
+@dataclass(frozen=True)
+class Choices:
+    """``table``: (rank, step, sequence, layer, position, e0 .. e{K-1}), one row per token and layer of the sample,
+    ``e{i}`` the expert of choice rank i (NULL when the token has no such choice)."""
+
+    table: str
+    top_k: int
+    regular: bool  # no token has a choice rank twice
+    positions_unique: bool  # no (rank, sequence, layer, position) in two steps
+
+    def columns(self) -> list[str]:
+        return [f"e{i}" for i in range(self.top_k)]
+
+
+def choices(ctx: Context, sample: Sample) -> Choices | None:
+    """The sample's choices side by side, built once per sample and filters; None when a layer's top-k is too
+    large for the check (then every analysis uses the routing rows)."""
+    top_k = max((ctx.top_k(i) for i in ctx.layers), default=0)
+    if not 0 < top_k <= _MAX_TOP_K:
+        return None
+    columns = ", ".join(f"min(expert) FILTER (WHERE k = {i}) AS e{i}" for i in range(top_k))
+    table = ctx.materialize(
+        f"choices_{zlib.crc32(sample.table.encode())}",
+        f"SELECT rank, step, sequence, layer, position, count(*) AS n_rows, bit_or(1::BIGINT << k) AS ranks, "
+        f"{columns} FROM {sample.table} AS s GROUP BY ALL",
+    )
+    # the checks, kept as a one-row table: repetition and co-activation both ask
+    checked = ctx.materialize(
+        f"{table.removeprefix('_mp_').removesuffix('_' + ctx.filters.key)}_checked",
+        f"SELECT coalesce(count_if(n_rows <> bit_count(ranks)), 0) AS repeated, count(*) AS tokens, "
+        f"count(DISTINCT (rank, sequence, layer, position)) AS positions FROM {table}",
+    )
+    got = ctx.run(f"SELECT * FROM {checked}")
+    repeated, tokens, positions = (int(got[name][0]) for name in ("repeated", "tokens", "positions"))
+    return Choices(table=table, top_k=top_k, regular=repeated == 0, positions_unique=tokens == positions)
+
+
+def fetch(ctx: Context, found: Choices) -> tuple[np.ndarray, np.ndarray]:
+    """(layer per row, experts as rows x top_k with -1 where a choice is missing), for counting in numpy."""
+    cols = ", ".join(f"coalesce({c}, -1)::INTEGER AS {c}" for c in found.columns())
+    got = ctx.run(f"SELECT layer::INTEGER AS layer, {cols} FROM {found.table}")
+    layers = got["layer"].astype(np.int64)
+    experts = np.stack([got[c].astype(np.int64) for c in found.columns()], axis=1) if len(layers) else np.empty((0, found.top_k), np.int64)
+    return layers, experts
