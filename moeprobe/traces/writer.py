@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .._version import __version__
@@ -78,6 +77,8 @@ def cannot_write(trace: Path, exc: OSError) -> TraceWriteError:
 
 
 def _decisions(batch: pa.RecordBatch) -> int:
+    import pyarrow.compute as pc  # not at the top: a report imports this module and never needs it
+
     return int(pc.sum(batch.column("choices")).as_py() or 0)
 
 

@@ -46,15 +46,22 @@ def write_tables(lines: list[str], tables: list[Table], out: IO[str]) -> None:
     import io
     import textwrap
 
-    from rich.console import Console
-
     from ...safe_text import printable
 
     width = _output_width(out)
     tty = out.isatty()
+    if not tty:
+        plain = _plain_text(lines, tables, width)
+        if plain is not None:
+            out.write(plain)
+            return
+
+    from rich.console import Console
+
     buffer = io.StringIO()
     # A wide virtual console renders each table at its natural width; the splitting below keeps it within `width`.
-    console = Console(file=buffer, width=100_000, highlight=False, force_terminal=tty, color_system="auto" if tty else None)
+    # emoji=False: a tag value such as ":fire:" is data, shown as written.
+    console = Console(file=buffer, width=100_000, highlight=False, emoji=False, force_terminal=tty, color_system="auto" if tty else None)
 
     def wrapped(text: str) -> None:
         text = printable(text)
@@ -73,6 +80,72 @@ def write_tables(lines: list[str], tables: list[Table], out: IO[str]) -> None:
             wrapped(table.note.strip())
     for line in buffer.getvalue().splitlines():
         out.write(line.rstrip() + "\n")
+
+
+# Rich's HEAVY_HEAD box, the one ``rich.table.Table`` draws by default: (left, middle, right, fill) per rule line.
+_TOP = ("┏", "┳", "┓", "━")
+_HEAD_RULE = ("┡", "╇", "┩", "━")
+_BOTTOM = ("└", "┴", "┘", "─")
+_HEAD_SIDES = ("┃", "┃", "┃")
+_BODY_SIDES = ("│", "│", "│")
+
+
+def _plain_text(lines: list[str], tables: list[Table], width: int | None) -> str | None:
+    """What the Rich path writes for a pipe or a file, drawn directly: Rich's table layout costs about 0.2 s of a
+    report that must finish in 1 s (issue 14). None when a table part is wider than ``width`` even on its own
+    (Rich then folds its cells) or a column is empty; the caller draws those with Rich.
+    Tested equal to the Rich path, line for line (tests/unit/test_text_render.py)."""
+    import textwrap
+
+    from rich.cells import cell_len
+
+    from ...safe_text import printable
+
+    out: list[str] = []
+
+    def wrapped(text: str) -> None:
+        text = printable(text)
+        out.extend(textwrap.wrap(text, width=width, break_on_hyphens=False) if width and len(text) > width else [text])
+
+    for line in lines:
+        wrapped(line)
+    for table in tables:
+        out.append("")
+        wrapped(table.title)
+        for part in _column_groups(table, width):
+            header = [printable(table.columns[i]) for i in part]
+            rows = [[printable(row[i]) if i < len(row) else "" for i in part] for row in table.rows]
+            widths = [max([cell_len(header[j])] + [cell_len(row[j]) for row in rows]) for j in range(len(part))]
+            if width is not None and sum(widths) + 3 * len(widths) + 1 > width:
+                return None
+            if min(widths, default=1) == 0:
+                return None  # Rich gives an empty column a width of its own
+            out.append(_rule(widths, _TOP))
+            out.append(_cells(header, widths, part, _HEAD_SIDES, cell_len))
+            out.append(_rule(widths, _HEAD_RULE))
+            out.extend(_cells(row, widths, part, _BODY_SIDES, cell_len) for row in rows)
+            out.append(_rule(widths, _BOTTOM))
+        if table.note.strip():
+            wrapped(table.note.strip())
+    return "".join(line.rstrip() + "\n" for line in out)
+
+
+def _rule(widths: list[int], box: tuple[str, str, str, str]) -> str:
+    left, middle, right, fill = box
+    return left + middle.join(fill * (w + 2) for w in widths) + right
+
+
+def _cells(values: list[str], widths: list[int], part: list[int], sides: tuple[str, str, str], cell_len: Any) -> str:
+    # The first column is left-aligned and the others right-aligned, as _rich_table sets them; Rich drops a
+    # right-aligned cell's trailing spaces (Text.justify), the column keeps the width they measured.
+    padded = []
+    for value, w, i in zip(values, widths, part):
+        if i != 0:
+            value = value.rstrip(" ")
+            padded.append(" " + " " * (w - cell_len(value)) + value + " ")
+        else:
+            padded.append(" " + value + " " * (w - cell_len(value)) + " ")
+    return sides[0] + sides[1].join(padded) + sides[2]
 
 
 def _output_width(out: IO[str]) -> int | None:
