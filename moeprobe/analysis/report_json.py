@@ -92,10 +92,12 @@ def _clean_array(value: np.ndarray) -> list[Any]:
     if value.ndim > 1:
         return [_clean_array(row) for row in value]
     if value.dtype.kind in "iub":
-        return value.tolist()  # ints and bools as Python ints and bools, as clean leaves them
+        plain: list[Any] = value.tolist()  # ints and bools as Python ints and bools, as clean leaves them
+        return plain
     if value.dtype.kind == "f":
         return [None if math.isnan(f) or math.isinf(f) else round(f, 6) for f in value.tolist()]
-    return clean(value.tolist())
+    cleaned: list[Any] = clean(value.tolist())
+    return cleaned
 
 
 def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLayer, full: bool) -> dict[str, Any]:

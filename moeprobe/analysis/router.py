@@ -206,7 +206,7 @@ def _numpy(array: pa.Array) -> np.ndarray:
     """A primitive Arrow array (no nulls: the query leaves rows with NULL keys out) as a numpy view of its data
     buffer: pyarrow's own ``to_numpy`` imports pandas on first use, 0.7 s of a report's second."""
     if array.null_count:  # a NULL logit inside a list: pyarrow's conversion, which makes it NaN
-        return array.to_numpy(zero_copy_only=False)
+        return np.asarray(array.to_numpy(zero_copy_only=False))
     dtype = np.dtype(_NUMPY_TYPES.get(str(array.type), str(array.type)))
     return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 

@@ -139,7 +139,7 @@ def _cells(values: list[str], widths: list[int], part: list[int], sides: tuple[s
     # The first column is left-aligned and the others right-aligned, as _rich_table sets them; Rich drops a
     # right-aligned cell's trailing spaces (Text.justify), the column keeps the width they measured.
     padded = []
-    for value, w, i in zip(values, widths, part):
+    for value, w, i in zip(values, widths, part, strict=True):
         if i != 0:
             value = value.rstrip(" ")
             padded.append(" " + " " * (w - cell_len(value)) + value + " ")

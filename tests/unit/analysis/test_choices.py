@@ -37,7 +37,7 @@ def _row_level(trace: moeprobe.Trace) -> tuple[dict, dict]:
     s = sample(ctx, 0)
     joint = coactivation._row_level(ctx, s)
     got = ctx.query("repetition", sample=s.table)
-    rep = {int(l): (int(p), int(f), int(a)) for l, p, f, a in zip(got["layer"], got["pairs"], got["first_same"], got["any_same"], strict=True)}
+    rep = {int(layer): (int(p), int(f), int(a)) for layer, p, f, a in zip(got["layer"], got["pairs"], got["first_same"], got["any_same"], strict=True)}
     return joint, rep
 
 
