@@ -9,6 +9,7 @@ expert, per step x layer) and are finished in numpy.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from ..traces.schema import ROUTING
 from .duckdb_errors import duckdb_errors
 from .filters import FilterError, Filters
 from .quoting import sql_literal
+from .views import stored_routing_invalid_sql
 
 if TYPE_CHECKING:
     from .session import Trace
@@ -105,36 +107,43 @@ class Context:
         A trace is data from whoever wrote it: an expert id -1 would index the last expert from the end, -32768
         or 300 past the array, a NULL becomes NaN, a step of -2**31 overflows step arithmetic. Such rows are
         left out of every analysis and counted (``invalid_decisions``), never silently used or dropped."""
-        a = alias
+        token, choice = self.contract_checks(lambda column: f"{alias}.{column}")
+        return "coalesce(" + " AND ".join(f"({c})" for c in token + choice) + ", false)"
+
+    def contract_checks(self, col: Callable[[str], str]) -> tuple[list[str], list[str]]:
+        """``valid_routing``'s conditions with ``col(name)`` as each routing column's SQL, split into those of the
+        token (the same for its k choices) and those of one choice (expert, rank): a format-2 trace checks the
+        first once per stored row (views.stored_routing_invalid_sql). A row is valid when all are true."""
         if not self.layers:
-            return "false"
+            return ["false"], []
         shapes = {(self.experts(i), self.top_k(i)) for i in self.layers}
+        layer, expert, rank = col("layer"), col("expert"), col("k")
         if len(shapes) == 1:
             # Every layer the same shape (the usual model): constants, which cost half the CASE per row below.
             ((n_experts, k),) = shapes
             indices = sorted(self.layers)
             contiguous = indices == list(range(indices[0], indices[-1] + 1))
-            shape = [
-                f"{a}.layer BETWEEN {indices[0]} AND {indices[-1]}" if contiguous
-                else f"{a}.layer IN ({', '.join(str(i) for i in indices)})",
-                f"{a}.expert >= 0 AND {a}.expert < {n_experts}",
-                f"{a}.k >= 0 AND {a}.k < {k}",
+            token_shape = [
+                f"{layer} BETWEEN {indices[0]} AND {indices[-1]}" if contiguous
+                else f"{layer} IN ({', '.join(str(i) for i in indices)})"
             ]
+            choice = [f"{expert} >= 0 AND {expert} < {n_experts}", f"{rank} >= 0 AND {rank} < {k}"]
         else:  # a layer the manifest does not list makes the CASE NULL: invalid too
             experts = " ".join(f"WHEN {i} THEN {self.experts(i)}" for i in self.layers)
             top_k = " ".join(f"WHEN {i} THEN {self.top_k(i)}" for i in self.layers)
-            shape = [
-                f"{a}.expert >= 0 AND {a}.expert < (CASE {a}.layer {experts} END)",
-                f"{a}.k >= 0 AND {a}.k < (CASE {a}.layer {top_k} END)",
+            token_shape = []
+            choice = [
+                f"{expert} >= 0 AND {expert} < (CASE {layer} {experts} END)",
+                f"{rank} >= 0 AND {rank} < (CASE {layer} {top_k} END)",
             ]
-        checks = [
+        token = [
             # The columns the schema declares non-null (weight is nullable: engine imports carry no gate weights).
-            *(f"{a}.{c} IS NOT NULL" for c in _NON_NULL if c not in ("step", "phase", "layer", "expert", "k")),
-            f"{a}.step >= 0",
-            f"{a}.phase IN ('prefill', 'decode')",
-            *shape,
+            *(f"{col(c)} IS NOT NULL" for c in _NON_NULL if c not in ("step", "phase", "layer", "expert", "k")),
+            f"{col('step')} >= 0",
+            f"{col('phase')} IN ('prefill', 'decode')",
+            *token_shape,
         ]
-        return "coalesce(" + " AND ".join(f"({c})" for c in checks) + ", false)"
+        return token, choice
 
     def _has_invalid(self) -> bool:
         """Whether any routing row of this snapshot breaks the contract: one counting pass per snapshot (cached on
@@ -144,9 +153,16 @@ class Context:
         cache = self.trace.snapshot_cache
         if cache.invalid_total is None:
             whole = self if self.filters.key == Filters().key else Context(self.trace)
-            got = whole.run(f"SELECT count(*)::BIGINT AS n FROM routing v WHERE NOT {whole.valid_routing('v')}")
+            # Format 2: once per stored row (per token), not once per decision through the view's K branches.
+            stored = stored_routing_invalid_sql(self.trace.reader, whole.contract_checks)
+            got = whole.run(stored or f"SELECT count(*)::BIGINT AS n FROM routing v WHERE NOT {whole.valid_routing('v')}")
             cache.invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
         return cache.invalid_total > 0
+
+    def contract_checked_per_token(self) -> bool:
+        """Whether this snapshot's contract check runs once per stored token row (format 2), cheaper than folding
+        it into a pass over the decisions (``load.aggregate``)."""
+        return self.trace.reader.routing_encoding is not None
 
     def contract_unchecked(self) -> bool:
         """Whether this snapshot's routing rows have not been checked against the contract yet, and this context

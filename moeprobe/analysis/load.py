@@ -103,7 +103,7 @@ def aggregate(ctx: Context) -> str:
     A counts trace has no routing rows; its ``loads`` table holds the same aggregate, so every load metric
     (MaxVio, windows, EP placement) reads from there unchanged.
     """
-    if ctx.mode == "tokens" and ctx.contract_unchecked() and not ctx.has_table("load"):
+    if ctx.mode == "tokens" and ctx.contract_unchecked() and not ctx.has_table("load") and not ctx.contract_checked_per_token():
         return _aggregate_checking_contract(ctx)
     return ctx.materialize("load", aggregate_sql(ctx))
 

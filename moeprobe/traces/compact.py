@@ -413,19 +413,40 @@ def routing_select(files_sql: str, encoding: RoutingEncoding, rank: int, full_ra
     for ``weight``. ``full_rank``: every row of these files uses all K columns in rank order (the reader
     checked their footers), so no branch filters on ``choices`` or looks up an explicit rank.
     """
-    phase = "CAST(CASE phase " + " ".join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(PHASES)) + " END AS VARCHAR)"
-    source = f"read_parquet([{files_sql}], hive_partitioning = false, union_by_name = false)"
+    phase = phase_sql()
+    source = stored_source(files_sql)
     branches = []
     for i in range(encoding.top_k):
         where = "" if full_rank else f" WHERE choices > {i}"
-        rank_sql = f"CAST({i} AS TINYINT)" if full_rank else f"CAST(coalesce(k[{i + 1}], {i}) AS TINYINT)"
+        rank_sql, expert_sql = choice_sql(i, full_rank)
         rows = f"(SELECT *, {_code_sql(encoding, i)} AS weight_code_ FROM {source}{where})"
         branches.append(
             f"SELECT step, sequence, position, token_id, {phase} AS phase, layer, "
-            f"{rank_sql} AS k, CAST(expert_{i} AS SMALLINT) AS expert, "
+            f"{rank_sql} AS k, {expert_sql} AS expert, "
             f"{_weight_sql(encoding)} AS weight, dropped, CAST({rank} AS INTEGER) AS rank FROM {rows}"
         )
     return " UNION ALL ".join(branches)
+
+
+def stored_source(files_sql: str) -> str:
+    """The DuckDB scan of stored v2 routing files (the logical view's source and the contract check's)."""
+    return f"read_parquet([{files_sql}], hive_partitioning = false, union_by_name = false)"
+
+
+def phase_sql() -> str:
+    """SQL for the logical ``phase`` of a stored row (NULL for a code that names no phase)."""
+    return "CAST(CASE phase " + " ".join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(PHASES)) + " END AS VARCHAR)"
+
+
+def choice_sql(i: int, full_rank: bool) -> tuple[str, str]:
+    """SQL for the logical ``k`` and ``expert`` of choice column i of a stored row (routing_select's branch i)."""
+    rank_sql = f"CAST({i} AS TINYINT)" if full_rank else f"CAST(coalesce(k[{i + 1}], {i}) AS TINYINT)"
+    return rank_sql, f"CAST(expert_{i} AS SMALLINT)"
+
+
+def choice_used_sql(i: int, full_rank: bool) -> str:
+    """SQL that is true where choice column i of a stored row is a logical row (routing_select's branch filter)."""
+    return "true" if full_rank else f"coalesce(choices > {i}, false)"
 
 
 def _code_sql(encoding: RoutingEncoding, i: int) -> str:

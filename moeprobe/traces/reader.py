@@ -403,8 +403,8 @@ def _stored_decisions(path: Path | str, meta: pq.FileMetaData, top_k: int, files
     for g in range(meta.num_row_groups):
         column = meta.row_group(g).column(leaf)
         stats = column.statistics
-        if stats is None or not stats.has_min_max:
-            break
+        if stats is None or not stats.has_min_max or not stats.has_null_count or stats.null_count:
+            break  # read the column (a NULL count is refused there)
         if not 1 <= int(stats.min) <= int(stats.max) <= top_k:
             raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
         if stats.min != stats.max:
@@ -412,7 +412,10 @@ def _stored_decisions(path: Path | str, meta: pq.FileMetaData, top_k: int, files
         total += int(stats.min) * column.num_values
     else:
         return total
-    choices = pq.read_table(path, columns=["choices"], filesystem=filesystem).column("choices").to_numpy()
+    column = pq.read_table(path, columns=["choices"], filesystem=filesystem).column("choices")
+    if column.null_count:  # a hostile file: the view would drop those rows' decisions without a word
+        raise CorruptSegmentError(f"{path}: routing segment has rows without a choice count")
+    choices = column.to_numpy()
     if choices.size and not (int(choices.min()) >= 1 and int(choices.max()) <= top_k):
         raise CorruptSegmentError(f"{path}: routing segment has choice counts outside 1..{top_k}")
     return int(choices.sum(dtype=np.int64))
