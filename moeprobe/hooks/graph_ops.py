@@ -206,10 +206,16 @@ def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len
     """record_step for counts mode on the host when the stack got no mask and no positions (every token real,
     positions from the cache length): the same state and step row, from Python integers, without building the
     position and mask tensors that only token rows and padding would need. Eager calls only."""
+    _plain_step(_view(state), step_ring, batch, seq_len, new, 0, counts_window, counts_row)
+
+
+def _plain_step(s: np.ndarray, step_ring: Tensor, batch: int, seq_len: int, new: bool, sample: int, counts_window: int, counts_row: int) -> tuple[int, bool]:
+    """The state and step row of a plain step (every token real), shared by the two host paths below; returns
+    the step and whether its tokens are kept (1 step in ``sample``; never with sample 0)."""
     n = batch * seq_len
-    s = _view(state)
     step = int(s[STEP]) + 1
-    s[STEP], s[KEEP], s[STEP_TOKENS], s[STEP_PADDED] = step, 0, n, 0
+    keep = sample > 0 and step % sample == 0
+    s[STEP], s[KEEP], s[STEP_TOKENS], s[STEP_PADDED] = step, int(keep), n, 0
     cursor = int(s[STEP_CURSOR])
     ring = _view(step_ring)
     if cursor < ring.shape[0] - 1:
@@ -217,6 +223,7 @@ def record_plain_step_host(step_ring: Tensor, state: Tensor, batch: int, seq_len
     s[STEP_CURSOR] = cursor + 1
     if counts_window:
         _point_counts_at(s, step, counts_window, counts_row)
+    return step, keep
 
 
 def record_plain_tokens_host(
@@ -233,16 +240,7 @@ def record_plain_tokens_host(
     batch, seq_len = ids.shape
     n = batch * seq_len
     s = _view(state)
-    step = int(s[STEP]) + 1
-    keep = sample > 0 and step % sample == 0
-    s[STEP], s[KEEP], s[STEP_TOKENS], s[STEP_PADDED] = step, int(keep), n, 0
-    cursor = int(s[STEP_CURSOR])
-    ring = _view(step_ring)
-    if cursor < ring.shape[0] - 1:
-        ring[cursor] = (step, batch, seq_len, int(new), n)
-    s[STEP_CURSOR] = cursor + 1
-    if counts_window:
-        _point_counts_at(s, step, counts_window, counts_row)
+    step, keep = _plain_step(s, step_ring, batch, seq_len, new, sample, counts_window, counts_row)
     if keep and n:
         cursor = int(s[TOKEN_CURSOR])
         fit = max(0, min(n, token_ring.shape[0] - 1 - cursor))
