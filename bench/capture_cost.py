@@ -43,12 +43,12 @@ _clock = time.thread_time_ns  # CPU time of the model's thread: what other proce
 
 
 def _timed_hooks() -> None:
-    """Time every hook call of hook capture (the wrapper Probe._checked puts around each hook)."""
-    original = probe_module.Probe._checked
+    """Time every part of hook capture's wrappers (each goes through Probe._sync_checked when it is built)."""
+    original = probe_module.Probe._sync_checked
 
     def checked(self: Any, fn: Any) -> Any:
         inner = original(self, fn)
-        where = f"hook {getattr(fn, '__name__', 'hook')}"
+        where = f"hook {getattr(fn, '__name__', 'part')}"
 
         def timed(*args: Any) -> Any:
             t = _clock()
@@ -59,7 +59,7 @@ def _timed_hooks() -> None:
 
         return timed
 
-    probe_module.Probe._checked = checked  # type: ignore[method-assign]
+    probe_module.Probe._sync_checked = checked  # type: ignore[method-assign]
 
 
 def _timed_wrappers() -> None:

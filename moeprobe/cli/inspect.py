@@ -181,7 +181,7 @@ def _render(summary: dict[str, Any]) -> None:
         sample = options.get("sample")
         console.print(
             f"capture   {plain(capture)} "
-            + ("(forward hooks, with latency)" if capture == "hooks" else "(ops in the model's graph, no latency)")
+            + ("(wrapped forwards, with latency)" if capture == "hooks" else "(ops in the model's graph, no latency)")
             + (f"; tokens of 1 step in {plain(sample)}, counts of every step" if sample else "")
         )
     for shard in m["shards"]:

@@ -3,10 +3,12 @@
 Adapters are keyed by class *name* so that moeprobe never has to import a model family's module. A name only
 says where to look: what is read is then checked by contract (:mod:`.contracts`): attributes by type when the
 layer is attached, the router's output by dtype and shape on every call. Every extraction here is pure tensor
-work (no host synchronisation): it runs inside a forward hook.
+work (no host synchronisation): it runs on the model's thread, inside the router's wrapped forward.
 """
 
 from __future__ import annotations
+
+import functools
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,9 +141,28 @@ def _switch_meta(router: nn.Module, block: nn.Module, name: str) -> dict[str, An
     }
 
 
+CORRECTION_BIAS = "e_score_correction_bias"  # DeepSeek-V3's router buffer (transformers' name)
+
+
 def _correction_bias(router: nn.Module) -> torch.Tensor | None:
-    bias = getattr(router, "e_score_correction_bias", None)
+    # Read at every step's end: a buffer (as transformers registers it) straight from the module's buffer dict, a
+    # tenth of what nn.Module.__getattr__ costs; a parameter or plain attribute through getattr.
+    buffers = router.__dict__.get("_buffers")
+    bias = buffers.get(CORRECTION_BIAS) if buffers is not None else None
+    if bias is None:
+        bias = getattr(router, CORRECTION_BIAS, None)
     return bias if isinstance(bias, torch.Tensor) else None
+
+
+def bias_reader(layer: Any) -> Callable[[], torch.Tensor | None]:
+    """How to read a layer's correction bias once per step: the router's buffer dict's ``get`` when the bias is the
+    buffer transformers registers (a dict lookup), the layer's own reader otherwise (a user's module may keep it
+    as a parameter or plain attribute)."""
+    router = layer.source_module if layer.router is None else layer.router
+    buffers = router.__dict__.get("_buffers")
+    if isinstance(buffers, dict) and buffers.get(CORRECTION_BIAS) is not None and buffers.get(CORRECTION_BIAS) is layer.bias():
+        return functools.partial(buffers.get, CORRECTION_BIAS)
+    return layer.bias  # type: ignore[no-any-return]
 
 
 FAMILIES: dict[str, Family] = {

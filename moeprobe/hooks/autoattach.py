@@ -106,7 +106,8 @@ class _Recorder:
             if handle is None:
                 return
             handle.remove()
-            self._attach(model)
+            if self._attach(model):
+                self.probes[-1].join_call(model, args, {})  # as in _any_forward: the model's own call is under way
 
     def routers(self) -> dict[Any, Any] | None:
         """The user's router declarations, loaded on first use (the file may import the job's own modules)."""
@@ -192,22 +193,15 @@ class _Recorder:
             if self.routers() is None:
                 self._remove_module_hook()
                 return
-            before = set(module._forward_pre_hooks)
             if not self._attach(module):
                 return
             # Found: stop paying for a global hook on every module call (a second plain-PyTorch model built later
             # is not looked at; transformers models still are).
             self._remove_module_hook()
-            # torch took its list of this call's pre-hooks before ours ran, so the probe's own pre-hooks on the
-            # model would miss this first call: run them now, as torch would have. A global hook does not see
-            # keyword arguments; the model's entry hook only needs them when the model itself reads the tokens.
-            for hook_id, hook in list(module._forward_pre_hooks.items()):
-                if hook_id in before:
-                    continue
-                if hook_id in module._forward_pre_hooks_with_kwargs:
-                    hook(module, args, {})
-                else:
-                    hook(module, args)
+            # torch looked up this call's forward before the probe wrapped it, so the probe's entry would miss this
+            # first call: it joins the call in progress. A global hook does not see keyword arguments; the entry
+            # only needs them when the model itself reads the tokens.
+            self.probes[-1].join_call(module, args, {})
 
     def _remove_module_hook(self) -> None:
         if self._global_hook is not None:

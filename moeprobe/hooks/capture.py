@@ -25,10 +25,10 @@ from .token_context import TokenContext
 CONTEXT_TENSORS = ("input_ids", "position_ids", "attention_mask", "mask_4d")
 
 
-@dataclass
+@dataclass(slots=True)  # slots: built on the model thread once per MoE layer and step
 class LayerCapture:
     layer: int
-    context: TokenContext | None
+    context: Any  # TokenContext (a PendingContext until the step is resolved: noted_routing.resolve) or None
     indices: torch.Tensor  # (tokens, k)
     weights: torch.Tensor | None  # (tokens, k)
     scores: torch.Tensor | None  # (tokens, E)
@@ -48,43 +48,62 @@ class LayerCapture:
         return total
 
 
-class LayerMarks:
-    """One layer's clock marks in one step (CUDA events on GPU, perf_counter ns on CPU); None until taken.
-
-    Created by the block's pre-hook, filled by the router's hooks and the block's post-hook on the model's thread,
-    read and given back to the clock's pool on the writer thread."""
-
-    __slots__ = ("router_start", "router_end", "block_start", "block_end")
-
-    def __init__(self, block_start: Any) -> None:
-        self.router_start: Any = None
-        self.router_end: Any = None
-        self.block_start = block_start
-        self.block_end: Any = None
-
-    def all(self) -> tuple[Any, Any, Any, Any]:
-        """The four marks, for the clock to take back (it skips None)."""
-        return (self.router_start, self.router_end, self.block_start, self.block_end)
+# One layer's clock marks in one step (CUDA events on GPU, perf_counter ns on CPU; None until taken): a plain list
+# [block start, router start, router end, block end], made by the block's wrapper and filled by the router's and
+# the block's on the model's thread, read and given back to the clock's pool on the writer thread. A list literal,
+# not an object: it is made three times a step in the decode loop, where a Python __init__ costs several times more.
+BLOCK_START, ROUTER_START, ROUTER_END, BLOCK_END = range(4)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: built on the model thread once per step
 class StepBuffer:
     step: int
     started_at: float = field(default_factory=time.time)
     t0: int = field(default_factory=time.perf_counter_ns)
     wall_ms: float = 0.0
-    contexts: list[TokenContext] = field(default_factory=list)
+    contexts: list[Any] = field(default_factory=list)  # TokenContext (PendingContext until resolved, see resolve)
     layers: list[LayerCapture] = field(default_factory=list)
-    marks: dict[int, LayerMarks] = field(default_factory=dict)  # layer -> its clock marks
+    marks: dict[int, list[Any]] = field(default_factory=dict)  # layer -> its clock marks (see BLOCK_START)
     bias: dict[int, torch.Tensor] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None  # CUDA: recorded after the host copies
     held_bytes: int = 0  # bytes of the captures kept so far (see keep)
     over_budget: bool = False  # the step stopped keeping its captures; `lost` decisions are counted as dropped
     lost: int = 0
+    # Router calls noted by reference, read on the writer thread by ``resolve`` (hook capture on the host, see
+    # noted_routing.py): their decisions and queue bytes are counted when noted, so drops and the budget see them.
+    noted: list[Any] = field(default_factory=list)
+    noted_decisions: int = 0
+    noted_queue_bytes: int = 0
+    resolve: Any = None  # writer thread: turns ``noted`` into ``layers`` (None: nothing noted)
 
     @property
     def decisions(self) -> int:
-        return sum(c.decisions for c in self.layers)
+        return sum(c.decisions for c in self.layers) + self.noted_decisions
+
+    def _release(self, decisions: int) -> None:
+        """Past the budget: drop everything kept (the references were all that kept those tensors alive) and from
+        then on only count the decisions lost."""
+        self.over_budget = True
+        self.lost = self.decisions + decisions
+        self.layers.clear()
+        self.noted.clear()
+        self.noted_decisions = self.noted_queue_bytes = 0
+        self.held_bytes = 0
+
+    def note(self, call: Any, decisions: int, size: int, queue_size: int, limit: int) -> bool:
+        """Keep a noted router call (see noted_routing.py) of ``decisions`` decisions holding ``size`` bytes, under
+        the same budget rule as :meth:`keep`."""
+        if self.over_budget:
+            self.lost += decisions
+            return False
+        if self.held_bytes + size > limit:
+            self._release(decisions)
+            return False
+        self.noted.append(call)
+        self.noted_decisions += decisions
+        self.noted_queue_bytes += queue_size
+        self.held_bytes += size
+        return True
 
     def keep(self, capture: LayerCapture, limit: int) -> bool:
         """Keep ``capture`` unless the step's captures would then hold more than ``limit`` bytes; past it the step
@@ -95,10 +114,7 @@ class StepBuffer:
             return False
         size = capture.nbytes()
         if self.held_bytes + size > limit:
-            self.over_budget = True
-            self.lost = self.decisions + capture.decisions
-            self.layers.clear()
-            self.held_bytes = 0
+            self._release(capture.decisions)
             return False
         self.layers.append(capture)
         self.held_bytes += size
@@ -107,12 +123,15 @@ class StepBuffer:
     def nbytes(self) -> int:
         """Host memory this step will hold once converted: what the queue's byte budget counts."""
         # Runs on the model's thread at every step's end: plain attribute reads, one numel() per tensor.
-        total = 0
+        total = self.noted_queue_bytes
         for c in self.layers:
             total += c.indices.numel() * 16  # decisions (= the indices' elements) x (int64 index + float32 weight + row columns), roughly
             if c.scores is not None:
                 total += c.scores.numel() * 4
         for ctx in self.contexts:  # token context tensors travel to the host too (a decode mask can be MBs)
+            if type(ctx) is not TokenContext:
+                total += ctx.nbytes()  # a PendingContext: the stack call's argument tensors, held until read
+                continue
             for t in (ctx.input_ids, ctx.position_ids, ctx.attention_mask, ctx.mask_4d):  # CONTEXT_TENSORS
                 if t is not None:
                     total += t.numel() * t.element_size()

@@ -1,7 +1,7 @@
 """Is the model compiled, or is a graph being traced or captured right now? Decides hook vs graph-safe capture.
 
-Forward hooks see nothing of a CUDA graph replay, and a hook with host side effects (a clock read, a Python
-list append) breaks ``torch.compile``: under ``fullgraph=True`` dynamo raises, the user's job dies. So hook
+Hook capture's wrappers (Python) see nothing of a CUDA graph replay, and their host side effects (a clock read, a
+Python list append) break ``torch.compile``: under ``fullgraph=True`` dynamo raises, the user's job dies. So hook
 capture is never used where it cannot see everything: a model compiled before ``record()`` gets the graph-safe
 capture (or a one-line refusal when hook capture was asked for), and a model compiled or captured after the
 hooks were attached is refused at the next step, never recorded short.

@@ -29,6 +29,7 @@ from torch import nn
 from ..traces.schema import TABLES
 from . import contracts, graph_ops as ops
 from .capture import LayerCapture, StepBuffer
+from .wrapping import ForwardWraps
 from .host_counts import DeferredCounts, Noted, apply as apply_noted
 from .host_rows import Note, RoutingNotes, TokenNote, fill as fill_routing, fill_tokens
 from .token_context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
@@ -233,34 +234,23 @@ class GraphCapture:
         )
         # Token rows on the host, eagerly: routing rows and plain steps' token rows noted, filled in by the writer.
         self.routing_notes = RoutingNotes(self.routing_ring, k) if tokens and device.type == "cpu" else None
-        self._restore: list[tuple[nn.Module, Any]] = []
+        self._wraps = ForwardWraps()
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.steps_drained = 0
 
     # -- attaching ----------------------------------------------------------------------------------
-    def _wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-        had = module.__dict__.get("forward")  # an instance attribute set by someone else, kept and restored
-        original = module.forward
-        module.forward = make(original)
-        self._restore.append((module, had))
-
     def attach(self) -> None:
-        self._wrap(self.stack, self._stack_forward)
+        self._wraps.wrap(self.stack, self._stack_forward)
         for layer in self.layers:
             record, route = self._recorder(layer), _Route()
-            self._wrap(layer.source_module, functools.partial(self._layer_forward, layer=layer, record=record, route=route))
+            self._wraps.wrap(layer.source_module, functools.partial(self._layer_forward, layer=layer, record=record, route=route))
             if layer.source == "router" and layer.experts_fallback is not None:
                 # A router that may return bare logits (DeepSeek-V3 before transformers 5.13 routes in the block):
                 # then the routing is read from the experts module's inputs, as hook capture does.
-                self._wrap(layer.experts_fallback, functools.partial(self._experts_forward, layer=layer, record=record, route=route))
+                self._wraps.wrap(layer.experts_fallback, functools.partial(self._experts_forward, layer=layer, record=record, route=route))
 
     def detach(self) -> None:
-        restore, self._restore = self._restore, []
-        for module, had in reversed(restore):
-            if had is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = had
+        self._wraps.restore()
 
     def _stack_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         reader = self.reader

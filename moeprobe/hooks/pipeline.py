@@ -27,7 +27,7 @@ from ..metrics.counts import LiveCounts
 from ..traces.compact import decode
 from ..traces.schema import PHASES, TABLES
 from ..traces.writer import ShardWriter
-from .capture import LayerCapture, StepBuffer
+from .capture import BLOCK_END, BLOCK_START, ROUTER_END, ROUTER_START, LayerCapture, StepBuffer
 from .sequences import ResolvedTokens, SequenceTracker, unmatched_rows
 
 log = logging.getLogger(__name__)
@@ -461,6 +461,10 @@ class CapturePipeline:
         """Writer thread: check and collect one step; a malformed step is dropped and counted alone. (Graph
         capture's drains call this too, so its steps obey the same contract as hook capture's.)"""
         try:
+            # Hook capture's stack arguments and router calls kept by reference, read and checked here
+            # (noted_routing.py); a step left with nothing to write was counted there.
+            if step.resolve is not None and not step.resolve(step):
+                return
             self._check_step(step)
             self._convert(step)
         except Exception as exc:  # noqa: BLE001 - one malformed step must not end the recording
@@ -554,9 +558,9 @@ class CapturePipeline:
         counters["steps"] += 1
         counters["tokens"] += tokens
         for layer, m in step.marks.items():
-            router = self.clock.elapsed_ms(m.router_start, m.router_end)
-            block = self.clock.elapsed_ms(m.block_start, m.block_end)
-            self.clock.release(m.all())
+            router = self.clock.elapsed_ms(m[ROUTER_START], m[ROUTER_END])
+            block = self.clock.elapsed_ms(m[BLOCK_START], m[BLOCK_END])
+            self.clock.release(m)
             self._latency_rows.append(
                 (step.step, layer, np.nan if router is None else router, np.nan if block is None else block, self.clock.name)
             )

@@ -1,12 +1,12 @@
-"""The probe: attaches capture hooks to a model and records its routing into a trace.
+"""The probe: wraps a model's stack, MoE blocks and routers and records its routing into a trace.
 
     with moeprobe.record(model, "traces/run1") as probe:
         probe.tag(domain="code")
         model.generate(input_ids, max_new_tokens=64)
 
-Hook discipline (see DESIGN.md, "Capture rules"): hooks keep references and clock marks only, never
-synchronise the host, never raise into the model (anomalies are counted), and every handle is removed on
-exit, also when the model raised.
+Capture discipline (docs/architecture.md, "Capture rules"): the wrapped forwards ("hook capture", the name of the
+mode) keep references and clock marks only, never synchronise the host, never raise into the model (anomalies are
+counted), and every wrapper and hook is removed on exit, also when the model raised.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from ..metrics.live import MetricsLink as _MetricsLink
 from ..metrics.options import MetricsOptions
 from ..traces.compact import DEFAULT_WEIGHTS, WEIGHT_MODES
 from ..traces.writer import ShardWriter
-from .capture import LayerCapture, LayerMarks, StepBuffer, move_to_host
-from .token_context import ContextReader, TokenContext
+from .capture import BLOCK_END, ROUTER_END, ROUTER_START, LayerCapture, StepBuffer, move_to_host
+from .token_context import ContextReader, PendingContext, TokenContext
+from .wrapping import ForwardWraps
+from .noted_routing import NotedLayer, at_slots, resolve as resolve_noted, slots_of
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
-from .adapters import transformers_version
+from .adapters import bias_reader, transformers_version
 from .destination import TraceDestination, job_rank, trace_location
 from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
@@ -71,43 +73,6 @@ def _tokenizer_name(model: nn.Module, config: Any) -> str | None:
 def _detached(t: Any) -> Any:
     """``t`` cut from autograd; as is when it has no autograd history (inference: no new tensor per call)."""
     return t.detach() if t is not None and t.requires_grad else t
-
-
-def _slots_of(output: Any, parts: Any) -> tuple[int, int, int, int] | None:
-    """(indices, weights, scores or -1, tuple length): where the extracted parts sit in a router's output tuple,
-    by identity; None when the extractor computed a part (Switch, Llama 4) or reported dropped tokens."""
-    indices, weights, scores, dropped = parts
-    if type(output) is not tuple or dropped is not None or weights is None:
-        return None
-    where = [next((n for n, t in enumerate(output) if t is part), -1) for part in (indices, weights, scores)]
-    if where[0] < 0 or where[1] < 0 or (scores is not None and where[2] < 0):
-        return None
-    return where[0], where[1], where[2], len(output)
-
-
-def _at_slots(output: Any, slots: tuple[int, int, int, int], k: int, num_experts: int) -> Any:
-    """The parts at the remembered places of the router's output, if that output still has the remembered form:
-    a tuple of the same length, integer indices of width k, floating weights of their shape, floating scores of
-    width E (what topk_parts identifies them by). None otherwise: the caller identifies the parts anew."""
-    if type(output) is not tuple or len(output) != slots[3]:
-        return None
-    indices, weights = output[slots[0]], output[slots[1]]
-    if (
-        not isinstance(indices, torch.Tensor)
-        or indices.dtype not in contracts._INTEGER
-        or indices.dim() < 1
-        or indices.shape[-1] != k
-        or not isinstance(weights, torch.Tensor)
-        or not weights.is_floating_point()
-        or weights.shape != indices.shape
-    ):
-        return None
-    scores = None
-    if slots[2] >= 0:
-        scores = output[slots[2]]
-        if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.shape[-1] != num_experts:
-            return None
-    return indices, weights, scores, None
 
 
 class Probe:
@@ -171,7 +136,9 @@ class Probe:
         # and close() raises it unless the probe was attached to an unmodified job (moeprobe record).
         self.refusal: UnsupportedModelError | None = None
         self.raise_on_refusal = raise_on_refusal
-        self._experts_hooks: dict[int, Any] = {}
+        self._experts_forwards: dict[int, Any] = {}  # layer -> its experts wrapper's maker (see _route_through_experts)
+        self._wraps = ForwardWraps()  # hook capture's wrapped forwards (see _attach)
+        self._entries: dict[int, ContextReader | None] = {}  # id(entry module) -> its context reader (see join_call)
         self._pending_scores: dict[int, Any] = {}
         if metrics_port is not None and path is None:
             raise ValueError("metrics_port needs a trace path: the endpoint counts the rows the trace writer writes")
@@ -200,11 +167,20 @@ class Probe:
         self._depth = 0
         self._next_step = 0
         self._primary_stack: int | None = None
-        self._current: dict[int, TokenContext] = {}  # stack id -> context of its latest forward call
+        self._current: dict[int, TokenContext | PendingContext] = {}  # stack id -> context of its latest forward call
         self._tags: dict[str, Any] = {}
-        self.anomalies: dict[str, int] = {}
+        self._model_anomalies: dict[str, int] = {}  # counted on the model's thread (see anomalies)
+        # Contract failures found on the writer thread, reading noted router calls (noted_routing.py): its own dict,
+        # so that the two threads never update one counter.
+        self._writer_anomalies: dict[str, int] = {}
+        self._limit = int(max_queue_mb * (1 << 20))  # the pipeline's byte budget, which a step's captures count against
+        # Steps note validated router calls for the writer thread to read, when there is one and nothing needs the
+        # parts during the step (live_loads counts them on the device).
+        self._resolver: Any = self._resolve_noted if path is not None and not live_loads else None
         self._warned_anomaly = False
-        self._bias_versions: dict[int, tuple[int, int]] = {}
+        self._bias_versions: dict[int, tuple[int, int]] = {}  # layer -> (id, version) of the bias last written
+        self._bias_layers = [layer for layer in self.layers if layer.meta.get("has_bias")]
+        self._bias_reads = [(layer.index, bias_reader(layer)) for layer in self._bias_layers]
         self._loads: list[torch.Tensor] | None = None
         if live_loads:
             self._loads = [torch.zeros(layer.meta["num_experts"], dtype=torch.int64, device=device) for layer in self.layers]
@@ -280,7 +256,7 @@ class Probe:
             self._abandon_new_trace()
             raise
         self.pipeline.live = self._metrics.counts
-        self._metrics.connect(self.pipeline, lambda: dict(self.anomalies))
+        self._metrics.connect(self.pipeline, lambda: self.anomalies)
         self.metrics_url = self._metrics.url
 
     def _abandon_new_trace(self) -> None:
@@ -320,9 +296,18 @@ class Probe:
         return loads
 
     @property
+    def anomalies(self) -> dict[str, int]:
+        """What capture counted instead of recording (kind -> count): on the model's thread and, for noted router
+        calls, on the writer thread. A new dict each time."""
+        counts = dict(self._model_anomalies)
+        for kind, n in dict(self._writer_anomalies).items():  # a copy first: the writer thread adds to it
+            counts[kind] = counts.get(kind, 0) + n
+        return counts
+
+    @property
     def stats(self) -> dict[str, Any]:
         counters = self.pipeline.writer.counters if self.pipeline is not None else {}
-        return {"steps": self._next_step, "anomalies": dict(self.anomalies), **counters}
+        return {"steps": self._next_step, "anomalies": self._counters(), **counters}
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Finish the step in flight, then wait (at most ``timeout`` seconds) until everything captured so far is
@@ -369,11 +354,18 @@ class Probe:
 
     def _counters(self) -> dict[str, int]:
         """Anomalies for the manifest: the hooks' own, and CUDA event marks the pool could not supply."""
-        counters = dict(self.anomalies)
+        counters = self.anomalies
         exhausted = getattr(self.clock, "exhausted", 0)
         if exhausted:
             counters["latency:events_exhausted"] = exhausted
         return counters
+
+    def _resolve_noted(self, step: StepBuffer) -> bool:
+        """Writer thread: read what a host step kept by reference (noted_routing.py); False: nothing to write."""
+        return resolve_noted(step, self._count_writer_anomaly)
+
+    def _count_writer_anomaly(self, kind: str) -> None:
+        self._writer_anomalies[kind] = self._writer_anomalies.get(kind, 0) + 1
 
     def _refuse_traced(self) -> None:
         """A hook ran while dynamo traced it or a CUDA graph was captured: what it saw is not recorded, so the
@@ -385,21 +377,12 @@ class Probe:
             "hook capture cannot see inside a graph: call record() after compiling, or pass capture='graph'"
         ))
 
-    def _checked(self, fn: Any) -> Any:
-        compiling = torch.compiler.is_compiling  # bound once: the guard runs on every hook call
-
-        def guarded(*args: Any) -> Any:
-            # Inside a graph being traced a hook must do nothing with side effects on the host (a clock read breaks
-            # fullgraph compiles); it only notes that it was there (dynamo replays the store). CUDA graph capture
-            # is checked once per step, in the entry hook (a driver call per layer hook would cost the model).
-            if compiling():
-                self._traced_hooks = True
-                return None
-            return fn(*args)
-
+    def _sync_checked(self, fn: Any) -> Any:
+        """``fn`` as is; under ``check_sync`` (CUDA), run inside torch's sync debug mode "error", so that a host
+        synchronisation in capture's own code raises there (and is counted as an anomaly). The model's own forward
+        runs outside it: only capture's parts are wrapped."""
         if not self._check_sync:
-            return guarded
-        fn = guarded
+            return fn
 
         def checked(*args: Any) -> Any:
             previous = torch.cuda.get_sync_debug_mode()
@@ -410,6 +393,11 @@ class Probe:
                 torch.cuda.set_sync_debug_mode(previous)
 
         return checked
+
+    # Each wrapper starts with the same guard: inside a graph being traced (torch.compile after record() attached)
+    # capture must do nothing with side effects on the host (a clock read breaks fullgraph compiles); it only notes
+    # that it was there (dynamo replays the store) and the probe refuses at the step's end. CUDA graph capture is
+    # checked once per step, in the entry wrapper (a driver call per layer would cost the model).
 
     def _attach(self) -> None:
         stacks: dict[int, int] = {}  # id(module) -> stack id
@@ -422,56 +410,132 @@ class Probe:
                 readers[stack_id] = ContextReader(layer.stack, stack_id, tokens)
                 if self._primary_stack is None:
                     self._primary_stack = stack_id
-        entries: dict[int, tuple[nn.Module, int | None]] = {id(self.model): (self.model, None)}
+        # Layers first, then blocks, then the entries: a module that is both a router and its block (or a stack and
+        # a block) is entered in the order the hooks ran in before (entry, block start, router start).
+        for layer in self.layers:
+            self._attach_layer(layer, stacks.get(id(layer.stack)) if layer.stack is not None else None)
+        for layer in self.layers:
+            self._wraps.wrap(layer.block, self._block_forward(layer))
+        # A step is one outermost call of the entries. One token stack that holds every MoE layer (a causal LM) is
+        # the only entry, as in graph capture: the model's own call around it adds a wrapper and nothing to record.
+        # Several stacks (an encoder-decoder: both run in one step) or a MoE layer outside any stack: the model too.
+        entries: dict[int, tuple[nn.Module, int | None]] = {}
+        if len(stacks) != 1 or any(layer.stack is None for layer in self.layers):
+            entries[id(self.model)] = (self.model, None)
         for layer in self.layers:
             if layer.stack is not None:
                 entries[id(layer.stack)] = (layer.stack, stacks[id(layer.stack)])
-        for module, entry_stack in entries.values():
+        for module, entry_stack in reversed(entries.values()):
             reader = readers.get(entry_stack) if entry_stack is not None else None
-            self._hook(module.register_forward_pre_hook(self._checked(self._entry_pre(reader)), with_kwargs=True))
-            self._hook(module.register_forward_hook(self._checked(self._entry_post), always_call=True))
-        for layer in self.layers:
-            self._attach_layer(layer, stacks.get(id(layer.stack)) if layer.stack is not None else None)
+            self._entries[id(module)] = reader
+            self._wraps.wrap(module, self._entry_forward(reader))
+
+    def join_call(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Attached from inside ``module``'s own forward pre-hook (``moeprobe record`` finds a model at its first
+        call): torch looked up that call's forward before the probe wrapped it, so when ``module`` is an entry its
+        wrapper misses the call. Its two parts run here and at the call's end instead, as the wrapper would."""
+        if id(module) not in self._entries or self.capture != "hooks":
+            return
+        reader = self._entries[id(module)]
+        self._sync_checked(self._begin_call)(reader, args, kwargs)
+        end = self._sync_checked(self._end_call)
+        handles: list[RemovableHandle] = []
+
+        def finish(_module: nn.Module, _args: Any, _output: Any) -> None:
+            for handle in handles:
+                handle.remove()
+            end()
+
+        handles.append(module.register_forward_hook(finish, always_call=True))  # torch reads these after forward
+
+    def _entry_forward(self, reader: ContextReader | None) -> Any:
+        """The wrapper of the model and of each token stack: a step is one outermost call; a stack's call also
+        notes its token context."""
+        begin = self._sync_checked(self._begin_call)
+        end = self._sync_checked(self._end_call)
+        compiling = torch.compiler.is_compiling  # bound once: the guard runs on every call
+
+        def make(original: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if compiling():
+                    self._traced_hooks = True
+                    return original(*args, **kwargs)
+                begin(reader, args, kwargs)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    end()  # also when the model raised: the step ends with the outermost call
+
+            return forward
+
+        return make
+
+    def _block_forward(self, layer: LayerBinding) -> Any:
+        """The MoE block's wrapper: its clock marks (block latency)."""
+        i = layer.index
+        mark = self.clock.mark  # bound once: these run at every layer call
+        compiling = torch.compiler.is_compiling
+
+        def start() -> list[Any] | None:
+            step = self._step
+            if step is None:
+                return None
+            try:
+                marks = step.marks[i] = [mark(), None, None, None]  # see capture.BLOCK_START
+                return marks
+            except Exception as exc:  # noqa: BLE001
+                self._anomaly("block_pre", exc)
+                return None
+
+        def stop(marks: list[Any]) -> None:
+            try:
+                marks[BLOCK_END] = mark()
+            except Exception as exc:  # noqa: BLE001
+                self._anomaly("block_post", exc)
+
+        start, stop = self._sync_checked(start), self._sync_checked(stop)
+
+        def make(original: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if compiling():
+                    self._traced_hooks = True
+                    return original(*args, **kwargs)
+                marks = start()
+                output = original(*args, **kwargs)
+                if marks is not None:
+                    stop(marks)
+                return output
+
+            return forward
+
+        return make
 
     def _attach_layer(self, layer: LayerBinding, stack_id: int | None) -> None:
         i = layer.index
-        mark = self.clock.mark  # bound once: these hooks run at every layer call
+        mark = self.clock.mark  # bound once: these run at every layer call
         k, num_experts = int(layer.meta["top_k"]), int(layer.meta["num_experts"])
         check_parts = contracts.check_parts
         capture = self._capture
+        compiling = torch.compiler.is_compiling
         # Where in the router's output tuple the extractor found its parts (when it returned them as they are):
-        # later calls take them from there, re-checked (see _at_slots), instead of identifying every part again.
+        # later calls take them from there, re-checked (see at_slots), instead of identifying every part again.
         slots: list[tuple[int, int, int, int]] = []
+        # Once slots are known, on the host and without autograd: calls are noted by reference and read on the
+        # writer thread (noted_routing.py). The layer's entry is made from its first call read here.
+        noted: list[NotedLayer] = []
+        grad_enabled = torch.is_grad_enabled
 
-        def block_pre(module: nn.Module, args: Any) -> None:
-            step = self._step
-            if step is not None:
-                try:
-                    step.marks[i] = LayerMarks(mark())
-                except Exception as exc:  # noqa: BLE001
-                    self._anomaly("block_pre", exc)
-
-        def block_post(module: nn.Module, args: Any, output: Any) -> None:
+        def router_start() -> None:
             step = self._step
             if step is not None:
                 try:
                     marks = step.marks.get(i)
                     if marks is not None:
-                        marks.block_end = mark()
-                except Exception as exc:  # noqa: BLE001
-                    self._anomaly("block_post", exc)
-
-        def router_pre(module: nn.Module, args: Any) -> None:
-            step = self._step
-            if step is not None:
-                try:
-                    marks = step.marks.get(i)
-                    if marks is not None:
-                        marks.router_start = mark()
+                        marks[ROUTER_START] = mark()
                 except Exception as exc:  # noqa: BLE001
                     self._anomaly("router_pre", exc)
 
-        def router_post(module: nn.Module, args: Any, output: Any) -> None:
+        def router_end(args: Any, output: Any) -> None:
             step = self._step
             if self.refusal is not None:
                 return
@@ -481,11 +545,24 @@ class Probe:
             try:
                 marks = step.marks.get(i)
                 if marks is not None:
-                    marks.router_end = mark()
+                    marks[ROUTER_END] = mark()
                 if layer.validated and layer.source == "router":
-                    # Every call after the first: the same reading and checks as _extract, without its closure; a
-                    # failure now is counted, the call's routing left out (the first call refuses, see _extract).
-                    parts = _at_slots(output, slots[0], k, num_experts) if slots and getattr(layer.extract, "by_structure", False) else None
+                    # Every call after the first. (slots is set only for an extractor that reads by structure, and
+                    # only while the router is the source: _route_through_experts changes the source, never back.)
+                    if noted and step.resolve is not None and type(output) is tuple and not grad_enabled():
+                        # Noted by reference, read and checked on the writer thread (noted_routing.resolve).
+                        entry = noted[0]
+                        indices = output[entry.slots[0]]
+                        if isinstance(indices, torch.Tensor):
+                            n = indices.numel()
+                            step.note(
+                                (entry, output, self._current.get(stack_id) if stack_id is not None else None),
+                                n, int(n * entry.held_per_decision), int(n * entry.queued_per_decision), self._limit,
+                            )
+                            return
+                    # The same reading and checks as _extract, without its closure; a failure now is counted, the
+                    # call's routing left out (the first call refuses, see _extract).
+                    parts = at_slots(output, slots[0], k, num_experts) if slots else None
                     if parts is None:
                         try:
                             parts = layer.extract(output, args[0] if args else None)
@@ -494,10 +571,12 @@ class Probe:
                             self._anomaly(f"contract:layer{i}", None)
                             return
                         if not slots and getattr(layer.extract, "by_structure", False):
-                            found = _slots_of(output, parts)
+                            found = slots_of(output, parts)
                             if found is not None:
                                 slots.append(found)
-                    capture(step, layer, stack_id, parts)
+                    first = capture(step, layer, stack_id, parts)
+                    if slots and not noted and first is not None:
+                        noted.append(NotedLayer(i, slots[0], k, num_experts, layer.extract, self.logits, first))
                     return
                 if not layer.validated and layer.source == "router" and layer.experts_fallback is not None:
                     if contracts.logits_only(output, layer.meta["num_experts"]) is not None:
@@ -511,7 +590,7 @@ class Probe:
             except Exception as exc:  # noqa: BLE001
                 self._anomaly("router", exc)
 
-        def experts_pre(module: nn.Module, args: Any, kwargs: Any) -> None:
+        def experts_start(args: Any, kwargs: Any) -> None:
             step = self._step
             if self.refusal is not None:
                 return
@@ -528,16 +607,36 @@ class Probe:
             except Exception as exc:  # noqa: BLE001
                 self._anomaly("experts", exc)
 
-        self._experts_hooks[i] = experts_pre
+        router_start, router_end = self._sync_checked(router_start), self._sync_checked(router_end)
+        experts_start = self._sync_checked(experts_start)
 
-        checked = self._checked
-        self._hook(layer.block.register_forward_pre_hook(checked(block_pre)))
-        self._hook(layer.block.register_forward_hook(checked(block_post)))
+        def router_forward(original: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if compiling():
+                    self._traced_hooks = True
+                    return original(*args, **kwargs)
+                router_start()
+                output = original(*args, **kwargs)
+                router_end(args, output)
+                return output
+
+            return forward
+
+        def experts_forward(original: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if compiling():
+                    self._traced_hooks = True
+                    return original(*args, **kwargs)
+                experts_start(args, kwargs)
+                return original(*args, **kwargs)
+
+            return forward
+
+        self._experts_forwards[i] = experts_forward
         if layer.router is not None:
-            self._hook(layer.router.register_forward_pre_hook(checked(router_pre)))
-            self._hook(layer.router.register_forward_hook(checked(router_post)))
+            self._wraps.wrap(layer.router, router_forward)
         if layer.source == "experts":
-            self._hook(layer.source_module.register_forward_pre_hook(checked(experts_pre), with_kwargs=True))
+            self._wraps.wrap(layer.source_module, experts_forward)
 
     def _route_through_experts(self, layer: LayerBinding, stack_id: int | None) -> None:
         """The router returned bare logits (the block routes): read the routing from the experts' inputs."""
@@ -552,7 +651,7 @@ class Probe:
         layer.source = "experts"
         layer.source_module = experts
         layer.extract = extract
-        self._hook(experts.register_forward_pre_hook(self._checked(self._experts_hooks[layer.index]), with_kwargs=True))
+        self._wraps.wrap(experts, self._experts_forwards[layer.index])
 
     def _extract(self, layer: LayerBinding, read: Any, raw: Any) -> Any:
         """Read one layer call's routing and check its contract: a failure refuses the model on the layer's first
@@ -593,6 +692,7 @@ class Probe:
     def _detach(self) -> None:
         if self._graph is not None:
             self._graph.capture.detach()
+        self._wraps.restore()
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
@@ -600,35 +700,42 @@ class Probe:
     # -- hot path -----------------------------------------------------------------------------------
     def _anomaly(self, kind: str, exc: BaseException | None) -> None:
         key = kind if exc is None else f"{kind}:{type(exc).__name__}"
-        self.anomalies[key] = self.anomalies.get(key, 0) + 1
+        self._model_anomalies[key] = self._model_anomalies.get(key, 0) + 1
         if not self._warned_anomaly and exc is not None:
             self._warned_anomaly = True
             log.warning("moeprobe: a capture hook failed (%s: %s); the model is unaffected, the anomaly is counted in the manifest", key, exc)
 
-    def _entry_pre(self, reader: ContextReader | None) -> Any:
-        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-            if self.refusal is not None:
-                return
-            if self._cuda and torch.cuda.is_current_stream_capturing():
-                self._traced_hooks = True  # hooks will not run in the graph's replays: refused at the step's end
-                return
-            try:
-                if self._depth == 0:
-                    self._step = StepBuffer(step=self._next_step)
-                    self._next_step += 1
-                self._depth += 1
-                if reader is not None and self._step is not None:
+    def _begin_call(self, reader: ContextReader | None, args: Any, kwargs: Any) -> None:
+        """An entry (the model or a stack) is called: a step starts with the outermost call; a stack notes its
+        token context."""
+        if self.refusal is not None:
+            return
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            self._traced_hooks = True  # the wrappers will not run in the graph's replays: refused at the step's end
+            return
+        try:
+            if self._depth == 0:
+                self._step = StepBuffer(step=self._next_step, resolve=self._resolver)
+                self._next_step += 1
+            self._depth += 1
+            step = self._step
+            if reader is not None and step is not None:
+                if step.resolve is not None:
+                    # Kept by reference, read on the writer thread (noted_routing.resolve); tags as they are now.
+                    pending = PendingContext(reader, args, kwargs, self._tags)
+                    step.contexts.append(pending)
+                    self._current[reader.stack_id] = pending
+                else:
                     ctx = reader.read(args, kwargs)
                     if ctx is not None:
                         ctx.tags = self._tags  # sequences and their tags are assigned on the writer thread
-                        self._step.contexts.append(ctx)
+                        step.contexts.append(ctx)
                         self._current[ctx.stack_id] = ctx
-            except Exception as exc:  # noqa: BLE001
-                self._anomaly("entry", exc)
+        except Exception as exc:  # noqa: BLE001
+            self._anomaly("entry", exc)
 
-        return hook
-
-    def _entry_post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _end_call(self) -> None:
+        """An entry's call returned (or raised): the outermost one finishes the step."""
         try:
             if self._traced_hooks:
                 self._refuse_traced()
@@ -639,7 +746,7 @@ class Probe:
         except Exception as exc:  # noqa: BLE001
             self._anomaly("entry_post", exc)
 
-    def _capture(self, step: StepBuffer, layer: LayerBinding, stack_id: int | None, extracted: Any) -> None:
+    def _capture(self, step: StepBuffer, layer: LayerBinding, stack_id: int | None, extracted: Any) -> LayerCapture:
         indices, weights, scores, dropped = extracted
         ctx = self._current.get(stack_id) if stack_id is not None else None
         # Inference tensors have no autograd history: kept as they are (no new tensor per call); training ones
@@ -658,14 +765,24 @@ class Probe:
         if self._loads is not None:
             flat = capture.indices.reshape(-1)
             self._loads[layer.index].index_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int64))
-        if layer.meta.get("has_bias"):
-            bias = layer.bias()
+        return capture
+
+    def _changed_biases(self, step: StepBuffer) -> dict[int, tuple[int, int]]:
+        """At the step's end: copies of the correction biases (DeepSeek-V3) whose version changed since the last
+        step written go with the step; their new versions are returned, to be kept once the step is queued (a
+        dropped step leaves the change to the next one). Once per step, not per router call: a bias changes between
+        steps (an optimiser's update), never inside the forward that routes with it."""
+        changed: dict[int, tuple[int, int]] = {}
+        versions = self._bias_versions
+        for index, read in self._bias_reads:
+            bias = read()
             if bias is not None:
                 # The version counter changes on every in-place update; reading it is host-side only.
                 version = (id(bias), bias._version)
-                if self._bias_versions.get(layer.index) != version:
-                    self._bias_versions[layer.index] = version
-                    step.bias[layer.index] = bias.detach().clone()
+                if versions.get(index) != version:
+                    changed[index] = version
+                    step.bias[index] = bias.detach().clone()
+        return changed
 
     def _finish_step(self) -> None:
         step, self._step = self._step, None
@@ -678,19 +795,27 @@ class Probe:
             self.pipeline.count_dropped("step_over_budget", step.lost)
             self._release_marks(step)
             return
-        if not step.layers and not step.contexts:
+        if self._may_cuda and step.resolve is not None:
+            # A CUDA process: the captures are copied to the host at the step's end, on the model's stream, so
+            # what was kept by reference is read here.
+            resolve_noted(step, self._count_writer_anomaly)
+            step.resolve = None
+        if not step.layers and not step.noted and not step.contexts:
             # A forward call that reached no MoE layer and no stack (it raised early): counted, not silent.
             self._anomaly("empty_step", None)
             self._release_marks(step)
             return
+        changed = self._changed_biases(step) if self._bias_layers else None
         # The drop decision comes before the device-to-host copy: a step the queue cannot take costs no transfer.
         if not self.pipeline.submit(step, move=move_to_host if self._may_cuda else None):
             self._release_marks(step)
+        elif changed:
+            self._bias_versions.update(changed)
 
     def _release_marks(self, step: StepBuffer) -> None:
         """Give a step's clock marks back to the pool: a dropped step's CUDA events would otherwise be lost."""
         for marks in step.marks.values():
-            self.clock.release(marks.all())
+            self.clock.release(marks)
         step.marks = {}
 
 
@@ -727,7 +852,7 @@ def record(
     (exact) or ``"u8"`` (8 bits, absolute error <= max(w) / 508 per segment for non-negative weights); see docs/trace-format.md.
     ``mode="tokens"`` records every routing decision; ``mode="counts"`` only per step x layer x expert counts
     (the ``loads`` table), kept on the device. ``sample=N`` records the tokens of 1 step in N and the counts of
-    every step (with or without ``mode="counts"``). ``capture``: ``"hooks"`` (forward hooks, with latency), ``"graph"`` (ops inside the model's own
+    every step (with or without ``mode="counts"``). ``capture``: ``"hooks"`` (wrapped module forwards, with latency), ``"graph"`` (ops inside the model's own
     graph: survives ``torch.compile(fullgraph=True)`` and CUDA graphs; no latency), or ``"auto"``: graph for a
     compiled model, counts or sampling, hooks otherwise. Graph capture drains its device rings every
     ``drain_every`` calls of the model (eager calls only), at :meth:`Probe.flush`, :meth:`Probe.tag` and on exit;

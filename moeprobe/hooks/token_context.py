@@ -1,7 +1,7 @@
 """Which tokens a MoE layer is looking at: what the stack module was called with, read without a sync.
 
-Built in a pre-hook on the module that receives the token ids (the "stack": the decoder of a causal LM, the
-encoder and decoder of an encoder-decoder, or a custom model's own forward). The hook keeps references and
+Read from the arguments of the module that receives the token ids (the "stack": the decoder of a causal LM, the
+encoder and decoder of an encoder-decoder, or a custom model's own forward). On the model's thread capture keeps references and
 host-side facts only (shapes, dtypes, a cache's length when the cache can tell it without a device sync);
 sequences, positions and padding are decided on the writer thread (:mod:`.sequences`), which sees the steps in
 order.
@@ -36,7 +36,7 @@ NEW, CONTINUE, UNKNOWN = "new", "continue", "unknown"
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: built on the model thread once per stack call
 class TokenContext:
     stack_id: int
     batch: int
@@ -95,6 +95,7 @@ class ContextReader:
         self._params = params
         self._slots = {name: i for i, name in enumerate(params)}
         self._tokens: TokenSelector = tokens or "input_ids"
+        self._cache_keyword: str | None = None  # where the KV cache came last time (see _cache)
 
     def _arg(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
@@ -117,12 +118,28 @@ class ContextReader:
 
     def _cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, int | None]:
         """(a cache argument was passed, its length if known without a sync)."""
-        for value in (*kwargs.values(), *args):
+        # The keyword that held the cache last time is looked at first (a stack is called the same way at every
+        # step), checked like any other; a scan of every argument finds it otherwise.
+        value = kwargs.get(self._cache_keyword) if self._cache_keyword is not None else None
+        if value is not None and is_cache(value):
+            return True, past_length(value)
+        for name, value in kwargs.items():
+            if is_cache(value):
+                self._cache_keyword = name
+                return True, past_length(value)
+        for value in args:
             if is_cache(value):
                 return True, past_length(value)
         return False, None
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenContext | None:
+        """The call's token context, or None when it has neither token ids nor embeddings."""
+        has_cache, past = self._cache(args, kwargs)
+        return self.build(args, kwargs, has_cache, past)
+
+    def build(self, args: tuple[Any, ...], kwargs: dict[str, Any], has_cache: bool, past: int | None) -> TokenContext | None:
+        """:meth:`read`, given what :meth:`_cache` said at the call (a cache's length changes during the call, so
+        it is read then; the rest may be read later, from the same argument references)."""
         problems: list[str] = []
         input_ids = self._token_ids(args, kwargs)
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.dtype in _INTEGER:
@@ -158,7 +175,6 @@ class ContextReader:
         elif mask is not None:
             problems.append("context:attention_mask_unreadable")  # e.g. a flex-attention BlockMask
 
-        has_cache, past = self._cache(args, kwargs)
         if not has_cache:
             continuity = NEW  # no cache: the call sees whole sequences
         elif past is None:
@@ -177,3 +193,33 @@ class ContextReader:
             past_len=past,
             problems=tuple(problems),
         )
+
+
+class PendingContext:
+    """A stack call's arguments, kept by reference on the model's thread and read into a :class:`TokenContext` later
+    (hook capture on the host: on the writer thread; with CUDA: at the step's end). Only the KV cache's length is
+    read at the call (the cache grows during it). Holding the arguments keeps their tensors alive until then: they
+    count against the byte budget (:meth:`nbytes`)."""
+
+    __slots__ = ("reader", "args", "kwargs", "has_cache", "past", "tags")
+
+    def __init__(self, reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any], tags: Mapping[str, Any] | None) -> None:
+        self.reader = reader
+        self.args = args
+        self.kwargs = kwargs
+        self.has_cache, self.past = reader._cache(args, kwargs)
+        self.tags = tags
+
+    def build(self) -> TokenContext | None:
+        ctx = self.reader.build(self.args, self.kwargs, self.has_cache, self.past)
+        if ctx is not None:
+            ctx.tags = self.tags
+        return ctx
+
+    def nbytes(self) -> int:
+        """Bytes of the argument tensors held (a superset of what the context keeps)."""
+        total = 0
+        for value in (*self.args, *self.kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+        return total

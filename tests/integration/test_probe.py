@@ -22,6 +22,11 @@ def _hook_count(model: nn.Module) -> int:
     )
 
 
+def _wrapped_forwards(model: nn.Module) -> int:
+    """Modules whose forward is an instance attribute (capture wraps forwards that way, and must put them back)."""
+    return sum("forward" in m.__dict__ for m in model.modules())
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -31,7 +36,7 @@ def test_outputs_bit_identical_and_model_left_untouched(family: str, tmp_path: P
     model = build(family)
     ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(0))
     before = _state(model)
-    hooks_before = _hook_count(model)
+    hooks_before, wrapped_before = _hook_count(model), _wrapped_forwards(model)
     kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "output_scores": True, "return_dict_in_generate": True}
     plain = model.generate(ids, **kwargs)
     with moeprobe.record(model, tmp_path / "t", logits=True):
@@ -40,6 +45,7 @@ def test_outputs_bit_identical_and_model_left_untouched(family: str, tmp_path: P
     for a, b in zip(plain.scores, probed.scores, strict=True):
         assert torch.equal(a, b)
     assert _hook_count(model) == hooks_before
+    assert _wrapped_forwards(model) == wrapped_before
     after = _state(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -71,6 +77,7 @@ def test_exception_in_forward_reaches_caller_hooks_removed_trace_aborted(tmp_pat
         handle.remove()
     assert str(error) == "expert kernel failed"
     assert _hook_count(model) == 0
+    assert _wrapped_forwards(model) == 0
     trace = moeprobe.open_trace(tmp_path / "t")
     assert trace.status == "aborted"
     assert "Boom: expert kernel failed" in trace.manifest["shards"][0]["error"]
@@ -190,6 +197,7 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     with pytest.raises(TraceExistsError):
         moeprobe.record(model, tmp_path / "t")
     assert _hook_count(model) == 0
+    assert _wrapped_forwards(model) == 0
     with moeprobe.record(model, tmp_path / "t", force=True):
         model(ids)
         model(ids)
