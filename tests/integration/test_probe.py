@@ -221,3 +221,29 @@ def test_flush_makes_what_was_captured_readable_while_recording(tmp_path: Path) 
         model(ids)
         assert probe.flush(timeout=30)
         assert moeprobe.open_trace(tmp_path / "t").sql("select count(distinct step) from routing").column(0)[0].as_py() == 2
+
+
+def test_a_forward_set_on_the_instance_before_recording_is_put_back(tmp_path: Path) -> None:
+    """Capture wraps forwards as instance attributes (hooks/wrapping.py): another tool's own instance forward (e.g.
+    accelerate's) is wrapped in turn, still called, and is exactly what the module has again after the recording."""
+    model = build("mixtral")
+    stack = model.model
+    calls = {"n": 0}
+    original = stack.forward
+
+    def tool_forward(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    stack.forward = tool_forward
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with moeprobe.record(model, tmp_path / "t"):
+            probed = model(ids).logits
+    assert torch.equal(plain, probed)
+    assert calls["n"] == 2
+    assert stack.__dict__["forward"] is tool_forward
+    assert _wrapped_forwards(model) == 1
+    trace = moeprobe.open_trace(tmp_path / "t")
+    assert trace.sql("select count(*) n from routing").to_pylist()[0]["n"] == 2 * 6 * 2 * 2  # tokens x layers x top-2
