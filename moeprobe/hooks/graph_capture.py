@@ -153,18 +153,33 @@ def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
         return None
     batch, seq_len = ids.shape
-    for value in (*kwargs.values(), *args) if args else kwargs.values():
+    remembered = kwargs.get(reader._cache_keyword) if reader._cache_keyword is not None else None
+    if remembered is not None and is_cache(remembered):
+        # The keyword that held the cache last time (ContextReader._cache's memo): no scan of the arguments.
+        return _plain_past(remembered, int(batch), int(seq_len), ids)
+    for name, value in kwargs.items():
         if value is None or value is True or value is False or isinstance(value, torch.Tensor):
             continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
         if is_cache(value):
-            try:
-                past = value.get_seq_length()
-            except Exception:  # noqa: BLE001 - the general path reads it the same way and decides
-                return None
-            if not isinstance(past, int) or isinstance(past, bool):
-                return None  # a device tensor (static caches): positions from it on the general path
-            return int(batch), int(seq_len), past == 0, past, ids
+            reader._cache_keyword = name
+            return _plain_past(value, int(batch), int(seq_len), ids)
+    for value in args:
+        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
+            continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
+        if is_cache(value):
+            return _plain_past(value, int(batch), int(seq_len), ids)
     return int(batch), int(seq_len), True, 0, ids  # no cache: the call sees whole, new sequences
+
+
+def _plain_past(cache: Any, batch: int, seq_len: int, ids: torch.Tensor) -> tuple[int, int, bool, int, torch.Tensor] | None:
+    """_plain_call's answer for a call with ``cache``: its length must be an int (no sync)."""
+    try:
+        past = cache.get_seq_length()
+    except Exception:  # noqa: BLE001 - the general path reads it the same way and decides
+        return None
+    if not isinstance(past, int) or isinstance(past, bool):
+        return None  # a device tensor (static caches): positions from it on the general path
+    return batch, seq_len, past == 0, past, ids
 
 
 def _cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
