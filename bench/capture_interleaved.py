@@ -1,6 +1,6 @@
 """Cost of each capture mode on the demo decode loop, with the modes interleaved step by step.
 
-    python bench/capture_interleaved.py [--rounds 600] [--rounds-per-prefill 20] [--cpu N] [--trim 0.1]
+    python bench/capture_interleaved.py [--rounds 600] [--rounds-per-prefill 20] [--loop-steps 48] [--cpu N]
 
 capture_modes.py compares whole decode loops, each under its own ``record()``: neighbouring loops are a second
 apart, and on a shared 2-core machine its A/A control spreads +-5 %, which cannot resolve a 1 % target. Here
@@ -17,6 +17,12 @@ their rings every 32 of their own steps, so one round in 32 carries a drain, and
 those rounds out. Everything capture does on the model's thread is inside the timed steps: the hooks or wrappers,
 torch's slower call path for a module with hooks, the end-of-step hand-over and the drains. A trimmed mean of the
 per-round ratios (robust to outliers, blind to the drains) is printed beside it for comparison.
+
+Every ``--rounds-per-prefill`` rounds a prefill round runs each variant's prefill of the batch on a fresh cache, in
+random order (timed the same way; the decode rounds go on from the last one). The demo decode loop's ratio
+(capture_overhead.py's loop: a prefill, then ``--loop-steps`` decode steps) is then ``(mean prefill + n x mean
+decode step)`` of the variant over the same of no probe; the decode-step ratio alone is the stricter figure
+(capture costs about the same per call, and a decode step is the shortest call).
 
 ``none (A/A)`` is a second no-probe step in every round: its ratio should read 1.000 and its interval is this run's
 resolution. A target is resolved when a variant's interval lies on one side of it.
@@ -97,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds-per-prefill", type=int, default=20, help="decode rounds on one KV cache before a new prefill")
     parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the last allowed; -1: none)")
     parser.add_argument("--trim", type=float, default=0.1, help="share of rounds cut at each end before the mean")
+    parser.add_argument("--loop-steps", type=int, default=48, help="decode steps of the demo loop (capture_overhead.py's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write every step's times here")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (none is always run)")
     args = parser.parse_args()
@@ -122,8 +129,8 @@ def main() -> None:
             probes[name] = moeprobe.record(model, workdir / name.split()[0], force=True, **options)
         states[name] = attachment(model)
 
-    def prefill() -> tuple[Any, torch.Tensor]:
-        install(states["none"])
+    def prefill(name: str = "none") -> tuple[Any, torch.Tensor]:
+        install(states[name])
         cache = DynamicCache()
         out = model(ids, past_key_values=cache, use_cache=True)
         return cache, out.logits[:, -1:].argmax(-1)
@@ -132,6 +139,8 @@ def main() -> None:
     clock, wall_clock = time.thread_time_ns, time.perf_counter_ns
     cpu_ns = {name: np.zeros(args.rounds) for name in names}
     wall_ns = {name: np.zeros(args.rounds) for name in names}
+    prefills = -(-args.rounds // args.rounds_per_prefill)
+    prefill_ns = {name: np.zeros(prefills) for name in names}  # model-thread CPU of each variant's prefill
     try:
         for _ in range(3):  # first calls, allocator, each writer's first segment
             cache, token = prefill()
@@ -142,7 +151,12 @@ def main() -> None:
         start_load = os.getloadavg()
         for r in range(args.rounds):
             if r % args.rounds_per_prefill == 0:
-                cache, token = prefill()
+                # A prefill round: every variant prefills the batch on a fresh cache, in random order (identical
+                # outputs); the decode rounds go on from the last one.
+                for j in rng.permutation(len(names)):
+                    t = clock()
+                    cache, token = prefill(names[j])
+                    prefill_ns[names[j]][r // args.rounds_per_prefill] = clock() - t
             for j in rng.permutation(len(names)):
                 name = names[j]
                 install(states[name])
@@ -178,9 +192,27 @@ def main() -> None:
         trimmed = float(trimmed_mean(cpu_ns[name] / base_cpu, args.trim))
         print(f"  {name:<11} {cells[0]:>26} {cells[1]:>26} {extra_us:12.1f} {trimmed:12.4f}")
     print(f"  (no probe: decode step {base_cpu.mean() / 1e6:.2f} ms model-thread CPU, {base_wall.mean() / 1e6:.2f} ms wall, means)")
+    n = args.loop_steps
+    base_prefill = prefill_ns["none"]
+    print(f"the demo decode loop (capture_overhead.py's: a prefill of the batch, then {n} decode steps), model-thread CPU:")
+    print(f"  ratio = (mean prefill + {n} x mean decode step) of the variant / the same of no probe [bootstrap 95 % interval,")
+    print(f"  prefill rounds ({prefills}) and decode rounds resampled independently]")
+    rng_boot = np.random.default_rng(1)
+    for name in names[1:]:
+        mine_prefill, mine = prefill_ns[name], cpu_ns[name]
+
+        def loop_ratio(p: np.ndarray, d: np.ndarray, mine_prefill: np.ndarray = mine_prefill, mine: np.ndarray = mine) -> float:
+            return float((mine_prefill[p].mean() + n * mine[d].mean()) / (base_prefill[p].mean() + n * base_cpu[d].mean()))
+
+        draws = [loop_ratio(rng_boot.integers(0, prefills, prefills), rng_boot.integers(0, args.rounds, args.rounds)) for _ in range(1000)]
+        whole = loop_ratio(np.arange(prefills), np.arange(args.rounds))
+        extra_prefill = float((mine_prefill - base_prefill).mean()) / 1e3
+        print(f"  {name:<11} {whole:.4f} [{np.percentile(draws, 2.5):.4f}, {np.percentile(draws, 97.5):.4f}]   prefill +{extra_prefill:.0f} us")
+    print(f"  (no probe: prefill {base_prefill.mean() / 1e6:.1f} ms model-thread CPU, mean)")
     if args.json is not None:
         args.json.write_text(json.dumps({"label": label, "pinned": pinned, "load_before": start_load, "load_after": end_load,
                                          "cpu_ns": {n: v.tolist() for n, v in cpu_ns.items()},
+                                         "prefill_ns": {n: v.tolist() for n, v in prefill_ns.items()},
                                          "wall_ns": {n: v.tolist() for n, v in wall_ns.items()}}))
 
 if __name__ == "__main__":
