@@ -219,7 +219,8 @@ class PendingContext:
     def nbytes(self) -> int:
         """Bytes of the argument tensors held (a superset of what the context keeps)."""
         total = 0
-        for value in (*self.args, *self.kwargs.values()):
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+        for values in (self.args, self.kwargs.values()):
+            for value in values:
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
         return total
