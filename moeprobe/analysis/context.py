@@ -159,6 +159,11 @@ class Context:
             cache.invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
         return cache.invalid_total > 0
 
+    def routing_clean(self) -> bool:
+        """Whether no routing row of this snapshot breaks the contract (counted once per snapshot, see
+        ``_has_invalid``): then the analyses' routing source is the filtered view itself."""
+        return not self._has_invalid()
+
     def contract_checked_per_token(self) -> bool:
         """Whether this snapshot's contract check runs once per stored token row (format 2), cheaper than folding
         it into a pass over the decisions (``load.aggregate``)."""
@@ -213,7 +218,13 @@ class Context:
     def sequences_sql(self) -> str:
         """(rank, sequence, decisions) of every kept sequence (``sampling.sequences`` materializes it): one row per
         (rank, sequence), so a sequence never spans two shards. Sizes come from one layer times the number of kept
-        layers (every MoE layer routes every token), which keeps this pass cheap."""
+        layers (every MoE layer routes every token), which keeps this pass cheap; on a format-2 trace it counts
+        the stored rows where they stand for the view's (``analysis.stored``)."""
+        from .stored import sequences_sql
+
+        stored = sequences_sql(self)
+        if stored is not None:
+            return stored
         layer = next(iter(self.layers))
         return (
             f"SELECT rank, sequence, count(*) * {len(self.layers)} AS n "

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import stats
+from . import stats, stored
 from .context import Context, render_sql, sql_text
 
 
@@ -179,7 +179,8 @@ def compute(
     """
     agg = aggregate(ctx)
     experts = ctx.query("load_experts", agg=agg)
-    dropped_by_layer = _by_layer(ctx.query("load_dropped"))
+    # Most traces drop nothing: one look at the stored rows' flags then spares the pass over every decision.
+    dropped_by_layer = {} if stored.has_no_drops(ctx) else _by_layer(ctx.query("load_dropped"))
     firsts = _by_layer(ctx.query("load_first")) if first_choice else {}
     sl = steps_load(ctx)
     batch = _by_layer(ctx.query("load_batch", steps_load=sl))

@@ -105,6 +105,22 @@ def stored_routing_invalid_sql(reader: TraceReader, checks: Callable[[Callable[[
     return f"SELECT coalesce(sum(n), 0)::BIGINT AS n FROM ({' UNION ALL '.join(parts)})"
 
 
+def stored_routing_select(reader: TraceReader) -> str | None:
+    """Every stored row of a format-2 trace's routing segments (one per (step, layer, token), the choices side by
+    side, see ``traces.compact``) with its shard's ``rank``, as a SELECT; None for format 1 or no segment yet.
+    For the passes that count tokens rather than decisions (``analysis.stored``)."""
+    segments = reader.segments("routing")
+    if reader.routing_encoding is None or not segments:
+        return None
+    by_rank: dict[int, list[str]] = {}
+    for segment in segments:
+        by_rank.setdefault(segment.rank, []).append(_quote_path(str(segment.path)))
+    return " UNION ALL ".join(
+        f"SELECT *, CAST({rank} AS INTEGER) AS rank FROM {stored_source(', '.join(files))}"
+        for rank, files in sorted(by_rank.items())
+    )
+
+
 def _columns(exprs: dict[str, str]) -> Callable[[str], str]:
     """A routing column's SQL over a stored row: its expression where it has one, else the stored column."""
     return lambda name: exprs.get(name, name)
