@@ -20,7 +20,7 @@ from ..traces.schema import ROUTING
 from .duckdb_errors import duckdb_errors
 from .filters import FilterError, Filters
 from .quoting import sql_literal
-from .views import stored_routing_invalid_sql
+from .views import stored_routing_any_invalid_sql, stored_routing_invalid_sql
 
 if TYPE_CHECKING:
     from .session import Trace
@@ -153,7 +153,12 @@ class Context:
         cache = self.trace.snapshot_cache
         if cache.invalid_total is None:
             whole = self if self.filters.key == Filters().key else Context(self.trace)
-            # Format 2: once per stored row (per token), not once per decision through the view's K branches.
+            # Format 2: once per stored row (per token), not once per decision through the view's K branches;
+            # first whether any row is bad at all (cheaper), the exact count only if one is.
+            any_bad = stored_routing_any_invalid_sql(self.trace.reader, whole.contract_checks)
+            if any_bad is not None and int(whole.run(any_bad)["n"][0]) == 0:
+                cache.invalid_total = 0
+                return False
             stored = stored_routing_invalid_sql(self.trace.reader, whole.contract_checks)
             got = whole.run(stored or f"SELECT count(*)::BIGINT AS n FROM routing v WHERE NOT {whole.valid_routing('v')}")
             cache.invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
