@@ -92,15 +92,19 @@ def _from_stored(ctx: Context, sample: Sample, top_k: int) -> Choices | None:
         f"tokens_{zlib.crc32(sample.predicate.encode())}",
         f"SELECT rank, step, sequence, layer, position, token_id, {experts} FROM {rows} AS r WHERE {sample.predicate}",
     )
+    # One grouping by position answers both checks when no position has two rows (the usual trace): then no
+    # (rank, step, sequence, layer, position) has two either. Otherwise the rows per key are counted too.
     checked = ctx.materialize(
         f"{table.removeprefix('_mp_').removesuffix('_' + ctx.filters.key)}_checked",
-        f"SELECT count(*) AS tokens, count(DISTINCT (rank, step, sequence, layer, position)) AS distinct_keys, "
-        f"count(DISTINCT (rank, sequence, layer, position)) AS positions FROM {table}",
+        f"SELECT coalesce(sum(n), 0) AS tokens, count(*) AS positions, count_if(n > 1) AS shared "
+        f"FROM (SELECT count(*) AS n FROM {table} GROUP BY rank, sequence, layer, position)",
     )
     got = ctx.run(f"SELECT * FROM {checked}")
-    tokens, keys, positions = (int(got[name][0]) for name in ("tokens", "distinct_keys", "positions"))
-    if keys != tokens:
-        return None
+    tokens, positions, shared = (int(got[name][0]) for name in ("tokens", "positions", "shared"))
+    if shared:
+        keys = ctx.run(f"SELECT count(DISTINCT (rank, step, sequence, layer, position)) AS n FROM {table}")
+        if int(keys["n"][0]) != tokens:
+            return None
     return Choices(table=table, top_k=top_k, regular=True, positions_unique=tokens == positions, stored=True)
 
 
