@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import choices as choices_mod
-from . import coactivation, repetition, stats
+from . import coactivation, repetition, stats, stored
 from .context import Context
 from .quoting import sql_literal
 from .sampling import Sample, copy_if_made
@@ -172,12 +172,15 @@ def compute(
     # A trace within both budgets (or budgets that pick the same sequences): the count tables read the rows the
     # token-level sample already holds, about twice as fast as decoding the segments again: the token table
     # copied from the stored rows (format 2), else the sample's copy.
+    # Otherwise, on a format-2 trace, the stored rows of the counted sequences: one scan instead of the view's K.
     found = choices_mod.choices(ctx, sample) if counts.predicate == sample.predicate else None
     tag_source = vocab_source = None
     if found is not None and found.stored:
         tag_source, vocab_source = choices_mod.decisions_sql(found), choices_mod.first_choices_sql(found)
     else:
         counts = counts.reading(copy_if_made(ctx, sample))
+        if not counts.materialized:
+            tag_source, vocab_source = stored.decisions_sql(ctx, counts.predicate), stored.first_choices_sql(ctx, counts.predicate)
     known = tag_keys(ctx)
     if keys is None:
         chosen = [t.key for t in known if t.values <= max_values]

@@ -56,3 +56,30 @@ def has_no_drops(ctx: Context) -> bool:
     if select is None:
         return False
     return int(ctx.run(f"SELECT count(*)::BIGINT AS n FROM ({select}) WHERE dropped")["n"][0]) == 0
+
+
+def decisions_sql(ctx: Context, predicate: str) -> str | None:
+    """The decisions (rank, sequence, layer, token_id, k, expert) of the kept sequences (``predicate``, over rank
+    and sequence) from the stored rows, one scan instead of the view's K: for the count tables (tags) of a sample
+    that is not copied. Only where every row uses all K choice columns in rank order (choice i is rank i)."""
+    rows_sql = rows(ctx)
+    if rows_sql is None or not full_rank(ctx):
+        return None
+    width = ctx.trace.reader.routing_encoding.top_k  # type: ignore[union-attr]  # rows() checked: format 2
+    ranks = ", ".join(str(i) for i in range(width))
+    experts = ", ".join(f"expert_{i}" for i in range(width))
+    return (
+        f"(SELECT rank, sequence, layer, token_id, unnest([{ranks}])::TINYINT AS k, "
+        f"CAST(unnest([{experts}]) AS SMALLINT) AS expert FROM {rows_sql} AS r WHERE {predicate})"
+    )
+
+
+def first_choices_sql(ctx: Context, predicate: str) -> str | None:
+    """``decisions_sql`` cut to the first choices (k = 0), which the vocabulary table reads: one column of K."""
+    rows_sql = rows(ctx)
+    if rows_sql is None or not full_rank(ctx):
+        return None
+    return (
+        f"(SELECT rank, sequence, layer, token_id, CAST(0 AS TINYINT) AS k, CAST(expert_0 AS SMALLINT) AS expert "
+        f"FROM {rows_sql} AS r WHERE {predicate})"
+    )

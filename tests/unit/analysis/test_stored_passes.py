@@ -95,11 +95,14 @@ def _without_filters(report: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in report.items() if key != "filters"}
 
 
-@pytest.mark.parametrize("budget", [0, 700], ids=["whole trace", "sampled"])
+@pytest.mark.parametrize(
+    ("budget", "count_budget"), [(0, 0), (700, 700), (700, 1500), (700, 0)],
+    ids=["whole trace", "sampled", "larger count sample", "counts of the whole trace"],
+)
 @pytest.mark.parametrize("case", CASES)
-def test_report_equals_the_views_report(tmp_path: Path, case: str, budget: int) -> None:
+def test_report_equals_the_views_report(tmp_path: Path, case: str, budget: int, count_budget: int) -> None:
     path = _write(tmp_path / "t", case)
-    options = ReportOptions(full=True, sample_budget=budget, count_budget=budget)
+    options = ReportOptions(full=True, sample_budget=budget, count_budget=count_budget)
     with moeprobe.open_trace(path) as trace:
         ctx = trace.context()
         found = choices.choices(ctx, sample(ctx, budget))
@@ -109,8 +112,10 @@ def test_report_equals_the_views_report(tmp_path: Path, case: str, budget: int) 
     with moeprobe.open_trace(path) as trace:
         want = build(trace, Filters(layers=(0, 1, 2)), options)
     assert _without_filters(got) == _without_filters(want)
-    if budget:  # the sample really is a part of the trace
+    if budget:  # the sample really is a part of the trace, and the count sample another part or all of it
         assert 0 < got["specialization"]["sample"]["fraction"] < 1
+        counted, sampled = got["specialization"]["counts_sample"]["fraction"], got["specialization"]["sample"]["fraction"]
+        assert counted == (1 if not count_budget else sampled) if count_budget <= budget else sampled < counted < 1
     assert got["specialization"]["tags"] and got["specialization"]["vocabulary"]["layers"]
 
 
