@@ -63,8 +63,9 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, floa
 def _installed_env(bench_dir: Path) -> dict[str, str]:
     """The environment of a timed report: as an installed moeprobe runs, with its bytecode cached. A caller's
     PYTHONDONTWRITEBYTECODE (set on the shared development machines) would otherwise make every run compile
-    moeprobe's modules from source again, about 0.1 s of a small report that no installed copy pays. The cache goes
-    under the bench directory (PYTHONPYCACHEPREFIX), not into the source tree."""
+    moeprobe's modules from source again: importing the report's modules took 0.27 s against 0.23 s from the cache
+    (medians of 6, load 3), a cost no installed copy pays. The cache goes under the bench directory
+    (PYTHONPYCACHEPREFIX), not into the source tree."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(bench_dir / "pycache")
     return env
