@@ -167,8 +167,9 @@ def compute(
     min_count: int = 10,
     max_values: int = MAX_TAG_VALUES,
 ) -> Specialization:
-    """Every specialization analysis. ``counts`` (not materialised) feeds the count tables, ``sample`` (a
-    materialised subset) the self-joins. ``keys`` None means every tag key with at most ``max_values`` values."""
+    """Every specialization analysis. ``counts`` (not materialised) feeds the count tables, ``sample`` (copied
+    when a self-join needs its rows, see ``sampling.copied``) the self-joins. ``keys`` None means every tag key
+    with at most ``max_values`` values."""
     # A trace within both budgets (or budgets that pick the same sequences): the count tables read the rows the
     # token-level sample already holds, about twice as fast as decoding the segments again: the token table
     # copied from the stored rows (format 2), else the sample's copy.
