@@ -11,7 +11,7 @@ import numpy as np
 from . import choices as choices_mod
 from . import stats
 from .context import Context
-from .sampling import Sample
+from .sampling import Sample, copied
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ def compute(ctx: Context, sample: Sample) -> list[CoactivationLayer]:
 
 def _row_level(ctx: Context, sample: Sample) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """(N(i chosen), N(i and j chosen)) per layer that has rows, from the routing rows joined with themselves."""
+    sample = copied(ctx, sample)
     pairs = ctx.query("coactivation", sample=sample.table)
     chosen = ctx.run(f"SELECT layer, expert, count(*) AS n FROM {sample.table} GROUP BY ALL")
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -20,7 +20,7 @@ from ..traces.schema import ROUTING
 from .duckdb_errors import duckdb_errors
 from .filters import FilterError, Filters
 from .quoting import sql_literal
-from .views import stored_routing_invalid_sql
+from .views import stored_routing_any_invalid_sql, stored_routing_invalid_sql
 
 if TYPE_CHECKING:
     from .session import Trace
@@ -153,11 +153,21 @@ class Context:
         cache = self.trace.snapshot_cache
         if cache.invalid_total is None:
             whole = self if self.filters.key == Filters().key else Context(self.trace)
-            # Format 2: once per stored row (per token), not once per decision through the view's K branches.
+            # Format 2: once per stored row (per token), not once per decision through the view's K branches;
+            # first whether any row is bad at all (cheaper), the exact count only if one is.
+            any_bad = stored_routing_any_invalid_sql(self.trace.reader, whole.contract_checks)
+            if any_bad is not None and int(whole.run(any_bad)["n"][0]) == 0:
+                cache.invalid_total = 0
+                return False
             stored = stored_routing_invalid_sql(self.trace.reader, whole.contract_checks)
             got = whole.run(stored or f"SELECT count(*)::BIGINT AS n FROM routing v WHERE NOT {whole.valid_routing('v')}")
             cache.invalid_total = int(got["n"][0]) if len(got.get("n", [])) else 0
         return cache.invalid_total > 0
+
+    def routing_clean(self) -> bool:
+        """Whether no routing row of this snapshot breaks the contract (counted once per snapshot, see
+        ``_has_invalid``): then the analyses' routing source is the filtered view itself."""
+        return not self._has_invalid()
 
     def contract_checked_per_token(self) -> bool:
         """Whether this snapshot's contract check runs once per stored token row (format 2), cheaper than folding
@@ -213,7 +223,13 @@ class Context:
     def sequences_sql(self) -> str:
         """(rank, sequence, decisions) of every kept sequence (``sampling.sequences`` materializes it): one row per
         (rank, sequence), so a sequence never spans two shards. Sizes come from one layer times the number of kept
-        layers (every MoE layer routes every token), which keeps this pass cheap."""
+        layers (every MoE layer routes every token), which keeps this pass cheap; on a format-2 trace it counts
+        the stored rows where they stand for the view's (``analysis.stored``)."""
+        from .stored import sequences_sql
+
+        stored = sequences_sql(self)
+        if stored is not None:
+            return stored
         layer = next(iter(self.layers))
         return (
             f"SELECT rank, sequence, count(*) * {len(self.layers)} AS n "

@@ -43,12 +43,13 @@ class JsonRecord:
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
+        hints = _hints(type(self))
         out: dict[str, Any] = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if value is None and f.metadata.get(_OMIT):
                 continue
-            out[f.name] = _write(value)
+            out[f.name] = _write_as(hints[f.name], value)
         return out
 
 
@@ -101,6 +102,58 @@ def _read(tp: Any, value: Any) -> Any:
         _, item = get_args(tp)
         return {key: _read(item, v) for key, v in value.items()}
     return value
+
+
+_SCALARS = (int, float, str, bool, type(None))
+_SCALAR: dict[Any, bool] = {}
+
+
+def _is_scalar(tp: Any) -> bool:
+    """Whether ``tp`` declares numbers, strings, booleans or None only (``Num``, ``int | None``, ``str``): values
+    that ``_write`` returns as they are."""
+    if tp not in _SCALAR:
+        args = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+        _SCALAR[tp] = all(arg in _SCALARS for arg in args)
+    return _SCALAR[tp]
+
+
+_CONTAINER: dict[Any, tuple[Any, Any] | None] = {}
+
+
+def _container(tp: Any) -> tuple[Any, Any] | None:
+    """(list or dict, the declared item type) of ``list[X]``, ``dict[str, X]`` or either of them ``| None``."""
+    if tp not in _CONTAINER:
+        _CONTAINER[tp] = _find_container(tp)
+    return _CONTAINER[tp]
+
+
+def _find_container(tp: Any) -> tuple[Any, Any] | None:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        found = [arg for arg in get_args(tp) if get_origin(arg) in (list, dict)]
+        if len(found) != 1:
+            return None
+        tp, origin = found[0], get_origin(found[0])
+    if origin is list:
+        return list, get_args(tp)[0]
+    if origin is dict:
+        return dict, get_args(tp)[1]
+    return None
+
+
+def _write_as(tp: Any, value: Any) -> Any:
+    """``_write(value)`` for a value declared ``tp``: a list or dict whose declared items are scalars is copied
+    without a call per element (the --full count tables and co-activation matrices hold tens of thousands of
+    numbers), nested lists of them row by row; anything else as ``_write`` does."""
+    if isinstance(value, (list, dict)):
+        shape = _container(tp)
+        if shape is not None and isinstance(value, shape[0]):
+            kind, item = shape
+            if _is_scalar(item):
+                return list(value) if kind is list else dict(value)
+            if kind is list and _container(item) is not None:
+                return [_write_as(item, v) for v in value]
+    return _write(value)
 
 
 def _write(value: Any) -> Any:

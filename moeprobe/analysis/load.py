@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import stats
+from . import stats, stored
 from .context import Context, render_sql, sql_text
 
 
@@ -179,8 +179,12 @@ def compute(
     """
     agg = aggregate(ctx)
     experts = ctx.query("load_experts", agg=agg)
-    dropped_by_layer = _by_layer(ctx.query("load_dropped"))
-    firsts = _by_layer(ctx.query("load_first")) if first_choice else {}
+    # Most traces drop nothing: one look at the stored rows' flags then spares the pass over every decision.
+    dropped_by_layer = {} if stored.has_no_drops(ctx) else _by_layer(ctx.query("load_dropped"))
+    firsts: dict[int, dict[str, np.ndarray]] = {}
+    if first_choice:  # on format 2 where the stored rows stand for the routing: one column of K, no view
+        first_choices = stored.first_choices_sql(ctx, "true")
+        firsts = _by_layer(ctx.query("load_first", **({"routing": first_choices} if first_choices else {})))
     sl = steps_load(ctx)
     batch = _by_layer(ctx.query("load_batch", steps_load=sl))
     sizes = _by_layer(ctx.query("load_sizes", steps_load=sl))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from . import choices as choices_mod
 from . import stats
 from .context import Context
-from .sampling import Sample
+from .sampling import Sample, copied
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def compute(ctx: Context, sample: Sample) -> list[RepetitionLayer]:
     if found is not None and found.regular and found.positions_unique:
         got = ctx.run(_side_by_side_sql(found))
     else:
-        got = ctx.query("repetition", sample=sample.table)
+        got = ctx.query("repetition", sample=copied(ctx, sample).table)  # joined with itself: read from a copy
     out: list[RepetitionLayer] = []
     for layer, pairs, first, any_ in zip(got["layer"], got["pairs"], got["first_same"], got["any_same"], strict=True):
         index = int(layer)

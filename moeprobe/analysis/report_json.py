@@ -95,9 +95,34 @@ def _clean_array(value: np.ndarray) -> list[Any]:
         plain: list[Any] = value.tolist()  # ints and bools as Python ints and bools, as clean leaves them
         return plain
     if value.dtype.kind == "f":
-        return [None if math.isnan(f) or math.isinf(f) else round(f, 6) for f in value.tolist()]
+        return _rounded(value.astype(np.float64, copy=False))
     cleaned: list[Any] = clean(value.tolist())
     return cleaned
+
+
+# Below this, x * 1e6 is off by at most a quarter after its own rounding, and a half-integer is told apart.
+_SCALED_LIMIT = 2.0**50
+
+
+def _rounded(values: np.ndarray) -> list[Any]:
+    """``[round(f, 6) for f in values]`` with None for NaN and inf, exactly, without a Python call per element.
+
+    Python rounds the exact binary value to 6 decimals (half to even) and reads the decimal back: the double
+    nearest Q / 10**6. numpy's ``round(x, 6)`` is ``rint(x * 1e6) / 1e6``: the double nearest R / 10**6 (an
+    exact integer over 1e6, divided once), so it is the same number wherever R = Q, i.e. wherever rounding
+    x * 1e6 to a double did not move it across, or onto, a half-integer. Where the rounded product lies within
+    its own rounding error of a half-integer (or is too large to tell), Python's ``round`` decides."""
+    finite = np.isfinite(values)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge values overflow here and are decided below
+        scaled = values * 1e6
+        fast = np.round(values, 6)
+        near_half = np.abs(np.abs(scaled - np.floor(scaled)) - 0.5) <= np.abs(scaled) * 2.0**-51 + 2.0**-60
+        unsure = finite & (near_half | ~(np.abs(scaled) < _SCALED_LIMIT))
+    out: list[Any] = fast.tolist()
+    for i in np.flatnonzero(unsure | ~finite).tolist():
+        f = float(values[i])
+        out[i] = None if math.isnan(f) or math.isinf(f) else round(f, 6)
+    return out
 
 
 def _layer_json(ctx: Context, item: load_mod.LayerLoad, ep: placement_mod.EPLayer, full: bool) -> dict[str, Any]:

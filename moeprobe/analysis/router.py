@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .context import Context
 from .duckdb_errors import duckdb_errors
-from .sampling import Sample, sample as sample_routing
+from .sampling import Sample, copied, sample as sample_routing
 
 SIGMOID_SCORING = ("sigmoid", "sigmoid_topk")
 
@@ -214,6 +214,7 @@ def _numpy(array: pa.Array) -> np.ndarray:
 def _chosen(ctx: Context, sample: Sample, keys: pa.Table) -> dict[str, np.ndarray]:
     """Per (rank, sequence, layer, expert): the sample's routing rows of tokens that have logits, and how many
     of them are first choices."""
+    sample = copied(ctx, sample)  # a token-level sample is read from its copy, as the other joins read it
     ctx.con.register("_mp_router_keys", keys)
     try:
         return ctx.run(

@@ -42,6 +42,9 @@ class Sample:
     sequences: int
     budget: int
     materialized: bool = False  # ``table`` is a temporary table holding the rows, not a subquery over the trace
+    # Asked for as a copy, not made yet: ``copied`` makes it for the analyses that join the rows with themselves.
+    # Those that can read the stored token rows instead (``analysis.choices``) never pay for the copy.
+    deferred: bool = False
 
     def reading(self, other: Sample) -> Sample:
         """This sample, read from ``other``'s temporary table when that holds the same sequences (same predicate):
@@ -75,9 +78,9 @@ def sample(ctx: Context, budget: int, *, materialize: bool = True) -> Sample:
     """The filtered routing of a deterministic subset of whole sequences, about ``budget`` decisions.
 
     Whole sequences are kept so that consecutive tokens stay together, in runs spread evenly over the
-    trace (see ``_choose``). ``budget <= 0`` means everything. With ``materialize`` the rows are copied into
-    a temporary table (for analyses that join it with itself); otherwise ``table`` is a subquery over the
-    Parquet files.
+    trace (see ``_choose``). ``budget <= 0`` means everything. With ``materialize`` the rows are to be copied
+    into a temporary table (for analyses that join it with itself): ``copied`` makes the copy when one of them
+    first needs it. ``table`` is, until then, a subquery over the Parquet files.
     """
     if ctx.mode == "counts":
         raise QueryError(
@@ -92,22 +95,35 @@ def sample(ctx: Context, budget: int, *, materialize: bool = True) -> Sample:
             kept_sequences = int(ctx.run(f"SELECT count(*) AS s FROM {seqs}")["s"][0])
         else:
             predicate, kept, kept_sequences = _choose(ctx, seqs, budget)
-    source = f"(SELECT * FROM {ctx.sources()['routing']} AS r WHERE {predicate})"
-    table = source
-    if materialize:
-        table = ctx.materialize(
-            f"sample_{zlib.crc32(predicate.encode())}",
-            f"SELECT rank, step, sequence, position, token_id, layer, k, expert FROM {source} AS s",
-        )
     return Sample(
-        table=table,
+        table=f"(SELECT * FROM {ctx.sources()['routing']} AS r WHERE {predicate})",
         predicate=predicate,
         fraction=kept / total if total else 1.0,
         decisions=kept,
         sequences=kept_sequences,
         budget=budget,
-        materialized=materialize,
+        deferred=materialize,
     )
+
+
+def copied(ctx: Context, sample: Sample) -> Sample:
+    """``sample`` read from its temporary copy, made now if it was deferred (once per filters and predicate);
+    a sample not asked for as a copy is returned unchanged."""
+    if not sample.deferred:
+        return sample
+    table = ctx.materialize(
+        _copy_name(sample), f"SELECT rank, step, sequence, position, token_id, layer, k, expert FROM {sample.table} AS s"
+    )
+    return replace(sample, table=table, materialized=True, deferred=False)
+
+
+def copy_if_made(ctx: Context, sample: Sample) -> Sample:
+    """``sample`` read from its copy when some analysis already made it, else unchanged (no copy made)."""
+    return copied(ctx, sample) if sample.deferred and ctx.has_table(_copy_name(sample)) else sample
+
+
+def _copy_name(sample: Sample) -> str:
+    return f"sample_{zlib.crc32(sample.predicate.encode())}"
 
 
 def _choose(ctx: Context, seqs: str, budget: int) -> tuple[str, int, int]:

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import coactivation, repetition, stats
+from . import choices as choices_mod
+from . import coactivation, repetition, stats, stored
 from .context import Context
 from .quoting import sql_literal
-from .sampling import Sample
+from .sampling import Sample, copy_if_made
 
 # A tag with more values than this (a request id, a prompt hash) is not a category: its MI would be noise and
 # its count table as large as the trace.
@@ -66,13 +67,16 @@ def tag_keys(ctx: Context) -> list[TagKey]:
     return [TagKey(str(k), int(v), int(s)) for k, v, s in zip(got["key"], got["n_values"], got["sequences"], strict=True)]
 
 
-def by_tag(ctx: Context, keys: list[str], counts: Sample | None = None) -> list[TagSpecialization]:
+def by_tag(ctx: Context, keys: list[str], counts: Sample | None = None, *, source: str | None = None) -> list[TagSpecialization]:
     """Expert distribution and NMI per layer for each tag key in ``keys`` (sequences without the key are out),
-    over the sequences of ``counts`` (a non-materialised sample) or all kept sequences."""
+    over the sequences of ``counts`` (a non-materialised sample) or all kept sequences. ``source``: the same
+    decisions as a cheaper table expression (``choices.decisions_sql``)."""
     if not keys:
         return []
     extra = {"keys": ", ".join(sql_literal(k) for k in keys)}
-    if counts is not None:
+    if source is not None:
+        extra["routing"] = source
+    elif counts is not None:
         extra["routing"] = counts.table
     got = ctx.query("tag_counts", **extra)
     out: list[TagSpecialization] = []
@@ -112,10 +116,12 @@ class Vocabulary:
     layers: list[VocabLayer]
 
 
-def vocabulary(ctx: Context, *, min_count: int = 10, counts: Sample | None = None) -> Vocabulary:
+def vocabulary(ctx: Context, *, min_count: int = 10, counts: Sample | None = None, source: str | None = None) -> Vocabulary:
     """OLMoE's vocabulary specialization per layer (first choices), with its random-routing baseline, over the
-    sequences of ``counts`` or all kept sequences."""
-    got = ctx.query("vocab", **({"routing": counts.table} if counts is not None else {}))
+    sequences of ``counts`` or all kept sequences. ``source``: the same first choices as a cheaper table
+    expression (``choices.first_choices_sql``)."""
+    routing = source if source is not None else counts.table if counts is not None else None
+    got = ctx.query("vocab", **({"routing": routing} if routing is not None else {}))
     layers: list[VocabLayer] = []
     for layer in sorted(ctx.layers):
         sel = got["layer"] == layer
@@ -161,11 +167,21 @@ def compute(
     min_count: int = 10,
     max_values: int = MAX_TAG_VALUES,
 ) -> Specialization:
-    """Every specialization analysis. ``counts`` (not materialised) feeds the count tables, ``sample`` (a
-    materialised subset) the self-joins. ``keys`` None means every tag key with at most ``max_values`` values."""
+    """Every specialization analysis. ``counts`` (not materialised) feeds the count tables, ``sample`` (copied
+    when a self-join needs its rows, see ``sampling.copied``) the self-joins. ``keys`` None means every tag key
+    with at most ``max_values`` values."""
     # A trace within both budgets (or budgets that pick the same sequences): the count tables read the rows the
-    # token-level sample already copied, about twice as fast as decoding the segments again.
-    counts = counts.reading(sample)
+    # token-level sample already holds, about twice as fast as decoding the segments again: the token table
+    # copied from the stored rows (format 2), else the sample's copy.
+    # Otherwise, on a format-2 trace, the stored rows of the counted sequences: one scan instead of the view's K.
+    found = choices_mod.choices(ctx, sample) if counts.predicate == sample.predicate else None
+    tag_source = vocab_source = None
+    if found is not None and found.stored:
+        tag_source, vocab_source = choices_mod.decisions_sql(found), choices_mod.first_choices_sql(found)
+    else:
+        counts = counts.reading(copy_if_made(ctx, sample))
+        if not counts.materialized:
+            tag_source, vocab_source = stored.decisions_sql(ctx, counts.predicate), stored.first_choices_sql(ctx, counts.predicate)
     known = tag_keys(ctx)
     if keys is None:
         chosen = [t.key for t in known if t.values <= max_values]
@@ -173,9 +189,9 @@ def compute(
     else:
         chosen, skipped = keys, []
     return Specialization(
-        tags=by_tag(ctx, chosen, counts),
+        tags=by_tag(ctx, chosen, counts, source=tag_source),
         tags_skipped=skipped,
-        vocabulary=vocabulary(ctx, min_count=min_count, counts=counts),
+        vocabulary=vocabulary(ctx, min_count=min_count, counts=counts, source=vocab_source),
         repetition=repetition.compute(ctx, sample),
         coactivation=coactivation.compute(ctx, sample),
         counts_sample=counts,

@@ -105,6 +105,53 @@ def stored_routing_invalid_sql(reader: TraceReader, checks: Callable[[Callable[[
     return f"SELECT coalesce(sum(n), 0)::BIGINT AS n FROM ({' UNION ALL '.join(parts)})"
 
 
+def stored_routing_select(reader: TraceReader) -> str | None:
+    """Every stored row of a format-2 trace's routing segments (one per (step, layer, token), the choices side by
+    side, see ``traces.compact``) with its shard's ``rank``, as a SELECT; None for format 1 or no segment yet.
+    For the passes that count tokens rather than decisions (``analysis.stored``)."""
+    segments = reader.segments("routing")
+    if reader.routing_encoding is None or not segments:
+        return None
+    by_rank: dict[int, list[str]] = {}
+    for segment in segments:
+        by_rank.setdefault(segment.rank, []).append(_quote_path(str(segment.path)))
+    return " UNION ALL ".join(
+        f"SELECT *, CAST({rank} AS INTEGER) AS rank FROM {stored_source(', '.join(files))}"
+        for rank, files in sorted(by_rank.items())
+    )
+
+
+def stored_routing_any_invalid_sql(
+    reader: TraceReader, checks: Callable[[Callable[[str], str]], tuple[list[str], list[str]]]
+) -> str | None:
+    """How many STORED rows of a format-2 trace hold at least one logical routing row that breaks the contract
+    (None for format 1): positive exactly when ``stored_routing_invalid_sql`` is, at about half its cost (one
+    condition per row instead of a CASE per choice), so that a clean trace, the usual one, is known clean
+    without the exact count. A row is bad when some choice it uses fails the per-choice checks or the token fails
+    the per-token ones (NULL counts as failing, as there)."""
+    encoding = reader.routing_encoding
+    segments = reader.segments("routing")
+    if encoding is None or not segments:
+        return None
+    token, _ = checks(_columns({"phase": phase_sql()}))
+    groups: dict[bool, list[str]] = {}
+    for segment in segments:
+        groups.setdefault(segment.full_rank, []).append(_quote_path(str(segment.path)))
+    parts = []
+    for full_rank, files in sorted(groups.items()):
+        ok = [f"({c})" for c in token]
+        for i in range(encoding.top_k):
+            rank_sql, expert_sql = choice_sql(i, full_rank)
+            _, choice = checks(_columns({"k": rank_sql, "expert": expert_sql}))
+            if choice:
+                ok.append(f"(NOT {choice_used_sql(i, full_rank)} OR ({' AND '.join(f'({c})' for c in choice)}))")
+        parts.append(
+            f"SELECT count(*)::BIGINT AS n FROM {stored_source(', '.join(files))} "
+            f"WHERE NOT coalesce({' AND '.join(ok) or 'true'}, false)"
+        )
+    return f"SELECT coalesce(sum(n), 0)::BIGINT AS n FROM ({' UNION ALL '.join(parts)})"
+
+
 def _columns(exprs: dict[str, str]) -> Callable[[str], str]:
     """A routing column's SQL over a stored row: its expression where it has one, else the stored column."""
     return lambda name: exprs.get(name, name)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moeprobe
 from moeprobe.analysis.report_json import FORMAT_VERSION, ReportOptions, clean, compare, compare_reports
@@ -97,3 +99,41 @@ def test_clean_of_arrays_is_clean_of_their_lists() -> None:
         fast = clean({"a": array})["a"]
         slow = clean({"a": [[clean(v) for v in row] if isinstance(row, list) else clean(row) for row in array.tolist()]})["a"]
         assert fast == slow and [type(v) for v in np.ravel(np.array(fast, dtype=object))] == [type(v) for v in np.ravel(np.array(slow, dtype=object))]
+
+
+def _rounded_one_by_one(values: np.ndarray) -> list[float | None]:
+    """What clean did per element before arrays were rounded in bulk: Python's round to 6 decimals, None for
+    NaN and inf."""
+    return [None if math.isnan(f) or math.isinf(f) else round(f, 6) for f in values.tolist()]
+
+
+def _same_floats(got: list[float | None], want: list[float | None]) -> bool:
+    return len(got) == len(want) and all(
+        a is None and b is None or (a is not None and b is not None and a == b and math.copysign(1, a) == math.copysign(1, b))
+        for a, b in zip(got, want, strict=True)
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_arrays_round_like_pythons_round_on_ties_and_extremes(dtype: type) -> None:
+    """Bulk rounding of float arrays (--full tables, matrices) gives exactly Python's round(f, 6): decimal ties,
+    values one ulp either side of a tie, huge and tiny magnitudes, negative zero, NaN and inf."""
+    rng = np.random.default_rng(12)
+    ties = (rng.integers(-10**12, 10**12, 20_000) + 0.5) / 1e6
+    around = np.concatenate([np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf)])
+    spread = 10.0 ** rng.uniform(-15, 16, 20_000) * rng.choice([-1.0, 1.0], 20_000)
+    special = np.array([0.0, -0.0, 5e-7, -5e-7, 1.5e-6, 2.5e-6, 0.1234565, 1.0000005, 2.0**50 / 1e6, 2.0**53, 1e300,
+                        -1e300, 5e-324, np.nan, np.inf, -np.inf])
+    for values in (ties, around, spread, special, rng.random(20_000), rng.normal(0, 1e-4, 20_000)):
+        with np.errstate(over="ignore"):  # 1e300 as float32 is inf: one more case
+            values = values.astype(dtype)
+        assert _same_floats(clean(values), _rounded_one_by_one(values))
+        assert _same_floats(clean(values.reshape(2, -1) if len(values) % 2 == 0 else values[None, :])[0],
+                            _rounded_one_by_one(values[: len(values) // 2] if len(values) % 2 == 0 else values))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=1, max_size=50))
+def test_arrays_round_like_pythons_round_on_any_floats(values: list[float]) -> None:
+    array = np.array(values, dtype=np.float64)
+    assert _same_floats(clean(array), _rounded_one_by_one(array))

@@ -69,3 +69,16 @@ def test_comparison_round_trips(trace: moeprobe.Trace, tmp_path: Path) -> None:
     typed = compare_reports(trace.report(), other.report())
     assert json.dumps(typed.to_json()) == json.dumps(compare(a, b))
     assert typed.diff.layers[0].values["maxvio_global"].a == a["layers"][0]["maxvio_global"]
+
+
+def test_to_json_is_a_copy_of_the_records_lists(trace: moeprobe.Trace) -> None:
+    """to_json copies lists of numbers without a call per element: still a copy, so that changing the JSON
+    (a caller that post-processes it) never changes the typed report it came from."""
+    typed = trace.report(None, ReportOptions(full=True))
+    before = json.dumps(typed.to_json())
+    doc = typed.to_json()
+    doc["layers"][0]["counts"].append(-1)
+    doc["layers"][0]["ep"]["loads"].append(-1)
+    doc["specialization"]["coactivation"]["layers"][0]["matrix"][0].append(-1)
+    doc["trace"]["segments"]["routing"] = -1
+    assert json.dumps(typed.to_json()) == before

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import moeprobe
-from moeprobe.analysis.views import stored_routing_invalid_sql
+from moeprobe.analysis.views import stored_routing_any_invalid_sql, stored_routing_invalid_sql
 from tests.support import layer_meta, write_trace
 from tests.unit.test_compact_format import _logical
 
@@ -94,3 +94,38 @@ def test_a_segment_with_a_null_or_impossible_choice_count_is_refused(tmp_path: P
     pq.write_table(_set(pq.read_table(segment), "choices", {3: count}), segment)
     with pytest.raises(moeprobe.TraceError, match="choice count"), moeprobe.open_trace(path) as trace:
         trace.summary()
+
+
+# One hostile change at a time (column, {row: value}), each of which makes some logical row invalid, and none.
+SINGLE = [
+    ("sequence", {0: None}), ("position", {1: None}), ("token_id", {2: None}), ("dropped", {3: None}),
+    ("step", {4: -1}), ("step", {5: None}), ("phase", {6: 7}), ("phase", {7: None}), ("layer", {8: 5}),
+    ("layer", {9: None}), ("expert_2", {10: 200}), ("expert_3", {11: 16}), ("expert_0", {12: None}), None,
+]
+
+
+@pytest.mark.parametrize("ranked", [True, False], ids=["full rank", "explicit ranks"])
+@pytest.mark.parametrize("change", SINGLE, ids=[str(c) for c in SINGLE])
+def test_the_quick_check_finds_a_bad_row_exactly_when_the_count_does(tmp_path: Path, ranked: bool, change: tuple[str, dict[int, object]] | None) -> None:
+    """The clean-or-not check that runs first (stored_routing_any_invalid_sql) is positive exactly when the exact
+    count is, for each kind of hostile row alone, in full-rank segments and in the general view's."""
+    logical = _logical(np.random.default_rng(6))
+    path = write_trace(tmp_path / "t", {"routing": logical}, layers=layer_meta(2, 16, 4))
+    segment = next((path / "rank=0" / "routing").glob("*.parquet"))
+    stored = pq.read_table(segment)
+    if ranked:
+        stored = _set(stored, "k", dict.fromkeys(range(stored.num_rows)))
+    else:  # explicit ranks, and a row using 2 of the 4 columns with junk in the unused ones (not a decision)
+        stored = _set(_set(stored, "k", {13: [1, 0, 3, 2], 14: [3, 2, 1, 0]}), "choices", {16: 2})
+        stored = _set(stored, "expert_3", {16: 250})
+    if change is not None:
+        stored = _set(stored, *change)
+    pq.write_table(stored, segment)
+    with moeprobe.open_trace(path) as trace:
+        ctx = trace.context()
+        assert trace.reader.segments("routing")[0].full_rank is ranked
+        quick = int(ctx.run(stored_routing_any_invalid_sql(trace.reader, ctx.contract_checks))["n"][0])
+        exact = int(ctx.run(stored_routing_invalid_sql(trace.reader, ctx.contract_checks))["n"][0])
+        assert (quick > 0) == (exact > 0)
+        assert (exact > 0) == (change is not None)
+        assert trace.summary()["overall"]["invalid_decisions"] == exact
