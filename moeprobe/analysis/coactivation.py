@@ -81,11 +81,12 @@ def _side_by_side(ctx: Context, found: choices_mod.Choices) -> dict[int, tuple[n
         present = (rows >= 0) & (rows < E)
         counts = np.bincount(rows[present], minlength=E).astype(np.float64)
         keys = []
+        key_type = np.int64 if E * E > np.iinfo(np.int32).max else np.int32  # x * E + y < E * E
         for a in range(found.top_k):
             for b in range(a + 1, found.top_k):
                 x, y = rows[:, a], rows[:, b]
                 keep = present[:, a] & present[:, b] & (x != y)
-                keys.append(x[keep] * E + y[keep])
+                keys.append(x[keep].astype(key_type, copy=False) * E + y[keep])
         upper = np.bincount(np.concatenate(keys), minlength=E * E).reshape(E, E) if keys else np.zeros((E, E), np.int64)
         out[layer] = (counts, (upper + upper.T).astype(np.float64))
     return out
