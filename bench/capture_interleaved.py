@@ -52,16 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moeprobe  # noqa: E402
-from capture_modes import bootstrap, pin, trimmed_mean  # noqa: E402
+from capture_modes import VARIANTS, bootstrap, pin, trimmed_mean  # noqa: E402  (the same variants as there)
 from capture_overhead import load_demo_model  # noqa: E402
-
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "none": None,
-    "none (A/A)": None,
-    "hooks": {"capture": "hooks"},
-    "graph": {"capture": "graph"},
-    "counts": {"mode": "counts"},
-}
 
 # Where torch keeps a module's forward hooks (``Module._call_impl`` takes its fast path when all are empty).
 _HOOK_ATTRS = (

@@ -66,6 +66,9 @@ def _row_level(ctx: Context, sample: Sample) -> dict[int, tuple[np.ndarray, np.n
     return out
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
 def _side_by_side(ctx: Context, found: choices_mod.Choices) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """The same counts from one row per token with its choices side by side (each rank at most once, checked):
     every pair of choice ranks a < b with different experts x, y is one co-activation (x, y) and one (y, x),
@@ -81,7 +84,7 @@ def _side_by_side(ctx: Context, found: choices_mod.Choices) -> dict[int, tuple[n
         present = (rows >= 0) & (rows < E)
         counts = np.bincount(rows[present], minlength=E).astype(np.float64)
         keys = []
-        key_type = np.int64 if E * E > np.iinfo(np.int32).max else np.int32  # x * E + y < E * E
+        key_type = np.int32 if E * E <= _INT32_MAX else np.int64  # keys x * E + y stay below E * E
         for a in range(found.top_k):
             for b in range(a + 1, found.top_k):
                 x, y = rows[:, a], rows[:, b]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..traces.compact import choice_sql, choice_used_sql, phase_sql, routing_select, stored_source
+from ..traces.compact import RoutingEncoding, choice_sql, choice_used_sql, phase_sql, routing_select, stored_source
 from ..traces.reader import TraceReader
 from ..traces.schema import TABLES, with_rank
 from .quoting import sql_literal
@@ -81,14 +81,10 @@ def stored_routing_invalid_sql(reader: TraceReader, checks: Callable[[Callable[[
     logical view's K branches cost (half of a 100 M-decision report's load pass). ``checks(column)`` gives the
     contract's (per-token, per-choice) conditions with ``column(name)`` as each logical column's SQL, the same
     conditions as ``Context.valid_routing``; a logical row is valid exactly when both are true (NULL is not)."""
-    encoding = reader.routing_encoding
-    segments = reader.segments("routing")
-    if encoding is None or not segments:
+    found = _stored_groups(reader, checks)
+    if found is None:
         return None
-    token, _ = checks(_columns({"phase": phase_sql()}))
-    groups: dict[bool, list[str]] = {}
-    for segment in segments:
-        groups.setdefault(segment.full_rank, []).append(_quote_path(str(segment.path)))
+    encoding, token, groups = found
     parts = []
     for full_rank, files in sorted(groups.items()):
         bad = []
@@ -129,14 +125,10 @@ def stored_routing_any_invalid_sql(
     condition per row instead of a CASE per choice), so that a clean trace, the usual one, is known clean
     without the exact count. A row is bad when some choice it uses fails the per-choice checks or the token fails
     the per-token ones (NULL counts as failing, as there)."""
-    encoding = reader.routing_encoding
-    segments = reader.segments("routing")
-    if encoding is None or not segments:
+    found = _stored_groups(reader, checks)
+    if found is None:
         return None
-    token, _ = checks(_columns({"phase": phase_sql()}))
-    groups: dict[bool, list[str]] = {}
-    for segment in segments:
-        groups.setdefault(segment.full_rank, []).append(_quote_path(str(segment.path)))
+    encoding, token, groups = found
     parts = []
     for full_rank, files in sorted(groups.items()):
         ok = [f"({c})" for c in token]
@@ -150,6 +142,22 @@ def stored_routing_any_invalid_sql(
             f"WHERE NOT coalesce({' AND '.join(ok) or 'true'}, false)"
         )
     return f"SELECT coalesce(sum(n), 0)::BIGINT AS n FROM ({' UNION ALL '.join(parts)})"
+
+
+def _stored_groups(
+    reader: TraceReader, checks: Callable[[Callable[[str], str]], tuple[list[str], list[str]]]
+) -> tuple[RoutingEncoding, list[str], dict[bool, list[str]]] | None:
+    """For the stored-row contract checks: (the routing encoding, the per-token conditions over a stored row, the
+    quoted segment paths by whether the segment is full-rank); None for format 1 or no segment yet."""
+    encoding = reader.routing_encoding
+    segments = reader.segments("routing")
+    if encoding is None or not segments:
+        return None
+    token, _ = checks(_columns({"phase": phase_sql()}))
+    groups: dict[bool, list[str]] = {}
+    for segment in segments:
+        groups.setdefault(segment.full_rank, []).append(_quote_path(str(segment.path)))
+    return encoding, token, groups
 
 
 def _columns(exprs: dict[str, str]) -> Callable[[str], str]:

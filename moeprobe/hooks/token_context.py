@@ -96,7 +96,7 @@ class ContextReader:
         self._slots = {name: i for i, name in enumerate(params)}
         self._tokens: TokenSelector = tokens or "input_ids"
         self._cache_keyword: str | None = None  # where the KV cache came last time (see _cache)
-        self._cache_type: type | None = None  # and its class (graph_capture._plain_call skips is_cache for it)
+        self._cache_type: Any = None  # and its class (graph_capture._plain_call skips is_cache for it)
 
     def _arg(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
