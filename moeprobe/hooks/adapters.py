@@ -43,7 +43,7 @@ class Family:
             return contracts.topk_parts(output, k, num_experts)
 
         # The parts are the output's own tensors, identified by dtype and shape only: hook capture may take them
-        # from the same places on later calls, re-checked (probe._at_slots). A user's selector is always called.
+        # from the same places on later calls, re-checked (noted_routing.at_slots). A user's selector is always called.
         topk.by_structure = True  # type: ignore[attr-defined]
         return topk
 

@@ -1,6 +1,6 @@
 """What one forward call (a "step") captured, and how it leaves the device.
 
-During the step the hooks only keep references to tensors the model produced anyway (router outputs and
+During the step the wrapped forwards only keep references to tensors the model produced anyway (router outputs and
 the stack's input ids and mask). Those references keep the router outputs alive until the step ends (on the
 GPU for a CUDA model): ``StepBuffer.keep`` counts their bytes against the pipeline's byte budget, and a step
 that would hold more stops keeping anything (its captures are released and its decisions counted as dropped,
