@@ -143,3 +143,28 @@ def test_record_bad_input(tmp_path: Path, argv: list[str], code: int, message: s
     assert result.returncode == code
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_encoder_decoder_found_at_its_first_call_records_that_call_as_one_step(tmp_path: Path) -> None:
+    """The recorder attaches inside the model's own first call; with several token stacks the model is the step's
+    entry, and its wrapper was looked up before it existed: the probe joins the call in progress (Probe.join_call),
+    so a first call that runs the encoder and the decoder is one step holding both stacks' layers, like the next."""
+    job = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from tests.tiny_models import build
+        model = build("switch_transformers")
+        ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for _ in range(2):
+                model(input_ids=ids, decoder_input_ids=ids[:, :3])
+        print("job ran")
+    """)
+    (tmp_path / "job.py").write_text(job)
+    result = _record(tmp_path, tmp_path / "job.py")
+    assert result.returncode == 0, result.stderr
+    trace = moeprobe.open_trace(tmp_path / "trace")
+    assert trace.status == "complete"
+    layers = len(trace.manifest["layers"])
+    steps = trace.sql("select step, count(distinct layer) n from routing group by step order by step").to_pylist()
+    assert steps == [{"step": 0, "n": layers}, {"step": 1, "n": layers}]  # encoder and decoder layers, each call
