@@ -8,7 +8,6 @@ work (no host synchronisation): it runs on the model's thread, inside the router
 
 from __future__ import annotations
 
-import functools
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,17 +151,6 @@ def _correction_bias(router: nn.Module) -> torch.Tensor | None:
     if bias is None:
         bias = getattr(router, CORRECTION_BIAS, None)
     return bias if isinstance(bias, torch.Tensor) else None
-
-
-def bias_reader(layer: Any) -> Callable[[], torch.Tensor | None]:
-    """How to read a layer's correction bias once per step: the router's buffer dict's ``get`` when the bias is the
-    buffer transformers registers (a dict lookup), the layer's own reader otherwise (a user's module may keep it
-    as a parameter or plain attribute)."""
-    router = layer.source_module if layer.router is None else layer.router
-    buffers = router.__dict__.get("_buffers")
-    if isinstance(buffers, dict) and buffers.get(CORRECTION_BIAS) is not None and buffers.get(CORRECTION_BIAS) is layer.bias():
-        return functools.partial(buffers.get, CORRECTION_BIAS)
-    return layer.bias  # type: ignore[no-any-return]
 
 
 FAMILIES: dict[str, Family] = {

@@ -19,6 +19,7 @@ from torch import nn
 from ..traces.schema import TABLES
 from . import graph_ops as ops
 from .token_context import ContextReader
+from .bias_watch import BiasWatch
 from .graph_capture import DEFAULT_DRAIN_EVERY, DEFAULT_RING_TOKENS, GraphCapture, Snapshot, phase_of, unpack, wait_ready
 from .spec import UnsupportedModelError
 
@@ -36,23 +37,15 @@ class GraphSession:
         # Router correction biases (DeepSeek-V3): no op can see them change, so they are read between steps, at
         # attach and at each drain, and take effect from the step after the last one drained (exact at
         # drain_every=1 and for a bias that does not change, as in inference; otherwise up to drain_every late).
-        self._bias_versions: dict[int, tuple[int, int]] = {}
-        self._bias_layers = [layer for layer in probe.layers if layer.meta.get("has_bias")]
+        self._biases = BiasWatch(probe.layers)
         self._bias_pending: list[tuple[int | None, dict[int, torch.Tensor]]] = []  # writer thread only
         self._initial_bias = self._changed_bias()
 
     def _changed_bias(self) -> dict[int, torch.Tensor]:
         """Model thread, between steps: copies of the biases whose version changed since the last read."""
-        changed: dict[int, torch.Tensor] = {}
-        for layer in self._bias_layers:
-            bias = layer.bias()
-            if bias is None:
-                continue
-            version = (id(bias), bias._version)
-            if self._bias_versions.get(layer.index) != version:
-                self._bias_versions[layer.index] = version
-                changed[layer.index] = bias.detach().clone()
-        return changed
+        copies, versions = self._biases.changed()
+        self._biases.commit(versions)  # always written: held on the writer thread until their step is drained
+        return copies
 
     def write_bias(self, pipeline: Any, last_step: int, drained: list[int], changed: dict[int, torch.Tensor]) -> None:
         """Writer thread: write the biases whose first step has now been drained; hold the rest."""
@@ -94,7 +87,7 @@ class GraphSession:
         if pipeline is None or probe.refusal is not None:
             return
         snapshot = self.capture.drain()
-        bias = self._changed_bias() if self._bias_layers else {}
+        bias = self._changed_bias() if self._biases.layers else {}
         tags = probe._tags
         layers = probe.layers
         pipeline.submit_call(lambda: write_snapshot(pipeline, snapshot, layers, tags, self, bias))
@@ -176,7 +169,7 @@ def write_snapshot(
         )
     if drained.loads is not None:
         writer.append("loads", drained.loads)
-    if session is not None and session._bias_layers:
+    if session is not None and session._biases.layers:
         session.write_bias(pipeline, int(snapshot.state[ops.STEP]), [h[0] for h in drained.headers], bias or {})
 
 

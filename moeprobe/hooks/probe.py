@@ -34,7 +34,8 @@ from .wrapping import ForwardWraps
 from .noted_routing import NotedLayer, at_slots, resolve as resolve_noted, slots_of
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
-from .adapters import bias_reader, transformers_version
+from .adapters import transformers_version
+from .bias_watch import BiasWatch
 from .destination import TraceDestination, job_rank, trace_location
 from .pipeline import CLOSE_TIMEOUT_S, CapturePipeline
 from .spec import RouterSpec, UnsupportedModelError
@@ -173,14 +174,12 @@ class Probe:
         # Contract failures found on the writer thread, reading noted router calls (noted_routing.py): its own dict,
         # so that the two threads never update one counter.
         self._writer_anomalies: dict[str, int] = {}
-        self._limit = int(max_queue_mb * (1 << 20))  # the pipeline's byte budget, which a step's captures count against
+        self._limit = 0  # the pipeline's byte budget, which a step's noted captures count against (set with it)
         # Steps note validated router calls for the writer thread to read, when there is one and nothing needs the
         # parts during the step (live_loads counts them on the device).
         self._resolver: Any = self._resolve_noted if path is not None and not live_loads else None
         self._warned_anomaly = False
-        self._bias_versions: dict[int, tuple[int, int]] = {}  # layer -> (id, version) of the bias last written
-        self._bias_layers = [layer for layer in self.layers if layer.meta.get("has_bias")]
-        self._bias_reads = [(layer.index, bias_reader(layer)) for layer in self._bias_layers]
+        self._biases = BiasWatch(self.layers)  # correction biases, read at each step's end
         self._loads: list[torch.Tensor] | None = None
         if live_loads:
             self._loads = [torch.zeros(layer.meta["num_experts"], dtype=torch.int64, device=device) for layer in self.layers]
@@ -221,6 +220,7 @@ class Probe:
                 close_timeout=close_timeout,
                 counters=self._counters,
             )
+            self._limit = self.pipeline.max_queue_bytes
         if metrics_port is not None:
             self._start_metrics(metrics_port, metrics or MetricsOptions(), optional=metrics_optional)
         try:
@@ -549,8 +549,9 @@ class Probe:
                 if layer.validated and layer.source == "router":
                     # Every call after the first. (slots is set only for an extractor that reads by structure, and
                     # only while the router is the source: _route_through_experts changes the source, never back.)
-                    if noted and step.resolve is not None and type(output) is tuple and not grad_enabled():
-                        # Noted by reference, read and checked on the writer thread (noted_routing.resolve).
+                    if noted and step.resolve is not None and type(output) is tuple and len(output) == noted[0].slots[3] and not grad_enabled():
+                        # Noted by reference, read and checked on the writer thread (noted_routing.resolve); an
+                        # output of another length takes the checked path below.
                         entry = noted[0]
                         indices = output[entry.slots[0]]
                         if isinstance(indices, torch.Tensor):
@@ -767,23 +768,6 @@ class Probe:
             self._loads[layer.index].index_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int64))
         return capture
 
-    def _changed_biases(self, step: StepBuffer) -> dict[int, tuple[int, int]]:
-        """At the step's end: copies of the correction biases (DeepSeek-V3) whose version changed since the last
-        step written go with the step; their new versions are returned, to be kept once the step is queued (a
-        dropped step leaves the change to the next one). Once per step, not per router call: a bias changes between
-        steps (an optimiser's update), never inside the forward that routes with it."""
-        changed: dict[int, tuple[int, int]] = {}
-        versions = self._bias_versions
-        for index, read in self._bias_reads:
-            bias = read()
-            if bias is not None:
-                # The version counter changes on every in-place update; reading it is host-side only.
-                version = (id(bias), bias._version)
-                if versions.get(index) != version:
-                    changed[index] = version
-                    step.bias[index] = bias.detach().clone()
-        return changed
-
     def _finish_step(self) -> None:
         step, self._step = self._step, None
         self._depth = 0
@@ -797,20 +781,26 @@ class Probe:
             return
         if self._may_cuda and step.resolve is not None:
             # A CUDA process: the captures are copied to the host at the step's end, on the model's stream, so
-            # what was kept by reference is read here.
-            resolve_noted(step, self._count_writer_anomaly)
+            # what was kept by reference is read here (an empty step is counted there).
             step.resolve = None
+            if not resolve_noted(step, self._count_writer_anomaly):
+                self._release_marks(step)
+                return
         if not step.layers and not step.noted and not step.contexts:
             # A forward call that reached no MoE layer and no stack (it raised early): counted, not silent.
             self._anomaly("empty_step", None)
             self._release_marks(step)
             return
-        changed = self._changed_biases(step) if self._bias_layers else None
+        # Correction biases that changed since the last step written go with this one (once per step, not per router
+        # call: an optimiser updates them between steps); a dropped step leaves the change to the next one.
+        versions = None
+        if self._biases.layers:
+            step.bias, versions = self._biases.changed()
         # The drop decision comes before the device-to-host copy: a step the queue cannot take costs no transfer.
         if not self.pipeline.submit(step, move=move_to_host if self._may_cuda else None):
             self._release_marks(step)
-        elif changed:
-            self._bias_versions.update(changed)
+        elif versions:
+            self._biases.commit(versions)
 
     def _release_marks(self, step: StepBuffer) -> None:
         """Give a step's clock marks back to the pool: a dropped step's CUDA events would otherwise be lost."""

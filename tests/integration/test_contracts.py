@@ -234,7 +234,7 @@ def test_record_cli_survives_a_refused_model(tmp_path: Path) -> None:
 
 
 def test_a_malformed_call_after_the_parts_places_are_known_is_counted(tmp_path: Path) -> None:
-    """From a layer's third call hook capture takes the parts from where it found them before (probe._at_slots):
+    """From a layer's third call hook capture takes the parts from where it found them before (noted_routing.at_slots):
     an output whose indices turn floating there falls back to identifying the parts, and is counted, not recorded."""
     model = build("mixtral")
     router = _router(model, "MixtralTopKRouter")

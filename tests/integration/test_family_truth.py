@@ -174,6 +174,28 @@ def test_deepseek_bias_and_scores_are_recorded(tmp_path: Path) -> None:
         assert sorted(chosen[0].tolist()) == row["e"]
 
 
+def test_a_bias_change_in_a_dropped_step_is_written_with_the_next_step(tmp_path: Path) -> None:
+    """Biases are read at each step's end and kept as written only when the step is queued: a step dropped over the
+    byte budget leaves its bias change to the next step written, never lost."""
+    model = build("deepseek_v3")
+    long = torch.randint(3, 96, (2, 48), generator=torch.Generator().manual_seed(3))
+    short = long[:, :1]
+    router = model.model.layers[1].mlp.gate
+    with moeprobe.record(model, tmp_path / "t", max_queue_mb=4096 / 2**20) as probe, torch.no_grad():
+        model(short)  # written: both layers' biases at step 0
+        assert probe.flush()
+        router.e_score_correction_bias.add_(0.01)
+        model(long)  # over the budget: dropped, with its changed bias
+        assert probe.flush()
+        model(short)  # written: the change goes with it
+    trace = moeprobe.open_trace(tmp_path / "t")
+    assert trace.manifest["counters"]["dropped"].get("step_over_budget", 0) > 0
+    assert [s["step"] for s in trace.steps().to_pylist()] == [0, 2]
+    bias = trace.bias().to_pylist()
+    assert [(b["step"], b["layer"]) for b in bias] == [(0, 0), (0, 1), (2, 0)]  # decoder layer 1 is MoE layer 0
+    np.testing.assert_allclose(np.array(bias[2]["bias"]) - np.array(bias[0]["bias"]), 0.01, rtol=1e-4)
+
+
 def test_step_bias_updates_are_recorded_when_they_change(tmp_path: Path) -> None:
     model = build("deepseek_v3")
     ids = torch.randint(3, 96, (1, 4), generator=torch.Generator().manual_seed(3))
