@@ -153,17 +153,11 @@ def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
         return None
     batch, seq_len = ids.shape
-    remembered: Any = kwargs.get(reader._cache_keyword) if reader._cache_keyword is not None else None
+    remembered = kwargs.get(reader._cache_keyword) if reader._cache_keyword is not None else None
     if remembered is not None and type(remembered) is reader._cache_type:
         # The keyword and the cache class of last time (ContextReader._cache's memo): no scan of the arguments, and
-        # the class was checked to be a cache then. Inlined _plain_past: this runs once a step.
-        try:
-            past = remembered.get_seq_length()
-        except Exception:  # noqa: BLE001 - the general path reads it the same way and decides
-            return None
-        if type(past) is not int:
-            return None  # a device tensor (static caches): positions from it on the general path
-        return int(batch), int(seq_len), past == 0, past, ids
+        # the class was checked to be a cache then.
+        return _plain_past(remembered, int(batch), int(seq_len), ids)
     for name, value in kwargs.items():
         if value is None or value is True or value is False or isinstance(value, torch.Tensor):
             continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
