@@ -251,6 +251,10 @@ class GraphCapture:
         # Token rows on the host, eagerly: routing rows and plain steps' token rows noted, filled in by the writer.
         self.routing_notes = RoutingNotes(self.routing_ring, k) if tokens and device.type == "cpu" else None
         self._wraps = ForwardWraps()
+        # Drains are counted by a hook on the model the user calls until its first call shows the stack's wrapper
+        # running eagerly inside it; from then on the stack's wrapper counts them (graph_session.after_call).
+        self.stack_ran = False
+        self.on_stack_end: Callable[[], None] | None = None
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.steps_drained = 0
 
@@ -280,23 +284,30 @@ class GraphCapture:
         # Token rows on the host (tokens mode, sampling): a call without mask or positions skips the tensors too.
         plain_tokens_ok = self.tokens and self.device.type == "cpu" and not ops.FORCE_DEVICE_PATH
         note_tokens = self.routing_notes.note_tokens if self.routing_notes is not None else None  # rows by the writer
+        noted_steps = deferred.steps if deferred is not None else []
         compiling = torch.compiler.is_compiling
+        cuda = self.device.type == "cuda"
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if plain_ok and deferred is not None and not ops.FORCE_DEVICE_PATH and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
                     # Counts mode, eager on the host, no mask and no positions given: all the step needs is
-                    # integers, noted here and written at the drain (host_counts).
-                    deferred.note_step(plain[0], plain[1], plain[2])
-                    return original(*args, **kwargs)
+                    # integers, noted here and written at the drain (host_counts; DeferredCounts.note_step,
+                    # inlined: a frame less a step).
+                    if deferred.tokens >= deferred.max_tokens:
+                        deferred.flush()  # keep at most max_tokens and one step's router outputs alive
+                    noted_steps.append((plain[0], plain[1], plain[2]))
+                    deferred.tokens += plain[0] * plain[1]
+                    deferred.active = True
+                    return self._eager_end(original(*args, **kwargs))
             elif plain_tokens_ok and not ops.FORCE_DEVICE_PATH and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
                     ops.record_plain_tokens_host(
                         self.step_ring, self.token_ring, self.state, plain[4], plain[3], plain[2], sample, window, row, note_tokens
                     )
-                    return original(*args, **kwargs)
+                    return self._eager_end(original(*args, **kwargs))
             if deferred is not None and deferred.active:
                 deferred.stop()  # this step takes the per-call path: the state must be current first
             ctx = reader.read(args, kwargs)
@@ -315,9 +326,22 @@ class GraphCapture:
                     self.step_ring, self.token_ring, self.valid_now, self.state,
                     ids.expand(ctx.batch, ctx.seq_len), positions, valid.to(torch.int64), sample, window, row,
                 )
-            return original(*args, **kwargs)
+            output = original(*args, **kwargs)
+            if compiling() or (cuda and torch.cuda.is_current_stream_capturing()):
+                return output  # in a graph: no side effects; the drain hook counts the model's eager calls
+            return self._eager_end(output)
 
         return forward
+
+    def _eager_end(self, output: Any) -> Any:
+        """The stack's wrapper, after an eager call: count the call towards the next drain once the session handed
+        that to the stack (:meth:`.graph_session.GraphSession.after_call`), else say that the stack ran eagerly."""
+        end = self.on_stack_end
+        if end is not None:
+            end()
+        else:
+            self.stack_ran = True
+        return output
 
     def _recorder(self, layer: LayerBinding) -> Callable[[Any, Any, Any], None]:
         """``record(indices, weights, seen)``: one layer call's routing into the rings and counts (``seen``, what the
@@ -375,6 +399,7 @@ class GraphCapture:
         may_route_in_block = from_router and layer.experts_fallback is not None
 
         slots: list[tuple[int, int, int]] = []  # where in the router's output tuple the last call found indices, weights; and the tuple length they need
+        at, need = 0, 1 << 30  # slots[0]'s index place and tuple length, once found (no tuple is that long before)
         deferred = self.deferred
         noted_steps = deferred.steps if deferred is not None else []
         note = deferred.calls.append if deferred is not None else None
@@ -383,13 +408,14 @@ class GraphCapture:
         compiling = torch.compiler.is_compiling
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            nonlocal at, need
             output = original(*args, **kwargs)
-            if slots and note is not None and deferred is not None and deferred.active and isinstance(output, tuple) and len(output) > slots[0][2]:
+            if note is not None and isinstance(output, tuple) and len(output) > need and deferred.active:  # type: ignore[union-attr]
                 # Counts mode, a noted step (host_counts): only the indices matter, at the place the first call
                 # found them, checked as record() checks them; noted by reference (DeferredCounts.note_call,
                 # inlined: a frame less, three times a step). Anything else: the general path.
-                i = output[slots[0][0]]
-                if isinstance(i, torch.Tensor) and i.dtype in integer and i.shape[-1] == k and not compiling():
+                i = output[at]
+                if isinstance(i, torch.Tensor) and i.dtype in integer and i.shape[-1:] == (k,) and not compiling():
                     try:
                         version = i._version
                     except RuntimeError:
@@ -418,6 +444,12 @@ class GraphCapture:
                     found = [next((n for n, t in enumerate(output) if t is part), -1) for part in (indices, weights)]
                     if min(found) >= 0:
                         slots.append((found[0], found[1], max(found)))
+                        at, need = found[0], max(found)
+                        if may_route_in_block and not compiling():
+                            # The router returns its top-k (the experts' wrapper would never record, see above):
+                            # the experts' forward goes back to the model now, a frame less per call. Traced, the
+                            # wrapper stays (no side effects in a trace); it passes the call through.
+                            self._wraps.unwrap(layer.experts_fallback)  # type: ignore[arg-type]
             record(indices, weights, output)
             return output
 

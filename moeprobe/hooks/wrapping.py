@@ -37,6 +37,19 @@ class ForwardWraps:
         module.forward = wrapper
         self._restore.append((module, had, wrapper))
 
+    def unwrap(self, module: nn.Module) -> bool:
+        """Put back one module's forward before the others (a wrapper found to be dead code), if the forward there
+        is still ours: another tool's wrapper set on top since is left alone, and so is ours under it."""
+        for n, (wrapped, had, wrapper) in enumerate(self._restore):
+            if wrapped is module and module.__dict__.get("forward") is wrapper:
+                if had is _ABSENT:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.__dict__["forward"] = had
+                del self._restore[n]
+                return True
+        return False
+
     def restore(self) -> None:
         """Put every replaced forward back, last replaced first (a module wrapped twice unwinds in order)."""
         restore, self._restore = self._restore, []
