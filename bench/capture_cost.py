@@ -5,15 +5,16 @@
 For the whole cost of each mode, with an A/A control, use capture_interleaved.py; this script says where the
 time goes. It times only capture's own code, where it runs: every part of hook capture's wrapped forwards (the
 stack call's begin and end, the block's and router's marks, the router's end; each is built through
-``Probe._sync_checked``), the part of graph capture's and counts mode's wrappers that is not the wrapped module,
-and the drain hook on the model (graph capture and counts mode: it drains every 32 calls), with
+``Probe._sync_checked``), the part of graph capture's and counts mode's wrappers that is not the wrapped module
+(the stack's includes counting the calls to the next drain and the drain every 32 calls, which it takes over from
+the drain hook on the model after the first call; the hook is timed too), with
 ``time.thread_time_ns`` (the model thread's CPU time) around each call, inside a real decode loop, so caches are
 as cold as the model leaves them (a capture function timed alone in a tight loop reads several times cheaper). It
 prints, per mode, all that time per step and its share of the loop's CPU time per step (prefill included), and
 per place the mean and median call. 64 calls (the default 63 decode steps and the prefill) are two whole drain
 periods, so no drain is left for the exit. Each timed call also carries the timer's own cost (about 0.6 us).
 
-Not in it: the wrappers' own Python frames, torch's slower call path for the model that carries the drain hook,
+Not in it: the wrappers' own Python frames, torch's slower call path for the model while it carries the drain hook (its first call),
 and the writer thread (hook capture reads the noted router outputs and stack arguments there; counts mode on the
 host counts there, host_counts.py).
 """

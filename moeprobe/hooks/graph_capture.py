@@ -254,7 +254,9 @@ class GraphCapture:
         # Drains are counted by a hook on the model the user calls until its first call shows the stack's wrapper
         # running eagerly inside it; from then on the stack's wrapper counts them (graph_session.after_call).
         self.stack_ran = False
-        self.on_stack_end: Callable[[], None] | None = None
+        self.stack_traced = False  # set when the stack's wrapper ran inside a traced graph (GraphSession.drain reads it)
+        self.hand_over: Callable[[int], None] = lambda calls_to_drain: None  # set by the stack's wrapper (attach)
+        self.drain_due: Callable[[], int] = lambda: 0  # the session's: drain now, return the calls to the next drain
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.steps_drained = 0
 
@@ -287,27 +289,47 @@ class GraphCapture:
         noted_steps = deferred.steps if deferred is not None else []
         compiling = torch.compiler.is_compiling
         cuda = self.device.type == "cuda"
+        # Eager calls left to the next drain once the session handed the drain count to this wrapper (0: not yet,
+        # GraphSession.after_call). Kept here, not on an object: measured inside the decode loop, after the model's
+        # own work, every attribute and call read costs microseconds (a method call to count cost 9 us a step).
+        left = 0
+
+        def hand_over(calls_to_drain: int) -> None:
+            nonlocal left
+            left = calls_to_drain
+
+        self.hand_over = hand_over
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if plain_ok and deferred is not None and not ops.FORCE_DEVICE_PATH and not compiling():
+            nonlocal left
+            if plain_ok and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
                     # Counts mode, eager on the host, no mask and no positions given: all the step needs is
                     # integers, noted here and written at the drain (host_counts; DeferredCounts.note_step,
                     # inlined: a frame less a step).
-                    if deferred.tokens >= deferred.max_tokens:
-                        deferred.flush()  # keep at most max_tokens and one step's router outputs alive
+                    if deferred.tokens >= deferred.max_tokens:  # type: ignore[union-attr]
+                        deferred.flush()  # type: ignore[union-attr]  # at most max_tokens and one step's router outputs alive
                     noted_steps.append((plain[0], plain[1], plain[2]))
-                    deferred.tokens += plain[0] * plain[1]
-                    deferred.active = True
-                    return self._eager_end(original(*args, **kwargs))
-            elif plain_tokens_ok and not ops.FORCE_DEVICE_PATH and not compiling():
+                    deferred.tokens += plain[0] * plain[1]  # type: ignore[union-attr]
+                    deferred.active = True  # type: ignore[union-attr]
+                    output = original(*args, **kwargs)
+                    if left:  # the stack counts the drains (_eager_end, inlined)
+                        left -= 1
+                        if not left:
+                            left = self.drain_due()
+                    else:
+                        self.stack_ran = True
+                    return output
+            elif plain_tokens_ok and not compiling():
                 plain = _plain_call(reader, args, kwargs)
                 if plain is not None:
                     ops.record_plain_tokens_host(
                         self.step_ring, self.token_ring, self.state, plain[4], plain[3], plain[2], sample, window, row, note_tokens
                     )
-                    return self._eager_end(original(*args, **kwargs))
+                    output = original(*args, **kwargs)
+                    left = self._eager_end(left)
+                    return output
             if deferred is not None and deferred.active:
                 deferred.stop()  # this step takes the per-call path: the state must be current first
             ctx = reader.read(args, kwargs)
@@ -327,21 +349,27 @@ class GraphCapture:
                     ids.expand(ctx.batch, ctx.seq_len), positions, valid.to(torch.int64), sample, window, row,
                 )
             output = original(*args, **kwargs)
-            if compiling() or (cuda and torch.cuda.is_current_stream_capturing()):
-                return output  # in a graph: no side effects; the drain hook counts the model's eager calls
-            return self._eager_end(output)
+            if compiling():
+                # In a graph: the drain hook counts the model's eager calls. The store is replayed by dynamo after
+                # each run of the graph: the next eager drain puts the hook back if the stack had taken over.
+                self.stack_traced = True
+                return output
+            if cuda and torch.cuda.is_current_stream_capturing():
+                return output  # captured into a CUDA graph: its replays are not eager calls
+            left = self._eager_end(left)
+            return output
 
         return forward
 
-    def _eager_end(self, output: Any) -> Any:
-        """The stack's wrapper, after an eager call: count the call towards the next drain once the session handed
-        that to the stack (:meth:`.graph_session.GraphSession.after_call`), else say that the stack ran eagerly."""
-        end = self.on_stack_end
-        if end is not None:
-            end()
-        else:
+    def _eager_end(self, left: int) -> int:
+        """The stack's wrapper after an eager call: count it towards the next drain once the session handed the
+        count to the stack (``left`` > 0: calls to the next drain; returns the new count), else note that the stack
+        ran eagerly (:meth:`.graph_session.GraphSession.after_call` hands the count over on seeing it)."""
+        if not left:
             self.stack_ran = True
-        return output
+            return 0
+        left -= 1
+        return left if left else self.drain_due()
 
     def _recorder(self, layer: LayerBinding) -> Callable[[Any, Any, Any], None]:
         """``record(indices, weights, seen)``: one layer call's routing into the rings and counts (``seen``, what the

@@ -1,7 +1,9 @@
 """A probe's graph-safe capture: attaching it, draining it from the model's thread, writing it on the writer's.
 
-The only hook left in graph mode is a forward post-hook on the model the user calls, which drains the rings
-every ``drain_every`` calls when it runs eagerly (inside a traced or captured graph it does nothing). A drain
+The rings are drained every ``drain_every`` eager calls of the model. A forward post-hook on the model the user
+calls counts them (inside a traced or captured graph it does nothing) until a call shows the token stack's wrapper
+running eagerly inside it; from then on the stack's wrapper counts them and the hook is removed (see
+:meth:`GraphSession.after_call`). A drain
 is queued to the writer thread as a call, so the rows go through the same sequence and phase rules as hook
 capture (:meth:`CapturePipeline._convert`); steps that only have counts get their ``steps`` row here.
 """
@@ -66,30 +68,35 @@ class GraphSession:
         self._bias_pending = keep
 
     def after_call(self, module: nn.Module, args: Any, output: Any) -> None:
-        """The drain hook on the model the user calls: counts its eager calls towards the next drain, until a call
-        shows that the token stack's wrapper runs eagerly inside it. Then the stack's wrapper counts them
-        (:meth:`count_call` after each eager stack call) and the hook is removed: a module with a hook takes torch's
-        slower call path, about 14 us a call measured in the demo decode loop, more than the hook's own work.
-        While the stack is compiled inside an eager call (``torch.compile(model)``, a compiled ``model.forward``)
-        the hook stays."""
+        """The drain hook on the model the user calls: counts its eager calls, draining every ``drain_every``, until
+        a call shows that the token stack's wrapper runs eagerly inside it. Then the count goes to the stack's
+        wrapper (:meth:`GraphCapture.hand_over`; it calls :meth:`drain_due`) and the hook is removed: a module with a
+        hook takes torch's slower call path, about 14 us a call measured in the demo decode loop, more than the
+        hook's own work. While the stack runs compiled inside an eager call (``torch.compile(model)``, a compiled
+        ``model.forward`` given to ``record()``) the hook stays. A forward compiled after the model's first eager
+        call under ``record()`` leaves the drains to ``flush()``, ``tag()`` and the exit (what overflows the rings
+        in between is counted, never silent)."""
         probe = self.probe
         # detect.tracing_now, inlined: this runs once per model call
         if torch.compiler.is_compiling() or (probe._cuda and torch.cuda.is_current_stream_capturing()):
             return
-        capture = self.capture
-        ran, capture.stack_ran = capture.stack_ran, False
-        if ran and self.hook is not None:
-            capture.on_stack_end = self.count_call
-            self.hook.remove()
-            self.hook = None
-        self.count_call()
-
-    def count_call(self) -> None:
-        """Model thread, after an eager model call: drain every ``drain_every`` calls."""
-        probe = self.probe
         probe._graph_calls += 1
         if probe._graph_calls % self.drain_every == 0:
             self.drain()
+        capture = self.capture
+        ran, capture.stack_ran = capture.stack_ran, False
+        if ran and self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+            capture.drain_due = self.drain_due
+            capture.hand_over(self.drain_every - probe._graph_calls % self.drain_every)
+
+    def drain_due(self) -> int:
+        """The stack's wrapper, after the eager call that completes a drain period: drain; the calls to the next."""
+        probe = self.probe
+        probe._graph_calls += self.drain_every - probe._graph_calls % self.drain_every  # the calls up to this drain
+        self.drain()
+        return self.drain_every
 
     def drain(self) -> None:
         """Model thread: check the wrappers' contract notes, take the rings off the device, queue the rows."""
@@ -105,7 +112,17 @@ class GraphSession:
         pipeline = probe.pipeline
         if pipeline is None or probe.refusal is not None:
             return
-        snapshot = self.capture.drain()
+        capture = self.capture
+        if capture.stack_traced:
+            capture.stack_traced = False
+            if self.hook is None and not probe.closed and not torch.compiler.is_compiling():
+                # The stack counted the drains, and now runs compiled (a forward compiled after the first call):
+                # the hook on the model counts them again from here.
+                log.info("moeprobe: the token stack now runs compiled; drains go back to the hook on the model")
+                capture.hand_over(0)
+                self.hook = probe._outer.register_forward_hook(self.after_call, always_call=True)
+                probe._hook(self.hook)
+        snapshot = capture.drain()
         bias = self._changed_bias() if self._biases.layers else {}
         tags = probe._tags
         layers = probe.layers

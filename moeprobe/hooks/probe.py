@@ -130,7 +130,7 @@ class Probe:
         self.layers = find_layers(model, routers)
         self._traced_hooks = False  # set (by dynamo's side-effect replay) when a hook ran inside a traced graph
         self._graph: Any = None
-        self._graph_calls = 0
+        self._graph_calls = 0  # graph capture: eager model calls counted towards drains (up to the last drain once the stack counts)
         if why:
             log.info("moeprobe: %s", why)
         # A contract failure on a layer's first call (see _extract): capture stops, the trace is marked aborted,

@@ -231,6 +231,33 @@ def test_counts_of_a_maskless_decode_loop_equal_the_token_trace(tmp_path: Path) 
     assert moeprobe.open_trace(tmp_path / "counts").manifest["counters"]["anomalies"] == {}
 
 
+def test_after_the_first_call_the_stack_counts_the_drains_and_dead_wrappers_are_gone(tmp_path: Path) -> None:
+    """A hook on the model puts every call on torch's slower call path: once a call shows the stack's wrapper
+    running eagerly, the stack counts the drains and the hook goes; the experts' fallback wrappers go once the
+    router is seen to return its top-k. Drains still come every drain_every calls; everything is restored."""
+    from transformers import DynamicCache
+
+    model = build("deepseek_v3").eval()
+    ids, _ = _inputs()
+    with moeprobe.record(model, tmp_path / "counts", mode="counts", drain_every=2) as probe:
+        fallbacks = [layer.experts_fallback for layer in probe.layers if layer.experts_fallback is not None]
+        assert fallbacks and all("forward" in m.__dict__ for m in fallbacks)
+        assert len(model._forward_hooks) == 1  # the drain hook, until the first call
+        cache = DynamicCache()
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            assert len(model._forward_hooks) == 0 and not any("forward" in m.__dict__ for m in fallbacks)
+            for _ in range(4):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        # 5 calls, drain_every=2: drained after calls 2 and 4, the fifth is noted and waits for the exit's drain
+        assert probe._graph_calls == 4
+        assert len(probe._graph.capture.deferred.steps) == 1
+    assert probe.anomalies == {}
+    assert [row["phase"] for row in _rows(tmp_path / "counts", STEPS)] == ["prefill"] + ["decode"] * 4
+    assert [name for name, module in model.named_modules() if "forward" in module.__dict__] == []
+    assert len(model._forward_hooks) == 0
+
+
 @pytest.mark.parametrize("drain_every", [1, 2, 32])
 def test_noted_counts_across_drains_and_a_masked_step_equal_the_token_trace(drain_every: int, tmp_path: Path) -> None:
     """Counts mode's noted path (host_counts: steps and router calls noted, written by the writer at each drain)

@@ -199,6 +199,35 @@ def test_a_compiled_module_is_recorded_through_its_wrapper(tmp_path: Path) -> No
     _assert_same_trace(tmp_path / "truth", tmp_path / "graph")
 
 
+def test_a_forward_compiled_after_the_stack_took_over_the_drains_gets_the_hook_back(tmp_path: Path) -> None:
+    """After the first eager call the stack's wrapper counts the drains and the model's hook is gone. A forward
+    compiled after that runs the stack's wrapper inside the graph: it marks that (a store dynamo replays), the
+    next eager drain (flush) puts the hook back, and the compiled calls drain every call again: a ring that holds
+    one call's tokens loses nothing."""
+    model = build("qwen3_moe").eval()
+    ids, mask = _inputs()
+
+    def call(fn: Callable[..., Any]) -> None:
+        with torch.no_grad():
+            fn(input_ids=ids, attention_mask=mask)
+
+    with moeprobe.record(model, tmp_path / "truth"):
+        for _ in range(5):
+            call(model)
+    with moeprobe.record(model, tmp_path / "graph", capture="graph", drain_every=1, ring_tokens=ids.numel()) as probe:
+        call(model)
+        assert len(model._forward_hooks) == 0  # the stack counts the drains now
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        call(model)  # drained at the flush below, not by the stack (compiled) nor a hook (gone)
+        assert probe.flush()
+        assert len(model._forward_hooks) == 1
+        for _ in range(3):
+            call(model)  # one call fills the ring: each must be drained by the hook
+    assert probe.anomalies == {}
+    _assert_same_trace(tmp_path / "truth", tmp_path / "graph")
+    assert len(model._forward_hooks) == 0
+
+
 def test_hook_capture_on_a_compiled_model_refuses_in_one_line(tmp_path: Path) -> None:
     model = build("mixtral").eval()
     model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
