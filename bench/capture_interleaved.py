@@ -98,6 +98,10 @@ def main() -> None:
     parser.add_argument("--loop-steps", type=int, default=48, help="decode steps of the demo loop (capture_overhead.py's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write every step's times here")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (none is always run)")
+    parser.add_argument(
+        "--mask", action="store_true",
+        help="pass an attention mask and positions with every call, as generate() does (all ones: no padding)",
+    )
     args = parser.parse_args()
     from transformers import DynamicCache
 
@@ -111,6 +115,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")
 
+    def extra(tokens: torch.Tensor, past: int) -> dict[str, torch.Tensor]:
+        """--mask: what generate() gives the model besides the tokens (built before the timed call)."""
+        if not args.mask:
+            return {}
+        batch, seq_len = tokens.shape
+        return {
+            "attention_mask": torch.ones((batch, past + seq_len), dtype=torch.int64),
+            "position_ids": torch.arange(past, past + seq_len).expand(batch, seq_len),
+        }
+
     original = attachment(model)
     states: dict[str, Attachment] = {}
     probes: dict[str, Any] = {}
@@ -121,13 +135,13 @@ def main() -> None:
             probes[name] = moeprobe.record(model, workdir / name.split()[0], force=True, **options)
             # The attachment as it stands after a first call: graph capture and counts mode remove what that call
             # shows they do not need (the drain hook on the model, the experts' fallback wrappers).
-            model(ids[:, :4], past_key_values=DynamicCache(), use_cache=True)
+            model(ids[:, :4], past_key_values=DynamicCache(), use_cache=True, **extra(ids[:, :4], 0))
         states[name] = attachment(model)
 
     def prefill(name: str = "none") -> tuple[Any, torch.Tensor]:
         install(states[name])
         cache = DynamicCache()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, past_key_values=cache, use_cache=True, **extra(ids, 0))
         return cache, out.logits[:, -1:].argmax(-1)
 
     rng = np.random.default_rng(0)
@@ -141,7 +155,7 @@ def main() -> None:
             cache, token = prefill()
             for name in names:
                 install(states[name])
-                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                token = model(token, past_key_values=cache, use_cache=True, **extra(token, cache.get_seq_length())).logits[:, -1:].argmax(-1)
         gc.collect()
         start_load = os.getloadavg()
         for r in range(args.rounds):
@@ -155,8 +169,9 @@ def main() -> None:
             for j in rng.permutation(len(names)):
                 name = names[j]
                 install(states[name])
+                given = extra(token, cache.get_seq_length())
                 w, t = wall_clock(), clock()
-                out = model(token, past_key_values=cache, use_cache=True)
+                out = model(token, past_key_values=cache, use_cache=True, **given)
                 cpu_ns[name][r], wall_ns[name][r] = clock() - t, wall_clock() - w
                 token = out.logits[:, -1:].argmax(-1)
         end_load = os.getloadavg()

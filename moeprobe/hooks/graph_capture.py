@@ -32,7 +32,8 @@ from .capture import LayerCapture, StepBuffer
 from .wrapping import ForwardWraps
 from .host_counts import DeferredCounts, Noted, apply as apply_noted
 from .host_rows import Note, RoutingNotes, TokenNote, fill as fill_routing, fill_tokens
-from .token_context import NEW, UNKNOWN, ContextReader, TokenContext, is_cache
+from .host_steps import cache_length, counts_call, plain_call, plain_context
+from .token_context import NEW, UNKNOWN, ContextReader, TokenContext
 from .discovery import LayerBinding
 
 DEFAULT_DRAIN_EVERY = 32  # model calls between automatic drains
@@ -122,73 +123,6 @@ def _positions_and_valid(ctx: TokenContext, past: Any) -> tuple[torch.Tensor, to
     else:
         positions = torch.full((batch, seq_len), -1, dtype=torch.int64, device=dev)
     return positions, valid
-
-
-def _plain(ctx: TokenContext, past: Any) -> bool:
-    """Does _positions_and_valid reduce to integers here: every token real, positions past + 0..seq_len-1 (an int
-    cache length, or no cache and a new sequence)? Then a step starts new sequences exactly when past is 0."""
-    if ctx.attention_mask is not None or ctx.mask_4d is not None or ctx.position_ids is not None:
-        return False
-    return isinstance(past, int) or (past is None and ctx.continuity == NEW)
-
-
-def _plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool, int, torch.Tensor] | None:
-    """(batch, seq_len, new sequences, cache length (0 without a cache), token ids) of a stack call given 2-D
-    integer token ids, no mask, no positions, and no cache or one whose length is an int: the calls where
-    ContextReader.read and _plain would reduce the step to integers (positions past + 0..seq_len-1, every token
-    real), decided without building the context (the per-step cost of counts mode and of graph capture on the
-    host). None for every other call, which takes the general path (same result there: a strict subset of it)."""
-    if args:
-        if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
-            return None
-        ids = reader._token_ids(args, kwargs)
-    else:
-        # Keywords only (a causal LM calls its stack so): _arg is kwargs.get, and _token_ids too unless the
-        # token ids come from a user's selector.
-        get = kwargs.get
-        if get("attention_mask") is not None or get("position_ids") is not None:
-            return None
-        tokens = reader._tokens
-        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
-        return None
-    batch, seq_len = ids.shape
-    remembered = kwargs.get(reader._cache_keyword) if reader._cache_keyword is not None else None
-    if remembered is not None and type(remembered) is reader._cache_type:
-        # The keyword and the cache class of last time (ContextReader._cache's memo): no scan of the arguments, and
-        # the class was checked to be a cache then.
-        return _plain_past(remembered, int(batch), int(seq_len), ids)
-    for name, value in kwargs.items():
-        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
-            continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
-        if is_cache(value):
-            reader._cache_keyword, reader._cache_type = name, type(value)
-            return _plain_past(value, int(batch), int(seq_len), ids)
-    for value in args:
-        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
-            continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
-        if is_cache(value):
-            return _plain_past(value, int(batch), int(seq_len), ids)
-    return int(batch), int(seq_len), True, 0, ids  # no cache: the call sees whole, new sequences
-
-
-def _plain_past(cache: Any, batch: int, seq_len: int, ids: torch.Tensor) -> tuple[int, int, bool, int, torch.Tensor] | None:
-    """_plain_call's answer for a call with ``cache``: its length must be an int (no sync)."""
-    try:
-        past = cache.get_seq_length()
-    except Exception:  # noqa: BLE001 - the general path reads it the same way and decides
-        return None
-    if not isinstance(past, int) or isinstance(past, bool):
-        return None  # a device tensor (static caches): positions from it on the general path
-    return batch, seq_len, past == 0, past, ids
-
-
-def _cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The KV cache's length as the model sees it: an int, a device tensor (static caches), or None (no cache)."""
-    for value in (*kwargs.values(), *args):
-        if is_cache(value):
-            return value.get_seq_length()
-    return None
 
 
 class _Route:
@@ -303,15 +237,15 @@ class GraphCapture:
         def forward(*args: Any, **kwargs: Any) -> Any:
             nonlocal left
             if plain_ok and not compiling():
-                plain = _plain_call(reader, args, kwargs)
-                if plain is not None:
-                    # Counts mode, eager on the host, no mask and no positions given: all the step needs is
+                step = counts_call(reader, args, kwargs)
+                if step is not None:
+                    # Counts mode, eager on the host, every token of the call real: all the step needs is
                     # integers, noted here and written at the drain (host_counts; DeferredCounts.note_step,
                     # inlined: a frame less a step).
                     if deferred.tokens >= deferred.max_tokens:  # type: ignore[union-attr]
                         deferred.flush()  # type: ignore[union-attr]  # at most max_tokens and one step's router outputs alive
-                    noted_steps.append((plain[0], plain[1], plain[2]))
-                    deferred.tokens += plain[0] * plain[1]  # type: ignore[union-attr]
+                    noted_steps.append(step)
+                    deferred.tokens += step[0] * step[1]  # type: ignore[union-attr]
                     deferred.active = True  # type: ignore[union-attr]
                     output = original(*args, **kwargs)
                     if left:  # the stack counts the drains (_eager_end, inlined)
@@ -322,7 +256,7 @@ class GraphCapture:
                         self.stack_ran = True
                     return output
             elif plain_tokens_ok and not compiling():
-                plain = _plain_call(reader, args, kwargs)
+                plain = plain_call(reader, args, kwargs)
                 if plain is not None:
                     ops.record_plain_tokens_host(
                         self.step_ring, self.token_ring, self.state, plain[4], plain[3], plain[2], sample, window, row, note_tokens
@@ -337,11 +271,11 @@ class GraphCapture:
                 # Without token ids or embeddings there is no step to file this call's routing under: refused at
                 # the next drain rather than mixed into the previous step.
                 self.contract_failures[-1] = "the token stack was called without token ids or embeddings moeprobe can read"
-            elif plain_ok and not torch.compiler.is_compiling() and _plain(ctx, past := _cache_length(args, kwargs)):
+            elif plain_ok and not torch.compiler.is_compiling() and plain_context(ctx, past := cache_length(args, kwargs)):
                 # Counts mode, eager on the host, no mask and no positions given: all the step needs is integers.
                 ops.record_plain_step_host(self.step_ring, self.state, ctx.batch, ctx.seq_len, past == 0 if past is not None else ctx.continuity == NEW, window, row)
             else:
-                positions, valid = _positions_and_valid(ctx, _cache_length(args, kwargs))
+                positions, valid = _positions_and_valid(ctx, cache_length(args, kwargs))
                 ids = ctx.input_ids if ctx.input_ids is not None else torch.full_like(positions, -1)
                 record = torch.ops.moeprobe.record_step if torch.compiler.is_compiling() else ops.record_step_impl
                 record(

@@ -1,0 +1,145 @@
+"""A stack call's step decided on the host from Python integers, without building its token context.
+
+Graph capture run eagerly on the host (and counts mode in particular) pays for every tensor op on the model's
+thread, and inside a decode loop, with caches cold after the model's own work, each costs several microseconds.
+For the calls where the general path (:func:`.graph_capture._positions_and_valid` and ``record_step``) would
+reduce the step to integers, these functions decide it from the arguments directly: the same answer, from a
+strict subset of the calls (anything else returns None and takes the general path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import contracts
+from .token_context import NEW, ContextReader, TokenContext, is_cache
+
+def plain_context(ctx: TokenContext, past: Any) -> bool:
+    """Does _positions_and_valid reduce to integers here: every token real, positions past + 0..seq_len-1 (an int
+    cache length, or no cache and a new sequence)? Then a step starts new sequences exactly when past is 0."""
+    if ctx.attention_mask is not None or ctx.mask_4d is not None or ctx.position_ids is not None:
+        return False
+    return isinstance(past, int) or (past is None and ctx.continuity == NEW)
+
+
+def plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool, int, torch.Tensor] | None:
+    """(batch, seq_len, new sequences, cache length (0 without a cache), token ids) of a stack call given 2-D
+    integer token ids, no mask, no positions, and no cache or one whose length is an int: the calls where
+    ContextReader.read and plain_context would reduce the step to integers (positions past + 0..seq_len-1, every token
+    real), decided without building the context (the per-step cost of counts mode and of graph capture on the
+    host). None for every other call, which takes the general path (same result there: a strict subset of it)."""
+    if args:
+        if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
+            return None
+        ids = reader._token_ids(args, kwargs)
+    else:
+        # Keywords only (a causal LM calls its stack so): _arg is kwargs.get, and _token_ids too unless the
+        # token ids come from a user's selector.
+        get = kwargs.get
+        if get("attention_mask") is not None or get("position_ids") is not None:
+            return None
+        tokens = reader._tokens
+        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
+        return None
+    batch, seq_len = int(ids.shape[0]), int(ids.shape[1])
+    found, past = _host_past(reader, args, kwargs)
+    if not found:
+        return batch, seq_len, True, 0, ids  # no cache: the call sees whole, new sequences
+    if past is None:
+        return None  # a device tensor (static caches): positions from it on the general path
+    return batch, seq_len, past == 0, past, ids
+
+
+def cache_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The KV cache's length as the model sees it: an int, a device tensor (static caches), or None (no cache)."""
+    for value in (*kwargs.values(), *args):
+        if is_cache(value):
+            return value.get_seq_length()
+    return None
+
+
+def counts_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, bool] | None:
+    """(batch, seq_len, new sequences) of a stack call whose tokens are all real, for counts mode: what counting
+    needs, decided as the general path decides it, with or without a 2-D attention mask and 2-D positions (what
+    ``generate()`` passes). A mask with padding among the call's own tokens, a 4-D or per-type mask, 3-D positions,
+    a cache whose length is a device tensor, or tensors off the host: None (the general path leaves padding out
+    of the counts).
+
+    New sequences, as ``record_step`` decides them (every row's first real position is 0), for an all-real call:
+    from the positions when given; else, with a mask the general path turns into positions (no cache, or a mask
+    covering the cache and the call), when no row has a real token before the call's; else from the cache
+    length (0: new); without a cache, new."""
+    get = kwargs.get
+    if args:
+        mask, positions = reader._arg("attention_mask", args, kwargs), reader._arg("position_ids", args, kwargs)
+        ids = reader._token_ids(args, kwargs)
+    else:
+        mask, positions = get("attention_mask"), get("position_ids")
+        tokens = reader._tokens
+        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
+        return None
+    batch, seq_len = int(ids.shape[0]), int(ids.shape[1])
+    found, past = _host_past(reader, args, kwargs)
+    if found and past is None:
+        return None  # a cache whose length is not an int here: the general path reads it
+    if mask is None and positions is None:
+        return batch, seq_len, past == 0 if found else True  # plain_call's answer
+    if batch == 0 or seq_len == 0:
+        return None
+    m: Any = None
+    if mask is not None:
+        if (
+            not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq_len
+            or not mask.is_cpu or not (mask.dtype == torch.bool or mask.dtype in contracts.INTEGER_DTYPES)
+        ):
+            return None
+        m = mask.numpy()
+        if not m[:, -seq_len:].all():
+            return None  # padding among this call's tokens: counted per token on the general path
+    if positions is not None:
+        if (
+            not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] != seq_len
+            or positions.shape[0] not in (batch, 1) or not positions.is_cpu or positions.dtype not in contracts.INTEGER_DTYPES
+        ):
+            return None
+        p = positions.numpy()
+        # Every row's smallest position is 0. The usual decode step's positions are all past 0: one reduction.
+        new = bool(p.min() == 0) and bool((p.min(axis=1) == 0).all())
+    elif m is not None and (not found or m.shape[1] == past + seq_len):  # type: ignore[operator]
+        new = not m[:, : m.shape[1] - seq_len].any()  # positions from the mask's running count: no real token before
+    else:
+        new = past == 0 if found else True
+    return batch, seq_len, new
+
+
+def _host_past(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, int | None]:
+    """(a cache was passed, its length when an int: a device tensor, static caches, is not read here)."""
+    remembered = kwargs.get(reader._cache_keyword) if reader._cache_keyword is not None else None
+    if remembered is not None and type(remembered) is reader._cache_type:
+        # The keyword and the cache class of last time (ContextReader._cache's memo): no scan of the arguments, and
+        # the class was checked to be a cache then.
+        return True, _int_length(remembered)
+    for name, value in kwargs.items():
+        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
+            continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
+        if is_cache(value):
+            reader._cache_keyword, reader._cache_type = name, type(value)
+            return True, _int_length(value)
+    for value in args:
+        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
+            continue
+        if is_cache(value):
+            return True, _int_length(value)
+    return False, None
+
+
+def _int_length(cache: Any) -> int | None:
+    try:
+        past = cache.get_seq_length()
+    except Exception:  # noqa: BLE001 - the general path reads it the same way and decides
+        return None
+    return past if isinstance(past, int) and not isinstance(past, bool) else None
