@@ -6,8 +6,8 @@ call, since the cache grows during it) and :func:`resolve` reads them into the s
 
 Once a router's first call has been read and checked on the model's thread (``Probe._extract``: a failure there
 refuses the model) and its parts were found as the output tuple's own tensors (an extractor that reads by
-structure), every later call of that router only notes ``(layer, output tuple, token context)`` with its
-decision count (the indices' ``numel()``, for the byte budget and for drop counts). The writer thread then takes
+structure), every later call of that router only notes ``(layer, output tuple, token context, versions of its
+indices and weights)`` with its decision count (the indices' ``numel()``, for the byte budget and for drop counts). The writer thread then takes
 the parts from the remembered places and checks them exactly as the model's thread used to (:func:`at_slots`:
 integer indices of width k, floating weights of their shape, scores of width E), falling back to the extractor and
 its full contract check (``contracts.check_parts``) when the output changed form. A call that fails is counted as
@@ -32,7 +32,7 @@ import torch
 
 from . import contracts
 from .capture import LayerCapture, StepBuffer
-from .token_context import PendingContext, TokenContext
+from .token_context import ContextChanged, PendingContext, TokenContext
 
 
 def slots_of(output: Any, parts: Any) -> tuple[int, int, int, int] | None:
@@ -72,6 +72,17 @@ def at_slots(output: Any, slots: tuple[int, int, int, int], k: int, num_experts:
     return indices, weights, scores, None
 
 
+def versions_of(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tuple[int, int]:
+    """Model's thread, at the call: the version counters of the router's indices and weights at the remembered
+    places ((-1, -1) for inference tensors, which have none, or parts that are not tensors; :func:`resolve` checks
+    them: a router that writes its outputs into reused buffers, or a block that edits them in place after the
+    router returned, changes them before the writer reads them)."""
+    try:
+        return output[slots[0]]._version, output[slots[1]]._version
+    except (RuntimeError, AttributeError, IndexError):
+        return -1, -1
+
+
 class NotedLayer:
     """What the writer thread needs to read one layer's noted calls, fixed when the layer's first call was read."""
 
@@ -104,6 +115,12 @@ def resolve(step: StepBuffer, count_anomaly: Callable[[str], None]) -> bool:
             if type(c) is PendingContext:
                 try:
                     ctx = c.build()
+                except ContextChanged:
+                    # The loop wrote the next step's inputs into this step's tensors before they were read: what
+                    # they hold now is not this step's. Dropped whole and counted (later calls are copied).
+                    count_anomaly("context:changed_after_call")
+                    step.noted = []
+                    return False
                 except Exception as exc:  # noqa: BLE001 - unreadable arguments: counted, the step kept without them
                     count_anomaly(f"entry:{type(exc).__name__}")
                     ctx = None
@@ -116,9 +133,17 @@ def resolve(step: StepBuffer, count_anomaly: Callable[[str], None]) -> bool:
         for capture in step.layers:  # captures read on the model's thread (a layer's first call)
             if capture.context is not None and id(capture.context) in built:
                 capture.context = built[id(capture.context)]
+    if any(capture.versions[0] >= 0 for capture in step.layers):
+        kept = []
+        for capture in step.layers:  # read on the model's thread (a layer's first call), kept by reference
+            if capture.versions[0] >= 0 and (capture.indices._version, capture.weights._version) != capture.versions:  # type: ignore[union-attr]
+                count_anomaly(f"routing_changed:layer{capture.layer}")
+            else:
+                kept.append(capture)
+        step.layers = kept
     noted, step.noted = step.noted, []
     step.noted_decisions = step.noted_queue_bytes = 0
-    for layer, output, context in noted:
+    for layer, output, context, versions in noted:
         parts = at_slots(output, layer.slots, layer.k, layer.num_experts)
         if parts is None:
             try:
@@ -127,6 +152,10 @@ def resolve(step: StepBuffer, count_anomaly: Callable[[str], None]) -> bool:
             except Exception:  # noqa: BLE001 - a selector may fail in any way; each is a contract failure
                 count_anomaly(f"contract:layer{layer.index}")
                 continue
+        if versions[0] >= 0 and (parts[0]._version != versions[0] or parts[1]._version != versions[1]):
+            # Written in place since the router returned: what the tensors hold now is not that call's routing.
+            count_anomaly(f"routing_changed:layer{layer.index}")
+            continue
         if context is not None and id(context) in built:
             context = built[id(context)]
         indices, weights, scores, dropped = parts

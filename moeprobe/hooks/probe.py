@@ -31,7 +31,7 @@ from ..traces.writer import ShardWriter
 from .capture import BLOCK_END, ROUTER_END, ROUTER_START, LayerCapture, StepBuffer, move_to_host
 from .token_context import ContextReader, PendingContext, TokenContext
 from .wrapping import ForwardWraps
-from .noted_routing import NotedLayer, at_slots, resolve as resolve_noted, slots_of
+from .noted_routing import versions_of, NotedLayer, at_slots, resolve as resolve_noted, slots_of
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
 from .adapters import transformers_version
@@ -130,6 +130,7 @@ class Probe:
         self.layers = find_layers(model, routers)
         self._traced_hooks = False  # set (by dynamo's side-effect replay) when a hook ran inside a traced graph
         self._graph: Any = None
+        self._readers: dict[int, ContextReader] = {}  # hook capture: the token stacks' readers, by stack id
         self._graph_calls = 0  # graph capture: eager model calls counted towards drains (up to the last drain once the stack counts)
         if why:
             log.info("moeprobe: %s", why)
@@ -410,6 +411,7 @@ class Probe:
                 readers[stack_id] = ContextReader(layer.stack, stack_id, tokens)
                 if self._primary_stack is None:
                     self._primary_stack = stack_id
+        self._readers = readers  # kept for inspection (copy_args: whether a stack's arguments are copied at the call)
         # Layers first, then blocks, then the entries: a module that is both a router and its block (or a stack and
         # a block) is entered in the order the hooks ran in before (entry, block start, router start).
         for layer in self.layers:
@@ -557,7 +559,7 @@ class Probe:
                         if isinstance(indices, torch.Tensor):
                             n = indices.numel()
                             step.note(
-                                (entry, output, self._current.get(stack_id) if stack_id is not None else None),
+                                (entry, output, self._current.get(stack_id) if stack_id is not None else None, versions_of(output, entry.slots)),
                                 n, int(n * entry.held_per_decision), int(n * entry.queued_per_decision), self._limit,
                             )
                             return
@@ -760,6 +762,8 @@ class Probe:
             scores=_detached(scores) if self.logits else None,
             dropped=_detached(dropped),
         )
+        if step.resolve is not None and weights is not None:
+            capture.versions = versions_of((capture.indices, capture.weights), (0, 1, -1, 2))  # read on the writer thread
         if self.pipeline is not None:
             # Dropped (and released) as soon as the step's captures pass the byte budget: see StepBuffer.keep.
             step.keep(capture, self.pipeline.max_queue_bytes)

@@ -96,7 +96,12 @@ class ContextReader:
         self._slots = {name: i for i, name in enumerate(params)}
         self._tokens: TokenSelector = tokens or "input_ids"
         self._cache_keyword: str | None = None  # where the KV cache came last time (see _cache)
-        self._cache_type: Any = None  # and its class (graph_capture._plain_call skips is_cache for it)
+        self._cache_type: Any = None  # and its class (host_steps skips is_cache for it)
+        # Set (writer thread) once a kept argument was found written in place after its call: PendingContext copies
+        # the arguments at the call from then on; so does the model's thread on seeing a buffer passed again.
+        self.copy_args = False
+        # The previous call's kept tensors with their data pointers (PendingContext), referenced until the next call.
+        self._last_call: list[tuple[int, torch.Tensor]] = []
 
     def _arg(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
@@ -196,22 +201,80 @@ class ContextReader:
         )
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter; -1 for an inference tensor, which has none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
+class ContextChanged(Exception):
+    """A stack argument was written in place between the call and the read of its kept reference."""
+
+
 class PendingContext:
     """A stack call's arguments, kept by reference on the model's thread and read into a :class:`TokenContext` later
     (hook capture on the host: on the writer thread; with CUDA: at the step's end). Only the KV cache's length is
     read at the call (the cache grows during it). Holding the arguments keeps their tensors alive until then: they
-    count against the byte budget (:meth:`nbytes`)."""
+    count against the byte budget (:meth:`nbytes`).
 
-    __slots__ = ("reader", "args", "kwargs", "has_cache", "past", "tags")
+    A loop that reuses its input buffers (``ids.copy_(next_token)``, static buffers as CUDA graphs need them) writes
+    the next step's values into the kept tensors before they are read. So the version counter of every tensor the
+    context is read from (token ids, positions, masks: everything but float embeddings) is noted at the call and
+    compared at the read: a changed one raises :class:`ContextChanged` (the caller drops the step and counts it) and
+    sets ``reader.copy_args``, from which on those tensors are copied at the call. So does a call that passes a
+    tensor whose data the previous call passed too (the same buffer again: found at the second step, before its
+    values can be lost). Inference tensors (``torch.inference_mode``) carry no version counter: they are copied at
+    the call, always."""
+
+    __slots__ = ("reader", "args", "kwargs", "has_cache", "past", "tags", "versions")
 
     def __init__(self, reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any], tags: Mapping[str, Any] | None) -> None:
         self.reader = reader
-        self.args = args
-        self.kwargs = kwargs
         self.has_cache, self.past = reader._cache(args, kwargs)
         self.tags = tags
+        self.versions: list[tuple[torch.Tensor, int]] = []
+        seen: list[tuple[int, torch.Tensor]] = []  # this call's tensors by data pointer: the next call compares its own
+        kept: dict[str, Any] | None = None  # the kwargs with copies, made at the first copy (the call's own dict goes on to the model)
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and not (value.dim() == 3 and value.is_floating_point()):
+                held = self._hold(value, seen)
+                if held is not value:
+                    kept = dict(kwargs) if kept is None else kept
+                    kept[name] = held
+        if kept is not None:
+            kwargs = kept
+        if args and any(isinstance(value, torch.Tensor) for value in args):
+            args = tuple(
+                self._hold(value, seen) if isinstance(value, torch.Tensor) and not (value.dim() == 3 and value.is_floating_point()) else value
+                for value in args
+            )
+        reader._last_call = seen
+        self.args = args
+        self.kwargs = kwargs
+
+    def _hold(self, tensor: torch.Tensor, seen: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """The tensor to keep for the later read: itself, with its version noted; or a copy (an inference tensor, a
+        buffer the previous call passed too, or once the reader copies)."""
+        reader = self.reader
+        pointer = tensor.data_ptr()
+        seen.append((pointer, tensor))
+        if pointer and any(pointer == last for last, _ in reader._last_call):
+            # The loop passes the same buffer again (the previous call's tensor is still referenced, so its memory
+            # cannot have been handed to a new tensor): it writes its inputs in place.
+            reader.copy_args = True
+        version = -1 if reader.copy_args else _version(tensor)
+        if version < 0:
+            return tensor.clone()
+        self.versions.append((tensor, version))
+        return tensor
 
     def build(self) -> TokenContext | None:
+        for tensor, version in self.versions:
+            if tensor._version != version:
+                self.reader.copy_args = True  # from the next call on: copied at the call
+                raise ContextChanged("a stack argument was written in place after the call")
         ctx = self.reader.build(self.args, self.kwargs, self.has_cache, self.past)
         if ctx is not None:
             ctx.tags = self.tags

@@ -170,3 +170,67 @@ def test_chunked_prefill_continues_its_sequences(family: str, tmp_path: Path) ->
         if mask[b, p]
     )
     assert _recorded(tmp_path / "t") == expected
+
+
+def _buffer_loop(model: torch.nn.Module, reuse: bool, steps: int = 6) -> list[list[int]]:
+    """Prefill, then greedy decode steps; ``reuse``: the next token goes into one input buffer in place (as loops
+    with static buffers do). Returns the token ids each decode step was given."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache()
+    buffer = torch.zeros(2, 1, dtype=torch.long)
+    given = []
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    for _ in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        given.append(token[:, 0].tolist())
+        if reuse:
+            buffer.copy_(token)
+            token = buffer
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return given
+
+
+def _decode_tokens(path: Path) -> dict[int, list[int]]:
+    rows = moeprobe.open_trace(path).sql(
+        "select step, sequence, token_id from routing where layer = 0 and k = 0 and step > 0 order by step, sequence"
+    ).to_pylist()
+    by_step: dict[int, list[int]] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], []).append(row["token_id"])
+    return by_step
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_loop_that_reuses_its_input_buffer_is_never_recorded_wrong(mode: str, tmp_path: Path) -> None:
+    """Hook capture reads a step's token context on the writer thread, from the call's tensors kept by reference.
+    A loop that writes the next token into the same buffer must not have every step recorded with the last token:
+    a tensor written in place after its call is found by its version counter (the step dropped and counted), the
+    buffer passed again switches to copies at the call, and inference tensors (no version counter) are copied."""
+    model = build("qwen3_moe").eval()
+    guard = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with guard():
+        with moeprobe.record(model, tmp_path / "fresh") as fresh:
+            truth = _buffer_loop(model, reuse=False)
+        assert fresh.anomalies == {}
+        with moeprobe.record(model, tmp_path / "reused") as probe:
+            assert _buffer_loop(model, reuse=True) == truth
+    recorded = _decode_tokens(tmp_path / "reused")
+    assert _decode_tokens(tmp_path / "fresh") == {step: tokens for step, tokens in enumerate(truth, start=1)}
+    # Every step recorded carries the tokens it was given; at most the first decode step is lost, and counted.
+    assert recorded == {step: truth[step - 1] for step in recorded}
+    lost = probe.anomalies.get("context:changed_after_call", 0)
+    assert len(recorded) + lost == len(truth) and lost <= 1
+    assert any(reader.copy_args for reader in probe._readers.values())  # copies from the buffer's second use on
+    if mode == "inference_mode":
+        assert lost == 0  # copied at the call: nothing to lose
+
+
+def test_a_loop_with_fresh_inputs_is_not_copied(tmp_path: Path) -> None:
+    """The buffer check must not fire on fresh tensors (e.g. one freed and its memory handed to the next token)."""
+    model = build("qwen3_moe").eval()
+    with torch.no_grad(), moeprobe.record(model, tmp_path / "t") as probe:
+        _buffer_loop(model, reuse=False, steps=12)
+    assert probe.anomalies == {}
+    assert probe._readers and not any(reader.copy_args for reader in probe._readers.values())

@@ -1,0 +1,67 @@
+"""Hook capture keeps a router's outputs by reference and reads them on the writer thread. A router that returns
+the same buffers at every call (written in place, as code written for CUDA graphs does) must never have a step
+recorded with another step's routing: a tensor written since its call is found by its version counter, counted
+(``routing_changed:layerN``) and left out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moeprobe
+from tests.tiny_models import VOCAB, build
+
+ROUTING = "select step, layer, sequence, position, k, expert, weight from routing order by all"
+
+
+def _buffered(module: torch.nn.Module) -> None:
+    """Make ``module`` return its outputs in buffers it reuses for every call of the same shapes."""
+    forward = module.forward
+    buffers: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+    def reusing(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        kept = []
+        for n, t in enumerate(out):
+            if isinstance(t, torch.Tensor):
+                buffer = buffers.setdefault((n, tuple(t.shape)), torch.empty_like(t))
+                buffer.copy_(t)
+                t = buffer
+            kept.append(t)
+        return tuple(kept)
+
+    module.forward = reusing
+
+
+def _loop(model: torch.nn.Module) -> None:
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(5):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+
+
+def test_a_router_that_reuses_its_output_buffers_is_never_recorded_wrong(tmp_path: Path) -> None:
+    model = build("qwen3_moe").eval()
+    with moeprobe.record(model, tmp_path / "truth") as truth:
+        _loop(model)
+    routers = [layer.router for layer in truth.layers]
+    assert routers and all(isinstance(r, torch.nn.Module) for r in routers)
+    for router in routers:
+        _buffered(router)
+    with moeprobe.record(model, tmp_path / "reused") as probe:
+        _loop(model)
+    want = moeprobe.open_trace(tmp_path / "truth").sql(ROUTING).to_pylist()
+    got = moeprobe.open_trace(tmp_path / "reused").sql(ROUTING).to_pylist()
+    # Whatever was recorded is exactly what the router decided at that step; what was not, is counted.
+    assert {(r["step"], r["layer"]) for r in got} <= {(r["step"], r["layer"]) for r in want}
+    kept = {(r["step"], r["layer"]) for r in got}
+    assert got == [r for r in want if (r["step"], r["layer"]) in kept]
+    changed = sum(n for kind, n in probe.anomalies.items() if kind.startswith("routing_changed:"))
+    steps_layers = {(r["step"], r["layer"]) for r in want}
+    assert changed > 0 and len(kept) + changed == len(steps_layers)
