@@ -72,15 +72,28 @@ def at_slots(output: Any, slots: tuple[int, int, int, int], k: int, num_experts:
     return indices, weights, scores, None
 
 
+COPIED = (-2, -2)  # versions of router outputs copied at the call: nothing can write them, nothing to check
+
+
 def versions_of(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tuple[int, int]:
     """Model's thread, at the call: the version counters of the router's indices and weights at the remembered
     places ((-1, -1) for inference tensors, which have none, or parts that are not tensors; :func:`resolve` checks
     them: a router that writes its outputs into reused buffers, or a block that edits them in place after the
     router returned, changes them before the writer reads them)."""
     try:
-        return output[slots[0]]._version, output[slots[1]]._version
+        indices = output[slots[0]]
+        if indices.is_inference():
+            return -1, -1
+        return indices._version, output[slots[1]]._version
     except (RuntimeError, AttributeError, IndexError):
         return -1, -1
+
+
+def copied_parts(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tuple[Any, ...]:
+    """The router's output with copies of the tensors at the remembered places (a router found reusing its output
+    buffers: what is noted must keep this call's values)."""
+    places = {n for n in slots[:3] if n >= 0}
+    return tuple(t.clone() if n in places and isinstance(t, torch.Tensor) else t for n, t in enumerate(output))
 
 
 class NotedLayer:
@@ -102,11 +115,19 @@ class NotedLayer:
         self.queued_per_decision = 16 + (4 * first.scores.numel() / decisions if first.scores is not None else 0)
 
 
-def resolve(step: StepBuffer, count_anomaly: Callable[[str], None]) -> bool:
+def resolve(
+    step: StepBuffer,
+    count_anomaly: Callable[[str], None],
+    copy_layer: Callable[[int], None] = lambda index: None,
+    reused_before: dict[int, int] | None = None,
+) -> bool:
     """Writer thread (or the step's end, with CUDA): the step's pending token contexts become TokenContexts and its
     noted router calls LayerCaptures, read and checked as the model's thread would have read them; a call that
     breaks the contract is counted and left out. False for a step left with nothing to write (counted as
-    ``empty_step``, as the model's thread counts one)."""
+    ``empty_step``, as the model's thread counts one). A router call whose tensors were written since the call is
+    counted and left out, and ``copy_layer(index)`` has the model's thread copy that router's outputs from now on.
+    ``reused_before``: layer -> step from which the model's thread copies a router found returning the same memory
+    twice (inference tensors, no version counter): that layer's unchecked calls of earlier steps are left out too."""
     pending = step.contexts
     built: dict[int, TokenContext | None] = {}
     if any(type(c) is PendingContext for c in pending):
@@ -133,11 +154,19 @@ def resolve(step: StepBuffer, count_anomaly: Callable[[str], None]) -> bool:
         for capture in step.layers:  # captures read on the model's thread (a layer's first call)
             if capture.context is not None and id(capture.context) in built:
                 capture.context = built[id(capture.context)]
-    if any(capture.versions[0] >= 0 for capture in step.layers):
+    reused = reused_before or {}
+
+    def changed(layer: int, versions: tuple[int, int], indices: Any, weights: Any) -> bool:
+        if versions[0] >= 0:
+            return (indices._version, weights._version) != versions
+        return versions[0] == -1 and step.step < reused.get(layer, -1)  # unchecked, and the buffer was reused
+
+    if any(capture.versions[0] >= 0 or capture.layer in reused for capture in step.layers):
         kept = []
         for capture in step.layers:  # read on the model's thread (a layer's first call), kept by reference
-            if capture.versions[0] >= 0 and (capture.indices._version, capture.weights._version) != capture.versions:  # type: ignore[union-attr]
+            if changed(capture.layer, capture.versions, capture.indices, capture.weights):
                 count_anomaly(f"routing_changed:layer{capture.layer}")
+                copy_layer(capture.layer)
             else:
                 kept.append(capture)
         step.layers = kept
@@ -152,9 +181,10 @@ def resolve(step: StepBuffer, count_anomaly: Callable[[str], None]) -> bool:
             except Exception:  # noqa: BLE001 - a selector may fail in any way; each is a contract failure
                 count_anomaly(f"contract:layer{layer.index}")
                 continue
-        if versions[0] >= 0 and (parts[0]._version != versions[0] or parts[1]._version != versions[1]):
+        if changed(layer.index, versions, parts[0], parts[1]):
             # Written in place since the router returned: what the tensors hold now is not that call's routing.
             count_anomaly(f"routing_changed:layer{layer.index}")
+            copy_layer(layer.index)
             continue
         if context is not None and id(context) in built:
             context = built[id(context)]
