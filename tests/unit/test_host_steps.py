@@ -43,7 +43,7 @@ def _calls() -> list[tuple[str, dict[str, Any]]]:
     calls = []
     for past, seq_len in [(0, 4), (0, 1), (5, 1), (5, 3)]:
         ids = torch.randint(3, 90, (BATCH, seq_len), generator=torch.Generator().manual_seed(past * 10 + seq_len))
-        for with_cache, mask_kind, with_positions in itertools.product([True, False], ["none", "ones", "history_pad", "history_all_pad", "call_pad", "bool"], [False, True]):
+        for with_cache, mask_kind, with_positions in itertools.product([True, False], ["none", "ones", "history_pad", "history_all_pad", "call_pad", "bool"], [False, True, "shared"]):
             if not with_cache and past:
                 continue
             kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": with_cache}
@@ -64,6 +64,8 @@ def _calls() -> list[tuple[str, dict[str, Any]]]:
             if with_positions:
                 real = mask.to(torch.int64)
                 kwargs["position_ids"] = ((real.cumsum(1) - 1).clamp(min=0))[:, -seq_len:]
+                if with_positions == "shared":
+                    kwargs["position_ids"] = kwargs["position_ids"][1:2]  # one row for the batch (broadcast)
             calls.append((f"past{past}-len{seq_len}-cache{with_cache}-{mask_kind}-pos{with_positions}", kwargs))
     return calls
 
