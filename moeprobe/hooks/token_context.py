@@ -100,8 +100,10 @@ class ContextReader:
         # Set (writer thread) once a kept argument was found written in place after its call: PendingContext copies
         # the arguments at the call from then on; so does the model's thread on seeing a buffer passed again.
         self.copy_args = False
-        # The previous call's kept tensors with their data pointers (PendingContext), referenced until the next call.
-        self._last_call: list[tuple[int, torch.Tensor]] = []
+        # The previous call's read tensors by data pointer, and its arguments, referenced until the next call
+        # (PendingContext: a buffer passed again is found by its memory, which cannot have gone to a new tensor).
+        self._last_pointers: list[int] = []
+        self._last_held: Any = None
 
     def _arg(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
@@ -201,14 +203,6 @@ class ContextReader:
         )
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """The tensor's version counter; -1 for an inference tensor, which has none."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return -1
-
-
 class ContextChanged(Exception):
     """A stack argument was written in place between the call and the read of its kept reference."""
 
@@ -228,47 +222,68 @@ class PendingContext:
     values can be lost). Inference tensors (``torch.inference_mode``) carry no version counter: they are copied at
     the call, always."""
 
-    __slots__ = ("reader", "args", "kwargs", "has_cache", "past", "tags", "versions")
+    __slots__ = ("reader", "args", "kwargs", "has_cache", "past", "tags", "versions", "size")
 
     def __init__(self, reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any], tags: Mapping[str, Any] | None) -> None:
+        # Model's thread, every step: one pass over the arguments (the byte count, the versions and the buffer check
+        # together), plain reads, no Python call per tensor.
         self.reader = reader
         self.has_cache, self.past = reader._cache(args, kwargs)
         self.tags = tags
-        self.versions: list[tuple[torch.Tensor, int]] = []
-        seen: list[tuple[int, torch.Tensor]] = []  # this call's tensors by data pointer: the next call compares its own
+        versions: list[tuple[torch.Tensor, int]] = []
+        size = 0
+        last = reader._last_pointers
+        pointers: list[int] = []  # this call's read tensors, by data pointer: the next call compares its own
+        copy = reader.copy_args
         kept: dict[str, Any] | None = None  # the kwargs with copies, made at the first copy (the call's own dict goes on to the model)
         for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor) and not (value.dim() == 3 and value.is_floating_point()):
-                held = self._hold(value, seen)
-                if held is not value:
-                    kept = dict(kwargs) if kept is None else kept
-                    kept[name] = held
+            if not isinstance(value, torch.Tensor):
+                continue
+            size += value.nbytes
+            if value.dim() == 3 and value.is_floating_point():
+                continue  # embeddings: only their shape is read
+            pointer = value.data_ptr()
+            pointers.append(pointer)
+            if pointer and pointer in last:
+                # The same memory as a tensor of the previous call, which is still referenced (so not handed to a new
+                # tensor): the loop passes the same buffer again and writes its inputs in place.
+                copy = reader.copy_args = True
+            if not copy:
+                try:
+                    versions.append((value, value._version))
+                    continue
+                except RuntimeError:
+                    pass  # an inference tensor: no version counter, copied
+            kept = dict(kwargs) if kept is None else kept
+            kept[name] = value.clone()
         if kept is not None:
             kwargs = kept
         if args and any(isinstance(value, torch.Tensor) for value in args):
-            args = tuple(
-                self._hold(value, seen) if isinstance(value, torch.Tensor) and not (value.dim() == 3 and value.is_floating_point()) else value
-                for value in args
-            )
-        reader._last_call = seen
+            listed = list(args)
+            for n, value in enumerate(listed):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                size += value.nbytes
+                if value.dim() == 3 and value.is_floating_point():
+                    continue
+                pointer = value.data_ptr()
+                pointers.append(pointer)
+                if pointer and pointer in last:
+                    copy = reader.copy_args = True
+                if not copy:
+                    try:
+                        versions.append((value, value._version))
+                        continue
+                    except RuntimeError:
+                        pass
+                listed[n] = value.clone()
+            args = tuple(listed)
+        reader._last_pointers = pointers
+        reader._last_held = (args, kwargs)  # keeps those tensors' memory from being reused until the next call
         self.args = args
         self.kwargs = kwargs
-
-    def _hold(self, tensor: torch.Tensor, seen: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """The tensor to keep for the later read: itself, with its version noted; or a copy (an inference tensor, a
-        buffer the previous call passed too, or once the reader copies)."""
-        reader = self.reader
-        pointer = tensor.data_ptr()
-        seen.append((pointer, tensor))
-        if pointer and any(pointer == last for last, _ in reader._last_call):
-            # The loop passes the same buffer again (the previous call's tensor is still referenced, so its memory
-            # cannot have been handed to a new tensor): it writes its inputs in place.
-            reader.copy_args = True
-        version = -1 if reader.copy_args else _version(tensor)
-        if version < 0:
-            return tensor.clone()
-        self.versions.append((tensor, version))
-        return tensor
+        self.versions = versions
+        self.size = size
 
     def build(self) -> TokenContext | None:
         for tensor, version in self.versions:
@@ -281,10 +296,5 @@ class PendingContext:
         return ctx
 
     def nbytes(self) -> int:
-        """Bytes of the argument tensors held (a superset of what the context keeps)."""
-        total = 0
-        for values in (self.args, self.kwargs.values()):
-            for value in values:
-                if isinstance(value, torch.Tensor):
-                    total += value.numel() * value.element_size()
-        return total
+        """Bytes of the argument tensors held (a superset of what the context keeps), counted at the call."""
+        return self.size
