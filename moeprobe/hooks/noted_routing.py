@@ -73,6 +73,7 @@ def at_slots(output: Any, slots: tuple[int, int, int, int], k: int, num_experts:
 
 
 COPIED = (-2, -2)  # versions of router outputs copied at the call: nothing can write them, nothing to check
+UNCHECKABLE = (-1, -1)  # versions_of for tensors without a version counter (inference tensors): copied at the call
 
 
 def versions_of(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tuple[int, int]:
@@ -81,12 +82,9 @@ def versions_of(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tu
     them: a router that writes its outputs into reused buffers, or a block that edits them in place after the
     router returned, changes them before the writer reads them)."""
     try:
-        indices = output[slots[0]]
-        if indices.is_inference():
-            return -1, -1
-        return indices._version, output[slots[1]]._version
+        return output[slots[0]]._version, output[slots[1]]._version
     except (RuntimeError, AttributeError, IndexError):
-        return -1, -1
+        return UNCHECKABLE
 
 
 def copied_parts(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tuple[Any, ...]:
@@ -115,19 +113,14 @@ class NotedLayer:
         self.queued_per_decision = 16 + (4 * first.scores.numel() / decisions if first.scores is not None else 0)
 
 
-def resolve(
-    step: StepBuffer,
-    count_anomaly: Callable[[str], None],
-    copy_layer: Callable[[int], None] = lambda index: None,
-    reused_before: dict[int, int] | None = None,
-) -> bool:
+def resolve(step: StepBuffer, count_anomaly: Callable[[str], None], copy_layer: Callable[[int], None] = lambda index: None) -> bool:
     """Writer thread (or the step's end, with CUDA): the step's pending token contexts become TokenContexts and its
     noted router calls LayerCaptures, read and checked as the model's thread would have read them; a call that
     breaks the contract is counted and left out. False for a step left with nothing to write (counted as
     ``empty_step``, as the model's thread counts one). A router call whose tensors were written since the call is
     counted and left out, and ``copy_layer(index)`` has the model's thread copy that router's outputs from now on.
-    ``reused_before``: layer -> step from which the model's thread copies a router found returning the same memory
-    twice (inference tensors, no version counter): that layer's unchecked calls of earlier steps are left out too."""
+    A call that passes is copied here and checked again after the copy (the model's thread may write the tensors
+    at any time: what the copy holds is that call's only if the version did not move during it)."""
     pending = step.contexts
     built: dict[int, TokenContext | None] = {}
     if any(type(c) is PendingContext for c in pending):
@@ -154,21 +147,26 @@ def resolve(
         for capture in step.layers:  # captures read on the model's thread (a layer's first call)
             if capture.context is not None and id(capture.context) in built:
                 capture.context = built[id(capture.context)]
-    reused = reused_before or {}
+    def copied(versions: tuple[int, int], indices: Any, weights: Any) -> tuple[Any, Any] | None:
+        """(indices, weights) as the call returned them, copied; None: written since (seqlock-like: the version
+        before and after the copy both the call's)."""
+        if versions[0] < 0:
+            return indices, weights  # copied at the call (or nothing to check: not a host step)
+        if (indices._version, weights._version) != versions:
+            return None
+        copies = indices.clone(), weights.clone()
+        return copies if (indices._version, weights._version) == versions else None
 
-    def changed(layer: int, versions: tuple[int, int], indices: Any, weights: Any) -> bool:
-        if versions[0] >= 0:
-            return (indices._version, weights._version) != versions
-        return versions[0] == -1 and step.step < reused.get(layer, -1)  # unchecked, and the buffer was reused
-
-    if any(capture.versions[0] >= 0 or capture.layer in reused for capture in step.layers):
+    if any(capture.versions[0] >= 0 for capture in step.layers):
         kept = []
         for capture in step.layers:  # read on the model's thread (a layer's first call), kept by reference
-            if changed(capture.layer, capture.versions, capture.indices, capture.weights):
+            held = copied(capture.versions, capture.indices, capture.weights)
+            if held is None:
                 count_anomaly(f"routing_changed:layer{capture.layer}")
                 copy_layer(capture.layer)
-            else:
-                kept.append(capture)
+                continue
+            capture.indices, capture.weights = held
+            kept.append(capture)
         step.layers = kept
     noted, step.noted = step.noted, []
     step.noted_decisions = step.noted_queue_bytes = 0
@@ -181,11 +179,13 @@ def resolve(
             except Exception:  # noqa: BLE001 - a selector may fail in any way; each is a contract failure
                 count_anomaly(f"contract:layer{layer.index}")
                 continue
-        if changed(layer.index, versions, parts[0], parts[1]):
+        checked = copied(versions, parts[0], parts[1])
+        if checked is None:
             # Written in place since the router returned: what the tensors hold now is not that call's routing.
             count_anomaly(f"routing_changed:layer{layer.index}")
             copy_layer(layer.index)
             continue
+        parts = (checked[0], checked[1], parts[2], parts[3])
         if context is not None and id(context) in built:
             context = built[id(context)]
         indices, weights, scores, dropped = parts

@@ -31,7 +31,7 @@ from ..traces.writer import ShardWriter
 from .capture import BLOCK_END, ROUTER_END, ROUTER_START, LayerCapture, StepBuffer, move_to_host
 from .token_context import ContextReader, PendingContext, TokenContext
 from .wrapping import ForwardWraps
-from .noted_routing import COPIED, copied_parts, versions_of, NotedLayer, at_slots, resolve as resolve_noted, slots_of
+from .noted_routing import COPIED, UNCHECKABLE, copied_parts, versions_of, NotedLayer, at_slots, resolve as resolve_noted, slots_of
 from .discovery import LayerBinding, RouterDecls, find_layers
 from . import compat, contracts
 from .adapters import transformers_version
@@ -180,9 +180,8 @@ class Probe:
         # parts during the step (live_loads counts them on the device).
         self._resolver: Any = self._resolve_noted if path is not None and not live_loads else None
         # Layers whose router outputs are copied at the call: found written in place after a call (by the writer
-        # thread, noted_routing.resolve) or, for inference tensors, returned in the same memory twice.
+        # thread, noted_routing.resolve). Inference tensors are always copied (no version counter to check).
         self._copy_routing: set[int] = set()
-        self._reused_before: dict[int, int] = {}  # layer -> the step at which its inference-tensor outputs were found reused
         self._warned_anomaly = False
         self._biases = BiasWatch(self.layers)  # correction biases, read at each step's end
         self._loads: list[torch.Tensor] | None = None
@@ -367,7 +366,7 @@ class Probe:
 
     def _resolve_noted(self, step: StepBuffer) -> bool:
         """Writer thread: read what a host step kept by reference (noted_routing.py); False: nothing to write."""
-        return resolve_noted(step, self._count_writer_anomaly, self._copy_routing.add, self._reused_before)
+        return resolve_noted(step, self._count_writer_anomaly, self._copy_routing.add)
 
     def _count_writer_anomaly(self, kind: str) -> None:
         self._writer_anomalies[kind] = self._writer_anomalies.get(kind, 0) + 1
@@ -531,7 +530,6 @@ class Probe:
         noted: list[NotedLayer] = []
         grad_enabled = torch.is_grad_enabled
         copy_routing = self._copy_routing
-        last_indices: list[Any] = [0, None]  # the last noted call's indices (data pointer, tensor): see below
 
         def router_start() -> None:
             step = self._step
@@ -564,18 +562,12 @@ class Probe:
                         indices = output[entry.slots[0]]
                         if isinstance(indices, torch.Tensor):
                             n = indices.numel()
-                            versions = versions_of(output, entry.slots)
-                            if versions[0] < 0 and i not in copy_routing:
-                                # No version counter (inference tensors): the same memory as the last call's
-                                # indices, still referenced here, means the router reuses its output buffers.
-                                pointer = indices.data_ptr()
-                                if pointer and pointer == last_indices[0]:
-                                    copy_routing.add(i)
-                                    # The calls before could not be checked: the writer leaves out this layer's
-                                    # unchecked calls of earlier steps (noted_routing.resolve), counted.
-                                    self._reused_before[i] = step.step
-                                last_indices[0], last_indices[1] = pointer, indices
-                            if i in copy_routing:
+                            try:
+                                # Checked by the writer (noted_routing.resolve); versions_of, inlined.
+                                versions = (indices._version, output[entry.slots[1]]._version)
+                            except (RuntimeError, AttributeError):
+                                versions = UNCHECKABLE  # an inference tensor: no version counter, copied below
+                            if versions is UNCHECKABLE or (copy_routing and i in copy_routing):
                                 output, versions = copied_parts(output, entry.slots), COPIED
                             step.note(
                                 (entry, output, self._current.get(stack_id) if stack_id is not None else None, versions),
@@ -773,9 +765,11 @@ class Probe:
         ctx = self._current.get(stack_id) if stack_id is not None else None
         # Inference tensors have no autograd history: kept as they are (no new tensor per call); training ones
         # are cut from autograd (_detached).
-        copied = layer.index in self._copy_routing
-        if copied:
-            # This router's outputs were found written after their call (noted_routing.resolve): copied now.
+        versions = versions_of((indices, weights), (0, 1, -1, 2)) if weights is not None else UNCHECKABLE
+        copied = versions is UNCHECKABLE or layer.index in self._copy_routing
+        if copied and step.resolve is not None:
+            # Read on the writer thread, and no version counter to check it by there (inference tensors) or this
+            # router's outputs were found written after their call (noted_routing.resolve): copied now.
             indices, weights = indices.detach().clone(), weights.detach().clone() if weights is not None else None
         capture = LayerCapture(
             layer=layer.index,
@@ -785,9 +779,8 @@ class Probe:
             scores=_detached(scores) if self.logits else None,
             dropped=_detached(dropped),
         )
-        if step.resolve is not None and weights is not None:
-            # Read on the writer thread: checked there by these (a copy needs no check)
-            capture.versions = COPIED if copied else versions_of((capture.indices, capture.weights), (0, 1, -1, 2))
+        if step.resolve is not None:
+            capture.versions = COPIED if copied else versions  # read on the writer thread: checked there by these
         if self.pipeline is not None:
             # Dropped (and released) as soon as the step's captures pass the byte budget: see StepBuffer.keep.
             step.keep(capture, self.pipeline.max_queue_bytes)

@@ -286,14 +286,25 @@ class PendingContext:
         self.size = size
 
     def build(self) -> TokenContext | None:
+        """The context, from copies of the kept tensors taken while their versions were the call's (checked before
+        and after the copies: the model's thread may write them at any time)."""
+        self._check()
+        ctx = self.reader.build(self.args, self.kwargs, self.has_cache, self.past)
+        if ctx is not None:
+            ctx.tags = self.tags
+            if self.versions:
+                for name in ("input_ids", "position_ids", "attention_mask", "mask_4d"):  # capture.CONTEXT_TENSORS
+                    value = getattr(ctx, name)
+                    if value is not None:
+                        setattr(ctx, name, value.clone())
+                self._check()
+        return ctx
+
+    def _check(self) -> None:
         for tensor, version in self.versions:
             if tensor._version != version:
                 self.reader.copy_args = True  # from the next call on: copied at the call
                 raise ContextChanged("a stack argument was written in place after the call")
-        ctx = self.reader.build(self.args, self.kwargs, self.has_cache, self.past)
-        if ctx is not None:
-            ctx.tags = self.tags
-        return ctx
 
     def nbytes(self) -> int:
         """Bytes of the argument tensors held (a superset of what the context keeps), counted at the call."""

@@ -1,8 +1,8 @@
 """Hook capture keeps a router's outputs by reference and reads them on the writer thread. A router that returns
 the same buffers at every call (written in place, as code written for CUDA graphs does) must never have a step
-recorded with another step's routing: a tensor written since its call is found by its version counter (inference
-tensors, which have none: by the same memory returned twice), counted (``routing_changed:layerN``) and left out,
-and that router's outputs are copied at the call from then on."""
+recorded with another step's routing: a tensor written since its call is found by its version counter, counted
+(``routing_changed:layerN``) and left out, and that router's outputs are copied at the call from then on; inference
+tensors, which have no version counter, are copied at the call."""
 
 from __future__ import annotations
 
@@ -70,9 +70,5 @@ def test_a_router_that_reuses_its_output_buffers_is_never_recorded_wrong(mode: s
     steps_layers = {(r["step"], r["layer"]) for r in want}
     assert len(kept) + changed == len(steps_layers)
     if mode == "inference_mode":
-        # Found on the model's thread at the second noted call (same memory twice), copied since: the last steps
-        # are all there. (With version counters it is found when the writer reads a call after the router wrote
-        # its buffer again: how many calls that takes depends on the writer's pace, not what is recorded.)
-        assert probe._copy_routing == {layer.index for layer in probe.layers}
-        last = max(step for step, _ in steps_layers)
-        assert {(last, layer.index) for layer in probe.layers} <= kept
+        # No version counters to check by: copied at the call, so nothing is lost.
+        assert changed == 0 and got == want
