@@ -30,19 +30,8 @@ def plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, A
     ContextReader.read and plain_context would reduce the step to integers (positions past + 0..seq_len-1, every token
     real), decided without building the context (the per-step cost of counts mode and of graph capture on the
     host). None for every other call, which takes the general path (same result there: a strict subset of it)."""
-    if args:
-        if reader._arg("attention_mask", args, kwargs) is not None or reader._arg("position_ids", args, kwargs) is not None:
-            return None
-        ids = reader._token_ids(args, kwargs)
-    else:
-        # Keywords only (a causal LM calls its stack so): _arg is kwargs.get, and _token_ids too unless the
-        # token ids come from a user's selector.
-        get = kwargs.get
-        if get("attention_mask") is not None or get("position_ids") is not None:
-            return None
-        tokens = reader._tokens
-        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
+    ids, mask, positions = _arguments(reader, args, kwargs)
+    if mask is not None or positions is not None or ids is None:
         return None
     batch, seq_len = int(ids.shape[0]), int(ids.shape[1])
     found, past = _host_past(reader, args, kwargs)
@@ -72,15 +61,8 @@ def counts_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
     from the positions when given; else, with a mask the general path turns into positions (no cache, or a mask
     covering the cache and the call), when no row has a real token before the call's; else from the cache
     length (0: new); without a cache, new."""
-    get = kwargs.get
-    if args:
-        mask, positions = reader._arg("attention_mask", args, kwargs), reader._arg("position_ids", args, kwargs)
-        ids = reader._token_ids(args, kwargs)
-    else:
-        mask, positions = get("attention_mask"), get("position_ids")
-        tokens = reader._tokens
-        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
+    ids, mask, positions = _arguments(reader, args, kwargs)
+    if ids is None:
         return None
     batch, seq_len = int(ids.shape[0]), int(ids.shape[1])
     found, past = _host_past(reader, args, kwargs)
@@ -118,6 +100,23 @@ def counts_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
     else:
         new = past == 0 if found else True
     return batch, seq_len, new
+
+
+def _arguments(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, Any, Any]:
+    """(2-D integer token ids or None, the attention mask, the positions) as the stack call was given them."""
+    if args:
+        mask, positions = reader._arg("attention_mask", args, kwargs), reader._arg("position_ids", args, kwargs)
+        ids = reader._token_ids(args, kwargs)
+    else:
+        # Keywords only (a causal LM calls its stack so): _arg is kwargs.get, and _token_ids too unless the
+        # token ids come from a user's selector.
+        get = kwargs.get
+        mask, positions = get("attention_mask"), get("position_ids")
+        tokens = reader._tokens
+        ids = get(tokens) if isinstance(tokens, str) else reader._token_ids(args, kwargs)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
+        ids = None
+    return ids, mask, positions
 
 
 def _host_past(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, int | None]:

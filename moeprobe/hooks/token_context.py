@@ -236,7 +236,9 @@ class PendingContext:
         pointers: list[int] = []  # this call's read tensors, by data pointer: the next call compares its own
         copy = reader.copy_args
         kept: dict[str, Any] | None = None  # the kwargs with copies, made at the first copy (the call's own dict goes on to the model)
-        for name, value in kwargs.items():
+        listed: list[Any] | None = None  # the positional arguments with copies, likewise
+        arguments: Any = kwargs.items() if not args else [*kwargs.items(), *enumerate(args)]
+        for key, value in arguments:
             if not isinstance(value, torch.Tensor):
                 continue
             size += value.nbytes
@@ -254,29 +256,15 @@ class PendingContext:
                     continue
                 except RuntimeError:
                     pass  # an inference tensor: no version counter, copied
-            kept = dict(kwargs) if kept is None else kept
-            kept[name] = value.clone()
+            if isinstance(key, str):
+                kept = dict(kwargs) if kept is None else kept
+                kept[key] = value.clone()
+            else:
+                listed = list(args) if listed is None else listed
+                listed[key] = value.clone()
         if kept is not None:
             kwargs = kept
-        if args and any(isinstance(value, torch.Tensor) for value in args):
-            listed = list(args)
-            for n, value in enumerate(listed):
-                if not isinstance(value, torch.Tensor):
-                    continue
-                size += value.nbytes
-                if value.dim() == 3 and value.is_floating_point():
-                    continue
-                pointer = value.data_ptr()
-                pointers.append(pointer)
-                if pointer and pointer in last:
-                    copy = reader.copy_args = True
-                if not copy:
-                    try:
-                        versions.append((value, value._version))
-                        continue
-                    except RuntimeError:
-                        pass
-                listed[n] = value.clone()
+        if listed is not None:
             args = tuple(listed)
         reader._last_pointers = pointers
         reader._last_held = (args, kwargs)  # keeps those tensors' memory from being reused until the next call
