@@ -40,7 +40,6 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moeprobe  # noqa: E402
-from capture_modes import VARIANTS, bootstrap, pin, trimmed_mean  # noqa: E402  (the same variants as there)
-from capture_overhead import load_demo_model  # noqa: E402
+from capture_modes import VARIANTS, bootstrap, pinned_demo, trimmed_mean  # noqa: E402  (the same variants as there)
 
 # Where torch keeps a module's forward hooks (``Module._call_impl`` takes its fast path when all are empty).
 _HOOK_ATTRS = (
@@ -105,11 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import DynamicCache
 
-    torch.set_num_threads(1)
-    cpu = args.cpu if args.cpu is not None else (max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else -1)
-    pinned = pin(cpu)
-    model, ids, label = load_demo_model("cpu")
-    workdir = Path(tempfile.mkdtemp(prefix="moeprobe-interleaved-"))
+    pinned, model, ids, label, workdir = pinned_demo(args.cpu, "moeprobe-interleaved-")
     names = ["none"] + [n for n in args.variants.split(",") if n != "none"]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -86,6 +86,17 @@ def pin(cpu: int) -> str:
     return f"pinned to CPU {cpu} of {os.cpu_count()}"
 
 
+def pinned_demo(cpu: int | None, prefix: str) -> tuple[str, torch.nn.Module, torch.Tensor, str, Path]:
+    """One torch thread, pinned to ``cpu`` (default: the last allowed; -1: none), the demo model, a work directory:
+    (how it is pinned, model, token ids, the model's label, directory)."""
+    torch.set_num_threads(1)
+    if cpu is None:
+        cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else -1
+    pinned = pin(cpu)
+    model, ids, label = load_demo_model("cpu")
+    return pinned, model, ids, label, Path(tempfile.mkdtemp(prefix=prefix))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=60)
@@ -95,11 +106,7 @@ def main() -> None:
     parser.add_argument("--quantile", type=float, default=0.2, help="quantile of the decode steps' CPU times compared")
     parser.add_argument("--json", type=Path, default=None, help="also write the per-round and per-step times here")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    cpu = args.cpu if args.cpu is not None else (max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else -1)
-    pinned = pin(cpu)
-    model, ids, label = load_demo_model("cpu")
-    workdir = Path(tempfile.mkdtemp(prefix="moeprobe-modes-"))
+    pinned, model, ids, label, workdir = pinned_demo(args.cpu, "moeprobe-modes-")
 
     def run(name: str) -> tuple[float, float, np.ndarray]:
         gc.collect()  # every run starts from the same heap; collections during the run are its own

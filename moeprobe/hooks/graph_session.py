@@ -74,8 +74,8 @@ class GraphSession:
         hook takes torch's slower call path, about 14 us a call measured in the demo decode loop, more than the
         hook's own work. While the stack runs compiled inside an eager call (``torch.compile(model)``, a compiled
         ``model.forward`` given to ``record()``) the hook stays. A forward compiled after the model's first eager
-        call under ``record()`` leaves the drains to ``flush()``, ``tag()`` and the exit (what overflows the rings
-        in between is counted, never silent)."""
+        call under ``record()`` gets the hook back at the next eager drain (:meth:`drain`: ``flush()``, ``tag()``);
+        until then what overflows the rings is counted, never silent."""
         probe = self.probe
         # detect.tracing_now, inlined: this runs once per model call
         if torch.compiler.is_compiling() or (probe._cuda and torch.cuda.is_current_stream_capturing()):
@@ -90,6 +90,11 @@ class GraphSession:
             self.hook = None
             capture.drain_due = self.drain_due
             capture.hand_over(self.drain_every - probe._graph_calls % self.drain_every)
+
+    def add_hook(self) -> None:
+        """The drain hook on the model the user calls (see :meth:`after_call`), removed with the probe's hooks."""
+        self.hook = self.probe._outer.register_forward_hook(self.after_call, always_call=True)
+        self.probe._hook(self.hook)
 
     def drain_due(self) -> int:
         """The stack's wrapper, after the eager call that completes a drain period: drain; the calls to the next."""
@@ -120,8 +125,7 @@ class GraphSession:
                 # the hook on the model counts them again from here.
                 log.info("moeprobe: the token stack now runs compiled; drains go back to the hook on the model")
                 capture.hand_over(0)
-                self.hook = probe._outer.register_forward_hook(self.after_call, always_call=True)
-                probe._hook(self.hook)
+                self.add_hook()
         snapshot = capture.drain()
         bias = self._changed_bias() if self._biases.layers else {}
         tags = probe._tags
@@ -165,8 +169,7 @@ def attach_graph(probe: Probe, device: torch.device, *, ring_tokens: int | None,
     # threads; every 32 calls keeps that off the decode loop's critical path. Rings hold what 32 calls produce.
     session = GraphSession(probe, capture, drain_every or DEFAULT_DRAIN_EVERY)
     capture.attach()
-    session.hook = probe._outer.register_forward_hook(session.after_call, always_call=True)
-    probe._hook(session.hook)
+    session.add_hook()
     return session
 
 

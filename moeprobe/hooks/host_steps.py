@@ -34,7 +34,7 @@ def plain_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, A
     if mask is not None or positions is not None or ids is None:
         return None
     batch, seq_len = int(ids.shape[0]), int(ids.shape[1])
-    found, past = _host_past(reader, args, kwargs)
+    found, past = reader._cache(args, kwargs)
     if not found:
         return batch, seq_len, True, 0, ids  # no cache: the call sees whole, new sequences
     if past is None:
@@ -65,7 +65,7 @@ def counts_call(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, 
     if ids is None:
         return None
     batch, seq_len = int(ids.shape[0]), int(ids.shape[1])
-    found, past = _host_past(reader, args, kwargs)
+    found, past = reader._cache(args, kwargs)
     if found and past is None:
         return None  # a cache whose length is not an int here: the general path reads it
     if mask is None and positions is None:
@@ -117,32 +117,3 @@ def _arguments(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, A
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in contracts.INTEGER_DTYPES:
         ids = None
     return ids, mask, positions
-
-
-def _host_past(reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, int | None]:
-    """(a cache was passed, its length when an int: a device tensor, static caches, is not read here)."""
-    remembered = kwargs.get(reader._cache_keyword) if reader._cache_keyword is not None else None
-    if remembered is not None and type(remembered) is reader._cache_type:
-        # The keyword and the cache class of last time (ContextReader._cache's memo): no scan of the arguments, and
-        # the class was checked to be a cache then.
-        return True, _int_length(remembered)
-    for name, value in kwargs.items():
-        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
-            continue  # is_cache's answer for the arguments a stack call mostly has, found cheaper
-        if is_cache(value):
-            reader._cache_keyword, reader._cache_type = name, type(value)
-            return True, _int_length(value)
-    for value in args:
-        if value is None or value is True or value is False or isinstance(value, torch.Tensor):
-            continue
-        if is_cache(value):
-            return True, _int_length(value)
-    return False, None
-
-
-def _int_length(cache: Any) -> int | None:
-    try:
-        past = cache.get_seq_length()
-    except Exception:  # noqa: BLE001 - the general path reads it the same way and decides
-        return None
-    return past if isinstance(past, int) and not isinstance(past, bool) else None

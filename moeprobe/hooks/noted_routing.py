@@ -76,14 +76,14 @@ COPIED = (-2, -2)  # versions of router outputs copied at the call: nothing can 
 UNCHECKABLE = (-1, -1)  # versions_of for tensors without a version counter (inference tensors): copied at the call
 
 
-def versions_of(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tuple[int, int]:
-    """Model's thread, at the call: the version counters of the router's indices and weights at the remembered
-    places ((-1, -1) for inference tensors, which have none, or parts that are not tensors; :func:`resolve` checks
-    them: a router that writes its outputs into reused buffers, or a block that edits them in place after the
-    router returned, changes them before the writer reads them)."""
+def versions_of(indices: Any, weights: Any) -> tuple[int, int]:
+    """Model's thread, at the call: the version counters of a router call's indices and weights
+    (:data:`UNCHECKABLE` for inference tensors, which have none, or parts that are not tensors). :func:`resolve`
+    checks them: a router that writes its outputs into reused buffers, or a block that edits them in place after
+    the router returned, changes them before the writer reads them."""
     try:
-        return output[slots[0]]._version, output[slots[1]]._version
-    except (RuntimeError, AttributeError, IndexError):
+        return indices._version, weights._version
+    except (RuntimeError, AttributeError):
         return UNCHECKABLE
 
 
@@ -113,14 +113,17 @@ class NotedLayer:
         self.queued_per_decision = 16 + (4 * first.scores.numel() / decisions if first.scores is not None else 0)
 
 
-def resolve(step: StepBuffer, count_anomaly: Callable[[str], None], copy_layer: Callable[[int], None] = lambda index: None) -> bool:
+def resolve(
+    step: StepBuffer, count_anomaly: Callable[[str], None], copy_layer: Callable[[int], None] = lambda index: None, *, copy: bool = True
+) -> bool:
     """Writer thread (or the step's end, with CUDA): the step's pending token contexts become TokenContexts and its
     noted router calls LayerCaptures, read and checked as the model's thread would have read them; a call that
     breaks the contract is counted and left out. False for a step left with nothing to write (counted as
     ``empty_step``, as the model's thread counts one). A router call whose tensors were written since the call is
     counted and left out, and ``copy_layer(index)`` has the model's thread copy that router's outputs from now on.
     A call that passes is copied here and checked again after the copy (the model's thread may write the tensors
-    at any time: what the copy holds is that call's only if the version did not move during it)."""
+    at any time: what the copy holds is that call's only if the version did not move during it). ``copy=False``:
+    the step's end on the model's thread itself (CUDA), where nothing can write them before the device copy."""
     pending = step.contexts
     built: dict[int, TokenContext | None] = {}
     if any(type(c) is PendingContext for c in pending):
@@ -151,11 +154,9 @@ def resolve(step: StepBuffer, count_anomaly: Callable[[str], None], copy_layer: 
         """(indices, weights) as the call returned them, copied; None: written since (seqlock-like: the version
         before and after the copy both the call's)."""
         if versions[0] < 0:
-            return indices, weights  # copied at the call (or nothing to check: not a host step)
-        if (indices._version, weights._version) != versions:
-            return None
-        copies = indices.clone(), weights.clone()
-        return copies if (indices._version, weights._version) == versions else None
+            return indices, weights  # copied at the call, or nothing to check by
+        kept = (indices.clone(), weights.clone()) if copy else (indices, weights)  # versions only grow: one check after
+        return kept if (indices._version, weights._version) == versions else None
 
     if any(capture.versions[0] >= 0 for capture in step.layers):
         kept = []

@@ -530,6 +530,9 @@ class Probe:
         noted: list[NotedLayer] = []
         grad_enabled = torch.is_grad_enabled
         copy_routing = self._copy_routing
+        # Read on the writer thread, later: what may be written meanwhile is copied at the call. (A CUDA process
+        # reads its steps at their end, on this thread, before the device copy: nothing to copy there.)
+        host_read = not self._may_cuda
 
         def router_start() -> None:
             step = self._step
@@ -567,7 +570,7 @@ class Probe:
                                 versions = (indices._version, output[entry.slots[1]]._version)
                             except (RuntimeError, AttributeError):
                                 versions = UNCHECKABLE  # an inference tensor: no version counter, copied below
-                            if versions is UNCHECKABLE or (copy_routing and i in copy_routing):
+                            if host_read and (versions is UNCHECKABLE or (copy_routing and i in copy_routing)):
                                 output, versions = copied_parts(output, entry.slots), COPIED
                             step.note(
                                 (entry, output, self._current.get(stack_id) if stack_id is not None else None, versions),
@@ -736,7 +739,7 @@ class Probe:
             if reader is not None and step is not None:
                 if step.resolve is not None:
                     # Kept by reference, read on the writer thread (noted_routing.resolve); tags as they are now.
-                    pending = PendingContext(reader, args, kwargs, self._tags)
+                    pending = PendingContext(reader, args, kwargs, self._tags, later=not self._may_cuda)
                     step.contexts.append(pending)
                     self._current[reader.stack_id] = pending
                 else:
@@ -765,8 +768,8 @@ class Probe:
         ctx = self._current.get(stack_id) if stack_id is not None else None
         # Inference tensors have no autograd history: kept as they are (no new tensor per call); training ones
         # are cut from autograd (_detached).
-        versions = versions_of((indices, weights), (0, 1, -1, 2)) if weights is not None else UNCHECKABLE
-        copied = versions is UNCHECKABLE or layer.index in self._copy_routing
+        versions = versions_of(indices, weights) if weights is not None else UNCHECKABLE
+        copied = not self._may_cuda and (versions is UNCHECKABLE or layer.index in self._copy_routing)
         if copied and step.resolve is not None:
             # Read on the writer thread, and no version counter to check it by there (inference tensors) or this
             # router's outputs were found written after their call (noted_routing.resolve): copied now.
@@ -804,7 +807,7 @@ class Probe:
             # A CUDA process: the captures are copied to the host at the step's end, on the model's stream, so
             # what was kept by reference is read here (an empty step is counted there).
             step.resolve = None
-            if not resolve_noted(step, self._count_writer_anomaly):
+            if not resolve_noted(step, self._count_writer_anomaly, copy=False):
                 self._release_marks(step)
                 return
         if not step.layers and not step.noted and not step.contexts:

@@ -96,7 +96,7 @@ class ContextReader:
         self._slots = {name: i for i, name in enumerate(params)}
         self._tokens: TokenSelector = tokens or "input_ids"
         self._cache_keyword: str | None = None  # where the KV cache came last time (see _cache)
-        self._cache_type: Any = None  # and its class (host_steps skips is_cache for it)
+        self._cache_type: Any = None  # and its class (is_cache is not asked again for it)
         # Set (writer thread) once a kept argument was found written in place after its call: PendingContext copies
         # the arguments at the call from then on; so does the model's thread on seeing a buffer passed again.
         self.copy_args = False
@@ -128,14 +128,20 @@ class ContextReader:
         """(a cache argument was passed, its length if known without a sync)."""
         # The keyword that held the cache last time is looked at first (a stack is called the same way at every
         # step), checked like any other; a scan of every argument finds it otherwise.
+        # Runs at every step on the model's thread: the class found last time needs no check again, and the
+        # arguments a stack call mostly has (None, flags, tensors) are passed over without is_cache's getattr.
         value = kwargs.get(self._cache_keyword) if self._cache_keyword is not None else None
-        if value is not None and is_cache(value):
+        if value is not None and (type(value) is self._cache_type or is_cache(value)):
             return True, past_length(value)
         for name, value in kwargs.items():
+            if value is None or value is True or value is False or isinstance(value, torch.Tensor):
+                continue
             if is_cache(value):
                 self._cache_keyword, self._cache_type = name, type(value)
                 return True, past_length(value)
         for value in args:
+            if value is None or value is True or value is False or isinstance(value, torch.Tensor):
+                continue
             if is_cache(value):
                 return True, past_length(value)
         return False, None
@@ -224,9 +230,12 @@ class PendingContext:
 
     __slots__ = ("reader", "args", "kwargs", "has_cache", "past", "tags", "versions", "size")
 
-    def __init__(self, reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any], tags: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, reader: ContextReader, args: tuple[Any, ...], kwargs: dict[str, Any], tags: Mapping[str, Any] | None, *, later: bool = True
+    ) -> None:
         # Model's thread, every step: one pass over the arguments (the byte count, the versions and the buffer check
-        # together), plain reads, no Python call per tensor.
+        # together), plain reads, no Python call per tensor. ``later=False``: read at this step's end on this thread
+        # (CUDA), before the next step can write anything: nothing to check or copy.
         self.reader = reader
         self.has_cache, self.past = reader._cache(args, kwargs)
         self.tags = tags
@@ -242,7 +251,7 @@ class PendingContext:
             if not isinstance(value, torch.Tensor):
                 continue
             size += value.nbytes
-            if value.dim() == 3 and value.is_floating_point():
+            if not later or (value.dim() == 3 and value.is_floating_point()):
                 continue  # embeddings: only their shape is read
             pointer = value.data_ptr()
             pointers.append(pointer)
