@@ -45,6 +45,15 @@ print("job ran to the end", flush=True)
 """
 
 
+def _as_a_shell_starts_it() -> None:
+    """``moeprobe record`` as a shell starts a foreground command: the three signals at their default disposition
+    and unblocked, whatever this test process (an xdist worker that ran other tests) has set for itself. Once, in
+    a fresh clone's full run, the job under record went on recording after the SIGINT as if it never came."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
 def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
     trace = tmp_path / "trace"
     job = tmp_path / "job.py"
@@ -52,6 +61,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
     record = subprocess.Popen(
         [PYTHON, "-m", "moeprobe", "record", "--flush-interval", "0.1", "-o", str(trace), "--", PYTHON, str(job)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_cli_env(), start_new_session=True,
+        preexec_fn=_as_a_shell_starts_it,  # noqa: PLW1509 - async-signal-safe calls only
     )
     selector = selectors.DefaultSelector()
     selector.register(record.stdout, selectors.EVENT_READ)
