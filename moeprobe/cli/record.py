@@ -140,7 +140,8 @@ def _run_live(
     return process
 
 
-# The signals `moeprobe record` passes on to the job, so that stopping it stops the job (and not only it).
+# The signals `moeprobe record` passes on to the job, so that stopping it stops the job (and not only it); one that
+# record was started with ignored is not passed on (see _ignored_at_start).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # si_code of a signal the kernel sent (for SIGINT: the terminal's Ctrl-C, which reaches the whole foreground
 # process group, the job included, by itself).
@@ -155,27 +156,46 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _ignored_at_start() -> frozenset[int]:
+    """The FORWARDED signals this process was started with ignored (SIG_IGN): SIGINT and SIGQUIT for a background
+    job of a non-interactive shell (``cmd &``), SIGHUP under nohup. Read before the job starts; nothing in record
+    has changed these dispositions by then, and Python keeps a SIGINT it inherited ignored as it is (it puts its
+    KeyboardInterrupt handler only over SIG_DFL)."""
+    return frozenset(s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN)
+
+
 def _run_forwarding_signals(
     command: list[str], env: dict[str, str], output: Path | str, *, live: bool, forwarded: list[int]
 ) -> int:
     """Run the job and wait for it, passing SIGINT, SIGTERM and SIGHUP sent to us on to it.
 
     The signals are blocked here and taken with sigtimedwait, so none can end this process before the job has
-    ended and the trace has been marked; the job starts with the signal mask and dispositions it would have had
-    (an ignored SIGINT would be inherited across exec, which made Ctrl-C do nothing). A Ctrl-C from the terminal
-    already reaches the job (same process group): that one is not sent a second time.
+    ended. A Ctrl-C from the terminal already reaches the job (same process group): that one is not sent a
+    second time.
+
+    A signal record was started with ignored stays ignored, here and in the job, as if the job had been run
+    directly: it is neither blocked nor waited for (a blocked signal is queued even when ignored, and
+    sigtimedwait would take it and pass it on to a job that ignores it too), so the kernel discards it. The job
+    starts with the signal mask and the dispositions record was started with, set explicitly in the child:
+    SIG_IGN where record inherited SIG_IGN, SIG_DFL otherwise, never a handler of record's own.
     """
-    watched = {*FORWARDED, signal.SIGCHLD}
+    ignored = _ignored_at_start()
+    dispositions = {s: signal.SIG_IGN if s in ignored else signal.SIG_DFL for s in FORWARDED}
+    watched = {*(s for s in FORWARDED if s not in ignored), signal.SIGCHLD}
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
 
-    def restore_in_child() -> None:
+    def as_record_was_started() -> None:
+        # In the child, between fork and exec, with the signals still blocked: the dispositions first, so that a
+        # signal sent to the child since the fork meets the job's disposition, not record's, once unblocked.
+        for signum, disposition in dispositions.items():
+            signal.signal(signum, disposition)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
     try:
         if live:
-            process = _run_live(command, env, output, restore_in_child)
+            process = _run_live(command, env, output, as_record_was_started)
         else:
-            process = subprocess.Popen(command, env=env, preexec_fn=restore_in_child)  # noqa: PLW1509 - no threads yet
+            process = subprocess.Popen(command, env=env, preexec_fn=as_record_was_started)  # noqa: PLW1509 - no threads yet
         while process.poll() is None:
             info = signal.sigtimedwait(watched, _POLL_S)  # bounded: the job's end is also seen by poll()
             if info is None or info.si_signo == signal.SIGCHLD:

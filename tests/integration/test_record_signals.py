@@ -2,7 +2,9 @@
 
 SIGINT, SIGTERM and SIGHUP sent to ``moeprobe record`` reach the job; record waits for it, marks the trace
 ``aborted`` with the reason when the job died before closing it, and exits with the job's status (128 + signal
-for a job ended by a signal). Nothing is orphaned: the job is gone when record returns.
+for a job ended by a signal). Nothing is orphaned: the job is gone when record returns. A signal record was
+started with ignored (a script's background job, nohup) stays ignored, in record and in the job, as if the job
+ran directly.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import selectors
 import signal
 import subprocess
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,9 +22,10 @@ import pytest
 import moeprobe
 from tests.conftest import PYTHON, ROOT, run_cli_env
 
-# Records forever (bounded), printing the job's pid once the first routing segment is on disk and counted.
+# Records until the test creates the file `finish` (bounded), printing the job's pid and how it found SIGINT,
+# SIGTERM and SIGHUP at its start once the first routing segment is on disk and counted.
 JOB = """
-import os, sys, time, torch
+import os, signal, sys, time, torch
 sys.path.insert(0, {root!r})
 from tests.tiny_models import build
 model = build("mixtral")
@@ -37,9 +41,14 @@ for _ in range(600):  # until a routing segment is on disk and counted by the sh
     except (OSError, ValueError, KeyError):
         pass
     time.sleep(0.05)
-print("recording", os.getpid(), flush=True)
+def disposition(signum):
+    handler = signal.getsignal(signum)
+    return {{signal.SIG_IGN: "ignored", signal.SIG_DFL: "default", signal.default_int_handler: "python"}}.get(handler, repr(handler))
+print("recording", os.getpid(), *(disposition(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)), flush=True)
 for _ in range(20000):
     model(ids)
+    if os.path.exists({finish!r}):
+        break
     time.sleep(0.01)
 print("job ran to the end", flush=True)
 """
@@ -54,14 +63,25 @@ def _as_a_shell_starts_it() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+def _as_a_script_starts_a_background_job() -> None:
+    """``moeprobe record ... &`` in a non-interactive shell (a script, a CI step): as above, but SIGINT ignored
+    (POSIX: an asynchronous list ignores SIGINT and SIGQUIT when job control is off)."""
+    _as_a_shell_starts_it()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start(
+    tmp_path: Path, preexec: Callable[[], None] = _as_a_shell_starts_it
+) -> tuple[subprocess.Popen[str], int, list[str]]:
+    """Start record on the job; once the job records: record, the job's pid, and how the job found SIGINT,
+    SIGTERM and SIGHUP (ignored, default, or python: Python's KeyboardInterrupt handler over a default one)."""
     trace = tmp_path / "trace"
     job = tmp_path / "job.py"
-    job.write_text(textwrap.dedent(JOB.format(root=str(ROOT), trace=str(trace))))
+    job.write_text(textwrap.dedent(JOB.format(root=str(ROOT), trace=str(trace), finish=str(tmp_path / "finish"))))
     record = subprocess.Popen(
         [PYTHON, "-m", "moeprobe", "record", "--flush-interval", "0.1", "-o", str(trace), "--", PYTHON, str(job)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_cli_env(), start_new_session=True,
-        preexec_fn=_as_a_shell_starts_it,  # noqa: PLW1509 - async-signal-safe calls only
+        preexec_fn=preexec,  # noqa: PLW1509 - async-signal-safe calls only
     )
     selector = selectors.DefaultSelector()
     selector.register(record.stdout, selectors.EVENT_READ)
@@ -72,7 +92,8 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
     if not line.startswith("recording"):
         record.kill()
         pytest.fail(f"the job did not start recording: {line!r} {record.communicate(timeout=30)}")
-    return record, int(line.split()[1])
+    _, pid, *dispositions = line.split()
+    return record, int(pid), dispositions
 
 
 def _gone(pid: int) -> bool:
@@ -93,7 +114,8 @@ def _gone(pid: int) -> bool:
     [("record", signal.SIGTERM), ("record", signal.SIGINT), ("group", signal.SIGHUP)],
 )
 def test_a_signal_to_record_stops_the_job_and_marks_the_trace(tmp_path: Path, how: str, signum: int) -> None:
-    record, job_pid = _start(tmp_path)
+    record, job_pid, dispositions = _start(tmp_path)
+    assert dispositions == ["python", "default", "default"]  # as `python job.py` from a shell, not record's state
     if how == "record":
         record.send_signal(signum)  # to `moeprobe record` only (kill PID)
     else:
@@ -112,3 +134,44 @@ def test_a_signal_to_record_stops_the_job_and_marks_the_trace(tmp_path: Path, ho
     # Either the job closed the trace itself (Python's KeyboardInterrupt) or record marked it after the job died.
     assert signal.Signals(signum).name in (shard.get("error") or "") or "KeyboardInterrupt" in (shard.get("error") or "")
     assert trace.routing().num_rows > 0  # what was recorded before the signal is kept
+
+
+def _wait(record: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return record.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(record.pid, signal.SIGKILL)
+        pytest.fail("moeprobe record did not return")
+
+
+def test_a_sigint_record_was_started_ignoring_is_ignored_as_by_the_job_run_directly(tmp_path: Path) -> None:
+    record, job_pid, dispositions = _start(tmp_path, _as_a_script_starts_a_background_job)
+    assert dispositions == ["ignored", "default", "default"]  # the job inherits the ignored SIGINT, as run directly
+    # Ignored and not blocked in record: the kernel discards it before kill() returns, so once these calls are
+    # done nothing of the signal is left to take effect later.
+    record.send_signal(signal.SIGINT)
+    os.killpg(record.pid, signal.SIGINT)  # and to the whole group, the job included
+    (tmp_path / "finish").touch()  # the job stops recording and ends normally
+    out, err = _wait(record)
+    assert "job ran to the end" in out, err
+    assert record.returncode == 0, err
+    assert "passed SIGINT" not in err  # record took nothing: there was nothing to pass on
+    assert _gone(job_pid)
+    trace = moeprobe.open_trace(tmp_path / "trace")
+    assert trace.status == "complete", err
+    assert trace.manifest["shards"][0].get("error") is None
+
+
+def test_sigterm_still_stops_a_job_whose_sigint_is_ignored(tmp_path: Path) -> None:
+    record, job_pid, _ = _start(tmp_path, _as_a_script_starts_a_background_job)
+    record.send_signal(signal.SIGINT)  # discarded (see above)
+    record.send_signal(signal.SIGTERM)
+    out, err = _wait(record)
+    assert _gone(job_pid), "the job was orphaned"
+    assert "job ran to the end" not in out
+    assert record.returncode == 128 + signal.SIGTERM, err
+    assert "passed SIGTERM on to the job" in err and "SIGINT" not in err
+    trace = moeprobe.open_trace(tmp_path / "trace")
+    assert trace.status == "aborted", err
+    assert "SIGTERM" in (trace.manifest["shards"][0].get("error") or "")
+
