@@ -206,7 +206,15 @@ def _warm_up() -> None:
 
     The first conversion makes pyarrow import optional modules lazily (pandas compatibility, when pandas is
     installed): about 0.3 s of imports that would otherwise happen on the writer thread while the model runs.
+    So does the shard's first merge of segments (``pq.read_table`` imports pyarrow.dataset), imported here too.
+
+    Such an import must not happen while the job ends on a KeyboardInterrupt either (the recording is closed,
+    its last flush and merges made, then): it creates namedtuples, and CPython forgets that the KeyboardInterrupt
+    went unhandled when any thread execs or evals a string before the interpreter exits, so the job exits 1
+    instead of by SIGINT (130), under ``moeprobe record`` too.
     """
+    import pyarrow.dataset  # noqa: F401 - imported for its side effect only (above)
+
     codes = pa.array(np.zeros(1, np.int8))
     pa.table(
         [

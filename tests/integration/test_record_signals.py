@@ -13,6 +13,7 @@ import os
 import selectors
 import signal
 import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -175,3 +176,51 @@ def test_sigterm_still_stops_a_job_whose_sigint_is_ignored(tmp_path: Path) -> No
     assert trace.status == "aborted", err
     assert "SIGTERM" in (trace.manifest["shards"][0].get("error") or "")
 
+
+# A recording closed while the job's KeyboardInterrupt is being handled (autoattach's excepthook does this), with
+# the shard's first merge of segments in that close: what a SIGINT just before that merge meets under record.
+INTERRUPTED_WHILE_MERGING = """
+import sys
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, {root!r})
+from moeprobe.hooks.pipeline import CapturePipeline
+from moeprobe.hooks.timing import CpuClock
+from moeprobe.traces import ShardWriter, prepare_trace_dir
+from tests.support import layer_meta, routing_table
+path = Path({trace!r})
+prepare_trace_dir(path, force=False)
+writer = ShardWriter(path, model={{"name": "m"}}, layers=layer_meta(1, 8, 2), options={{}})
+writer.compactor.fanout = 2  # the second flush is the shard's first merge
+pipeline = CapturePipeline(writer, clock=CpuClock(), flush_interval=1000.0)
+def flush(step):
+    writer.append("routing", routing_table(np.array([[1, 2]] * 3), step=np.full(3, step)))
+    writer.flush()
+pipeline.submit_call(lambda: flush(0))  # on the writer thread, which owns the writer
+assert pipeline.flush(60)
+previous = sys.excepthook
+def excepthook(*exc):
+    pipeline.submit_call(lambda: flush(1))
+    pipeline.close("aborted", "KeyboardInterrupt")
+    previous(*exc)
+sys.excepthook = excepthook
+raise KeyboardInterrupt
+"""
+
+
+def test_a_keyboard_interrupt_ends_the_job_by_sigint_even_when_the_recording_closes_with_its_first_merge(
+    tmp_path: Path,
+) -> None:
+    """CPython ends a script whose KeyboardInterrupt went unhandled by SIGINT (exit 130 in a shell), unless some
+    thread runs exec() or eval() on a string after the interrupt left the script and before the interpreter
+    exits: that clears its "unhandled KeyboardInterrupt" flag, and the exit status becomes 1. A namedtuple or
+    dataclass being created does that, so does importing a module that defines one: the shard's first merge
+    (pq.read_table) imported pyarrow.dataset on the writer thread, which, when a SIGINT landed shortly before it
+    (about 1.6 s into a recording at --flush-interval 0.1), is the likely cause of a `moeprobe record` seen to
+    exit 1 instead of 130 once in about 30 SIGINTs. The pipeline now imports it when it starts."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(INTERRUPTED_WHILE_MERGING.format(root=str(ROOT), trace=str(tmp_path / "trace"))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=run_cli_env())
+    assert done.returncode == -signal.SIGINT, done.stderr
+    assert "000000-000001.parquet" in {p.name for p in (tmp_path / "trace" / "rank=0" / "routing").iterdir()}
+    assert moeprobe.open_trace(tmp_path / "trace").status == "aborted"
