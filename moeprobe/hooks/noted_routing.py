@@ -6,8 +6,8 @@ call, since the cache grows during it) and :func:`resolve` reads them into the s
 
 Once a router's first call has been read and checked on the model's thread (``Probe._extract``: a failure there
 refuses the model) and its parts were found as the output tuple's own tensors (an extractor that reads by
-structure), every later call of that router only notes ``(layer, output tuple, token context, versions of its
-indices and weights)`` with its decision count (the indices' ``numel()``, for the byte budget and for drop counts). The writer thread then takes
+structure), every later call of that router only notes ``(layer, the output's tensors it records, token context, versions of
+its indices and weights)`` with its decision count (the indices' ``numel()``, for the byte budget and for drop counts). The writer thread then takes
 the parts from the remembered places and checks them exactly as the model's thread used to (:func:`at_slots`:
 integer indices of width k, floating weights of their shape, scores of width E), falling back to the extractor and
 its full contract check (``contracts.check_parts``) when the output changed form. A call that fails is counted as
@@ -87,21 +87,28 @@ def versions_of(indices: Any, weights: Any) -> tuple[int, int]:
         return UNCHECKABLE
 
 
-def copied_parts(output: tuple[Any, ...], slots: tuple[int, int, int, int]) -> tuple[Any, ...]:
-    """The router's output with copies of the tensors at the remembered places (a router found reusing its output
-    buffers: what is noted must keep this call's values)."""
-    places = {n for n in slots[:3] if n >= 0}
-    return tuple(t.clone() if n in places and isinstance(t, torch.Tensor) else t for n, t in enumerate(output))
+def copied_parts(parts: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Copies of a noted call's kept tensors (a router found reusing its output buffers: what is noted must keep
+    this call's values)."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in parts)
 
 
 class NotedLayer:
-    """What the writer thread needs to read one layer's noted calls, fixed when the layer's first call was read."""
+    """What the writer thread needs to read one layer's noted calls, fixed when the layer's first call was read.
 
-    __slots__ = ("index", "slots", "k", "num_experts", "extract", "scores", "held_per_decision", "queued_per_decision")
+    A call keeps only the parts it records, taken from the router's output at ``places`` (indices, weights, and the
+    scores when they are recorded): the rest of the output (DeepSeek-V3's router also returns its logits, E floats
+    per token) is the model's to free at once, not held until the writer reads the step uncounted by the budget.
+    The writer reads the kept tuple at ``slots``, checked as :func:`at_slots` checks a router's output."""
+
+    __slots__ = ("index", "places", "length", "slots", "k", "num_experts", "extract", "scores", "held_per_decision", "queued_per_decision")
 
     def __init__(self, index: int, slots: tuple[int, int, int, int], k: int, num_experts: int, extract: Any, scores: bool, first: LayerCapture) -> None:
         self.index = index
-        self.slots = slots
+        kept_scores = scores and slots[2] >= 0
+        self.places = (slots[0], slots[1], slots[2]) if kept_scores else (slots[0], slots[1])
+        self.length = slots[3]  # the router output's tuple length, checked at every call
+        self.slots = (0, 1, 2 if kept_scores else -1, len(self.places))
         self.k = k
         self.num_experts = num_experts
         self.extract = extract
@@ -171,11 +178,11 @@ def resolve(
         step.layers = kept
     noted, step.noted = step.noted, []
     step.noted_decisions = step.noted_queue_bytes = 0
-    for layer, output, context, versions in noted:
-        parts = at_slots(output, layer.slots, layer.k, layer.num_experts)
+    for layer, kept, context, versions in noted:
+        parts = at_slots(kept, layer.slots, layer.k, layer.num_experts)
         if parts is None:
             try:
-                parts = layer.extract(output, None)  # a by-structure extractor reads the output alone
+                parts = layer.extract(kept, None)  # a by-structure extractor reads the parts alone
                 contracts.check_parts(parts, layer.k, layer.num_experts)
             except Exception:  # noqa: BLE001 - a selector may fail in any way; each is a contract failure
                 count_anomaly(f"contract:layer{layer.index}")

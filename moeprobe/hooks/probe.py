@@ -558,22 +558,26 @@ class Probe:
                 if layer.validated and layer.source == "router":
                     # Every call after the first. (slots is set only for an extractor that reads by structure, and
                     # only while the router is the source: _route_through_experts changes the source, never back.)
-                    if noted and step.resolve is not None and type(output) is tuple and len(output) == noted[0].slots[3] and not grad_enabled():
+                    if noted and step.resolve is not None and type(output) is tuple and len(output) == noted[0].length and not grad_enabled():
                         # Noted by reference, read and checked on the writer thread (noted_routing.resolve); an
                         # output of another length takes the checked path below.
                         entry = noted[0]
-                        indices = output[entry.slots[0]]
+                        places = entry.places
+                        indices = output[places[0]]
                         if isinstance(indices, torch.Tensor):
+                            weights = output[places[1]]
                             n = indices.numel()
                             try:
                                 # Checked by the writer (noted_routing.resolve); versions_of, inlined.
-                                versions = (indices._version, output[entry.slots[1]]._version)
+                                versions = (indices._version, weights._version)
                             except (RuntimeError, AttributeError):
                                 versions = UNCHECKABLE  # an inference tensor: no version counter, copied below
+                            # Only what is recorded is kept (NotedLayer.places): the rest is the model's to free.
+                            kept = (indices, weights) if len(places) == 2 else (indices, weights, output[places[2]])
                             if host_read and (versions is UNCHECKABLE or (copy_routing and i in copy_routing)):
-                                output, versions = copied_parts(output, entry.slots), COPIED
+                                kept, versions = copied_parts(kept), COPIED
                             step.note(
-                                (entry, output, self._current.get(stack_id) if stack_id is not None else None, versions),
+                                (entry, kept, self._current.get(stack_id) if stack_id is not None else None, versions),
                                 n, int(n * entry.held_per_decision), int(n * entry.queued_per_decision), self._limit,
                             )
                             return

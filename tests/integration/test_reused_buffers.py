@@ -72,3 +72,26 @@ def test_a_router_that_reuses_its_output_buffers_is_never_recorded_wrong(mode: s
     if mode == "inference_mode":
         # No version counters to check by: copied at the call, so nothing is lost.
         assert changed == 0 and got == want
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_a_noted_router_call_keeps_only_what_it_records(logits: bool, tmp_path: Path) -> None:
+    """A router call noted by reference keeps its indices and weights until the writer reads the step; the rest of
+    its output (DeepSeek-V3's router also returns its logits, E floats per token, which the byte budget does not
+    count) is the model's to free at once, unless the scores are recorded."""
+    import weakref
+
+    model = build("deepseek_v3").eval()
+    outputs: list[list[Any]] = []
+    with moeprobe.record(model, tmp_path / "t", logits=logits, flush_interval=3600.0) as probe:
+        router = probe.layers[0].router
+        assert isinstance(router, torch.nn.Module)
+        router.register_forward_hook(lambda _m, _a, out: outputs.append([weakref.ref(t) for t in out]))
+        _loop(model, torch.no_grad, steps=4)
+        # The writer has not read these steps yet (no flush is due): what is still alive is what the steps keep.
+        alive = [[ref() is not None for ref in refs] for refs in outputs[2:]]  # the first calls are read at once
+        probe.flush()
+    assert len(alive) == 3
+    assert all(row == [logits, True, True] for row in alive), alive
+    trace = moeprobe.open_trace(tmp_path / "t")
+    assert trace.sql("select count(*) n from routing where step >= 2").to_pylist()[0]["n"] > 0
