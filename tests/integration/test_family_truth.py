@@ -209,3 +209,23 @@ def test_step_bias_updates_are_recorded_when_they_change(tmp_path: Path) -> None
     bias = moeprobe.open_trace(tmp_path / "t").bias().to_pylist()
     assert [(b["step"], b["layer"]) for b in bias] == [(0, 0), (0, 1), (1, 0)]
     np.testing.assert_allclose(np.array(bias[2]["bias"]) - np.array(bias[0]["bias"]), 0.01, rtol=1e-4)
+
+
+@pytest.mark.parametrize("replacement", ["buffer", "parameter"])
+def test_a_bias_replaced_by_another_tensor_is_recorded(replacement: str, tmp_path: Path) -> None:
+    """The bias is looked up where it lives at every step's end (the router's buffer dict, or the family's reader
+    once it is no longer there): a new tensor in its place, or a parameter instead of the buffer, is written with
+    the next step."""
+    model = build("deepseek_v3")
+    ids = torch.randint(3, 96, (1, 4), generator=torch.Generator().manual_seed(3))
+    router = model.model.layers[1].mlp.gate
+    with moeprobe.record(model, tmp_path / "t"), torch.no_grad():
+        model(ids)
+        new = router.e_score_correction_bias.detach().clone() + 0.01
+        router.e_score_correction_bias = torch.nn.Parameter(new, requires_grad=False) if replacement == "parameter" else new
+        assert ("e_score_correction_bias" in router._buffers) == (replacement == "buffer")
+        model(ids)
+        model(ids)
+    bias = moeprobe.open_trace(tmp_path / "t").bias().to_pylist()
+    assert [(b["step"], b["layer"]) for b in bias] == [(0, 0), (0, 1), (1, 0)]
+    np.testing.assert_allclose(np.array(bias[2]["bias"]) - np.array(bias[0]["bias"]), 0.01, rtol=1e-4)
