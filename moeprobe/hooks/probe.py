@@ -478,37 +478,29 @@ class Probe:
     def _block_forward(self, layer: LayerBinding) -> Any:
         """The MoE block's wrapper: its clock marks (block latency)."""
         i = layer.index
-        mark = self.clock.mark  # bound once: these run at every layer call
+        # Bound once, and the only part here that could synchronise (a CUDA event's record): sync-checked itself,
+        # so that the marks are taken inline (every MoE layer at every step: no Python call beyond the clock's).
+        mark = self._sync_checked(self.clock.mark)
         compiling = torch.compiler.is_compiling
-
-        def start() -> list[Any] | None:
-            step = self._step
-            if step is None:
-                return None
-            try:
-                marks = step.marks[i] = [mark(), None, None, None]  # see capture.BLOCK_START
-                return marks
-            except Exception as exc:  # noqa: BLE001
-                self._anomaly("block_pre", exc)
-                return None
-
-        def stop(marks: list[Any]) -> None:
-            try:
-                marks[BLOCK_END] = mark()
-            except Exception as exc:  # noqa: BLE001
-                self._anomaly("block_post", exc)
-
-        start, stop = self._sync_checked(start), self._sync_checked(stop)
 
         def make(original: Any) -> Any:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 if compiling():
                     self._traced_hooks = True
                     return original(*args, **kwargs)
-                marks = start()
+                step = self._step
+                marks = None
+                if step is not None:
+                    try:
+                        marks = step.marks[i] = [mark(), None, None, None]  # see capture.BLOCK_START
+                    except Exception as exc:  # noqa: BLE001
+                        self._anomaly("block_pre", exc)
                 output = original(*args, **kwargs)
                 if marks is not None:
-                    stop(marks)
+                    try:
+                        marks[BLOCK_END] = mark()
+                    except Exception as exc:  # noqa: BLE001
+                        self._anomaly("block_post", exc)
                 return output
 
             return forward
@@ -517,7 +509,7 @@ class Probe:
 
     def _attach_layer(self, layer: LayerBinding, stack_id: int | None) -> None:
         i = layer.index
-        mark = self.clock.mark  # bound once: these run at every layer call
+        mark = self._sync_checked(self.clock.mark)  # bound once, taken inline at the router's call (see _block_forward)
         k, num_experts = int(layer.meta["top_k"]), int(layer.meta["num_experts"])
         check_parts = contracts.check_parts
         capture = self._capture
@@ -533,16 +525,6 @@ class Probe:
         # Read on the writer thread, later: what may be written meanwhile is copied at the call. (A CUDA process
         # reads its steps at their end, on this thread, before the device copy: nothing to copy there.)
         host_read = not self._may_cuda
-
-        def router_start() -> None:
-            step = self._step
-            if step is not None:
-                try:
-                    marks = step.marks.get(i)
-                    if marks is not None:
-                        marks[ROUTER_START] = mark()
-                except Exception as exc:  # noqa: BLE001
-                    self._anomaly("router_pre", exc)
 
         def router_end(args: Any, output: Any) -> None:
             step = self._step
@@ -628,7 +610,7 @@ class Probe:
             except Exception as exc:  # noqa: BLE001
                 self._anomaly("experts", exc)
 
-        router_start, router_end = self._sync_checked(router_start), self._sync_checked(router_end)
+        router_end = self._sync_checked(router_end)
         experts_start = self._sync_checked(experts_start)
 
         def router_forward(original: Any) -> Any:
@@ -636,7 +618,14 @@ class Probe:
                 if compiling():
                     self._traced_hooks = True
                     return original(*args, **kwargs)
-                router_start()
+                step = self._step
+                if step is not None:
+                    try:
+                        marks = step.marks.get(i)
+                        if marks is not None:
+                            marks[ROUTER_START] = mark()
+                    except Exception as exc:  # noqa: BLE001
+                        self._anomaly("router_pre", exc)
                 output = original(*args, **kwargs)
                 router_end(args, output)
                 return output
