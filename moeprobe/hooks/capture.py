@@ -33,9 +33,9 @@ class LayerCapture:
     weights: torch.Tensor | None  # (tokens, k)
     scores: torch.Tensor | None  # (tokens, E)
     dropped: torch.Tensor | None  # (tokens,)
-    # Hook capture on the host: the version counters of indices and weights at the call (noted_routing.versions_of;
-    # -1: not checked), compared when the writer reads them (noted_routing.resolve).
-    versions: tuple[int, int] = (-1, -1)
+    # Hook capture on the host: the version counters of indices, weights and (when recorded) scores at the call
+    # (noted_routing.versions_of; -1: not checked), compared when the writer reads them (noted_routing.resolve).
+    versions: tuple[int, ...] = (-1, -1)
 
     @property
     def decisions(self) -> int:

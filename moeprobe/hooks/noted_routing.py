@@ -72,17 +72,17 @@ def at_slots(output: Any, slots: tuple[int, int, int, int], k: int, num_experts:
     return indices, weights, scores, None
 
 
-COPIED = (-2, -2)  # versions of router outputs copied at the call: nothing can write them, nothing to check
-UNCHECKABLE = (-1, -1)  # versions_of for tensors without a version counter (inference tensors): copied at the call
+COPIED: tuple[int, ...] = (-2, -2)  # versions of router outputs copied at the call: nothing can write them, nothing to check
+UNCHECKABLE: tuple[int, ...] = (-1, -1)  # versions_of for tensors without a version counter (inference tensors): copied at the call
 
 
-def versions_of(indices: Any, weights: Any) -> tuple[int, int]:
-    """Model's thread, at the call: the version counters of a router call's indices and weights
-    (:data:`UNCHECKABLE` for inference tensors, which have none, or parts that are not tensors). :func:`resolve`
-    checks them: a router that writes its outputs into reused buffers, or a block that edits them in place after
-    the router returned, changes them before the writer reads them."""
+def versions_of(*tensors: Any) -> tuple[int, ...]:
+    """Model's thread, at the call: the version counters of the router call's tensors that are kept (indices,
+    weights, and the scores when they are recorded; :data:`UNCHECKABLE` for inference tensors, which have none, or
+    parts that are not tensors). :func:`resolve` checks them: a router that writes its outputs into reused buffers,
+    or a block that edits them in place after the router returned, changes them before the writer reads them."""
     try:
-        return indices._version, weights._version
+        return tuple([t._version for t in tensors])
     except (RuntimeError, AttributeError):
         return UNCHECKABLE
 
@@ -157,23 +157,26 @@ def resolve(
         for capture in step.layers:  # captures read on the model's thread (a layer's first call)
             if capture.context is not None and id(capture.context) in built:
                 capture.context = built[id(capture.context)]
-    def copied(versions: tuple[int, int], indices: Any, weights: Any) -> tuple[Any, Any] | None:
-        """(indices, weights) as the call returned them, copied; None: written since (seqlock-like: the version
-        before and after the copy both the call's)."""
+    def copied(versions: tuple[int, ...], tensors: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The call's kept tensors (indices, weights[, scores]) as the call returned them, copied; None: written
+        since (seqlock-like: the versions before and after the copy all the call's)."""
         if versions[0] < 0:
-            return indices, weights  # copied at the call, or nothing to check by
-        kept = (indices.clone(), weights.clone()) if copy else (indices, weights)  # versions only grow: one check after
-        return kept if (indices._version, weights._version) == versions else None
+            return tensors  # copied at the call, or nothing to check by
+        kept = tuple([t.clone() for t in tensors]) if copy else tensors  # versions only grow: one check after
+        return kept if tuple([t._version for t in tensors]) == versions else None
 
     if any(capture.versions[0] >= 0 for capture in step.layers):
         kept = []
         for capture in step.layers:  # read on the model's thread (a layer's first call), kept by reference
-            held = copied(capture.versions, capture.indices, capture.weights)
+            tensors = (capture.indices, capture.weights) if len(capture.versions) == 2 else (capture.indices, capture.weights, capture.scores)
+            held = copied(capture.versions, tensors)
             if held is None:
                 count_anomaly(f"routing_changed:layer{capture.layer}")
                 copy_layer(capture.layer)
                 continue
-            capture.indices, capture.weights = held
+            capture.indices, capture.weights = held[0], held[1]
+            if len(held) == 3:
+                capture.scores = held[2]
             kept.append(capture)
         step.layers = kept
     noted, step.noted = step.noted, []
@@ -187,13 +190,13 @@ def resolve(
             except Exception:  # noqa: BLE001 - a selector may fail in any way; each is a contract failure
                 count_anomaly(f"contract:layer{layer.index}")
                 continue
-        checked = copied(versions, parts[0], parts[1])
+        checked = copied(versions, (parts[0], parts[1]) if len(versions) == 2 else (parts[0], parts[1], parts[2]))
         if checked is None:
             # Written in place since the router returned: what the tensors hold now is not that call's routing.
             count_anomaly(f"routing_changed:layer{layer.index}")
             copy_layer(layer.index)
             continue
-        parts = (checked[0], checked[1], parts[2], parts[3])
+        parts = (checked[0], checked[1], checked[2] if len(checked) == 3 else parts[2], parts[3])
         if context is not None and id(context) in built:
             context = built[id(context)]
         indices, weights, scores, dropped = parts

@@ -549,13 +549,19 @@ class Probe:
                         if isinstance(indices, torch.Tensor):
                             weights = output[places[1]]
                             n = indices.numel()
+                            # Only what is recorded is kept (NotedLayer.places): the rest is the model's to free.
+                            kept: tuple[Any, ...]
+                            versions: tuple[int, ...]
                             try:
                                 # Checked by the writer (noted_routing.resolve); versions_of, inlined.
-                                versions = (indices._version, weights._version)
+                                if len(places) == 2:
+                                    kept, versions = (indices, weights), (indices._version, weights._version)
+                                else:
+                                    scores = output[places[2]]
+                                    kept, versions = (indices, weights, scores), (indices._version, weights._version, scores._version)
                             except (RuntimeError, AttributeError):
                                 versions = UNCHECKABLE  # an inference tensor: no version counter, copied below
-                            # Only what is recorded is kept (NotedLayer.places): the rest is the model's to free.
-                            kept = (indices, weights) if len(places) == 2 else (indices, weights, output[places[2]])
+                                kept = (indices, weights) if len(places) == 2 else (indices, weights, output[places[2]])
                             if host_read and (versions is UNCHECKABLE or (copy_routing and i in copy_routing)):
                                 kept, versions = copied_parts(kept), COPIED
                             step.note(
@@ -761,18 +767,25 @@ class Probe:
         ctx = self._current.get(stack_id) if stack_id is not None else None
         # Inference tensors have no autograd history: kept as they are (no new tensor per call); training ones
         # are cut from autograd (_detached).
-        versions = versions_of(indices, weights) if weights is not None else UNCHECKABLE
+        scores = scores if self.logits else None
+        versions: tuple[int, ...]
+        if weights is None:
+            versions = UNCHECKABLE
+        else:
+            versions = versions_of(indices, weights) if scores is None else versions_of(indices, weights, scores)
         copied = not self._may_cuda and (versions is UNCHECKABLE or layer.index in self._copy_routing)
         if copied and step.resolve is not None:
             # Read on the writer thread, and no version counter to check it by there (inference tensors) or this
             # router's outputs were found written after their call (noted_routing.resolve): copied now.
-            indices, weights = indices.detach().clone(), weights.detach().clone() if weights is not None else None
+            indices = indices.detach().clone()
+            weights = weights.detach().clone() if weights is not None else None
+            scores = scores.detach().clone() if scores is not None else None
         capture = LayerCapture(
             layer=layer.index,
             context=ctx,
             indices=indices.detach() if indices.requires_grad else indices,
             weights=_detached(weights),
-            scores=_detached(scores) if self.logits else None,
+            scores=_detached(scores),
             dropped=_detached(dropped),
         )
         if step.resolve is not None:

@@ -7,6 +7,7 @@ tensors, which have no version counter, are copied at the call."""
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,8 +19,9 @@ from tests.tiny_models import VOCAB, build
 ROUTING = "select step, layer, sequence, position, k, expert, weight from routing order by all"
 
 
-def _buffered(module: torch.nn.Module) -> None:
-    """Make ``module`` return its outputs in buffers it reuses for every call of the same shapes."""
+def _buffered(module: torch.nn.Module, reused: Callable[[torch.Tensor], bool] = lambda t: True) -> None:
+    """Make ``module`` return its outputs (those ``reused`` picks) in buffers it reuses for every call of the same
+    shapes."""
     forward = module.forward
     buffers: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
@@ -27,7 +29,7 @@ def _buffered(module: torch.nn.Module) -> None:
         out = forward(*args, **kwargs)
         kept = []
         for n, t in enumerate(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and reused(t):
                 buffer = buffers.setdefault((n, tuple(t.shape)), torch.empty_like(t))
                 buffer.copy_(t)
                 t = buffer
@@ -72,6 +74,31 @@ def test_a_router_that_reuses_its_output_buffers_is_never_recorded_wrong(mode: s
     if mode == "inference_mode":
         # No version counters to check by: copied at the call, so nothing is lost.
         assert changed == 0 and got == want
+
+
+@pytest.mark.parametrize("reused", ["every output", "only the scores"])
+def test_recorded_router_scores_written_after_their_call_are_never_recorded_wrong(reused: str, tmp_path: Path) -> None:
+    """With ``logits=True`` the router's scores are kept by reference too, and checked by their version counter like
+    its indices and weights: a router that reuses its logits buffer (alone, or with the rest) never has a step
+    recorded with another step's scores."""
+    model = build("qwen3_moe").eval()
+    with moeprobe.record(model, tmp_path / "truth", logits=True) as truth:
+        _loop(model, torch.no_grad)
+    experts = int(truth.layers[0].meta["num_experts"])
+    for layer in truth.layers:
+        assert isinstance(layer.router, torch.nn.Module)
+        _buffered(layer.router, (lambda t: True) if reused == "every output" else (lambda t: t.is_floating_point() and t.shape[-1] == experts))
+    with moeprobe.record(model, tmp_path / "reused", logits=True) as probe:
+        _loop(model, torch.no_grad)
+    scores = "select step, layer, sequence, position, scores from scores order by all"
+    truth_trace, reused_trace = moeprobe.open_trace(tmp_path / "truth"), moeprobe.open_trace(tmp_path / "reused")
+    want, got = truth_trace.sql(scores).to_pylist(), reused_trace.sql(scores).to_pylist()
+    kept = {(r["step"], r["layer"]) for r in got}
+    assert got == [r for r in want if (r["step"], r["layer"]) in kept]
+    assert reused_trace.sql(ROUTING).to_pylist() == [r for r in truth_trace.sql(ROUTING).to_pylist() if (r["step"], r["layer"]) in kept]
+    changed = sum(n for kind, n in probe.anomalies.items() if kind.startswith("routing_changed:"))
+    assert changed > 0  # the loop does write the kept buffers before the writer reads them
+    assert len(kept) + changed == len({(r["step"], r["layer"]) for r in want})
 
 
 @pytest.mark.parametrize("logits", [False, True])
