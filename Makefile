@@ -2,7 +2,8 @@
 #   make demo   create .venv, install moeprobe (locked versions), record the embedded demo model
 #   make test   create .venv, install moeprobe with its test dependencies (locked versions), run the tests
 # Versions come from requirements.lock (pip constraints, PyTorch's CPU build included); `make lock` refreshes it
-# from the newest releases the package index serves, and `make compat` runs the transformers matrix.
+# from the newest releases the package index serves, `make compat` runs the transformers matrix, and `make newest`
+# runs the suite on the newest release of every dependency the index serves newer than the lock (CI runs both).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ TORCH ?= torch==2.13.0
 # Releases `make compat` checks: a 4.x (refused in one line), the oldest supported, the newest served.
 COMPAT ?= 4.57.6 5.0.0 latest
 
-.PHONY: demo test install lock compat clean
+.PHONY: demo test install lock compat newest clean
 
 install: $(VENV)/.installed
 
@@ -41,5 +42,8 @@ lock:
 compat: install
 	$(BIN)/python tools/compat_matrix.py --markdown $(COMPAT)
 
+newest: install
+	$(BIN)/python -m tools.newest_deps
+
 clean:
-	rm -rf $(VENV) .pytest_cache traces .tf .lock-venv
+	rm -rf $(VENV) .pytest_cache traces .tf .lock-venv .newest-venv
