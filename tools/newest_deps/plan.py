@@ -161,7 +161,9 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def nothing_differs(rows: Sequence[Row]) -> str:
-    """The one line printed when the locked run already tested today's newest releases."""
-    held = ", ".join(f"{row.dep.name} {row.locked} (newest {row.newest or '-'})" for row in rows if row.action is Action.HELD)
-    line = f"newest deps: the newest release of every tracked dependency is the locked one ({len(rows)} checked)"
-    return f"{line}; held at the lock: {held}" if held else line
+    """The one line printed when the locked run already tested today's newest releases (held ones named)."""
+    held = "".join(
+        f"; {row.dep.name} held at the locked {row.locked} (newest served {row.newest or '-'}, not tested: see "
+        "docs/compatibility.md)" for row in rows if row.action is Action.HELD
+    )
+    return f"newest deps: the index serves nothing newer than the lock ({len(rows)} packages checked){held}"
