@@ -24,7 +24,7 @@ PYTEST = ["-q", "-n", "2"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     doc = DOC or ""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    parser = argparse.ArgumentParser(prog="python -m tools.newest_deps", description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     parser.add_argument("--lock", type=Path, default=ROOT / "requirements.lock", help="the locked versions (default: requirements.lock)")
     parser.add_argument("--venv", type=Path, default=ROOT / ".newest-venv", help="where the upgraded venv is built (default: .newest-venv)")
     parser.add_argument("--tests", nargs="+", default=[], metavar="PATH", help="test paths instead of the whole suite (CI gives none)")
