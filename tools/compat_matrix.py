@@ -5,7 +5,8 @@
 
 Each release is installed with its own dependencies into ``.tf/<version>/`` (``pip install --target``), which
 goes first on PYTHONPATH over the project's locked environment: one environment, one transformers swapped in.
-``latest`` asks the package index for the newest release at run time (unlocked). A 4.x release is expected to be
+``latest`` asks the package index for the newest release at run time (unlocked) and tests that one, installed alone
+over the locked environment when its own requirements do not install from the index (see install). A 4.x release is expected to be
 refused in one line, and that is what is checked for it. Exit status 1 if any release fails.
 """
 
@@ -46,20 +47,41 @@ else:
 """
 
 
+def newest_served() -> str:
+    """The newest transformers release the index serves (no pre-releases), as ``pip install`` would see it."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # run as a script: tools/ is on the path, the repository root is not
+    from tools.newest_deps.index import served_versions
+
+    return str(max(v for v in served_versions("transformers") if not v.is_prerelease))
+
+
 def install(version: str) -> tuple[Path, str]:
+    """``.tf/<release>``, with the release installed and its own dependencies. ``latest`` is the newest release the
+    index serves, asked at run time. A release whose requirements do not all install from this index (transformers
+    5.25.0 requires kernels>=0.19.1; the index serves 0.17.2) is installed alone over the locked environment, and
+    says so: CI must test the newest release there is, never quietly the newest one that installs."""
+    if version == "latest":
+        version = newest_served()
+        print(f"latest: transformers {version} is the newest release the index serves", flush=True)
     target = ROOT / ".tf" / version
     marker = target / ".installed"
-    if version == "latest" or not marker.exists():
-        spec = "transformers" if version == "latest" else f"transformers=={version}"
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade", "--target", str(target), spec],
-            check=True,
-        )
+    if not marker.exists():
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade", "--target", str(target)]
+        result = subprocess.run([*command, f"transformers=={version}"], capture_output=True, text=True)
+        if result.returncode != 0:
+            errors = [line.strip() for line in result.stderr.splitlines() if line.startswith("ERROR")]
+            reason = next((line for line in errors if "No matching distribution" in line), errors[-1] if errors else result.stderr.strip())
+            print(f"transformers {version}: its requirements do not all install from this index ({reason}); "
+                  "installed without them, over the locked environment", flush=True)
+            subprocess.run([*command, "--no-deps", f"transformers=={version}"], check=True)
         marker.touch()
     found = subprocess.run(
         [sys.executable, "-c", "import transformers; print(transformers.__version__)"],
         env=_env(target), capture_output=True, text=True, check=True,
     ).stdout.strip()
+    if found != version:
+        raise SystemExit(f"transformers {version} was installed, but {found} is the one imported")
     return target, found
 
 

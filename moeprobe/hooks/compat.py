@@ -15,7 +15,7 @@ from typing import Any
 from .spec import UnsupportedModelError
 
 OLDEST_TESTED = "5.0.0"
-NEWEST_TESTED = "5.24.0"
+NEWEST_TESTED = "5.25.0"
 
 _warned: set[str] = set()
 

@@ -1,0 +1,1 @@
+"""Development tools run from the repository root (CI, the compatibility matrix); not part of the package."""
