@@ -259,14 +259,16 @@ def expected_max_share(experts: int, n: int) -> float:
     for m in range(1, n + 1):  # E[max] = sum_{m>=1} P(max >= m) = sum_m (1 - P(max <= m - 1))
         base = inv_fact.copy()
         base[m:] = 0.0
-        power, result, e = base, np.zeros(n + 1), experts
-        result[0] = 1.0
+        power, e = base, experts
+        result: np.ndarray | None = None
         while e:  # (base)^E by squaring, truncated at degree n
             if e & 1:
-                result = np.convolve(result, power)[: n + 1]
-            power = np.convolve(power, power)[: n + 1]
+                # The first factor is taken as it is: a product with 1 (x^0) gives it back unchanged, bit for bit.
+                result = power if result is None else np.convolve(result, power)[: n + 1]
             e >>= 1
-        expected += 1.0 - result[n] * scale
+            if e:  # a square after the last factor would go unused
+                power = np.convolve(power, power)[: n + 1]
+        expected += 1.0 - (0.0 if result is None else result[n]) * scale  # E = 0: x^0 only
     return float(expected / n)
 
 

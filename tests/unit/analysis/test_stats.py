@@ -79,6 +79,16 @@ def test_expected_max_share_exact_small_cases() -> None:
     assert stats.expected_max_share(16, 64) == pytest.approx(stats.expected_max_share(16, 65), rel=0.03)
 
 
+@pytest.mark.parametrize(("experts", "n"), [(1, 5), (2, 4), (3, 4), (5, 3), (6, 5), (7, 2), (8, 6)])
+def test_expected_max_share_against_every_outcome(experts: int, n: int) -> None:
+    # Every one of the E^n equally likely routings of n occurrences, counted: E covers powers of two and others,
+    # whose power by squaring multiplies several factors.
+    import itertools
+
+    total = sum(max(np.bincount(choice, minlength=experts)) for choice in itertools.product(range(experts), repeat=n))
+    assert stats.expected_max_share(experts, n) == pytest.approx(total / experts**n / n, rel=1e-12)
+
+
 def test_mutual_information_bias_correction_and_normalisation() -> None:
     # expert determines the domain: I = H(domain); only the small bias correction keeps NMI under 1
     table = np.diag([250, 250, 250, 250])
