@@ -74,22 +74,30 @@ def _side_by_side(ctx: Context, found: choices_mod.Choices) -> dict[int, tuple[n
     every pair of choice ranks a < b with different experts x, y is one co-activation (x, y) and one (y, x),
     as the row-level join counts them."""
     layers, experts = choices_mod.fetch(ctx, found)
+    first, second = np.triu_indices(found.top_k, 1)  # every pair of ranks a < b
+    # Each layer's rows are one slice of a stable sort by layer, not a comparison of every row per layer.
+    order = np.argsort(layers, kind="stable")
+    bounds = np.searchsorted(layers[order], [(layer, layer + 1) for layer in sorted(ctx.layers)])
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for layer in sorted(ctx.layers):
-        E = ctx.experts(layer)
-        rows = experts[layers == layer]
-        if not len(rows):
+    for layer, (lo, hi) in zip(sorted(ctx.layers), bounds, strict=True):
+        if lo == hi:
             continue
+        E = ctx.experts(layer)
+        # One contiguous array per rank (the fetched rows hold the ranks side by side).
+        ranks = np.ascontiguousarray(experts[order[lo:hi]].T)
         # -1 marks a missing choice; valid_routing already keeps 0 <= expert < E, never index past it regardless
-        present = (rows >= 0) & (rows < E)
-        counts = np.bincount(rows[present], minlength=E).astype(np.float64)
-        keys = []
-        key_type = np.int32 if E * E <= _INT32_MAX else np.int64  # keys x * E + y stay below E * E
-        for a in range(found.top_k):
-            for b in range(a + 1, found.top_k):
-                x, y = rows[:, a], rows[:, b]
-                keep = present[:, a] & present[:, b] & (x != y)
-                keys.append(x[keep].astype(key_type, copy=False) * E + y[keep])
-        upper = np.bincount(np.concatenate(keys), minlength=E * E).reshape(E, E) if keys else np.zeros((E, E), np.int64)
+        present = (ranks >= 0) & (ranks < E)
+        complete = bool(present.all())  # the usual case: no choice missing
+        counts = np.bincount(ranks.ravel() if complete else ranks[present], minlength=E).astype(np.float64)
+        key_type = np.int32 if E * E + 1 <= _INT32_MAX else np.int64  # keys x * E + y stay below E * E
+        # All pairs at once, a key x * E + y per token and pair. A pair with a missing choice goes to an extra bin,
+        # one of two equal experts (x = y) to the diagonal, which is then cleared: as if both were left out.
+        keys = ranks[first].astype(key_type)
+        np.multiply(keys, E, out=keys)  # in place: a top-k of 62 has 1891 pairs per token
+        np.add(keys, ranks[second], out=keys)
+        if not complete:
+            keys[~(present[first] & present[second])] = E * E
+        upper = np.bincount(keys.ravel(), minlength=E * E + 1)[: E * E].reshape(E, E)
+        np.fill_diagonal(upper, 0)
         out[layer] = (counts, (upper + upper.T).astype(np.float64))
     return out

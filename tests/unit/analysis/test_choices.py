@@ -69,6 +69,23 @@ def test_side_by_side_counts_equal_the_row_level_joins(tmp_path: Path) -> None:
     _compare(trace)
 
 
+def test_side_by_side_counts_a_token_choosing_one_expert_twice_as_the_joins_do(tmp_path: Path) -> None:
+    # Ranks 0 and 1 of 15 tokens name the same expert (a foreign writer's rows): no co-activation of an expert
+    # with itself, while its pairs with the token's other choices count once per rank, as in the joins.
+    rng = np.random.default_rng(7)
+    table = _routing(rng, 0, 8, 3)
+    expert = table["expert"].to_numpy().copy()
+    first = np.flatnonzero(table["k"].to_numpy() == 0)[:15]
+    expert[first + 1] = expert[first]  # rows are tokens x k: a token's rank 1 follows its rank 0
+    table = table.set_column(table.schema.get_field_index("expert"), "expert", pa.array(expert, pa.int16()))
+    write_trace(tmp_path / "t", {"routing": table}, layers=layer_meta(1, 8, 3))
+    trace = moeprobe.open_trace(tmp_path / "t")
+    ctx = trace.context()
+    found = choices.choices(ctx, sample(ctx, 0))
+    assert found is not None and found.regular
+    _compare(trace)
+
+
 @pytest.mark.parametrize("case", ["choice rank twice", "position in two steps"])
 def test_irregular_tokens_keep_the_row_level_joins(tmp_path: Path, case: str) -> None:
     rng = np.random.default_rng(5)
