@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# Commands that only read traces and write their outputs explicitly (flushed, closed and renamed before they
+# return): nothing of theirs waits for the garbage collector at exit.
+_READ_ONLY = frozenset({"report"})
+
+
 def entry() -> None:
     try:
         code = main()
@@ -122,6 +127,13 @@ def entry() -> None:
     except BrokenPipeError:
         code = 0  # the reader went away on purpose (head, less, grep -q)
         _silence_stdout()
+    if sys.argv[1:2] and sys.argv[1] in _READ_ONLY:
+        import gc
+
+        # The interpreter's last collection walks every object that numpy, pyarrow, DuckDB and the report made, to
+        # free them a moment before the process ends anyway: 50 of the 70 ms a 1 M-decision report spent exiting.
+        # Frozen objects are left out of it; atexit handlers and the streams' flush still run.
+        gc.freeze()
     sys.exit(code)
 
 

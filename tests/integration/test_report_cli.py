@@ -148,3 +148,26 @@ def test_text_report_fits_the_width_without_trailing_padding(traces: tuple[Path,
     json_report = json.loads(_report(str(traces[1]), "--json").stdout)
     for layer in json_report["layers"]:
         assert f"{layer['maxvio_global']:.3f}" in result.stdout
+
+
+def _exit_freeze_count(*argv: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``moeprobe ARGV`` through the console entry point; the number of objects frozen when it exits."""
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print(f'frozen {gc.get_freeze_count()}', file=sys.stderr))\n"
+        f"sys.argv = ['moeprobe', *{list(argv)!r}]\n"
+        "from moeprobe.cli.main import entry\nentry()"
+    )
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=run_cli_env(), timeout=120)
+    return result, int(result.stderr.split("frozen ")[-1])
+
+
+def test_report_leaves_its_objects_to_the_end_of_the_process(traces: tuple[Path, Path]) -> None:
+    # The interpreter's last collection would walk every object the report made (50 ms at 1 M decisions): a
+    # read-only command freezes them once its output is written; another command's exit is left as it was.
+    result, frozen = _exit_freeze_count("report", str(traces[0]), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["trace"]["path"] == str(traces[0])
+    assert frozen > 10_000
+    result, frozen = _exit_freeze_count("--version")
+    assert result.returncode == 0 and frozen == 0
