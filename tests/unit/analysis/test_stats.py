@@ -69,6 +69,16 @@ def test_repetition_baselines_are_mixtral_table_5_values() -> None:
     assert any_ == pytest.approx(0.4642857, abs=1e-6)  # 1 - C(6,2)/C(8,2) = 1 - 15/28
 
 
+@pytest.mark.parametrize(("experts", "k", "tokens"), [(8, 2, 3), (64, 8, 60), (64, 8, 7245), (60, 4, 1000), (16, 16, 5)])
+def test_random_baselines_are_the_mean_over_replicates_of_each_replicates_metric(experts: int, k: int, tokens: int) -> None:
+    # Exactly, to the bit: the baselines reduce every replicate at once, each as the metric reduces one load vector.
+    reps = stats.random_counts(experts, k, tokens)
+    got = stats.random_load_baseline(experts, k, tokens, k)
+    assert got.maxvio == float(np.mean([stats.maxvio(c) for c in reps]))
+    assert got.cv == float(np.mean([stats.cv(c) for c in reps]))
+    assert stats.random_maxvio_batch(experts, k, np.array([tokens]), np.array([1])) == got.maxvio
+
+
 def test_expected_max_share_exact_small_cases() -> None:
     assert stats.expected_max_share(8, 1) == 1.0
     # two occurrences: same expert with probability 1/8 (share 1), else share 1/2
