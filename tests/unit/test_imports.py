@@ -77,6 +77,7 @@ def test_report_imports_only_what_its_output_needs(good_trace: Path, tmp_path: P
     text = _modules_after_report(good_trace)
     assert not _NEVER_IN_A_REPORT & text
     assert not {"moeprobe.charts", "vl_convert"} & text
+    assert "rich" not in text  # plain ASCII tables are measured without it
 
     as_json = _modules_after_report(good_trace, "--json")
     assert not _NEVER_IN_A_REPORT & as_json

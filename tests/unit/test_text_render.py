@@ -51,6 +51,16 @@ def test_plain_drawing_equals_rich(lines: list[str], found: list[Table], width: 
         assert plain == _rich(lines, found, width)
 
 
+@given(cells)
+def test_cell_widths_are_richs(cell: str) -> None:
+    from rich.cells import cell_len
+
+    from moeprobe.safe_text import printable
+
+    assert text._cell_len(printable(cell)) == cell_len(printable(cell))
+    assert text._cell_len(string.printable[:-5]) == cell_len(string.printable[:-5])  # every printable ASCII character
+
+
 def test_plain_drawing_is_taken_for_ordinary_tables() -> None:
     table = Table("Load", ["metric", "mean"], [["MaxVio", "2.152"], ["CV", "0.601"]], "random: uniform")
     assert text._plain_text(["trace t: complete"], [table], None) == _rich(["trace t: complete"], [table], None)
