@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..traces.errors import TraceError
-from ..traces.schema import PHASES
+from ..traces.constants import PHASES  # not schema: filters are used where pyarrow is not (the balancing lab)
 from .quoting import sql_literal
 
 

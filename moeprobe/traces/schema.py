@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MAGIC = "moeprobe"
-FORMAT_VERSION = 2
-
-PHASES = ("prefill", "decode")
+from .constants import FORMAT_VERSION as FORMAT_VERSION, MAGIC as MAGIC, PHASES as PHASES  # re-exported
 
 ROUTING = pa.schema(
     [
