@@ -104,11 +104,11 @@ def test_recorded_router_scores_written_after_their_call_are_never_recorded_wron
 @pytest.mark.parametrize("logits", [False, True])
 def test_a_noted_router_call_keeps_only_what_it_records(logits: bool, tmp_path: Path) -> None:
     """A router call noted by reference keeps its indices and weights until the writer reads the step; the rest of
-    its output (DeepSeek-V3's router also returns its logits, E floats per token, which the byte budget does not
-    count) is the model's to free at once, unless the scores are recorded."""
+    its output (Mixtral's router, like DeepSeek-V3's, also returns its logits, E floats per token, which the byte
+    budget does not count) is the model's to free at once, unless the scores are recorded."""
     import weakref
 
-    model = build("deepseek_v3").eval()
+    model = build("mixtral").eval()  # (logits, weights, indices) from its router on every transformers 5.x
     outputs: list[list[Any]] = []
     with moeprobe.record(model, tmp_path / "t", logits=logits, flush_interval=3600.0) as probe:
         router = probe.layers[0].router
