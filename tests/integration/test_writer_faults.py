@@ -96,8 +96,10 @@ def test_a_stuck_sink_drops_in_constant_memory_and_close_marks_the_trace_aborted
     probe = Probe(model, tmp_path / "t", flush_interval=0.05, max_queue_mb=0.005, writer_class=StuckSinkWriter,
                   close_timeout=1.0)
     try:
-        model(ids)
+        # Stuck from the first step on: set after it, the writer could write that step (its only rows) before the
+        # flush below asks, and then never reach a hanging write (seen once under a loaded -n 2 run).
         StuckSinkWriter.stuck.set()
+        model(ids)
         # Wait until the writer hangs in the sink (an event, not a sleep): from here on nothing leaves the queue.
         assert probe.pipeline is not None
         probe.pipeline.flush(timeout=0)
