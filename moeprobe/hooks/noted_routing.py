@@ -6,9 +6,9 @@ call, since the cache grows during it) and :func:`resolve` reads them into the s
 
 Once a router's first call has been read and checked on the model's thread (``Probe._extract``: a failure there
 refuses the model) and its parts were found as the output tuple's own tensors (an extractor that reads by
-structure), every later call of that router only notes ``(layer, the output's tensors it records, token context, versions of
-its indices and weights)`` with its decision count (the indices' ``numel()``, for the byte budget and for drop counts). The writer thread then takes
-the parts from the remembered places and checks them exactly as the model's thread used to (:func:`at_slots`:
+structure), every later call of that router only notes ``(layer, the output's tensors it records, token context,
+their versions)`` with its decision count (the indices' ``numel()``, for the byte budget and for drop counts). The
+writer thread then takes the parts from the remembered places and checks them exactly as the model's thread used to (:func:`at_slots`:
 integer indices of width k, floating weights of their shape, scores of width E), falling back to the extractor and
 its full contract check (``contracts.check_parts``) when the output changed form. A call that fails is counted as
 the anomaly ``contract:layer{N}`` and its routing left out, as before; it is never trusted.

@@ -550,18 +550,13 @@ class Probe:
                             weights = output[places[1]]
                             n = indices.numel()
                             # Only what is recorded is kept (NotedLayer.places): the rest is the model's to free.
-                            kept: tuple[Any, ...]
+                            kept: tuple[Any, ...] = (indices, weights) if len(places) == 2 else (indices, weights, output[places[2]])
                             versions: tuple[int, ...]
                             try:
                                 # Checked by the writer (noted_routing.resolve); versions_of, inlined.
-                                if len(places) == 2:
-                                    kept, versions = (indices, weights), (indices._version, weights._version)
-                                else:
-                                    scores = output[places[2]]
-                                    kept, versions = (indices, weights, scores), (indices._version, weights._version, scores._version)
+                                versions = (indices._version, weights._version) if len(places) == 2 else (indices._version, weights._version, kept[2]._version)
                             except (RuntimeError, AttributeError):
                                 versions = UNCHECKABLE  # an inference tensor: no version counter, copied below
-                                kept = (indices, weights) if len(places) == 2 else (indices, weights, output[places[2]])
                             if host_read and (versions is UNCHECKABLE or (copy_routing and i in copy_routing)):
                                 kept, versions = copied_parts(kept), COPIED
                             step.note(
