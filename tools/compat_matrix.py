@@ -48,12 +48,18 @@ else:
 
 
 def newest_served() -> str:
-    """The newest transformers release the index serves (no pre-releases), as ``pip install`` would see it."""
+    """The newest transformers release the index serves within the range pyproject declares (no pre-releases, no
+    6.x), as tools/newest_deps decides it for every dependency."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # run as a script: tools/ is on the path, the repository root is not
     from tools.newest_deps.index import served_versions
+    from tools.newest_deps.plan import newest_allowed, read_dependencies
 
-    return str(max(v for v in served_versions("transformers") if not v.is_prerelease))
+    declared = next(d for d in read_dependencies(ROOT / "pyproject.toml") if d.name == "transformers")
+    newest = newest_allowed(served_versions("transformers"), declared.specifier)
+    if newest is None:
+        raise SystemExit(f"the index serves no transformers release within {declared.specifier}")
+    return str(newest)
 
 
 def install(version: str) -> tuple[Path, str]:
